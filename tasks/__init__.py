@@ -1,0 +1,8 @@
+"""Luigi tasks of the universal-neurons pipeline: thin wrappers that declare parameters,
+dependencies and file targets, and call the `unlib` library to do the work."""
+from tasks.zoo import ZooTokenizer, ZooTrainingTokens, TrainToyModel  # noqa: F401
+from tasks.data import TokenizeDataset  # noqa: F401
+from tasks.activations import CacheActivations  # noqa: F401
+from tasks.correlation import Correlations  # noqa: F401
+from tasks.analysis import (ExcessCorrelation, NeuronStats, SelectUniversal, Plots,  # noqa: F401
+                            UniversalNeuronsAnalysis)

@@ -1,0 +1,130 @@
+"""From correlations to results: excess scores, neuron statistics, selection, plots, and
+the root task of one analysis run."""
+from __future__ import annotations
+
+import time
+
+import luigi
+import pandas as pd
+
+from tasks.common import RunParams, TaskProgress, store
+from tasks.correlation import Correlations
+from tasks.data import TokenizeDataset
+from tasks.zoo import model_requirement
+from unlib.correlation import LayerResult
+from unlib.data import read_tokens
+from unlib.models import load_model, model_location
+from unlib.plots import UniversalNeuronVisualizer
+from unlib.selection import UniversalNeuronAnalyzer, excess_tables
+from unlib.stats import NeuronStatsGenerator
+from unlib.store import atomic_path, write_json
+
+
+def write_csv(df: pd.DataFrame, path: str) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+
+
+class ExcessCorrelation(RunParams, luigi.Task):
+    """excess_correlation_scores.csv and pairwise_correlations.csv of the reference model."""
+
+    def requires(self):
+        return self.clone(Correlations)
+
+    def output(self):
+        d = self.results_dir()
+        return {"excess": luigi.LocalTarget(d / "excess_correlation_scores.csv"),
+                "pairwise": luigi.LocalTarget(d / "pairwise_correlations.csv")}
+
+    def run(self):
+        results = [LayerResult.load(t.path) for t in self.input()]
+        excess, pairwise = excess_tables(results, [m.name for m in self.model_set.models])
+        write_csv(pairwise, self.output()["pairwise"].path)
+        write_csv(excess, self.output()["excess"].path)
+
+
+class NeuronStats(RunParams, luigi.Task):
+    """neuron_stats.csv: weight and activation statistics of the reference model."""
+
+    def requires(self):
+        return {"tokens": self.clone(TokenizeDataset),
+                "model": model_requirement(self.model_set.models[self.reference])}
+
+    def output(self):
+        return luigi.LocalTarget(self.results_dir() / "neuron_stats.csv")
+
+    def run(self):
+        tokens = read_tokens(self.input()["tokens"].path)
+        model = load_model(self.model_set.models[self.reference], self.checkpoint, self.device)
+        with TaskProgress(self, "neuron stats", tokens.shape[0], "sequences") as progress:
+            stats = NeuronStatsGenerator(model).compute(tokens, progress=progress)
+        write_csv(stats, self.output().path)
+
+
+class SelectUniversal(RunParams, luigi.Task):
+    """universal_neurons.csv: excess scores and statistics of the selected neurons."""
+
+    def requires(self):
+        return {"excess": self.clone(ExcessCorrelation), "stats": self.clone(NeuronStats)}
+
+    def output(self):
+        return luigi.LocalTarget(self.results_dir() / "universal_neurons.csv")
+
+    def run(self):
+        excess = pd.read_csv(self.input()["excess"]["excess"].path)
+        stats = pd.read_csv(self.input()["stats"].path)
+        universal = UniversalNeuronAnalyzer(excess).identify_universal_neurons(self.effective_threshold, self.top_k)
+        write_csv(universal.merge(stats, on=["layer", "neuron"], how="left"), self.output().path)
+
+
+class Plots(RunParams, luigi.Task):
+    """The run's three figures."""
+
+    NAMES = ("excess_correlation_distribution", "universal_neurons_by_layer", "excess_correlation_vs_properties")
+
+    def requires(self):
+        return {"excess": self.clone(ExcessCorrelation), "stats": self.clone(NeuronStats),
+                "universal": self.clone(SelectUniversal)}
+
+    def output(self):
+        return {name: luigi.LocalTarget(self.results_dir() / "plots" / f"{name}.png") for name in self.NAMES}
+
+    def run(self):
+        excess = pd.read_csv(self.input()["excess"]["excess"].path)
+        stats = pd.read_csv(self.input()["stats"].path)
+        universal = pd.read_csv(self.input()["universal"].path)
+        # With top_k the effective cut is the k-th score, so the plots mark that.
+        cut = universal["excess_correlation"].min() if self.top_k and len(universal) else self.effective_threshold
+        title = f"({self.model_set.name}, {self.results_dir().name})"
+        viz = UniversalNeuronVisualizer(excess, stats, float(cut), title)
+        out = self.output()
+        viz.excess_distribution(out["excess_correlation_distribution"].path)
+        viz.universal_by_layer(out["universal_neurons_by_layer"].path, universal)
+        viz.excess_vs_properties(out["excess_correlation_vs_properties"].path)
+
+
+class UniversalNeuronsAnalysis(RunParams, luigi.Task):
+    """Root of one analysis run; writes run.json (parameters, provenance, layer summary)."""
+
+    def requires(self):
+        return {"excess": self.clone(ExcessCorrelation), "universal": self.clone(SelectUniversal),
+                "plots": self.clone(Plots), "stats": self.clone(NeuronStats)}
+
+    def output(self):
+        return luigi.LocalTarget(self.results_dir() / "run.json")
+
+    def run(self):
+        excess = pd.read_csv(self.input()["excess"]["excess"].path)
+        universal = pd.read_csv(self.input()["universal"].path)
+        summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)
+        ms = self.model_set
+        write_json(self.output().path, {
+            "model_set": ms.name, "models": [m.name for m in ms.models],
+            "locations": [model_location(m, self.checkpoint) for m in ms.models],
+            "reference": ms.models[self.reference].name, "checkpoint": self.checkpoint,
+            "dataset": self.dataset, "n_tokens": self.n_tokens, "ctx_len": self.ctx_len,
+            "rotations": self.rotations, "rotation_seed": self.rotation_seed,
+            "threshold": self.effective_threshold, "top_k": self.top_k, "device": self.device,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "n_neurons": int(summary["n_neurons"].sum()), "n_universal": int(summary["n_universal"].sum()),
+            "layers": summary.to_dict(orient="records")})

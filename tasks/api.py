@@ -1,0 +1,114 @@
+"""Run an analysis from Python (notebooks) or from the command line: validate the
+parameters, build the Luigi graph, run it, and return or print the results."""
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+import luigi
+import luigi.configuration
+import luigi.retcodes
+import pandas as pd
+
+from tasks.analysis import UniversalNeuronsAnalysis
+from tasks.common import DEFAULTS
+from unlib.data import OFFLINE_CORPUS
+from unlib.models import ModelError, check_checkpoint, resolve_device, resolve_model_set
+from unlib.selection import UniversalNeuronAnalyzer
+
+REPO = Path(__file__).resolve().parent.parent
+luigi.configuration.add_config_path(str(REPO / "luigi.cfg"))
+
+
+class AnalysisFailed(RuntimeError):
+    """The Luigi run did not complete the analysis; `code` is the Luigi retcode."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def build_analysis(models: str = DEFAULTS["models"], checkpoint: int | None = None,
+                   dataset: str = OFFLINE_CORPUS, n_tokens: int = DEFAULTS["n_tokens"],
+                   ctx_len: int = DEFAULTS["ctx_len"], reference: str | int = 0,
+                   rotations: int = DEFAULTS["rotations"], rotation_seed: int = DEFAULTS["rotation_seed"],
+                   threshold: float | None = None, top_k: int | None = None,
+                   device: str = "auto") -> UniversalNeuronsAnalysis:
+    """Validate the parameters (raising ValueError with a one-line message) and return
+    the root task of the analysis."""
+    model_set = resolve_model_set(models, os.environ.get("UNLIB_STORE", "store"))
+    names = [m.name for m in model_set.models]
+    if isinstance(reference, str) and not reference.isdigit():
+        if reference not in names:
+            raise ModelError(f"REFERENCE={reference!r} is not one of the models: {', '.join(names)}")
+        reference = names.index(reference)
+    reference = int(reference)
+    if not 0 <= reference < len(names):
+        raise ModelError(f"REFERENCE={reference} is out of range: the set has {len(names)} models (0-{len(names) - 1})")
+    for spec in model_set.models:
+        check_checkpoint(spec, checkpoint)
+    if n_tokens < 2:
+        raise ValueError(f"N_TOKENS={n_tokens} is too small: use at least 2 tokens (the default is {DEFAULTS['n_tokens']})")
+    if ctx_len < 2:
+        raise ValueError(f"CTX_LEN={ctx_len} is too small: sequences need BOS plus at least one token")
+    if rotations < 1:
+        raise ValueError(f"ROTATIONS={rotations} must be at least 1")
+    if threshold is not None and not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"THRESHOLD={threshold} is outside [-1, 1]: excess correlations are differences of correlations")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"TOP_K={top_k} must be a positive number of neurons")
+    return UniversalNeuronsAnalysis(models=models, checkpoint=checkpoint, dataset=dataset, n_tokens=n_tokens,
+                                    ctx_len=ctx_len, reference=reference, rotations=rotations,
+                                    rotation_seed=rotation_seed, threshold=threshold, top_k=top_k,
+                                    device=resolve_device(device))
+
+
+def central_scheduler_answers(host: str = "127.0.0.1", port: int = 8082) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/api/task_list?data={{}}", timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def run_analysis(root: luigi.Task, workers: int = 1, local_scheduler: bool = True,
+                 scheduler_port: int = 8082) -> float:
+    """Run the graph to completion; return the seconds it took. Raises AnalysisFailed."""
+    start = time.monotonic()
+    kwargs = {"local_scheduler": True} if local_scheduler else {"scheduler_host": "127.0.0.1",
+                                                                 "scheduler_port": scheduler_port}
+    result = luigi.build([root], workers=workers, detailed_summary=True, **kwargs)
+    if not root.complete():
+        codes = luigi.retcodes.retcode()
+        raise AnalysisFailed(result.summary_text, codes.task_failed or 1)
+    return time.monotonic() - start
+
+
+def read_results(root: UniversalNeuronsAnalysis) -> dict[str, pd.DataFrame]:
+    """The run's tables: excess, pairwise, stats, universal, layer_summary."""
+    d = root.results_dir()
+    out = {"excess": pd.read_csv(d / "excess_correlation_scores.csv"),
+           "pairwise": pd.read_csv(d / "pairwise_correlations.csv"),
+           "stats": pd.read_csv(d / "neuron_stats.csv"),
+           "universal": pd.read_csv(d / "universal_neurons.csv")}
+    out["layer_summary"] = UniversalNeuronAnalyzer(out["excess"]).layer_summary(out["universal"])
+    return out
+
+
+def run_universal_neurons_analysis(model_names: str | list[str] = "toy-zoo", dataset: str = OFFLINE_CORPUS,
+                                   checkpoint_value: int | None = None, excess_threshold: float | None = None,
+                                   top_k: int | None = None, n_rotation_samples: int = 5,
+                                   n_tokens: int = DEFAULTS["n_tokens"], ctx_len: int = DEFAULTS["ctx_len"],
+                                   reference: str | int = 0, device: str = "auto", workers: int = 1,
+                                   store_dir: str | None = None) -> dict[str, pd.DataFrame]:
+    """Build and run the analysis graph (Luigi, local scheduler) and return its tables as
+    DataFrames: excess, pairwise, stats, universal, layer_summary."""
+    if store_dir is not None:
+        os.environ["UNLIB_STORE"] = str(store_dir)
+    models = model_names if isinstance(model_names, str) else ",".join(model_names)
+    root = build_analysis(models, checkpoint_value, dataset, n_tokens, ctx_len, reference,
+                          n_rotation_samples, DEFAULTS["rotation_seed"], excess_threshold, top_k, device)
+    run_analysis(root, workers=workers)
+    return read_results(root)

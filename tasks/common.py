@@ -1,0 +1,87 @@
+"""Parameters shared by the pipeline's tasks, the store they write to, and progress
+reporting to both the terminal (rich) and the Luigi scheduler's web UI."""
+from __future__ import annotations
+
+import os
+import time
+
+import luigi
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from unlib.data import OFFLINE_CORPUS
+from unlib.models import ModelSet, resolve_model_set
+from unlib.store import Store
+
+DEFAULTS = {"models": "toy-zoo", "dataset": OFFLINE_CORPUS, "n_tokens": 100_000, "ctx_len": 64,
+            "reference": 0, "rotations": 5, "rotation_seed": 0, "threshold": None, "top_k": None}
+
+
+def store() -> Store:
+    """The store all tasks write to: $UNLIB_STORE, default ./store."""
+    return Store(os.environ.get("UNLIB_STORE", "store"))
+
+
+class TokenParams:
+    models = luigi.Parameter(default=DEFAULTS["models"], description="model set name or comma-separated models")
+    dataset = luigi.Parameter(default=DEFAULTS["dataset"])
+    n_tokens = luigi.IntParameter(default=DEFAULTS["n_tokens"])
+    ctx_len = luigi.IntParameter(default=DEFAULTS["ctx_len"])
+    device = luigi.Parameter(default="cpu", significant=False)
+
+    @property
+    def model_set(self) -> ModelSet:
+        return resolve_model_set(self.models, store().root)
+
+
+class CheckpointParams(TokenParams):
+    checkpoint = luigi.OptionalIntParameter(default=None, description="training step; None = final weights")
+
+
+class CorrelationParams(CheckpointParams):
+    reference = luigi.IntParameter(default=DEFAULTS["reference"], description="index of the reference model")
+    rotations = luigi.IntParameter(default=DEFAULTS["rotations"])
+    rotation_seed = luigi.IntParameter(default=DEFAULTS["rotation_seed"])
+
+
+class RunParams(CorrelationParams):
+    threshold = luigi.OptionalFloatParameter(default=None, description="None = the model set's default")
+    top_k = luigi.OptionalIntParameter(default=None)
+
+    @property
+    def effective_threshold(self) -> float:
+        return self.model_set.default_threshold if self.threshold is None else self.threshold
+
+    def results_dir(self):
+        variant = {k: getattr(self, k) for k in DEFAULTS if k != "models" and getattr(self, k) != DEFAULTS[k]}
+        return store().results(self.model_set.name, self.checkpoint, variant)
+
+
+class TaskProgress:
+    """Progress of a long step: a rich bar in the terminal, and the task's progress
+    percentage and status message in the scheduler UI (throttled to once a second,
+    since each is an HTTP call to luigid)."""
+
+    def __init__(self, task: luigi.Task, description: str, total: int, unit: str = "tokens"):
+        self.task, self.description, self.total, self.unit = task, description, total, unit
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 TextColumn("{task.completed:,.0f}/{task.total:,.0f} " + unit),
+                                 TimeRemainingColumn(), transient=True)
+        self.bar = self.progress.add_task(description, total=total)
+        self.start = self.last = time.monotonic()
+
+    def __enter__(self) -> "TaskProgress":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def __call__(self, done: int, total: int | None = None, extra: str = "") -> None:
+        self.progress.update(self.bar, completed=done)
+        now = time.monotonic()
+        if now - self.last >= 1.0 or done >= self.total:
+            self.last = now
+            rate = done / max(now - self.start, 1e-9)
+            self.task.set_progress_percentage(round(100 * done / max(self.total, 1), 1))
+            self.task.set_status_message(f"{self.description}: {done:,}/{self.total:,} {self.unit} "
+                                         f"({rate:,.0f} {self.unit}/s){extra}")

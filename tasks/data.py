@@ -1,0 +1,51 @@
+"""Tokenized analysis data."""
+from __future__ import annotations
+
+import luigi
+
+from tasks.common import TokenParams, store
+from tasks.zoo import ZooTokenizer
+from unlib import data
+from unlib.models import ZOOS, model_location
+from unlib.store import short_hash, slug
+
+
+def dataset_id(dataset: str) -> str:
+    """Store name of a dataset: the offline corpus's held-out split, a hub name, or local files."""
+    if dataset == data.OFFLINE_CORPUS:
+        return f"{data.OFFLINE_CORPUS}-heldout"
+    if "," in dataset or "." in dataset.rsplit("/", 1)[-1]:
+        return f"local-{slug(dataset.split(',')[0].rsplit('/', 1)[-1])}-{short_hash(dataset)}"
+    return dataset
+
+
+class TokenizeDataset(TokenParams, luigi.Task):
+    """n_tokens analysed positions of the dataset, as BOS-led sequences of ctx_len tokens."""
+
+    def tokenizer_id(self) -> str:
+        ms = self.model_set
+        return ZOOS[ms.zoo].zoo_id if ms.zoo else ms.models[0].model_id
+
+    def requires(self):
+        if self.model_set.zoo:
+            return ZooTokenizer(zoo=self.model_set.zoo)
+        return []
+
+    def output(self):
+        return luigi.LocalTarget(store().tokens(dataset_id(self.dataset), self.tokenizer_id(),
+                                                self.n_tokens, self.ctx_len))
+
+    def run(self):
+        from transformers import AutoTokenizer
+
+        ms = self.model_set
+        if ms.zoo:
+            tokenizer = AutoTokenizer.from_pretrained(str(store().zoo_tokenizer_dir(ZOOS[ms.zoo].zoo_id)))
+        else:
+            location, revision = model_location(ms.models[0], None)
+            tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        self.set_status_message(f"tokenizing {self.dataset}")
+        data.write_token_sequences(self.output().path, data.load_texts(self.dataset), tokenizer, bos,
+                                   self.n_tokens, self.ctx_len,
+                                   {"dataset": self.dataset, "tokenizer": self.tokenizer_id()})

@@ -1,0 +1,97 @@
+"""Activation caches: MLP post-nonlinearity activations of one model over one token file,
+one float16 dataset per layer (`layer_000`, ...) of shape (n_tokens, d_mlp), chunked by
+token blocks, written crash-safely and resumable from the last complete block."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import h5py
+import numpy as np
+import torch
+
+from unlib.models import mlp_activations
+from unlib.store import PartialH5
+
+CHUNK_BYTES = 512 * 1024
+
+
+def layer_name(layer: int) -> str:
+    return f"layer_{layer:03d}"
+
+
+def chunk_rows(d_mlp: int) -> int:
+    """Rows per HDF5 chunk: full-width chunks of about 512 KiB of float16."""
+    return max(1, CHUNK_BYTES // (2 * d_mlp))
+
+
+def cache_activations(model, tokens: np.ndarray, out_path: str | Path, attrs: dict,
+                      batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> None:
+    """Run `model` over the token sequences and write its MLP activations to `out_path`.
+
+    Resumes a partial file left by an interrupted run from its last complete batch."""
+    n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
+    per_seq = tokens.shape[1] - 1
+    n_tokens = tokens.shape[0] * per_seq
+    rows = chunk_rows(d_mlp)
+    provenance = repr(sorted(attrs.items()))
+    writer = PartialH5(out_path, {layer_name(l): ((n_tokens, d_mlp), "float16", (min(rows, n_tokens), d_mlp))
+                                  for l in range(n_layers)},
+                       {**attrs, "provenance": provenance, "n_layers": n_layers, "d_mlp": d_mlp})
+    try:
+        device = next(model.parameters()).device
+        seq = writer.rows_done // per_seq
+        while seq < tokens.shape[0]:
+            batch = torch.from_numpy(tokens[seq:seq + batch_size].astype(np.int64)).to(device)
+            acts = mlp_activations(model, batch)
+            writer.write_rows(seq * per_seq, {layer_name(l): a.half().cpu().numpy() for l, a in enumerate(acts)})
+            seq += len(batch)
+            if progress is not None:
+                progress(seq * per_seq, n_tokens)
+        writer.finish()
+    finally:
+        writer.close()
+
+
+class ActivationCache:
+    """Read access to a finished activation cache."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with h5py.File(self.path, "r") as f:
+            self.layers = sorted(k for k in f.keys() if k.startswith("layer_"))
+            self.n_tokens, self.d_mlp = f[self.layers[0]].shape
+            self.attrs = dict(f.attrs)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def read(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        with h5py.File(self.path, "r") as f:
+            return f[self.layers[layer]][start:stop]
+
+
+def cached_chunks(caches: list[ActivationCache], chunk_tokens: int,
+                  device: str = "cpu") -> Iterator[list[list[torch.Tensor]]]:
+    """Stream the same token range of several caches: yields chunk[model][layer] as float32
+    tensors of shape (chunk_tokens, d_mlp) on `device`."""
+    n_tokens = caches[0].n_tokens
+    files = [h5py.File(c.path, "r") for c in caches]
+    try:
+        for start in range(0, n_tokens, chunk_tokens):
+            stop = min(n_tokens, start + chunk_tokens)
+            yield [[torch.from_numpy(f[name][start:stop]).to(device).float() for name in c.layers]
+                   for f, c in zip(files, caches)]
+    finally:
+        for f in files:
+            f.close()
+
+
+def model_chunks(models: list, tokens: np.ndarray, batch_size: int,
+                 device: str = "cpu") -> Iterator[list[list[torch.Tensor]]]:
+    """The no-cache feed: run every model on the same token batch and yield its activations
+    rounded to float16, exactly as the cache would have stored them."""
+    for seq in range(0, tokens.shape[0], batch_size):
+        batch = torch.from_numpy(tokens[seq:seq + batch_size].astype(np.int64)).to(device)
+        yield [[a.half().float() for a in mlp_activations(m, batch)] for m in models]

@@ -1,0 +1,141 @@
+"""Text datasets and tokenized token files.
+
+The default dataset is the offline corpus: the Python standard library's own `.py`
+source and the `pydoc_data` documentation text, present on every Python install.
+Files are split into train and held-out parts by a hash of their path, so analysis
+tokens never overlap what the toy zoo was trained on.
+"""
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import datasets
+import h5py
+import numpy as np
+
+from unlib.store import atomic_path
+
+OFFLINE_CORPUS = "python-stdlib"
+HELD_OUT_FRACTION = 10  # one file in ten goes to the held-out split
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be found or read."""
+
+
+def _is_held_out(relative_path: str) -> bool:
+    return int(hashlib.sha1(relative_path.encode()).hexdigest(), 16) % HELD_OUT_FRACTION == 0
+
+
+def offline_corpus(split: str) -> datasets.Dataset:
+    """The standard-library corpus as a `datasets.Dataset` with a `text` column.
+
+    split: "train" or "heldout".
+    """
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, names = [], []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if "site-packages" in path.parts or _is_held_out(rel) != (split == "heldout"):
+            continue
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+        names.append(rel)
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        rel = f"pydoc_data/topics/{key}"
+        if _is_held_out(rel) == (split == "heldout"):
+            texts.append(topics[key])
+            names.append(rel)
+    return datasets.Dataset.from_dict({"text": texts, "source": names})
+
+
+def load_texts(dataset: str, split: str = "heldout") -> Iterable[str]:
+    """Documents of a dataset: the offline corpus, local text/jsonl/json/parquet files
+    (comma-separated), or a Hugging Face dataset name (train split, streamed)."""
+    if dataset == OFFLINE_CORPUS:
+        return offline_corpus(split)["text"]
+    paths = [Path(p) for p in dataset.split(",")]
+    if any(p.suffix for p in paths) and any(p.exists() for p in paths):
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise DatasetError(f"dataset file(s) not found: {', '.join(missing)}")
+        kinds = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+        suffixes = {p.suffix for p in paths}
+        if len(suffixes) != 1 or suffixes.pop() not in kinds:
+            raise DatasetError(f"local dataset files must all be one of {sorted(kinds)}: {dataset}")
+        builder = kinds[paths[0].suffix]
+        ds = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train")
+        if "text" not in ds.column_names:
+            raise DatasetError(f"dataset {dataset} has no 'text' column (columns: {ds.column_names})")
+        return ds["text"]
+    try:
+        ds = datasets.load_dataset(dataset, split="train", streaming=True)
+    except Exception as exc:  # the hub raises many types; the user needs one line
+        raise DatasetError(f"cannot load dataset {dataset!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    return (row["text"] for row in ds)
+
+
+def token_stream(texts: Iterable[str], tokenizer, separator_id: int) -> Iterator[np.ndarray]:
+    """Token ids of each document followed by the separator token."""
+    for text in texts:
+        if text:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            yield np.asarray(ids + [separator_id], dtype=np.int32)
+
+
+def write_token_sequences(path: str | Path, texts: Iterable[str], tokenizer, bos_id: int,
+                          n_tokens: int, ctx_len: int, attrs: dict) -> None:
+    """Tokenize `texts` into sequences of `ctx_len` tokens that start with BOS, enough for
+    `n_tokens` analysed (non-BOS) positions, and write them to an HDF5 file `tokens`."""
+    per_seq = ctx_len - 1
+    n_seq = -(-n_tokens // per_seq)
+    needed = n_seq * per_seq
+    buffer, have = [], 0
+    for ids in token_stream(texts, tokenizer, bos_id):
+        buffer.append(ids)
+        have += len(ids)
+        if have >= needed:
+            break
+    if have < needed:
+        raise DatasetError(f"dataset yields only {have} tokens, fewer than the {needed} asked for; "
+                           f"lower N_TOKENS or use a larger dataset")
+    body = np.concatenate(buffer)[:needed].reshape(n_seq, per_seq)
+    seqs = np.concatenate([np.full((n_seq, 1), bos_id, dtype=np.int32), body], axis=1)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("tokens", data=seqs)
+            for k, v in attrs.items():
+                f.attrs[k] = v
+            f.attrs.update(bos_id=bos_id, ctx_len=ctx_len, n_tokens=n_seq * per_seq)
+
+
+def read_tokens(path: str | Path) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return f["tokens"][:]
+
+
+def write_token_stream(path: str | Path, texts: Iterable[str], tokenizer, separator_id: int,
+                       max_tokens: int, attrs: dict) -> int:
+    """Write one flat stream of token ids (training data) and return its length."""
+    chunks, have = [], 0
+    for ids in token_stream(texts, tokenizer, separator_id):
+        chunks.append(ids)
+        have += len(ids)
+        if have >= max_tokens:
+            break
+    stream = np.concatenate(chunks)[:max_tokens]
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("tokens", data=stream)
+            for k, v in attrs.items():
+                f.attrs[k] = v
+    return len(stream)

@@ -1,0 +1,108 @@
+"""Per-neuron statistics of a model (definitions: shared reference README, as in Gurnee et
+al. 2024): weight norms and composition with the unembedding, and moments of the MLP
+pre-activation over the dataset (sparsity: fraction of tokens where it is > 0)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from unlib.models import mlp_activations
+
+STATS_COLUMNS = ["layer", "neuron", "w_in_norm", "w_out_norm", "l2_penalty", "input_bias", "in_out_sim",
+                 "vocab_mean", "vocab_var", "vocab_skew", "vocab_kurt",
+                 "act_mean", "act_var", "act_skew", "act_kurt", "sparsity"]
+
+
+def _moments(values: torch.Tensor, dim: int) -> tuple[torch.Tensor, ...]:
+    """Mean, variance, skew and (Pearson, normal = 3) kurtosis along `dim`, float64."""
+    v = values.double()
+    mean = v.mean(dim, keepdim=True)
+    c = v - mean
+    var = (c ** 2).mean(dim)
+    skew = (c ** 3).mean(dim) / var.clamp_min(1e-300) ** 1.5
+    kurt = (c ** 4).mean(dim) / var.clamp_min(1e-300) ** 2
+    return mean.squeeze(dim), var, skew, kurt
+
+
+class MomentAccumulator:
+    """Streaming mean, variance, skew, kurtosis and firing rate per neuron: float64 power
+    sums around a shift taken from the first chunk (keeps the sums well conditioned)."""
+
+    def __init__(self):
+        self.shift = None
+        self.n = 0
+        self.sums = None
+        self.positive = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.double()
+        if self.shift is None:
+            self.shift = x.mean(0)
+            self.sums = [torch.zeros_like(self.shift) for _ in range(4)]
+            self.positive = torch.zeros_like(self.shift)
+        c = x - self.shift
+        power = torch.ones_like(c)
+        for k in range(4):
+            power = power * c
+            self.sums[k] += power.sum(0)
+        self.positive += (x > 0).sum(0)
+        self.n += x.shape[0]
+
+    def result(self) -> dict[str, np.ndarray]:
+        m1, m2, m3, m4 = (s / self.n for s in self.sums)
+        var = m2 - m1 ** 2
+        mu3 = m3 - 3 * m1 * m2 + 2 * m1 ** 3
+        mu4 = m4 - 4 * m1 * m3 + 6 * m1 ** 2 * m2 - 3 * m1 ** 4
+        safe = var.clamp_min(1e-300)
+        return {"act_mean": (self.shift + m1).numpy(), "act_var": var.numpy(),
+                "act_skew": (mu3 / safe ** 1.5).numpy(), "act_kurt": (mu4 / safe ** 2).numpy(),
+                "sparsity": (self.positive / self.n).numpy()}
+
+
+class NeuronStatsGenerator:
+    """Computes `neuron_stats.csv` for one loaded model (a TransformerBridge)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def weight_stats(self) -> pd.DataFrame:
+        w_in = self.model.W_in.detach().double().cpu()     # (layers, d_model, d_mlp)
+        w_out = self.model.W_out.detach().double().cpu()   # (layers, d_mlp, d_model)
+        b_in = self.model.b_in.detach().double().cpu()     # (layers, d_mlp)
+        w_u = self.model.W_U.detach().double().cpu()       # (d_model, vocab)
+        w_u_unit = w_u / w_u.norm(dim=0, keepdim=True).clamp_min(1e-300)
+        frames = []
+        for layer in range(w_in.shape[0]):
+            win = w_in[layer].T                             # (d_mlp, d_model)
+            wout = w_out[layer]
+            in_norm, out_norm = win.norm(dim=1), wout.norm(dim=1)
+            cos_vocab = (wout / out_norm[:, None].clamp_min(1e-300)) @ w_u_unit  # (d_mlp, vocab)
+            v_mean, v_var, v_skew, v_kurt = _moments(cos_vocab, dim=1)
+            frames.append(pd.DataFrame({
+                "layer": layer, "neuron": np.arange(win.shape[0]),
+                "w_in_norm": in_norm.numpy(), "w_out_norm": out_norm.numpy(),
+                "l2_penalty": (in_norm ** 2 + out_norm ** 2).numpy(), "input_bias": b_in[layer].numpy(),
+                "in_out_sim": ((win * wout).sum(1) / (in_norm * out_norm).clamp_min(1e-300)).numpy(),
+                "vocab_mean": v_mean.numpy(), "vocab_var": v_var.numpy(),
+                "vocab_skew": v_skew.numpy(), "vocab_kurt": v_kurt.numpy()}))
+        return pd.concat(frames, ignore_index=True)
+
+    def activation_stats(self, tokens: np.ndarray, batch_size: int = 32, progress=None) -> pd.DataFrame:
+        """Moments of the MLP pre-activation over the tokens (BOS positions excluded)."""
+        device = next(self.model.parameters()).device
+        accs = [MomentAccumulator() for _ in range(self.model.cfg.n_layers)]
+        for seq in range(0, tokens.shape[0], batch_size):
+            batch = torch.from_numpy(tokens[seq:seq + batch_size].astype(np.int64)).to(device)
+            for acc, pre in zip(accs, mlp_activations(self.model, batch, hook="pre")):
+                acc.update(pre.cpu())
+            if progress is not None:
+                progress(min(tokens.shape[0], seq + batch_size), tokens.shape[0])
+        frames = [pd.DataFrame({"layer": l, "neuron": np.arange(self.model.cfg.d_mlp), **acc.result()})
+                  for l, acc in enumerate(accs)]
+        return pd.concat(frames, ignore_index=True)
+
+    def compute(self, tokens: np.ndarray, batch_size: int = 32, progress=None) -> pd.DataFrame:
+        stats = self.weight_stats().merge(self.activation_stats(tokens, batch_size, progress), on=["layer", "neuron"])
+        return stats[STATS_COLUMNS]

@@ -1,0 +1,156 @@
+"""Where every artefact lives. All output paths derive from parameters here, in one place,
+so two runs with different parameters never collide and the same run finds its files."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+
+
+def short_hash(value: object, length: int = 8) -> str:
+    """Stable hex digest of a JSON-serialisable value."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:length]
+
+
+def slug(name: str) -> str:
+    """File-system-safe version of a model or dataset name ('org/name' -> 'org--name')."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name.replace("/", "--")).strip("-")
+
+
+def checkpoint_label(checkpoint: int | None) -> str:
+    return "final" if checkpoint is None else f"checkpoint-{checkpoint}"
+
+
+class Store:
+    """The store/ tree: one method per kind of artefact."""
+
+    def __init__(self, root: str | Path = "store"):
+        self.root = Path(root)
+
+    def zoo_dir(self, zoo_id: str) -> Path:
+        return self.root / "zoo" / zoo_id
+
+    def zoo_tokenizer_dir(self, zoo_id: str) -> Path:
+        return self.zoo_dir(zoo_id) / "tokenizer"
+
+    def zoo_training_tokens(self, zoo_id: str) -> Path:
+        return self.zoo_dir(zoo_id) / "train_tokens.h5"
+
+    def zoo_model_dir(self, zoo_id: str, seed: int) -> Path:
+        return self.zoo_dir(zoo_id) / f"seed-{seed}"
+
+    def tokens(self, dataset_id: str, tokenizer_id: str, n_tokens: int, ctx_len: int) -> Path:
+        return self.root / "tokens" / slug(dataset_id) / f"{slug(tokenizer_id)}_ctx{ctx_len}_n{n_tokens}.h5"
+
+    def activations(self, model_id: str, checkpoint: int | None, tokens_file: Path) -> Path:
+        tokens_name = f"{tokens_file.parent.name}__{tokens_file.name}"
+        return self.root / "activations" / slug(model_id) / checkpoint_label(checkpoint) / tokens_name
+
+    def correlation(self, run_key: str, reference_id: str, layer: int) -> Path:
+        return self.root / "correlation" / run_key / slug(reference_id) / f"layer_{layer:03d}.h5"
+
+    def results(self, model_set: str, checkpoint: int | None, variant: dict | None = None) -> Path:
+        """results/<model set>/<checkpoint>[_<param>-<value>...]: the suffix names each
+        parameter that differs from its default, so runs never overwrite each other."""
+        parts = [checkpoint_label(checkpoint)]
+        for key, value in sorted((variant or {}).items()):
+            text = slug(str(value))
+            parts.append(f"{key}-{text if len(text) <= 24 else short_hash(value)}")
+        return self.root / "results" / slug(model_set) / "_".join(parts)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto `path` only if the block succeeds,
+    so no reader ever sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_small_h5(path: str | Path, arrays: dict, attrs: dict) -> None:
+    """Write a small result file (a few arrays) atomically."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for name, value in arrays.items():
+                f.create_dataset(name, data=value)
+            for key, value in attrs.items():
+                f.attrs[key] = value
+
+
+class PartialH5:
+    """Crash-safe writer for a large row-blocked HDF5 file.
+
+    Rows go to `<name>.partial.h5`; after each block the data is flushed, then the
+    `rows_done` attribute, then flushed again, so a SIGKILL leaves a file whose first
+    `rows_done` rows are valid. `finish()` renames it atomically onto the final name.
+    Re-opening a partial file resumes from `rows_done`.
+    """
+
+    def __init__(self, path: str | Path, datasets: dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]],
+                 attrs: dict):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.stem + ".partial.h5")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = None
+        if self.partial.exists():
+            try:
+                self.file = h5py.File(self.partial, "a")
+                if dict(self.file.attrs).get("provenance") != attrs.get("provenance"):
+                    raise ValueError("provenance changed")
+            except (OSError, ValueError, KeyError):
+                if self.file is not None:
+                    self.file.close()
+                self.file = None
+                self.partial.unlink()
+        if self.file is None:
+            self.file = h5py.File(self.partial, "w")
+            for name, (shape, dtype, chunks) in datasets.items():
+                self.file.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks)
+            for key, value in attrs.items():
+                self.file.attrs[key] = value
+            self.file.attrs["rows_done"] = 0
+            self.file.flush()
+
+    @property
+    def rows_done(self) -> int:
+        return int(self.file.attrs["rows_done"])
+
+    def write_rows(self, start: int, blocks: dict[str, "object"]) -> None:
+        stop = start
+        for name, block in blocks.items():
+            stop = start + len(block)
+            self.file[name][start:stop] = block
+        self.file.flush()
+        self.file.attrs["rows_done"] = stop
+        self.file.flush()
+
+    def finish(self) -> None:
+        self.file.close()
+        os.replace(self.partial, self.path)
+
+    def close(self) -> None:
+        if self.file is not None and self.file.id.valid:
+            self.file.close()
+
+
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def write_json(path: str | Path, value: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
