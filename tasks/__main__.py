@@ -16,44 +16,57 @@ from unlib.report import print_summary
 QUICK_TOKENS = 4096
 
 
-def _optional(kind):
+def number(kind, variable: str, optional: bool = False):
+    """argparse type for a Make variable holding a number ('' means unset when optional)."""
     def parse(text: str):
-        return None if text in ("", "none", "None") else kind(text)
+        if optional and text.strip() in ("", "none", "None"):
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{variable} must be {what}, not {text!r}") from None
     return parse
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Reports a bad option as one line and exit status 2, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message.split(': ', 1)[-1] if 'must be' in message else message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tasks", description="Universal neurons analysis")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = OneLineParser(prog="python -m tasks", description="Universal neurons analysis")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     a = sub.add_parser("analyze", help="run the analysis of one checkpoint")
     a.add_argument("--models", default=DEFAULTS["models"])
-    a.add_argument("--checkpoint", type=_optional(int), default=None)
+    a.add_argument("--checkpoint", type=number(int, "CHECKPOINT", optional=True), default=None)
     a.add_argument("--dataset", default=OFFLINE_CORPUS)
-    a.add_argument("--n-tokens", type=_optional(int), default=None)
-    a.add_argument("--ctx-len", type=int, default=DEFAULTS["ctx_len"])
+    a.add_argument("--n-tokens", type=number(int, "N_TOKENS", optional=True), default=None)
+    a.add_argument("--ctx-len", type=number(int, "CTX_LEN"), default=DEFAULTS["ctx_len"])
     a.add_argument("--reference", default="0")
-    a.add_argument("--rotations", type=int, default=DEFAULTS["rotations"])
-    a.add_argument("--threshold", type=_optional(float), default=None)
-    a.add_argument("--top-k", type=_optional(int), default=None)
+    a.add_argument("--rotations", type=number(int, "ROTATIONS"), default=DEFAULTS["rotations"])
+    a.add_argument("--threshold", type=number(float, "THRESHOLD", optional=True), default=None)
+    a.add_argument("--top-k", type=number(int, "TOP_K", optional=True), default=None)
     a.add_argument("--device", default="auto")
-    a.add_argument("--workers", type=int, default=1)
+    a.add_argument("--workers", type=number(int, "WORKERS"), default=1)
     a.add_argument("--quick", action="store_true", help=f"smoke run on {QUICK_TOKENS} tokens")
     a.add_argument("--scheduler", choices=["auto", "local", "central"], default="auto")
-    a.add_argument("--scheduler-port", type=int, default=8082)
+    a.add_argument("--scheduler-port", type=number(int, "SCHEDULER_PORT"), default=8082)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=False)
     p = parser()
-    # argparse's own errors (a non-number for N_TOKENS, say) are one line and exit 2.
     args = p.parse_args(argv)
     n_tokens = args.n_tokens or (QUICK_TOKENS if args.quick else DEFAULTS["n_tokens"])
     try:
         root = build_analysis(args.models, args.checkpoint, args.dataset, n_tokens, args.ctx_len, args.reference,
                               args.rotations, DEFAULTS["rotation_seed"], args.threshold, args.top_k, args.device)
     except (ModelError, DatasetError, ValueError) as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.scheduler == "auto":
         local = not central_scheduler_answers(port=args.scheduler_port)
@@ -65,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         seconds = run_analysis(root, workers=args.workers, local_scheduler=local, scheduler_port=args.scheduler_port)
     except AnalysisFailed as exc:
-        console.print(str(exc), highlight=False)
-        console.print("[bold red]error:[/bold red] the analysis did not complete; see the task errors above")
+        print(str(exc), file=sys.stderr)
+        print("error: the analysis did not complete; see the task errors above", file=sys.stderr)
         return exc.code
     tables = read_results(root)
     print_summary(console, f"{root.model_set.name} {root.results_dir().name}", tables["layer_summary"],

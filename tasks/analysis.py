@@ -11,11 +11,11 @@ from tasks.common import RunParams, TaskProgress, store
 from tasks.correlation import Correlations
 from tasks.data import TokenizeDataset
 from tasks.zoo import model_requirement
-from unlib.correlation import LayerResult
+from unlib.correlation import LayerResult, excess_tables
 from unlib.data import read_tokens
 from unlib.models import load_model, model_location
 from unlib.plots import UniversalNeuronVisualizer
-from unlib.selection import UniversalNeuronAnalyzer, excess_tables
+from unlib.selection import UniversalNeuronAnalyzer
 from unlib.stats import NeuronStatsGenerator
 from unlib.store import atomic_path, write_json
 

@@ -15,7 +15,7 @@ import pandas as pd
 from tasks.analysis import UniversalNeuronsAnalysis
 from tasks.common import DEFAULTS
 from unlib.data import OFFLINE_CORPUS
-from unlib.models import ModelError, check_checkpoint, resolve_device, resolve_model_set
+from unlib.models import ModelError, check_checkpoint, n_layers, resolve_device, resolve_model_set
 from unlib.selection import UniversalNeuronAnalyzer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,6 +49,7 @@ def build_analysis(models: str = DEFAULTS["models"], checkpoint: int | None = No
         raise ModelError(f"REFERENCE={reference} is out of range: the set has {len(names)} models (0-{len(names) - 1})")
     for spec in model_set.models:
         check_checkpoint(spec, checkpoint)
+        n_layers(spec, checkpoint)  # reads each config now, so an unreachable model fails before any work
     if n_tokens < 2:
         raise ValueError(f"N_TOKENS={n_tokens} is too small: use at least 2 tokens (the default is {DEFAULTS['n_tokens']})")
     if ctx_len < 2:

@@ -18,6 +18,7 @@ from typing import Iterable
 
 import h5py
 import numpy as np
+import pandas as pd
 import torch
 
 from unlib.store import write_small_h5
@@ -173,6 +174,37 @@ class ExcessCorrelationEngine:
                 for l, v in per_layer.items()]
 
 
+EXCESS_COLUMNS = ["layer", "neuron", "excess_correlation", "n_models_compared",
+                  "max_corr", "mean_corr", "min_corr", "max_baseline", "mean_baseline", "min_baseline"]
+PAIRWISE_COLUMNS = ["layer", "neuron", "other_model", "max_corr", "max_layer", "max_neuron", "baseline_max_corr"]
+
+
+def excess_tables(results: list[LayerResult], model_names: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(excess scores, pairwise correlations) for the reference model's neurons.
+
+    excess_correlation = mean over other models of (max corr - max rotated corr, the
+    latter averaged over rotation samples)."""
+    excess, pairwise = [], []
+    for r in sorted(results, key=lambda r: r.layer):
+        d = r.max_corr.shape[1]
+        baseline = r.baseline_max_corr.mean(axis=1)  # (others, neurons)
+        excess.append(pd.DataFrame({
+            "layer": r.layer, "neuron": np.arange(d),
+            "excess_correlation": (r.max_corr - baseline).mean(axis=0),
+            "n_models_compared": len(r.others),
+            "max_corr": r.max_corr.max(axis=0), "mean_corr": r.max_corr.mean(axis=0),
+            "min_corr": r.max_corr.min(axis=0), "max_baseline": baseline.max(axis=0),
+            "mean_baseline": baseline.mean(axis=0), "min_baseline": baseline.min(axis=0)}))
+        for k, m in enumerate(r.others):
+            pairwise.append(pd.DataFrame({
+                "layer": r.layer, "neuron": np.arange(d), "other_model": model_names[m],
+                "max_corr": r.max_corr[k], "max_layer": r.max_layer[k], "max_neuron": r.max_neuron[k],
+                "baseline_max_corr": baseline[k]}))
+    pairwise_df = pd.concat(pairwise, ignore_index=True).sort_values(["layer", "neuron", "other_model"],
+                                                                      kind="stable", ignore_index=True)
+    return pd.concat(excess, ignore_index=True)[EXCESS_COLUMNS], pairwise_df[PAIRWISE_COLUMNS]
+
+
 def run_engine(chunks: Iterable[list[list[torch.Tensor]]], layer_sizes: list[list[int]], reference: int = 0,
                n_rotations: int = 5, rotation_seed: int = 0, device: str = "cpu",
                progress=None) -> list[LayerResult]:
@@ -183,3 +215,30 @@ def run_engine(chunks: Iterable[list[list[torch.Tensor]]], layer_sizes: list[lis
         if progress is not None:
             progress(engine.n_tokens)
     return engine.results()
+
+
+class MemoryEfficientExcessCorrelationComputer:
+    """Excess correlations of a reference model's neurons against loaded models, computed
+    without an activation cache: every model runs on the same token batch and the
+    activations (rounded to float16, as a cache would store them) feed the engine."""
+
+    def __init__(self, models: list, device: str | torch.device = "cpu", model_names: list[str] | None = None):
+        self.models = models
+        self.device = device
+        self.model_names = model_names or [f"model_{i}" for i in range(len(models))]
+
+    def compute_results(self, dataset, reference: int = 0, n_rotations: int = 5, rotation_seed: int = 0,
+                        batch_size: int = 32) -> list[LayerResult]:
+        from unlib.activations import model_chunks
+
+        tokens = np.asarray(dataset.cpu() if isinstance(dataset, torch.Tensor) else dataset)
+        sizes = [[m.cfg.d_mlp] * m.cfg.n_layers for m in self.models]
+        return run_engine(model_chunks(self.models, tokens, batch_size, self.device), sizes, reference,
+                          n_rotations, rotation_seed, self.device)
+
+    def compute_excess_correlations_for_all_neurons(self, dataset, reference: int = 0, n_rotations: int = 5,
+                                                    rotation_seed: int = 0, batch_size: int = 32) -> pd.DataFrame:
+        """`dataset`: token ids (n_sequences, ctx_len), BOS in column 0 (excluded from the
+        correlations). Returns the excess-correlation table of the reference model."""
+        results = self.compute_results(dataset, reference, n_rotations, rotation_seed, batch_size)
+        return excess_tables(results, self.model_names)[0]

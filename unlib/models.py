@@ -162,9 +162,14 @@ def n_layers(spec: ModelSpec, checkpoint: int | None) -> int:
     try:
         return AutoConfig.from_pretrained(location, revision=revision).num_hidden_layers
     except OSError as exc:
-        raise ModelError(f"cannot read the config of model {spec.name}: not in the local Hugging Face "
-                         f"cache and the hub cannot be reached; pre-fetch it on a connected machine "
-                         f"(`huggingface-cli download {spec.source}`) or pass a local folder") from exc
+        raise _unreachable(spec, revision) from exc
+
+
+def _unreachable(spec: ModelSpec, revision: str | None) -> ModelError:
+    at = f" --revision {revision}" if revision else ""
+    return ModelError(f"cannot load model {spec.name}{f' at {revision}' if revision else ''}: it is not in the "
+                      f"local Hugging Face cache and the hub cannot be reached; pre-fetch it on a connected "
+                      f"machine (`huggingface-cli download {spec.source}{at}`) or pass a local folder")
 
 
 def load_model(spec: ModelSpec, checkpoint: int | None, device: str = "cpu"):
@@ -178,10 +183,7 @@ def load_model(spec: ModelSpec, checkpoint: int | None, device: str = "cpu"):
     try:
         model = TransformerBridge.boot_transformers(location, device=device, revision=revision)
     except OSError as exc:
-        hint = ("it is not in the local Hugging Face cache and the hub cannot be reached; "
-                "pre-fetch it with `huggingface-cli download` on a connected machine or pass a local folder")
-        raise ModelError(f"cannot load model {spec.name}"
-                         f"{f' at {revision}' if revision else ''}: {hint}") from exc
+        raise _unreachable(spec, revision) from exc
     model.eval()
     return model
 

@@ -1,0 +1,45 @@
+# Universal neurons pipeline. Every variable is documented in README.md.
+PYTHON ?= .venv/bin/python
+MODELS ?= toy-zoo
+CHECKPOINT ?=
+DATASET ?= python-stdlib
+N_TOKENS ?=
+CTX_LEN ?= 64
+REFERENCE ?= 0
+ROTATIONS ?= 5
+THRESHOLD ?=
+TOP_K ?=
+DEVICE ?= auto
+WORKERS ?= 1
+QUICK ?=
+SCHEDULER ?= auto
+SCHEDULER_PORT ?= 8082
+
+# Build .venv only when no other interpreter was given (PYTHON=python3 uses yours as is).
+ifeq ($(PYTHON),.venv/bin/python)
+SETUP := .venv/.installed
+else
+SETUP :=
+endif
+
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup analyze test
+
+setup: $(SETUP)
+
+.venv/.installed: requirements.txt
+	test -x .venv/bin/python || python3 -m venv .venv
+	.venv/bin/python -m pip install --quiet --upgrade pip
+	.venv/bin/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+analyze: $(SETUP)
+	$(PYTHON) -m tasks analyze --models "$(MODELS)" --checkpoint "$(CHECKPOINT)" --dataset "$(DATASET)" \
+		--n-tokens "$(N_TOKENS)" --ctx-len "$(CTX_LEN)" --reference "$(REFERENCE)" --rotations "$(ROTATIONS)" \
+		--threshold "$(THRESHOLD)" --top-k "$(TOP_K)" --device "$(DEVICE)" --workers "$(WORKERS)" \
+		--scheduler "$(SCHEDULER)" --scheduler-port "$(SCHEDULER_PORT)" $(if $(QUICK),--quick)
+
+test: $(SETUP)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests

@@ -1,0 +1,182 @@
+"""End to end through Luigi and the command line, on the small toy zoo: trains the zoo,
+runs every stage, and checks the values in every output file against independent
+computations (numpy float64, the Hugging Face model run directly)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+import torch
+from PIL import Image
+
+from unlib.correlation import EXCESS_COLUMNS, PAIRWISE_COLUMNS, haar_orthogonal
+from unlib.stats import STATS_COLUMNS
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = "toy-zoo-mini"
+N_TOKENS = 6000
+THRESHOLD = 0.1
+
+
+def analyze(store: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "UNLIB_STORE": str(store), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "tasks", "analyze", "--scheduler", "local", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    proc = analyze(store, "--models", MODELS, "--checkpoint", "300", "--n-tokens", str(N_TOKENS),
+                   "--threshold", str(THRESHOLD), "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = store / "results" / MODELS / f"checkpoint-300_n_tokens-{N_TOKENS}_threshold-{THRESHOLD}"
+    return {"store": store, "dir": results, "stdout": proc.stdout,
+            "excess": pd.read_csv(results / "excess_correlation_scores.csv"),
+            "pairwise": pd.read_csv(results / "pairwise_correlations.csv"),
+            "stats": pd.read_csv(results / "neuron_stats.csv"),
+            "universal": pd.read_csv(results / "universal_neurons.csv")}
+
+
+def caches(store: Path) -> list[Path]:
+    paths = sorted(store.glob("activations/*/checkpoint-300/*.h5"))
+    assert len(paths) == 3
+    return paths
+
+
+def load_layers(path: Path) -> list[np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return [f[name][:].astype(np.float64) for name in sorted(f)]
+
+
+def test_summary_printed(run):
+    assert "Universal neurons" in run["stdout"] and str(run["dir"]) in run["stdout"].replace("\n", "")
+
+
+def test_excess_scores_are_consistent(run):
+    excess = run["excess"]
+    assert list(excess.columns) == EXCESS_COLUMNS
+    assert len(excess) == 2 * 64 and (excess["n_models_compared"] == 2).all()
+    np.testing.assert_allclose(excess["excess_correlation"], excess["mean_corr"] - excess["mean_baseline"], atol=2e-5)
+    assert (excess["min_corr"] <= excess["mean_corr"] + 1e-6).all() and (excess["mean_corr"] <= excess["max_corr"] + 1e-6).all()
+    grouped = run["pairwise"].groupby(["layer", "neuron"])
+    np.testing.assert_allclose(grouped["max_corr"].max().values, excess["max_corr"].values, atol=2e-5)
+    np.testing.assert_allclose(grouped["baseline_max_corr"].mean().values, excess["mean_baseline"].values, atol=2e-5)
+
+
+def test_pairwise_correlations_match_numpy_float64(run):
+    pairwise = run["pairwise"]
+    assert list(pairwise.columns) == PAIRWISE_COLUMNS
+    assert set(pairwise["other_model"]) == {f"{MODELS}/seed-1", f"{MODELS}/seed-2"}
+    ref, *others = [load_layers(p) for p in caches(run["store"])]
+    for k, other in enumerate(others, start=1):
+        y = np.concatenate(other, axis=1)
+        for layer in range(2):
+            x = ref[layer]
+            corr = np.corrcoef(x.T, y.T)[:64, 64:]
+            rows = pairwise[(pairwise.other_model == f"{MODELS}/seed-{k}") & (pairwise.layer == layer)]
+            np.testing.assert_allclose(rows["max_corr"].values, corr.max(axis=1), atol=1e-4)
+            flat = rows["max_layer"].values * 64 + rows["max_neuron"].values
+            np.testing.assert_allclose(corr[np.arange(64), flat], corr.max(axis=1), atol=1e-4)
+            # the baseline, rotated explicitly with the recorded-seed Haar matrices
+            baselines = []
+            for r in range(5):
+                rotated = [other[l] @ haar_orthogonal(64, [0, k, l, r]).numpy() for l in range(2)]
+                baselines.append(np.corrcoef(x.T, np.concatenate(rotated, axis=1).T)[:64, 64:].max(axis=1))
+            np.testing.assert_allclose(rows["baseline_max_corr"].values, np.mean(baselines, axis=0), atol=1e-4)
+
+
+def test_neuron_stats_match_the_model_run_directly(run):
+    from transformers import GPT2LMHeadModel
+
+    stats = run["stats"]
+    assert list(stats.columns) == STATS_COLUMNS and len(stats) == 128
+    model_dir = next(run["store"].glob("zoo/toy-zoo-mini-*/seed-0/checkpoint-300"))
+    model = GPT2LMHeadModel.from_pretrained(str(model_dir)).eval()
+    tokens_file = next(run["store"].glob("tokens/*/*.h5"))
+    with h5py.File(tokens_file, "r") as f:
+        tokens = torch.from_numpy(f["tokens"][:].astype(np.int64))
+    w_u = model.lm_head.weight.detach().double().numpy().T
+    pre = {}
+    hooks = [block.mlp.c_fc.register_forward_hook(
+        lambda mod, inp, out, l=l: pre.setdefault(l, []).append(out[:, 1:].reshape(-1, out.shape[-1])))
+        for l, block in enumerate(model.transformer.h)]
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    for layer, block in enumerate(model.transformer.h):
+        rows = stats[stats.layer == layer]
+        w_in = block.mlp.c_fc.weight.detach().double().numpy()      # (d_model, d_mlp)
+        w_out = block.mlp.c_proj.weight.detach().double().numpy()   # (d_mlp, d_model)
+        in_norm, out_norm = np.linalg.norm(w_in, axis=0), np.linalg.norm(w_out, axis=1)
+        np.testing.assert_allclose(rows["w_in_norm"], in_norm, rtol=1e-5)
+        np.testing.assert_allclose(rows["l2_penalty"], in_norm ** 2 + out_norm ** 2, rtol=1e-5)
+        np.testing.assert_allclose(rows["input_bias"], block.mlp.c_fc.bias.detach().numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(rows["in_out_sim"], (w_in.T * w_out).sum(1) / (in_norm * out_norm), atol=1e-5)
+        cos = (w_out / out_norm[:, None]) @ (w_u / np.linalg.norm(w_u, axis=0))
+        np.testing.assert_allclose(rows["vocab_kurt"], scipy.stats.kurtosis(cos, axis=1, fisher=False), rtol=1e-4)
+        acts = torch.cat(pre[layer]).double().numpy()
+        np.testing.assert_allclose(rows["act_mean"], acts.mean(0), atol=1e-4)
+        np.testing.assert_allclose(rows["act_skew"], scipy.stats.skew(acts, axis=0), atol=1e-3)
+        np.testing.assert_allclose(rows["act_kurt"], scipy.stats.kurtosis(acts, axis=0, fisher=False), rtol=1e-3)
+        np.testing.assert_allclose(rows["sparsity"], (acts > 0).mean(0), atol=1e-6)
+
+
+def test_universal_selection(run):
+    universal, excess = run["universal"], run["excess"]
+    expected = excess[excess.excess_correlation >= THRESHOLD].sort_values("excess_correlation", ascending=False)
+    assert list(universal[["layer", "neuron"]].itertuples(index=False)) == \
+        list(expected[["layer", "neuron"]].itertuples(index=False))
+    assert 0 < len(universal) < len(excess) / 2, "the universal set should be a non-empty minority"
+    assert set(STATS_COLUMNS) <= set(universal.columns)
+    merged = universal.merge(run["stats"], on=["layer", "neuron"], suffixes=("", "_s"))
+    np.testing.assert_allclose(merged["l2_penalty"], merged["l2_penalty_s"])
+
+
+def test_plots_are_real_images(run):
+    for name in ("excess_correlation_distribution", "universal_neurons_by_layer", "excess_correlation_vs_properties"):
+        image = np.asarray(Image.open(run["dir"] / "plots" / f"{name}.png").convert("L"), dtype=float)
+        assert image.shape[0] > 200 and image.shape[1] > 300
+        assert image.std() > 10, f"{name} looks blank"
+
+
+def test_run_record(run):
+    record = json.loads((run["dir"] / "run.json").read_text())
+    assert record["checkpoint"] == 300 and record["threshold"] == THRESHOLD and record["rotations"] == 5
+    assert record["n_universal"] == len(run["universal"]) and record["n_neurons"] == 128
+
+
+def test_other_parameters_do_not_overwrite_and_nothing_is_recomputed(run):
+    before = {p: p.stat().st_mtime_ns for p in run["store"].rglob("*.h5")}
+    proc = analyze(run["store"], "--models", MODELS, "--checkpoint", "300", "--n-tokens", str(N_TOKENS),
+                   "--top-k", "5", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    top = pd.read_csv(run["store"] / "results" / MODELS / f"checkpoint-300_n_tokens-{N_TOKENS}_top_k-5"
+                      / "universal_neurons.csv")
+    assert len(top) == 5
+    assert list(top["neuron"]) == list(run["excess"].sort_values("excess_correlation", ascending=False)["neuron"][:5])
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # caches and correlations reused
+    assert (run["dir"] / "universal_neurons.csv").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models", "no-such-set"], "unknown model set"),
+    (["--models", MODELS, "--checkpoint", "120"], "nearest: 100 or 300"),
+    (["--models", MODELS, "--reference", "7"], "out of range"),
+    (["--models", MODELS, "--threshold", "3"], "outside [-1, 1]"),
+    (["--models", "stanford-gpt2-small", "--checkpoint", "1234"], "nearest: 1200 or 1250"),
+    (["--n-tokens", "many"], "N_TOKENS must be an integer, not 'many'"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    proc = analyze(tmp_path, *args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert not (tmp_path / "results").exists()
