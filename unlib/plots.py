@@ -7,7 +7,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from unlib.store import atomic_path  # noqa: E402
@@ -72,8 +71,6 @@ class UniversalNeuronVisualizer:
             ax.axhline(self.threshold, color="#c44e52", ls="--", lw=0.8)
             ax.set_xlabel(label)
             ax.set_ylabel("excess correlation")
-            if column in ("act_kurt", "vocab_kurt") and np.nanmin(df[column]) > 0:
-                ax.set_xscale("log")
         axes.flat[0].legend(loc="best", fontsize=8)
         fig.suptitle(f"Excess correlation against neuron properties {self.title}")
         fig.tight_layout()

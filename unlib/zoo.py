@@ -28,11 +28,11 @@ class ZooConfig:
     name: str
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     n_layers: int = 2
-    d_model: int = 64
+    d_model: int = 128
     d_mlp: int = 256
     n_heads: int = 4
     ctx_len: int = 64
-    vocab_size: int = 512
+    vocab_size: int = 257  # byte-level: 256 bytes + <|endoftext|>
     batch_size: int = 16
     steps: int = 1000
     save_steps: tuple[int, ...] = (0, 100, 250, 500, 1000)
@@ -47,9 +47,18 @@ class ZooConfig:
         return f"{self.name}-{short_hash(dataclasses.asdict(self))}"
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' progress bars and advisory warnings, which would interleave
+    with the pipeline's own progress display."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def train_tokenizer(texts, vocab_size: int, max_chars: int, out_dir: str | Path):
     """Train a byte-level BPE tokenizer (BOS/EOS `<|endoftext|>`, id 0) and save it in
-    Hugging Face format."""
+    Hugging Face format. vocab_size 257 gives plain bytes (no merges)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -137,6 +146,7 @@ def train_model(config: ZooConfig, seed: int, tokenizer_dir: str | Path, tokens_
     step if there is one. Returns the final training loss."""
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
+    quiet_transformers()
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
