@@ -14,6 +14,8 @@ WORKERS ?= 1
 QUICK ?=
 SCHEDULER ?= auto
 SCHEDULER_PORT ?= 8082
+CACHE ?= auto
+CORR_MEMORY ?=
 
 # Build .venv only when no other interpreter was given (PYTHON=python3 uses yours as is).
 ifeq ($(PYTHON),.venv/bin/python)
@@ -22,7 +24,6 @@ else
 SETUP :=
 endif
 
-export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup analyze test
@@ -39,7 +40,8 @@ analyze: $(SETUP)
 	$(PYTHON) -m tasks analyze --models "$(MODELS)" --checkpoint "$(CHECKPOINT)" --dataset "$(DATASET)" \
 		--n-tokens "$(N_TOKENS)" --ctx-len "$(CTX_LEN)" --reference "$(REFERENCE)" --rotations "$(ROTATIONS)" \
 		--threshold "$(THRESHOLD)" --top-k "$(TOP_K)" --device "$(DEVICE)" --workers "$(WORKERS)" \
-		--scheduler "$(SCHEDULER)" --scheduler-port "$(SCHEDULER_PORT)" $(if $(QUICK),--quick)
+		--scheduler "$(SCHEDULER)" --scheduler-port "$(SCHEDULER_PORT)" --cache "$(CACHE)" \
+		--memory "$(CORR_MEMORY)" $(if $(QUICK),--quick)
 
 test: $(SETUP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests

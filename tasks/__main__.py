@@ -6,7 +6,7 @@ import sys
 
 from rich.console import Console
 
-from tasks.api import (AnalysisFailed, build_analysis, central_scheduler_answers, read_results,
+from tasks.api import (AnalysisFailed, build_analyses, central_scheduler_answers, read_results,
                        run_analysis)
 from tasks.common import DEFAULTS
 from unlib.data import OFFLINE_CORPUS, DatasetError
@@ -50,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--threshold", type=number(float, "THRESHOLD", optional=True), default=None)
     a.add_argument("--top-k", type=number(int, "TOP_K", optional=True), default=None)
     a.add_argument("--device", default="auto")
+    a.add_argument("--cache", default="auto")
+    a.add_argument("--memory", default="", help="correlation memory budget (CORR_MEMORY), e.g. 8G")
     a.add_argument("--workers", type=number(int, "WORKERS"), default=1)
     a.add_argument("--quick", action="store_true", help=f"smoke run on {QUICK_TOKENS} tokens")
     a.add_argument("--scheduler", choices=["auto", "local", "central"], default="auto")
@@ -63,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     n_tokens = args.n_tokens or (QUICK_TOKENS if args.quick else DEFAULTS["n_tokens"])
     try:
-        root = build_analysis(args.models, args.checkpoint, args.dataset, n_tokens, args.ctx_len, args.reference,
-                              args.rotations, DEFAULTS["rotation_seed"], args.threshold, args.top_k, args.device)
+        roots = build_analyses(args.models, args.checkpoint, args.dataset, n_tokens, args.ctx_len, args.reference,
+                               args.rotations, DEFAULTS["rotation_seed"], args.threshold, args.top_k, args.device,
+                               args.cache, args.memory)
     except (ModelError, DatasetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -74,16 +77,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         local, why = args.scheduler == "local", ""
     where = "local" if local else f"central luigid on 127.0.0.1:{args.scheduler_port}"
-    console.print(f"Scheduler: {where}{why}; device: {root.device}; results: {root.results_dir()}", highlight=False)
+    console.print(f"Scheduler: {where}{why}; device: {roots[0].device}", highlight=False)
     try:
-        seconds = run_analysis(root, workers=args.workers, local_scheduler=local, scheduler_port=args.scheduler_port)
+        seconds = run_analysis(roots, workers=args.workers, local_scheduler=local, scheduler_port=args.scheduler_port)
     except AnalysisFailed as exc:
         print(str(exc), file=sys.stderr)
         print("error: the analysis did not complete; see the task errors above", file=sys.stderr)
         return exc.code
-    tables = read_results(root)
-    print_summary(console, f"{root.model_set.name} {root.results_dir().name}", tables["layer_summary"],
-                  tables["universal"], str(root.results_dir()))
+    for root in roots:
+        tables = read_results(root)
+        title = f"{root.model_set.name} {root.results_dir().name}"
+        if len(roots) > 1:
+            title += f" (reference {root.model_set.models[root.reference].name})"
+        print_summary(console, title, tables["layer_summary"], tables["universal"], str(root.results_dir()))
     console.print(f"Finished in {seconds:.1f} s")
     return 0
 

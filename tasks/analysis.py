@@ -37,7 +37,8 @@ class ExcessCorrelation(RunParams, luigi.Task):
                 "pairwise": luigi.LocalTarget(d / "pairwise_correlations.csv")}
 
     def run(self):
-        results = [LayerResult.load(t.path) for t in self.input()]
+        targets = self.input()
+        results = [LayerResult.load(targets[key].path) for key in sorted(targets) if key[0] == self.reference]
         excess, pairwise = excess_tables(results, [m.name for m in self.model_set.models])
         write_csv(pairwise, self.output()["pairwise"].path)
         write_csv(excess, self.output()["excess"].path)

@@ -14,8 +14,9 @@ import pandas as pd
 
 from tasks.analysis import UniversalNeuronsAnalysis
 from tasks.common import DEFAULTS
+from unlib.correlation import parse_bytes
 from unlib.data import OFFLINE_CORPUS
-from unlib.models import ModelError, check_checkpoint, n_layers, resolve_device, resolve_model_set
+from unlib.models import ModelError, check_checkpoint, mlp_shape, resolve_device, resolve_model_set
 from unlib.selection import UniversalNeuronAnalyzer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,26 +31,30 @@ class AnalysisFailed(RuntimeError):
         self.code = code
 
 
-def build_analysis(models: str = DEFAULTS["models"], checkpoint: int | None = None,
+def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = None,
                    dataset: str = OFFLINE_CORPUS, n_tokens: int = DEFAULTS["n_tokens"],
                    ctx_len: int = DEFAULTS["ctx_len"], reference: str | int = 0,
                    rotations: int = DEFAULTS["rotations"], rotation_seed: int = DEFAULTS["rotation_seed"],
-                   threshold: float | None = None, top_k: int | None = None,
-                   device: str = "auto") -> UniversalNeuronsAnalysis:
-    """Validate the parameters (raising ValueError with a one-line message) and return
-    the root task of the analysis."""
+                   threshold: float | None = None, top_k: int | None = None, device: str = "auto",
+                   cache: str = "auto", memory: str = "") -> list[UniversalNeuronsAnalysis]:
+    """Validate the parameters (raising ValueError with a one-line message) and return the
+    root task of the analysis: one per reference model ("all" scores every model of the
+    set in the same correlation pass)."""
     model_set = resolve_model_set(models, os.environ.get("UNLIB_STORE", "store"))
     names = [m.name for m in model_set.models]
-    if isinstance(reference, str) and not reference.isdigit():
+    if str(reference) == "all":
+        references = list(range(len(names)))
+    elif isinstance(reference, str) and not reference.isdigit():
         if reference not in names:
-            raise ModelError(f"REFERENCE={reference!r} is not one of the models: {', '.join(names)}")
-        reference = names.index(reference)
-    reference = int(reference)
-    if not 0 <= reference < len(names):
+            raise ModelError(f"REFERENCE={reference!r} is not one of the models: {', '.join(names)}, or 'all'")
+        references = [names.index(reference)]
+    else:
+        references = [int(reference)]
+    if not 0 <= references[0] < len(names):
         raise ModelError(f"REFERENCE={reference} is out of range: the set has {len(names)} models (0-{len(names) - 1})")
     for spec in model_set.models:
         check_checkpoint(spec, checkpoint)
-        n_layers(spec, checkpoint)  # reads each config now, so an unreachable model fails before any work
+        mlp_shape(spec, checkpoint)  # reads each config now, so an unreachable model fails before any work
     if n_tokens < 2:
         raise ValueError(f"N_TOKENS={n_tokens} is too small: use at least 2 tokens (the default is {DEFAULTS['n_tokens']})")
     if ctx_len < 2:
@@ -60,10 +65,19 @@ def build_analysis(models: str = DEFAULTS["models"], checkpoint: int | None = No
         raise ValueError(f"THRESHOLD={threshold} is outside [-1, 1]: excess correlations are differences of correlations")
     if top_k is not None and top_k < 1:
         raise ValueError(f"TOP_K={top_k} must be a positive number of neurons")
-    return UniversalNeuronsAnalysis(models=models, checkpoint=checkpoint, dataset=dataset, n_tokens=n_tokens,
-                                    ctx_len=ctx_len, reference=reference, rotations=rotations,
-                                    rotation_seed=rotation_seed, threshold=threshold, top_k=top_k,
-                                    device=resolve_device(device))
+    if cache not in ("auto", "0", "1"):
+        raise ValueError(f"CACHE={cache!r} must be 1 (cache activations), 0 (run the models instead) or auto")
+    if memory:
+        try:
+            parse_bytes(memory)
+        except ValueError:
+            raise ValueError(f"CORR_MEMORY={memory!r} is not a size: use e.g. 8G, 512M or a number of bytes") from None
+    device = resolve_device(device)
+    return [UniversalNeuronsAnalysis(models=models, checkpoint=checkpoint, dataset=dataset, n_tokens=n_tokens,
+                                     ctx_len=ctx_len, reference=ref, rotations=rotations, rotation_seed=rotation_seed,
+                                     threshold=threshold, top_k=top_k, device=device, cache=cache, memory=memory,
+                                     all_references=len(references) > 1)
+            for ref in references]
 
 
 def central_scheduler_answers(host: str = "127.0.0.1", port: int = 8082) -> bool:
@@ -74,14 +88,14 @@ def central_scheduler_answers(host: str = "127.0.0.1", port: int = 8082) -> bool
         return False
 
 
-def run_analysis(root: luigi.Task, workers: int = 1, local_scheduler: bool = True,
+def run_analysis(roots: list[luigi.Task], workers: int = 1, local_scheduler: bool = True,
                  scheduler_port: int = 8082) -> float:
     """Run the graph to completion; return the seconds it took. Raises AnalysisFailed."""
     start = time.monotonic()
     kwargs = {"local_scheduler": True} if local_scheduler else {"scheduler_host": "127.0.0.1",
                                                                  "scheduler_port": scheduler_port}
-    result = luigi.build([root], workers=workers, detailed_summary=True, **kwargs)
-    if not root.complete():
+    result = luigi.build(roots, workers=workers, detailed_summary=True, **kwargs)
+    if not all(root.complete() for root in roots):
         codes = luigi.retcodes.retcode()
         raise AnalysisFailed(result.summary_text, codes.task_failed or 1)
     return time.monotonic() - start
@@ -103,13 +117,16 @@ def run_universal_neurons_analysis(model_names: str | list[str] = "toy-zoo", dat
                                    top_k: int | None = None, n_rotation_samples: int = 5,
                                    n_tokens: int = DEFAULTS["n_tokens"], ctx_len: int = DEFAULTS["ctx_len"],
                                    reference: str | int = 0, device: str = "auto", workers: int = 1,
-                                   store_dir: str | None = None) -> dict[str, pd.DataFrame]:
+                                   store_dir: str | None = None) -> dict:
     """Build and run the analysis graph (Luigi, local scheduler) and return its tables as
-    DataFrames: excess, pairwise, stats, universal, layer_summary."""
+    DataFrames: excess, pairwise, stats, universal, layer_summary. With reference="all",
+    returns {model name: tables} for every model of the set."""
     if store_dir is not None:
         os.environ["UNLIB_STORE"] = str(store_dir)
     models = model_names if isinstance(model_names, str) else ",".join(model_names)
-    root = build_analysis(models, checkpoint_value, dataset, n_tokens, ctx_len, reference,
-                          n_rotation_samples, DEFAULTS["rotation_seed"], excess_threshold, top_k, device)
-    run_analysis(root, workers=workers)
-    return read_results(root)
+    roots = build_analyses(models, checkpoint_value, dataset, n_tokens, ctx_len, reference,
+                           n_rotation_samples, DEFAULTS["rotation_seed"], excess_threshold, top_k, device)
+    run_analysis(roots, workers=workers)
+    if str(reference) == "all":
+        return {root.model_set.models[root.reference].name: read_results(root) for root in roots}
+    return read_results(roots[0])

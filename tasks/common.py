@@ -41,6 +41,9 @@ class CorrelationParams(CheckpointParams):
     reference = luigi.IntParameter(default=DEFAULTS["reference"], description="index of the reference model")
     rotations = luigi.IntParameter(default=DEFAULTS["rotations"])
     rotation_seed = luigi.IntParameter(default=DEFAULTS["rotation_seed"])
+    all_references = luigi.BoolParameter(default=False, description="score every model in the same pass")
+    cache = luigi.Parameter(default="auto", significant=False, description="activation caches: 1, 0 or auto")
+    memory = luigi.Parameter(default="", significant=False, description="correlation memory budget, e.g. 8G")
 
 
 class RunParams(CorrelationParams):

@@ -1,27 +1,45 @@
-"""The correlation step: one pass over the activation caches of all models, writing one
-target per reference layer."""
+"""The correlation step: the engine over the activation caches (or, when they do not fit
+the disk, over the models run batch by batch), writing one target per reference layer."""
 from __future__ import annotations
 
+import logging
+import shutil
 import time
 
 import luigi
 
 from tasks.activations import CacheActivations
 from tasks.common import CorrelationParams, TaskProgress, store
-from unlib.activations import ActivationCache, cached_chunks
-from unlib.correlation import run_engine
-from unlib.models import n_layers
+from tasks.data import TokenizeDataset
+from tasks.zoo import model_requirement
+from unlib.activations import ActivationCache, cache_bytes, cached_chunks, choose_feed, model_chunks
+from unlib.correlation import ExcessCorrelationEngine, parse_bytes
+from unlib.data import read_tokens
+from unlib.models import load_model, mlp_shape
 from unlib.store import checkpoint_label, short_hash
 
-CHUNK_TOKENS = 8192
+logger = logging.getLogger("luigi-interface")
+CHUNK_TOKENS = 4096
+BATCH_SEQUENCES = 32
 
 
 class Correlations(CorrelationParams, luigi.Task):
-    """For each neuron of the reference model, per other model: max correlation, where it
-    is, and the max correlation against each rotated baseline."""
+    """For each neuron of the reference model (of every model with all_references), per
+    other model: max correlation, where it is, and the max against each rotated baseline."""
+
+    @property
+    def references(self) -> list[int]:
+        return list(range(len(self.model_set.models))) if self.all_references else [self.reference]
+
+    def feed(self) -> tuple[bool, str]:
+        shapes = [mlp_shape(m, self.checkpoint) for m in self.model_set.models]
+        store().root.mkdir(parents=True, exist_ok=True)
+        return choose_feed(self.cache, cache_bytes(self.n_tokens, shapes), shutil.disk_usage(store().root).free)
 
     def requires(self):
-        return [self.clone(CacheActivations, model=i) for i in range(len(self.model_set.models))]
+        if self.feed()[0]:
+            return [self.clone(CacheActivations, model=i) for i in range(len(self.model_set.models))]
+        return [self.clone(TokenizeDataset)] + [t for m in self.model_set.models for t in model_requirement(m)]
 
     def run_key(self) -> str:
         ms = self.model_set
@@ -31,21 +49,44 @@ class Correlations(CorrelationParams, luigi.Task):
         return f"{ms.name}_{checkpoint_label(self.checkpoint)}_{short_hash(key)}"
 
     def output(self):
-        ref = self.model_set.models[self.reference]
-        return [luigi.LocalTarget(store().correlation(self.run_key(), ref.model_id, layer))
-                for layer in range(n_layers(ref, self.checkpoint))]
+        models = self.model_set.models
+        return {(ref, layer): luigi.LocalTarget(store().correlation(self.run_key(), models[ref].model_id, layer))
+                for ref in self.references for layer in range(mlp_shape(models[ref], self.checkpoint)[0])}
 
     def run(self):
-        caches = [ActivationCache(t.path) for t in self.input()]
-        sizes = [[c.d_mlp] * c.n_layers for c in caches]
-        names = [m.name for m in self.model_set.models]
+        use_cache, why = self.feed()
+        models = self.model_set.models
+        sizes = [[d] * n for n, d in (mlp_shape(m, self.checkpoint) for m in models)]
+        budget = parse_bytes(self.memory) if self.memory else None
+        engine = ExcessCorrelationEngine(sizes, self.references, self.rotations, self.rotation_seed, self.device,
+                                         budget, CHUNK_TOKENS)
+        if use_cache:
+            caches = [ActivationCache(t.path) for t in self.input()]
+            n_tokens = caches[0].n_tokens
+            chunks = lambda needed: cached_chunks(caches, CHUNK_TOKENS, self.device, needed)  # noqa: E731
+        else:
+            tokens = read_tokens(self.input()[0].path)
+            n_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
+            loaded = [load_model(m, self.checkpoint, self.device) for m in models]
+            chunks = lambda needed: model_chunks(loaded, tokens, BATCH_SEQUENCES, self.device)  # noqa: E731
+        path = "activation caches" if use_cache else "models run batch by batch (no cache)"
+        plan = f"{len(engine.passes)} pass(es), {sum(map(len, engine.passes))} accumulators"
+        logger.warning("correlation feed: %s, because %s; plan: %s", path, why, plan)
         start = time.monotonic()
-        with TaskProgress(self, "correlate", caches[0].n_tokens) as progress:
-            results = run_engine(cached_chunks(caches, CHUNK_TOKENS, self.device), sizes, self.reference,
-                                 self.rotations, self.rotation_seed, self.device, progress=progress)
+        total = n_tokens * len(engine.passes)
+        with TaskProgress(self, f"correlate ({path})", total) as progress:
+            def report(streamed: int, eng: ExcessCorrelationEngine) -> None:
+                rate = eng.flops / max(time.monotonic() - start, 1e-9) / 1e9
+                progress(streamed, extra=f", {rate:,.1f} GFLOP/s")
+            results = engine.run(chunks, report)
         seconds = time.monotonic() - start
-        for result, target in zip(results, self.output()):
-            result.save(target.path, {"reference": names[self.reference],
-                                       "others": [names[m] for m in result.others],
-                                       "n_tokens": caches[0].n_tokens, "rotations": self.rotations,
-                                       "rotation_seed": self.rotation_seed, "seconds": seconds})
+        logger.warning("correlation: %d tokens x %d pass(es) in %.1f s: %.0f tokens/s, %.1f GFLOP/s",
+                       n_tokens, len(engine.passes), seconds, total / seconds, engine.flops / seconds / 1e9)
+        names = [m.name for m in models]
+        for ref, layers in results.items():
+            for result in layers:
+                result.save(self.output()[(ref, result.layer)].path, {
+                    "reference": names[ref], "others": [names[m] for m in result.others],
+                    "n_tokens": n_tokens, "rotations": self.rotations, "rotation_seed": self.rotation_seed,
+                    "feed": path, "feed_reason": why, "seconds": seconds, "gflops": engine.flops / seconds / 1e9,
+                    "device": str(self.device), "passes": len(engine.passes)})

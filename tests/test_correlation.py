@@ -34,19 +34,21 @@ def make_data(kind: str, n: int = 3000, seed: int = 0) -> list[list[np.ndarray]]
     return data
 
 
-def feed(engine: ExcessCorrelationEngine, data, chunk: int) -> None:
-    n = data[0][0].shape[0]
-    for start in range(0, n, chunk):
-        engine.update([[torch.from_numpy(a[start:start + chunk]) for a in model] for model in data])
+def chunks(data, size: int):
+    """A chunk source for the engine: a fresh stream of `size`-token chunks per pass."""
+    def stream(needed):
+        n = data[0][0].shape[0]
+        for start in range(0, n, size):
+            yield [[torch.from_numpy(a[start:start + size]) for a in model] for model in data]
+    return stream
 
 
 @pytest.mark.parametrize("kind", ["random", "structured"])
 @pytest.mark.parametrize("reference", [0, 2])
 def test_max_correlation_matches_numpy(kind, reference):
     data = make_data(kind)
-    engine = ExcessCorrelationEngine(LAYERS, reference=reference, n_rotations=2, rotation_seed=7)
-    feed(engine, data, chunk=337)  # uneven chunks exercise the Chan merge
-    results = engine.results()
+    engine = ExcessCorrelationEngine(LAYERS, reference, n_rotations=2, rotation_seed=7)
+    results = engine.run(chunks(data, 337))[reference]  # uneven chunks exercise the Chan merge
     worst = 0.0
     for result in results:
         x = data[reference][result.layer]
@@ -62,9 +64,8 @@ def test_max_correlation_matches_numpy(kind, reference):
 @pytest.mark.parametrize("kind", ["random", "structured"])
 def test_rotated_baseline_matches_explicit_rotation(kind):
     data = make_data(kind)
-    engine = ExcessCorrelationEngine(LAYERS, reference=0, n_rotations=3, rotation_seed=11)
-    feed(engine, data, chunk=512)
-    results = engine.results()
+    engine = ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=3, rotation_seed=11)
+    results = engine.run(chunks(data, 512))[0]
     for result in results:
         x = data[0][result.layer]
         for k, m in enumerate(result.others):
@@ -78,11 +79,40 @@ def test_rotated_baseline_matches_explicit_rotation(kind):
 def test_constant_neuron_gets_zero_correlation():
     data = make_data("random")
     data[1][0][:, 0] = 3.0
-    engine = ExcessCorrelationEngine(LAYERS, reference=1, n_rotations=1)
-    feed(engine, data, chunk=1000)
-    result = engine.results()[0]
+    engine = ExcessCorrelationEngine(LAYERS, 1, n_rotations=1)
+    result = engine.run(chunks(data, 1000))[1][0]
     assert np.all(result.max_corr[:, 0] == 0)
     assert np.isfinite(result.max_corr).all() and np.isfinite(result.baseline_max_corr).all()
+
+
+def test_all_references_in_one_pass_match_one_reference_at_a_time():
+    data = make_data("structured")
+    together = ExcessCorrelationEngine(LAYERS, [0, 1, 2], n_rotations=2, rotation_seed=3).run(chunks(data, 700))
+    for ref in range(3):
+        alone = ExcessCorrelationEngine(LAYERS, ref, n_rotations=2, rotation_seed=3).run(chunks(data, 700))[ref]
+        for a, b in zip(together[ref], alone):
+            assert a.others == b.others
+            np.testing.assert_allclose(a.max_corr, b.max_corr, atol=1e-5)
+            np.testing.assert_allclose(a.baseline_max_corr, b.baseline_max_corr, atol=1e-5)
+            assert np.array_equal(a.max_layer, b.max_layer) and np.array_equal(a.max_neuron, b.max_neuron)
+
+
+def test_a_small_memory_budget_splits_the_work_into_passes_with_the_same_numbers():
+    data = make_data("random")
+    roomy = ExcessCorrelationEngine(LAYERS, [0, 1, 2], n_rotations=2)
+    assert len(roomy.passes) == 1
+    tight_budget = roomy.fixed_bytes() + 4 * 20 * 32 + 16
+    tight = ExcessCorrelationEngine(LAYERS, [0, 1, 2], n_rotations=2, memory_budget=tight_budget)
+    assert len(tight.passes) > 3
+    assert all(sum(tight.unit_bytes(u) for u in p) + tight.fixed_bytes() <= tight_budget for p in tight.passes)
+    a, b = roomy.run(chunks(data, 500)), tight.run(chunks(data, 500))
+    for ref in range(3):
+        for x, y in zip(a[ref], b[ref]):
+            np.testing.assert_allclose(x.max_corr, y.max_corr, atol=1e-5)
+            np.testing.assert_allclose(x.baseline_max_corr, y.baseline_max_corr, atol=1e-5)
+            assert np.array_equal(x.max_neuron, y.max_neuron)
+    with pytest.raises(MemoryError, match="CORR_MEMORY"):
+        ExcessCorrelationEngine(LAYERS, 0, memory_budget=roomy.fixed_bytes() + 10)
 
 
 def test_haar_matrices_are_orthogonal_and_reproducible():

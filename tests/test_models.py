@@ -7,7 +7,7 @@ import torch
 
 from unlib import data, zoo
 from unlib.models import (STANFORD_CHECKPOINTS, ModelError, check_checkpoint, load_model, model_location,
-                          n_layers, resolve_model_set)
+                          mlp_shape, resolve_model_set)
 
 
 def test_stanford_sets_expand_to_five_seeds_with_checkpoint_revisions():
@@ -25,7 +25,7 @@ def test_stanford_sets_expand_to_five_seeds_with_checkpoint_revisions():
 def test_unreachable_hub_model_is_a_clear_error():
     spec = resolve_model_set("stanford-gpt2-small").models[0]
     with pytest.raises(ModelError, match="not in the local Hugging Face cache.*huggingface-cli download"):
-        n_layers(spec, 1000)
+        mlp_shape(spec, 1000)
     with pytest.raises(ModelError, match="at checkpoint-1000"):
         load_model(spec, 1000)
 

@@ -166,6 +166,26 @@ def test_other_parameters_do_not_overwrite_and_nothing_is_recomputed(run):
     assert (run["dir"] / "universal_neurons.csv").exists()
 
 
+def test_all_references_without_cache_give_the_cached_numbers(run, tmp_path):
+    proc = analyze(tmp_path, "--models", MODELS, "--checkpoint", "300", "--n-tokens", str(N_TOKENS),
+                   "--threshold", str(THRESHOLD), "--device", "cpu", "--reference", "all", "--cache", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "activations").exists(), "CACHE=0 must not write activation caches"
+    base = f"checkpoint-300_n_tokens-{N_TOKENS}_threshold-{THRESHOLD}"
+    by_reference = lambda ref: f"checkpoint-300_n_tokens-{N_TOKENS}_reference-{ref}_threshold-{THRESHOLD}"  # noqa
+    streamed = pd.read_csv(tmp_path / "results" / MODELS / base / "pairwise_correlations.csv")
+    np.testing.assert_allclose(streamed["max_corr"], run["pairwise"]["max_corr"], atol=1e-5)
+    np.testing.assert_allclose(streamed["baseline_max_corr"], run["pairwise"]["baseline_max_corr"], atol=1e-5)
+    for ref in (1, 2):
+        other = pd.read_csv(tmp_path / "results" / MODELS / by_reference(ref) / "pairwise_correlations.csv")
+        assert set(other["other_model"]) == {f"{MODELS}/seed-{m}" for m in range(3) if m != ref}
+    # symmetry: seed-0's best match in seed-1 has a correlation no larger than seed-1's best in seed-0 overall
+    one = pd.read_csv(tmp_path / "results" / MODELS / by_reference(1) / "pairwise_correlations.csv")
+    assert np.isclose(one[one.other_model == f"{MODELS}/seed-0"]["max_corr"].max(),
+                      run["pairwise"][run["pairwise"].other_model == f"{MODELS}/seed-1"]["max_corr"].max(), atol=1e-5)
+    assert "no cache" in proc.stderr and "CACHE=0" in proc.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--models", "no-such-set"], "unknown model set"),
     (["--models", MODELS, "--checkpoint", "120"], "nearest: 100 or 300"),
@@ -173,6 +193,8 @@ def test_other_parameters_do_not_overwrite_and_nothing_is_recomputed(run):
     (["--models", MODELS, "--threshold", "3"], "outside [-1, 1]"),
     (["--models", "stanford-gpt2-small", "--checkpoint", "1234"], "nearest: 1200 or 1250"),
     (["--n-tokens", "many"], "N_TOKENS must be an integer, not 'many'"),
+    (["--models", MODELS, "--memory", "lots"], "CORR_MEMORY='lots' is not a size"),
+    (["--models", MODELS, "--cache", "maybe"], "CACHE='maybe' must be 1"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     proc = analyze(tmp_path, *args)

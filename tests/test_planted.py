@@ -53,7 +53,7 @@ def planted(tmp_path_factory):
         cache_activations(model, tokens, root / f"{name}.h5", {"model": name}, batch_size=16)
         caches.append(ActivationCache(root / f"{name}.h5"))
     sizes = [[D_MLP] * N_LAYERS] * 3
-    results = run_engine(cached_chunks(caches, 1000), sizes, reference=0, n_rotations=3)
+    results = run_engine(lambda needed: cached_chunks(caches, 1000), sizes, reference=0, n_rotations=3)
     return {"perms": perms, "results": results, "models": models, "tokens": tokens, "caches": caches}
 
 

@@ -3,6 +3,8 @@ one float16 dataset per layer (`layer_000`, ...) of shape (n_tokens, d_mlp), chu
 token blocks, written crash-safely and resumable from the last complete block."""
 from __future__ import annotations
 
+import queue
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -61,6 +63,7 @@ class ActivationCache:
         with h5py.File(self.path, "r") as f:
             self.layers = sorted(k for k in f.keys() if k.startswith("layer_"))
             self.n_tokens, self.d_mlp = f[self.layers[0]].shape
+            self.chunk_rows = (f[self.layers[0]].chunks or (1024,))[0]
             self.attrs = dict(f.attrs)
 
     @property
@@ -72,20 +75,50 @@ class ActivationCache:
             return f[self.layers[layer]][start:stop]
 
 
-def cached_chunks(caches: list[ActivationCache], chunk_tokens: int,
-                  device: str = "cpu") -> Iterator[list[list[torch.Tensor]]]:
+def _prefetched(items: Iterator, depth: int = 2) -> Iterator:
+    """Produce `items` in a background thread, `depth` ahead, so the disk reads of the
+    next chunk overlap the arithmetic on this one."""
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                out.put(item)
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            out.put(exc)
+        out.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := out.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def cached_chunks(caches: list[ActivationCache], chunk_tokens: int, device: str | torch.device = "cpu",
+                  needed: list[set[int]] | None = None) -> Iterator[list[list[torch.Tensor | None]]]:
     """Stream the same token range of several caches: yields chunk[model][layer] as float32
-    tensors of shape (chunk_tokens, d_mlp) on `device`."""
-    n_tokens = caches[0].n_tokens
-    files = [h5py.File(c.path, "r") for c in caches]
-    try:
-        for start in range(0, n_tokens, chunk_tokens):
-            stop = min(n_tokens, start + chunk_tokens)
-            yield [[torch.from_numpy(f[name][start:stop]).to(device).float() for name in c.layers]
-                   for f, c in zip(files, caches)]
-    finally:
-        for f in files:
-            f.close()
+    tensors of shape (tokens, d_mlp) on `device` (None for layers not in `needed`).
+    Reads whole HDF5 chunks (chunk_tokens is rounded to a multiple of the chunk rows)
+    with a read-ahead thread."""
+    rows = max(c.chunk_rows for c in caches)
+    chunk_tokens = max(rows, chunk_tokens // rows * rows)
+    needed = needed or [set(range(c.n_layers)) for c in caches]
+
+    def read() -> Iterator[list[list[np.ndarray | None]]]:
+        files = [h5py.File(c.path, "r") for c in caches]
+        try:
+            for start in range(0, caches[0].n_tokens, chunk_tokens):
+                stop = min(caches[0].n_tokens, start + chunk_tokens)
+                yield [[f[name][start:stop] if l in want else None for l, name in enumerate(c.layers)]
+                       for f, c, want in zip(files, caches, needed)]
+        finally:
+            for f in files:
+                f.close()
+
+    for chunk in _prefetched(read()):
+        yield [[None if a is None else torch.from_numpy(a).to(device).float() for a in model] for model in chunk]
 
 
 def model_chunks(models: list, tokens: np.ndarray, batch_size: int,
@@ -95,3 +128,21 @@ def model_chunks(models: list, tokens: np.ndarray, batch_size: int,
     for seq in range(0, tokens.shape[0], batch_size):
         batch = torch.from_numpy(tokens[seq:seq + batch_size].astype(np.int64)).to(device)
         yield [[a.half().float() for a in mlp_activations(m, batch)] for m in models]
+
+
+def cache_bytes(n_tokens: int, shapes: list[tuple[int, int]]) -> int:
+    """Disk space of float16 activation caches for models of the given (n_layers, d_mlp)."""
+    return sum(2 * n_tokens * n_layers * d_mlp for n_layers, d_mlp in shapes)
+
+
+def choose_feed(cache: str, needed_bytes: int, free_bytes: int) -> tuple[bool, str]:
+    """(use the HDF5 caches?, why). cache: '1' forces caches, '0' forces the streaming
+    feed, 'auto' caches when they fit in 90 % of the free disk."""
+    size = f"{needed_bytes / 2**30:.2f} GiB of activation caches"
+    if cache == "1":
+        return True, f"CACHE=1 asks for {size}"
+    if cache == "0":
+        return False, "CACHE=0 asks to run the models instead of caching"
+    if needed_bytes <= 0.9 * free_bytes:
+        return True, f"{size} fit the {free_bytes / 2**30:.1f} GiB free"
+    return False, f"{size} do not fit the {free_bytes / 2**30:.1f} GiB free"

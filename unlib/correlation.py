@@ -24,42 +24,6 @@ import torch
 from unlib.store import write_small_h5
 
 
-class CoMoments:
-    """Running means, per-x-neuron squared deviations and centred cross-product of two
-    activation streams, merged chunk by chunk with Chan et al.'s parallel update.
-    With `symmetric=True` the y stream is the x stream (a within-layer co-moment)."""
-
-    def __init__(self, n_x: int, n_y: int, device: str | torch.device = "cpu", symmetric: bool = False):
-        self.symmetric = symmetric
-        self.n = 0
-        self.mean_x = torch.zeros(n_x, device=device)
-        self.mean_y = torch.zeros(n_y, device=device)
-        self.m2_x = torch.zeros(n_x, device=device)
-        self.cross = torch.zeros(n_x, n_y, device=device)
-
-    def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        t = x.shape[0]
-        if t == 0:
-            return
-        mx = x.mean(0)
-        xc = x - mx
-        if self.symmetric:
-            my, yc = mx, xc
-        else:
-            my = y.mean(0)
-            yc = y - my
-        n_new = self.n + t
-        dx = mx - self.mean_x
-        dy = my - self.mean_y
-        weight = self.n * t / n_new
-        self.cross.addmm_(xc.T, yc)
-        self.cross.addr_(dx, dy, alpha=weight)
-        self.m2_x += (xc * xc).sum(0) + weight * dx * dx
-        self.mean_x += dx * (t / n_new)
-        self.mean_y += dy * (t / n_new)
-        self.n = n_new
-
-
 def haar_orthogonal(n: int, seed: Iterable[int] | int) -> torch.Tensor:
     """A Haar-distributed n x n orthogonal matrix (QR of a Gaussian matrix with the signs
     of R's diagonal moved into Q), float64 on the CPU, reproducible from `seed`."""
@@ -102,76 +66,281 @@ class LayerResult:
                        **{name: f[name][:] for name in cls.ARRAYS})
 
 
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One accumulator: the co-moment of a block of `row_model`'s layers with every layer
+    of `col_model`. It serves both directions of the pair (symmetry)."""
+
+    row_model: int
+    row_layers: tuple[int, ...]
+    col_model: int
+
+
+def parse_bytes(text: str) -> int:
+    """'8G', '512M', '1.5GB' or a plain number of bytes."""
+    value = text.strip().upper().removesuffix("B")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(value[-1:], 1)
+    number = float(value[:-1] if scale > 1 else value)
+    if number <= 0:
+        raise ValueError
+    return int(number * scale)
+
+
+def default_memory_budget(device: str | torch.device) -> int:
+    """Bytes the engine may use: 80 % of a GPU's free memory, half the available RAM on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.8 * free)
+    import psutil
+
+    return int(0.5 * psutil.virtual_memory().available)
+
+
 class ExcessCorrelationEngine:
-    """Accumulates, in one pass over the tokens, what the max and rotated-baseline
-    correlations of every reference neuron against every other model need.
+    """Max and rotated-baseline correlations of the neurons of each reference model
+    against every other model, from activations streamed in token chunks.
 
-    Feed it chunks as chunk[model][layer] -> (tokens, d_mlp) float32 tensors."""
+    Planning: one accumulator per unordered model pair (split into blocks of the row
+    model's layers when the memory budget demands), as many as fit the budget per pass
+    over the tokens. Feeding: `run(chunks)` calls `chunks(needed)` once per pass; it must
+    yield chunk[model][layer] -> (tokens, d) float32 tensors on the engine's device for
+    the layers in needed[model] (anything for the others, e.g. None).
+    """
 
-    def __init__(self, layer_sizes: list[list[int]], reference: int = 0, n_rotations: int = 5,
-                 rotation_seed: int = 0, device: str | torch.device = "cpu"):
+    BYTES = 4  # float32 accumulators
+
+    def __init__(self, layer_sizes: list[list[int]], references: list[int] | int = 0, n_rotations: int = 5,
+                 rotation_seed: int = 0, device: str | torch.device = "cpu", memory_budget: int | None = None,
+                 chunk_tokens: int = 4096):
         self.layer_sizes = layer_sizes
-        self.reference = reference
+        self.references = [references] if isinstance(references, int) else sorted(references)
         self.n_rotations = n_rotations
         self.rotation_seed = rotation_seed
-        self.device = device
-        self.others = [m for m in range(len(layer_sizes)) if m != reference]
-        d_ref = sum(layer_sizes[reference])
-        self.cross = {m: CoMoments(d_ref, sum(layer_sizes[m]), device) for m in self.others}
-        self.within = {m: [CoMoments(d, d, device, symmetric=True) for d in layer_sizes[m]] for m in self.others}
-        self.n_tokens = 0
+        self.device = torch.device(device)
+        self.memory_budget = memory_budget or default_memory_budget(self.device)
+        self.chunk_tokens = chunk_tokens
+        self.offsets = [np.concatenate([[0], np.cumsum(sizes)]).astype(int) for sizes in layer_sizes]
+        self.passes = self.plan()
+        self.flops = 0.0
+        self.tokens_streamed = 0  # over all passes
 
-    def update(self, chunk: list[list[torch.Tensor]]) -> None:
-        x = torch.cat(chunk[self.reference], dim=1)
-        for m in self.others:
-            self.cross[m].update(x, torch.cat(chunk[m], dim=1))
-            for acc, y in zip(self.within[m], chunk[m]):
-                acc.update(y)
-        self.n_tokens += x.shape[0]
+    # ---- planning -------------------------------------------------------------------
+    def pairs(self) -> list[tuple[int, int]]:
+        """(row, col) per unordered pair involving a reference; rows are a reference."""
+        out = []
+        for a in range(len(self.layer_sizes)):
+            for b in range(a + 1, len(self.layer_sizes)):
+                if a in self.references:
+                    out.append((a, b))
+                elif b in self.references:
+                    out.append((b, a))
+        return out
 
+    def fixed_bytes(self) -> int:
+        """Within-layer co-moments, chunk buffers (raw + centred + one read ahead) and the
+        per-layer correlation scratch of the result step."""
+        within = sum(d * d for sizes in self.layer_sizes for d in sizes)
+        width = sum(sum(sizes) for sizes in self.layer_sizes)
+        scratch = 3 * max(max(s) for s in self.layer_sizes) * max(sum(s) for s in self.layer_sizes)
+        return self.BYTES * (within + 3 * self.chunk_tokens * width + scratch)
+
+    def plan(self) -> list[list[Unit]]:
+        """Group the units into passes that each fit the memory budget."""
+        room = self.memory_budget - self.fixed_bytes()
+        units = []
+        for row, col in self.pairs():
+            width = sum(self.layer_sizes[col])
+            block: list[int] = []
+            for layer, d in enumerate(self.layer_sizes[row]):
+                if block and (sum(self.layer_sizes[row][l] for l in block) + d) * width * self.BYTES > room:
+                    units.append(Unit(row, tuple(block), col))
+                    block = []
+                block.append(layer)
+            units.append(Unit(row, tuple(block), col))
+        need = max(self.unit_bytes(u) for u in units)
+        if need > room:
+            raise MemoryError(f"the correlation engine needs at least {(need + self.fixed_bytes()) / 2**30:.2f} GiB "
+                              f"but CORR_MEMORY allows {self.memory_budget / 2**30:.2f} GiB; raise CORR_MEMORY")
+        passes, current, used = [], [], 0
+        for unit in units:
+            size = self.unit_bytes(unit)
+            if current and used + size > room:
+                passes.append(current)
+                current, used = [], 0
+            current.append(unit)
+            used += size
+        passes.append(current)
+        return passes
+
+    def unit_bytes(self, unit: Unit) -> int:
+        rows = sum(self.layer_sizes[unit.row_model][l] for l in unit.row_layers)
+        return self.BYTES * rows * sum(self.layer_sizes[unit.col_model])
+
+    def needed_layers(self, units: list[Unit], first_pass: bool) -> list[set[int]]:
+        if first_pass:  # the within-layer co-moments need every layer of every model
+            return [set(range(len(sizes))) for sizes in self.layer_sizes]
+        needed = [set() for _ in self.layer_sizes]
+        for u in units:
+            needed[u.row_model].update(u.row_layers)
+            needed[u.col_model].update(range(len(self.layer_sizes[u.col_model])))
+        return needed
+
+    # ---- streaming ------------------------------------------------------------------
+    def run(self, chunks, progress=None) -> dict[int, list[LayerResult]]:
+        """All passes; returns {reference model: [LayerResult per layer]}."""
+        self.within = [[torch.zeros(d, d, device=self.device) for d in sizes] for sizes in self.layer_sizes]
+        self.best: dict = {}
+        for number, units in enumerate(self.passes):
+            cross = self.stream(chunks, units, first_pass=number == 0, progress=progress)
+            self.reduce(units, cross)
+            del cross
+        return self.collect()
+
+    def stream(self, chunks, units: list[Unit], first_pass: bool, progress=None) -> dict[Unit, torch.Tensor]:
+        """One pass over the tokens: Chan-merged co-moments of every unit (and, in the
+        first pass, every model's within-layer co-moments)."""
+        needed = self.needed_layers(units, first_pass)
+        cross = {u: torch.zeros(self.unit_bytes(u) // self.BYTES, device=self.device).view(
+            sum(self.layer_sizes[u.row_model][l] for l in u.row_layers), -1) for u in units}
+        means = [torch.zeros(int(off[-1]), device=self.device) for off in self.offsets]
+        n = 0
+        for chunk in chunks(needed):
+            t = next(a for model, layers in zip(chunk, needed) for l, a in enumerate(model) if l in layers).shape[0]
+            centred, deltas = [], []
+            for m, layers in enumerate(needed):
+                if not layers:
+                    centred.append(None)
+                    deltas.append(None)
+                    continue
+                full = torch.zeros(t, int(self.offsets[m][-1]), device=self.device)
+                for l in layers:
+                    full[:, self.offsets[m][l]:self.offsets[m][l + 1]] = chunk[m][l]
+                mean = full.mean(0)
+                full -= mean
+                centred.append(full)
+                deltas.append(mean - means[m])
+            weight = n * t / (n + t)
+            for u, acc in cross.items():
+                rows = self.row_slice(u)
+                acc.addmm_(centred[u.row_model][:, rows].T, centred[u.col_model])
+                acc.addr_(deltas[u.row_model][rows], deltas[u.col_model], alpha=weight)
+                self.flops += 2.0 * t * acc.numel()
+            if first_pass:
+                for m, sizes in enumerate(self.layer_sizes):
+                    for l, d in enumerate(sizes):
+                        cols = slice(self.offsets[m][l], self.offsets[m][l + 1])
+                        self.within[m][l].addmm_(centred[m][:, cols].T, centred[m][:, cols])
+                        self.within[m][l].addr_(deltas[m][cols], deltas[m][cols], alpha=weight)
+                        self.flops += 2.0 * t * d * d
+            for m, delta in enumerate(deltas):
+                if delta is not None:
+                    means[m] += delta * (t / (n + t))
+            n += t
+            self.tokens_streamed += t
+            if progress is not None:
+                progress(self.tokens_streamed, self)
+        return cross
+
+    def row_slice(self, unit: Unit) -> slice:
+        off = self.offsets[unit.row_model]
+        return slice(int(off[unit.row_layers[0]]), int(off[unit.row_layers[-1] + 1]))
+
+    # ---- results --------------------------------------------------------------------
     def rotation(self, model: int, layer: int, sample: int) -> torch.Tensor:
         """The recorded-seed rotation of `model`'s `layer` for baseline sample `sample`."""
         d = self.layer_sizes[model][layer]
-        q = haar_orthogonal(d, [self.rotation_seed, model, layer, sample])
-        return q.to(device=self.device, dtype=torch.float32)
+        return haar_orthogonal(d, [self.rotation_seed, model, layer, sample]).to(self.device, torch.float32)
 
-    def results(self) -> list[LayerResult]:
-        """One LayerResult per reference layer."""
-        ref_sizes = self.layer_sizes[self.reference]
-        ref_offsets = np.concatenate([[0], np.cumsum(ref_sizes)])
-        per_layer = {l: {"max": [], "layer": [], "neuron": [], "base": []} for l in range(len(ref_sizes))}
-        for m in self.others:
-            acc = self.cross[m]
-            sizes = self.layer_sizes[m]
-            offsets = np.concatenate([[0], np.cumsum(sizes)])
-            covs = [w.cross for w in self.within[m]]
-            var_y = torch.cat([torch.diagonal(s) for s in covs])
-            rotations = [[self.rotation(m, l, r) for l in range(len(sizes))] for r in range(self.n_rotations)]
-            rotated_var = [[((s @ q) * q).sum(0) for s, q in zip(covs, qs)] for qs in rotations]
-            for l in range(len(ref_sizes)):
-                rows = slice(int(ref_offsets[l]), int(ref_offsets[l + 1]))
-                cross, var_x = acc.cross[rows], acc.m2_x[rows]
-                corr = _safe_corr(cross, var_x, var_y)
-                best, where = corr.max(dim=1)
-                where = where.cpu().numpy()
-                layer_of = np.searchsorted(offsets, where, side="right") - 1
-                base = []
-                for qs, rvars in zip(rotations, rotated_var):
-                    best_rot = torch.full_like(best, -np.inf)
-                    for k, (q, rv) in enumerate(zip(qs, rvars)):
-                        cols = slice(int(offsets[k]), int(offsets[k + 1]))
-                        rot_corr = _safe_corr(cross[:, cols] @ q, var_x, rv)
-                        best_rot = torch.maximum(best_rot, rot_corr.max(dim=1).values)
-                    base.append(best_rot.cpu().numpy())
-                out = per_layer[l]
-                out["max"].append(best.cpu().numpy())
-                out["layer"].append(layer_of)
-                out["neuron"].append(where - offsets[layer_of])
-                out["base"].append(np.stack(base))
-        return [LayerResult(layer=l, others=list(self.others), max_corr=np.stack(v["max"]),
-                            max_layer=np.stack(v["layer"]), max_neuron=np.stack(v["neuron"]),
-                            baseline_max_corr=np.stack(v["base"]))
-                for l, v in per_layer.items()]
+    def variances(self, model: int) -> torch.Tensor:
+        return torch.cat([torch.diagonal(s) for s in self.within[model]])
+
+    def _merge(self, ref: int, other: int, layer_of_ref: int, values, layer_idx, neuron_idx) -> None:
+        """Keep the larger max correlation (and where it is) for (ref, layer, other)."""
+        key = (ref, layer_of_ref, other)
+        values = values.cpu().numpy()
+        if key not in self.best:
+            d = self.layer_sizes[ref][layer_of_ref]
+            self.best[key] = {"max": np.full(d, -np.inf, dtype=np.float32), "layer": np.zeros(d, dtype=np.int64),
+                              "neuron": np.zeros(d, dtype=np.int64),
+                              "base": np.full((self.n_rotations, d), -np.inf, dtype=np.float32)}
+        entry = self.best[key]
+        better = values > entry["max"]
+        entry["max"][better] = values[better]
+        entry["layer"][better] = np.asarray(layer_idx)[better] if np.ndim(layer_idx) else layer_idx
+        entry["neuron"][better] = neuron_idx[better]
+
+    def _merge_base(self, ref: int, layer_of_ref: int, other: int, sample: int, values) -> None:
+        entry = self.best[(ref, layer_of_ref, other)]
+        np.maximum(entry["base"][sample], values.cpu().numpy(), out=entry["base"][sample])
+
+    def reduce(self, units: list[Unit], cross: dict[Unit, torch.Tensor]) -> None:
+        """Turn a pass's co-moments into (partial) max and baseline correlations."""
+        for u, acc in cross.items():
+            row, col = u.row_model, u.col_model
+            var_row, var_col = self.variances(row), self.variances(col)
+            base = int(self.offsets[row][u.row_layers[0]])
+            col_off = self.offsets[col]
+            for l in u.row_layers:
+                rows = slice(int(self.offsets[row][l]) - base, int(self.offsets[row][l + 1]) - base)
+                corr = _safe_corr(acc[rows], var_row[self.offsets[row][l]:self.offsets[row][l + 1]], var_col)
+                if row in self.references:
+                    best, where = corr.max(dim=1)
+                    where = where.cpu().numpy()
+                    layer_of = np.searchsorted(col_off, where, side="right") - 1
+                    self._merge(row, col, l, best, layer_of, where - col_off[layer_of])
+                if col in self.references:
+                    best, where = corr.max(dim=0)
+                    for k in range(len(self.layer_sizes[col])):
+                        cols = slice(int(col_off[k]), int(col_off[k + 1]))
+                        self._merge(col, row, k, best[cols], l, where[cols].cpu().numpy())
+        for r in range(self.n_rotations):
+            for m, sizes in enumerate(self.layer_sizes):
+                for k in range(len(sizes)):
+                    users = [u for u in units if (u.col_model == m and u.row_model in self.references)
+                             or (u.row_model == m and k in u.row_layers and u.col_model in self.references)]
+                    if not users:
+                        continue
+                    q = self.rotation(m, k, r)
+                    s = self.within[m][k]
+                    rotated_var = ((s @ q) * q).sum(0)
+                    for u in users:
+                        self._reduce_rotated(u, cross[u], m, k, r, q, rotated_var)
+
+    def _reduce_rotated(self, u: Unit, acc: torch.Tensor, m: int, k: int, r: int, q: torch.Tensor,
+                        rotated_var: torch.Tensor) -> None:
+        row, col = u.row_model, u.col_model
+        base = int(self.offsets[row][u.row_layers[0]])
+        var_row = self.variances(row)
+        if m == col and row in self.references:  # the row model's neurons against rotated layer k of col
+            cols = slice(int(self.offsets[col][k]), int(self.offsets[col][k + 1]))
+            for l in u.row_layers:
+                rows = slice(int(self.offsets[row][l]), int(self.offsets[row][l + 1]))
+                local = slice(rows.start - base, rows.stop - base)
+                rot = _safe_corr(acc[local, cols] @ q, var_row[rows], rotated_var)
+                self._merge_base(row, l, col, r, rot.max(dim=1).values)
+        if m == row and k in u.row_layers and col in self.references:  # col's neurons against rotated row layer k
+            rows = slice(int(self.offsets[row][k]), int(self.offsets[row][k + 1]))
+            local = slice(rows.start - base, rows.stop - base)
+            rot = _safe_corr(acc[local].T @ q, self.variances(col), rotated_var).max(dim=1).values
+            col_off = self.offsets[col]
+            for j in range(len(self.layer_sizes[col])):
+                self._merge_base(col, j, row, r, rot[int(col_off[j]):int(col_off[j + 1])])
+
+    def collect(self) -> dict[int, list[LayerResult]]:
+        out = {}
+        for ref in self.references:
+            others = [m for m in range(len(self.layer_sizes)) if m != ref]
+            layers = []
+            for l in range(len(self.layer_sizes[ref])):
+                entries = [self.best[(ref, l, m)] for m in others]
+                layers.append(LayerResult(layer=l, others=others,
+                                          max_corr=np.stack([e["max"] for e in entries]),
+                                          max_layer=np.stack([e["layer"] for e in entries]),
+                                          max_neuron=np.stack([e["neuron"] for e in entries]),
+                                          baseline_max_corr=np.stack([e["base"] for e in entries])))
+            out[ref] = layers
+        return out
 
 
 EXCESS_COLUMNS = ["layer", "neuron", "excess_correlation", "n_models_compared",
@@ -205,16 +374,12 @@ def excess_tables(results: list[LayerResult], model_names: list[str]) -> tuple[p
     return pd.concat(excess, ignore_index=True)[EXCESS_COLUMNS], pairwise_df[PAIRWISE_COLUMNS]
 
 
-def run_engine(chunks: Iterable[list[list[torch.Tensor]]], layer_sizes: list[list[int]], reference: int = 0,
-               n_rotations: int = 5, rotation_seed: int = 0, device: str = "cpu",
+def run_engine(chunks, layer_sizes: list[list[int]], reference: int = 0, n_rotations: int = 5,
+               rotation_seed: int = 0, device: str = "cpu", memory_budget: int | None = None,
                progress=None) -> list[LayerResult]:
-    """Stream `chunks` through an ExcessCorrelationEngine and return its per-layer results."""
-    engine = ExcessCorrelationEngine(layer_sizes, reference, n_rotations, rotation_seed, device)
-    for chunk in chunks:
-        engine.update(chunk)
-        if progress is not None:
-            progress(engine.n_tokens)
-    return engine.results()
+    """Results of one reference model; `chunks(needed)` yields a fresh stream per pass."""
+    engine = ExcessCorrelationEngine(layer_sizes, [reference], n_rotations, rotation_seed, device, memory_budget)
+    return engine.run(chunks, progress)[reference]
 
 
 class MemoryEfficientExcessCorrelationComputer:
@@ -233,8 +398,8 @@ class MemoryEfficientExcessCorrelationComputer:
 
         tokens = np.asarray(dataset.cpu() if isinstance(dataset, torch.Tensor) else dataset)
         sizes = [[m.cfg.d_mlp] * m.cfg.n_layers for m in self.models]
-        return run_engine(model_chunks(self.models, tokens, batch_size, self.device), sizes, reference,
-                          n_rotations, rotation_seed, self.device)
+        return run_engine(lambda needed: model_chunks(self.models, tokens, batch_size, self.device), sizes,
+                          reference, n_rotations, rotation_seed, self.device)
 
     def compute_excess_correlations_for_all_neurons(self, dataset, reference: int = 0, n_rotations: int = 5,
                                                     rotation_seed: int = 0, batch_size: int = 32) -> pd.DataFrame:

@@ -152,17 +152,19 @@ def model_location(spec: ModelSpec, checkpoint: int | None) -> tuple[str, str | 
     return spec.source, (f"checkpoint-{checkpoint}" if checkpoint is not None else None)
 
 
-def n_layers(spec: ModelSpec, checkpoint: int | None) -> int:
-    """Number of transformer blocks, read from the model's config without loading weights."""
+def mlp_shape(spec: ModelSpec, checkpoint: int | None) -> tuple[int, int]:
+    """(n_layers, d_mlp), read from the model's config without loading weights."""
     if spec.zoo is not None:
-        return ZOOS[spec.zoo].n_layers
+        return ZOOS[spec.zoo].n_layers, ZOOS[spec.zoo].d_mlp
     from transformers import AutoConfig
 
     location, revision = model_location(spec, checkpoint)
     try:
-        return AutoConfig.from_pretrained(location, revision=revision).num_hidden_layers
+        config = AutoConfig.from_pretrained(location, revision=revision)
     except OSError as exc:
         raise _unreachable(spec, revision) from exc
+    d_mlp = getattr(config, "n_inner", None) or getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+    return config.num_hidden_layers, d_mlp
 
 
 def _unreachable(spec: ModelSpec, revision: str | None) -> ModelError:
@@ -184,11 +186,6 @@ def load_model(spec: ModelSpec, checkpoint: int | None, device: str = "cpu"):
         raise _unreachable(spec, revision) from exc
     model.eval()
     return model
-
-
-def mlp_shape(model) -> tuple[int, int]:
-    """(n_layers, d_mlp) of a loaded model."""
-    return model.cfg.n_layers, model.cfg.d_mlp
 
 
 def hook_post(layer: int) -> str:
