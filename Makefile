@@ -26,7 +26,7 @@ endif
 
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup analyze test
+.PHONY: setup analyze test bench
 
 setup: $(SETUP)
 
@@ -45,3 +45,6 @@ analyze: $(SETUP)
 
 test: $(SETUP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests
+
+bench: $(SETUP)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.run

@@ -39,7 +39,8 @@ def chunks(data, size: int):
     def stream(needed):
         n = data[0][0].shape[0]
         for start in range(0, n, size):
-            yield [[torch.from_numpy(a[start:start + size]) for a in model] for model in data]
+            yield [torch.from_numpy(np.concatenate([a[start:start + size] for a in model], axis=1))
+                   for model in data]
     return stream
 
 

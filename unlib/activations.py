@@ -97,37 +97,45 @@ def _prefetched(items: Iterator, depth: int = 2) -> Iterator:
 
 
 def cached_chunks(caches: list[ActivationCache], chunk_tokens: int, device: str | torch.device = "cpu",
-                  needed: list[set[int]] | None = None) -> Iterator[list[list[torch.Tensor | None]]]:
-    """Stream the same token range of several caches: yields chunk[model][layer] as float32
-    tensors of shape (tokens, d_mlp) on `device` (None for layers not in `needed`).
-    Reads whole HDF5 chunks (chunk_tokens is rounded to a multiple of the chunk rows)
-    with a read-ahead thread."""
+                  needed: list[set[int]] | None = None) -> Iterator[list[torch.Tensor | None]]:
+    """Stream the same token range of several caches: yields, per model, a float32 tensor
+    (tokens, n_layers * d_mlp) on `device` holding the layers in `needed` (zeros for the
+    others; None for a model with none needed). Reads whole HDF5 chunks (chunk_tokens is
+    rounded to a multiple of the chunk rows) with a read-ahead thread."""
     rows = max(c.chunk_rows for c in caches)
     chunk_tokens = max(rows, chunk_tokens // rows * rows)
     needed = needed or [set(range(c.n_layers)) for c in caches]
 
-    def read() -> Iterator[list[list[np.ndarray | None]]]:
+    def read() -> Iterator[list[torch.Tensor | None]]:
         files = [h5py.File(c.path, "r") for c in caches]
         try:
             for start in range(0, caches[0].n_tokens, chunk_tokens):
                 stop = min(caches[0].n_tokens, start + chunk_tokens)
-                yield [[f[name][start:stop] if l in want else None for l, name in enumerate(c.layers)]
-                       for f, c, want in zip(files, caches, needed)]
+                out = []
+                for f, c, want in zip(files, caches, needed):
+                    if not want:
+                        out.append(None)
+                        continue
+                    block = torch.zeros(stop - start, c.n_layers * c.d_mlp)
+                    for l in want:  # float16 -> float32 straight into place
+                        block[:, l * c.d_mlp:(l + 1) * c.d_mlp] = torch.from_numpy(f[c.layers[l]][start:stop])
+                    out.append(block)
+                yield out
         finally:
             for f in files:
                 f.close()
 
     for chunk in _prefetched(read()):
-        yield [[None if a is None else torch.from_numpy(a).to(device).float() for a in model] for model in chunk]
+        yield [None if block is None else block.to(device) for block in chunk]
 
 
 def model_chunks(models: list, tokens: np.ndarray, batch_size: int,
-                 device: str = "cpu") -> Iterator[list[list[torch.Tensor]]]:
-    """The no-cache feed: run every model on the same token batch and yield its activations
-    rounded to float16, exactly as the cache would have stored them."""
+                 device: str = "cpu") -> Iterator[list[torch.Tensor]]:
+    """The no-cache feed: run every model on the same token batch and yield, per model, its
+    activations (tokens, n_layers * d_mlp) rounded to float16 exactly as the cache stores them."""
     for seq in range(0, tokens.shape[0], batch_size):
         batch = torch.from_numpy(tokens[seq:seq + batch_size].astype(np.int64)).to(device)
-        yield [[a.half().float() for a in mlp_activations(m, batch)] for m in models]
+        yield [torch.cat(mlp_activations(m, batch), dim=1).half().float() for m in models]
 
 
 def cache_bytes(n_tokens: int, shapes: list[tuple[int, int]]) -> int:

@@ -14,6 +14,7 @@ How it stays fast and exact (DESIGN.md section 3):
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Iterable
 
 import h5py
@@ -34,10 +35,15 @@ def haar_orthogonal(n: int, seed: Iterable[int] | int) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))
 
 
-def _safe_corr(cov: torch.Tensor, var_x: torch.Tensor, var_y: torch.Tensor) -> torch.Tensor:
-    """cov / sqrt(var_x var_y), with 0 where a neuron is constant over the tokens."""
-    denom = torch.sqrt(var_x[:, None].clamp_min(0) * var_y[None, :].clamp_min(0))
-    return torch.where(denom > 0, cov / denom.clamp_min(1e-30), torch.zeros((), device=cov.device))
+def inverse_std(var: torch.Tensor) -> torch.Tensor:
+    """1/sqrt(var), and 0 for a neuron that is constant over the tokens (its correlations
+    are then 0 rather than NaN)."""
+    return torch.where(var > 0, var.clamp_min(1e-30).rsqrt(), torch.zeros((), device=var.device))
+
+
+def _corr(cov: torch.Tensor, inv_std_x: torch.Tensor, inv_std_y: torch.Tensor) -> torch.Tensor:
+    """Correlations from co-moments: two in-place scalings, no temporaries."""
+    return cov.mul(inv_std_x[:, None]).mul_(inv_std_y)
 
 
 @dataclasses.dataclass
@@ -104,8 +110,9 @@ class ExcessCorrelationEngine:
     Planning: one accumulator per unordered model pair (split into blocks of the row
     model's layers when the memory budget demands), as many as fit the budget per pass
     over the tokens. Feeding: `run(chunks)` calls `chunks(needed)` once per pass; it must
-    yield chunk[model][layer] -> (tokens, d) float32 tensors on the engine's device for
-    the layers in needed[model] (anything for the others, e.g. None).
+    yield chunk[model] -> (tokens, all of the model's neurons, layer after layer) float32
+    tensors on the engine's device, or None for a model with no layer in needed[model];
+    the columns of layers not in needed[model] are ignored. The engine never writes to them.
     """
 
     BYTES = 4  # float32 accumulators
@@ -122,8 +129,11 @@ class ExcessCorrelationEngine:
         self.chunk_tokens = chunk_tokens
         self.offsets = [np.concatenate([[0], np.cumsum(sizes)]).astype(int) for sizes in layer_sizes]
         self.passes = self.plan()
-        self.flops = 0.0
+        self.flops = 0.0  # co-moment GEMM work streamed so far
         self.tokens_streamed = 0  # over all passes
+        self.stream_seconds = 0.0  # time in passes over the tokens
+        self.reduce_seconds = 0.0  # time turning co-moments into correlations (rotations included)
+        self.rotation_seconds = 0.0  # of which drawing Haar rotations
 
     # ---- planning -------------------------------------------------------------------
     def pairs(self) -> list[tuple[int, int]]:
@@ -138,12 +148,15 @@ class ExcessCorrelationEngine:
         return out
 
     def fixed_bytes(self) -> int:
-        """Within-layer co-moments, chunk buffers (raw + centred + one read ahead) and the
-        per-layer correlation scratch of the result step."""
+        """Memory the engine needs besides its accumulators: within-layer co-moments; five
+        chunk-sized buffers (two read ahead, one being read, the chunk and its centred
+        copy); and the result step's scratch (a correlation block and its max, a Haar
+        rotation drawn in float64)."""
         within = sum(d * d for sizes in self.layer_sizes for d in sizes)
         width = sum(sum(sizes) for sizes in self.layer_sizes)
-        scratch = 3 * max(max(s) for s in self.layer_sizes) * max(sum(s) for s in self.layer_sizes)
-        return self.BYTES * (within + 3 * self.chunk_tokens * width + scratch)
+        d_max = max(max(s) for s in self.layer_sizes)
+        scratch = 3 * d_max * max(sum(s) for s in self.layer_sizes) + 6 * d_max * d_max
+        return self.BYTES * (within + 5 * self.chunk_tokens * width + scratch)
 
     def plan(self) -> list[list[Unit]]:
         """Group the units into passes that each fit the memory budget."""
@@ -191,10 +204,15 @@ class ExcessCorrelationEngine:
         """All passes; returns {reference model: [LayerResult per layer]}."""
         self.within = [[torch.zeros(d, d, device=self.device) for d in sizes] for sizes in self.layer_sizes]
         self.best: dict = {}
+        self._inv_std: dict[int, torch.Tensor] = {}  # filled once the first pass has the variances
         for number, units in enumerate(self.passes):
+            start = time.perf_counter()
             cross = self.stream(chunks, units, first_pass=number == 0, progress=progress)
+            middle = time.perf_counter()
             self.reduce(units, cross)
             del cross
+            self.stream_seconds += middle - start
+            self.reduce_seconds += time.perf_counter() - middle
         return self.collect()
 
     def stream(self, chunks, units: list[Unit], first_pass: bool, progress=None) -> dict[Unit, torch.Tensor]:
@@ -206,19 +224,15 @@ class ExcessCorrelationEngine:
         means = [torch.zeros(int(off[-1]), device=self.device) for off in self.offsets]
         n = 0
         for chunk in chunks(needed):
-            t = next(a for model, layers in zip(chunk, needed) for l, a in enumerate(model) if l in layers).shape[0]
+            t = next(a.shape[0] for a, layers in zip(chunk, needed) if layers)
             centred, deltas = [], []
             for m, layers in enumerate(needed):
                 if not layers:
                     centred.append(None)
                     deltas.append(None)
                     continue
-                full = torch.zeros(t, int(self.offsets[m][-1]), device=self.device)
-                for l in layers:
-                    full[:, self.offsets[m][l]:self.offsets[m][l + 1]] = chunk[m][l]
-                mean = full.mean(0)
-                full -= mean
-                centred.append(full)
+                mean = chunk[m].mean(0)
+                centred.append(chunk[m] - mean)
                 deltas.append(mean - means[m])
             weight = n * t / (n + t)
             for u, acc in cross.items():
@@ -249,11 +263,15 @@ class ExcessCorrelationEngine:
     # ---- results --------------------------------------------------------------------
     def rotation(self, model: int, layer: int, sample: int) -> torch.Tensor:
         """The recorded-seed rotation of `model`'s `layer` for baseline sample `sample`."""
-        d = self.layer_sizes[model][layer]
-        return haar_orthogonal(d, [self.rotation_seed, model, layer, sample]).to(self.device, torch.float32)
+        start = time.perf_counter()
+        q = haar_orthogonal(self.layer_sizes[model][layer], [self.rotation_seed, model, layer, sample])
+        self.rotation_seconds += time.perf_counter() - start
+        return q.to(self.device, torch.float32)
 
-    def variances(self, model: int) -> torch.Tensor:
-        return torch.cat([torch.diagonal(s) for s in self.within[model]])
+    def inv_std(self, model: int) -> torch.Tensor:
+        if model not in self._inv_std:
+            self._inv_std[model] = inverse_std(torch.cat([torch.diagonal(s) for s in self.within[model]]))
+        return self._inv_std[model]
 
     def _merge(self, ref: int, other: int, layer_of_ref: int, values, layer_idx, neuron_idx) -> None:
         """Keep the larger max correlation (and where it is) for (ref, layer, other)."""
@@ -278,12 +296,12 @@ class ExcessCorrelationEngine:
         """Turn a pass's co-moments into (partial) max and baseline correlations."""
         for u, acc in cross.items():
             row, col = u.row_model, u.col_model
-            var_row, var_col = self.variances(row), self.variances(col)
+            inv_row, inv_col = self.inv_std(row), self.inv_std(col)
             base = int(self.offsets[row][u.row_layers[0]])
             col_off = self.offsets[col]
             for l in u.row_layers:
                 rows = slice(int(self.offsets[row][l]) - base, int(self.offsets[row][l + 1]) - base)
-                corr = _safe_corr(acc[rows], var_row[self.offsets[row][l]:self.offsets[row][l + 1]], var_col)
+                corr = _corr(acc[rows], inv_row[self.offsets[row][l]:self.offsets[row][l + 1]], inv_col)
                 if row in self.references:
                     best, where = corr.max(dim=1)
                     where = where.cpu().numpy()
@@ -303,26 +321,24 @@ class ExcessCorrelationEngine:
                         continue
                     q = self.rotation(m, k, r)
                     s = self.within[m][k]
-                    rotated_var = ((s @ q) * q).sum(0)
+                    rotated_inv_std = inverse_std(((s @ q) * q).sum(0))
                     for u in users:
-                        self._reduce_rotated(u, cross[u], m, k, r, q, rotated_var)
+                        self._reduce_rotated(u, cross[u], m, k, r, q, rotated_inv_std)
 
     def _reduce_rotated(self, u: Unit, acc: torch.Tensor, m: int, k: int, r: int, q: torch.Tensor,
-                        rotated_var: torch.Tensor) -> None:
+                        rotated_inv_std: torch.Tensor) -> None:
         row, col = u.row_model, u.col_model
         base = int(self.offsets[row][u.row_layers[0]])
-        var_row = self.variances(row)
         if m == col and row in self.references:  # the row model's neurons against rotated layer k of col
             cols = slice(int(self.offsets[col][k]), int(self.offsets[col][k + 1]))
+            rot = _corr(acc[:, cols] @ q, self.inv_std(row)[self.row_slice(u)], rotated_inv_std).max(dim=1).values
             for l in u.row_layers:
-                rows = slice(int(self.offsets[row][l]), int(self.offsets[row][l + 1]))
-                local = slice(rows.start - base, rows.stop - base)
-                rot = _safe_corr(acc[local, cols] @ q, var_row[rows], rotated_var)
-                self._merge_base(row, l, col, r, rot.max(dim=1).values)
+                local = slice(int(self.offsets[row][l]) - base, int(self.offsets[row][l + 1]) - base)
+                self._merge_base(row, l, col, r, rot[local])
         if m == row and k in u.row_layers and col in self.references:  # col's neurons against rotated row layer k
             rows = slice(int(self.offsets[row][k]), int(self.offsets[row][k + 1]))
             local = slice(rows.start - base, rows.stop - base)
-            rot = _safe_corr(acc[local].T @ q, self.variances(col), rotated_var).max(dim=1).values
+            rot = _corr(acc[local].T @ q, self.inv_std(col), rotated_inv_std).max(dim=1).values
             col_off = self.offsets[col]
             for j in range(len(self.layer_sizes[col])):
                 self._merge_base(col, j, row, r, rot[int(col_off[j]):int(col_off[j + 1])])

@@ -1,0 +1,1 @@
+"""`make bench`: the correlation engine measured against the machine and a reference."""

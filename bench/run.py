@@ -1,0 +1,250 @@
+"""`make bench`: the correlation engine's speed and memory, as ratios measured in one run on
+this machine: against its own matrix-multiply rate, against a plain reference
+implementation, across token counts and model counts, and projected to the real job.
+Writes bench/results.json and prints a table."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from bench.reference import reference_max_correlations
+from unlib.correlation import ExcessCorrelationEngine
+
+OUT = Path(__file__).resolve().parent / "results.json"
+CHUNK = 4096
+
+
+def synthetic(layer_sizes: list[list[int]], n_tokens: int, seed: int = 0) -> list[torch.Tensor]:
+    """Per model (tokens, neurons) activations with shared structure (a common latent plus
+    noise), ReLU-sparse."""
+    gen = torch.Generator().manual_seed(seed)
+    latent = torch.randn(n_tokens, 32, generator=gen)
+    return [torch.relu(latent @ torch.randn(32, sum(sizes), generator=gen)
+                       + torch.randn(n_tokens, sum(sizes), generator=gen)) for sizes in layer_sizes]
+
+
+def source(data: list[torch.Tensor], chunk: int = CHUNK):
+    """In-memory activations as an engine feed: views, no copies."""
+    def chunks(needed=None):
+        for start in range(0, data[0].shape[0], chunk):
+            yield [a[start:start + chunk] for a in data]
+    return chunks
+
+
+def generated_source(layer_sizes: list[list[int]], n_tokens: int, chunk: int = CHUNK):
+    """Chunks generated on the fly, so nothing in the source grows with the token count."""
+    def chunks(needed=None):  # noqa: ARG001
+        for start in range(0, n_tokens, chunk):
+            yield synthetic(layer_sizes, min(chunk, n_tokens - start), seed=start)
+    return chunks
+
+
+def time_engine(layer_sizes, chunks, references, rotations: int = 5, memory: int | None = None,
+                chunk_tokens: int = CHUNK) -> tuple[float, ExcessCorrelationEngine, dict]:
+    engine = ExcessCorrelationEngine(layer_sizes, references, rotations, 0, "cpu", memory, chunk_tokens)
+    start = time.perf_counter()
+    results = engine.run(chunks)
+    return time.perf_counter() - start, engine, results
+
+
+def matmul_rate(t: int, rows: int, cols: int, repeats: int = 3) -> float:
+    """This machine's fp32 FLOP/s for the engine's GEMM shape (T x rows)^T (T x cols)."""
+    a, b = torch.randn(t, rows), torch.randn(t, cols)
+    acc = torch.zeros(rows, cols)
+    acc.addmm_(a.T, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        acc.addmm_(a.T, b)
+    return 2.0 * t * rows * cols * repeats / (time.perf_counter() - start)
+
+
+def engine_vs_machine() -> dict:
+    sizes = [[512] * 4] * 4
+    n = 32 * CHUNK
+    seconds, engine, _ = time_engine(sizes, source(synthetic(sizes, n)), list(range(4)))
+    d = sum(sizes[0])
+    within_flops = 2.0 * n * sum(x * x for s in sizes for x in s)
+    cross_flops = engine.flops - within_flops
+    ideal = cross_flops / matmul_rate(CHUNK, d, d) + within_flops / matmul_rate(CHUNK, 512, 512)
+    return {"shape": f"4 models x 4 layers x 512 neurons, {n} tokens, REFERENCE=all, R=5 (rotations included)",
+            "engine_gflops": engine.flops / seconds / 1e9, "machine_gflops": engine.flops / ideal / 1e9,
+            "ratio": ideal / seconds, "goal": ">= 0.8"}
+
+
+def engine_vs_reference(n_models: int) -> dict:
+    sizes = [[256, 256]] * n_models
+    n = (16 if n_models == 2 else 8) * CHUNK
+    data = synthetic(sizes, n, seed=n_models)
+    chunks = source(data)
+    seconds, engine, results = time_engine(sizes, chunks, list(range(n_models)))
+    rotations = [{(m, l): engine.rotation(m, l, r) for m in range(n_models) for l in range(2)} for r in range(5)]
+    start = time.perf_counter()
+    ref = reference_max_correlations(chunks, sizes, rotations)
+    ref_seconds = time.perf_counter() - start
+    worst = max(float(np.abs(ref[(a, b)][0].numpy() - np.concatenate(
+        [r.max_corr[r.others.index(b)] for r in results[a]])).max()) for (a, b) in ref)
+    return {"models": n_models, "shape": f"{n_models} models x 2 layers x 256, {n} tokens, R=5, all directions",
+            "engine_s": seconds, "reference_s": ref_seconds, "speedup": ref_seconds / seconds,
+            "max_abs_diff_vs_reference": worst, "goal": ">= 25x" if n_models == 2 else ">= 40x"}
+
+
+PROBE = """
+import re, sys
+import bench.run as b
+from unlib.correlation import ExcessCorrelationEngine
+def rss(key):
+    return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+n_tokens, budget, chunk = map(int, sys.argv[1:])
+sizes = [[512, 512]] * 5
+source = b.generated_source(sizes, n_tokens, chunk)
+open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
+before = rss("VmRSS")
+engine = ExcessCorrelationEngine(sizes, list(range(5)), 5, 0, "cpu", budget, chunk)
+engine.run(source)
+print(rss("VmHWM") - before, len(engine.passes))
+"""
+
+
+def peak_memory(n_tokens: int, budget: int, chunk: int) -> dict:
+    """Peak RSS growth of the engine over n_tokens (REFERENCE=all, 5 models), measured in a
+    fresh process."""
+    # Large blocks always mmapped, so freed memory leaves the RSS and the peak is the live peak.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", PROBE, str(n_tokens), str(budget), str(chunk)],
+                         capture_output=True, text=True, check=True, env=env,
+                         cwd=Path(__file__).resolve().parent.parent).stdout.split()
+    return {"tokens": n_tokens, "peak_bytes": int(out[0]), "passes": int(out[1])}
+
+
+def memory() -> dict:
+    budget, chunk = 128 * 2**20, 1024
+    small, large = peak_memory(16 * chunk, budget, chunk), peak_memory(64 * chunk, budget, chunk)
+    return {"budget_bytes": budget, "at_N": small, "at_4N": large,
+            "ratio_4N_over_N": large["peak_bytes"] / small["peak_bytes"],
+            "peak_over_budget": large["peak_bytes"] / budget, "goal": "ratio <= 1.1, peak within budget"}
+
+
+def scaling() -> dict:
+    """Time at N and 2N tokens, and at 2 and 4 models (REFERENCE=all): the work grows as
+    pairs M(M-1)/2 plus M within-layer co-moments, so the expected model ratio is the FLOP ratio."""
+    sizes = [[512, 512]] * 4
+    n = 16 * CHUNK
+    t1, e4, _ = time_engine(sizes, source(synthetic(sizes, n)), [0, 1, 2, 3])
+    t2, _, _ = time_engine(sizes, source(synthetic(sizes, 2 * n)), [0, 1, 2, 3])
+    m2, e2, _ = time_engine([[512, 512]] * 2, source(synthetic([[512, 512]] * 2, n)), [0, 1])
+    return {"tokens": n, "tokens_N_s": t1, "tokens_2N_s": t2, "ratio_2N_over_N": t2 / t1, "goal": "1.8-2.2",
+            "models_2_s": m2, "models_4_s": t1, "ratio_4_over_2_models": t1 / m2,
+            "expected_4_over_2_models": e4.flops / e2.flops,
+            "fixed_seconds_at_4_models": e4.reduce_seconds}
+
+
+def projection() -> dict:
+    """GPT-2-small shapes (12 x 3072) from random-initialised models built from a config:
+    forward tokens/s and engine GFLOP/s measured here, extrapolated to 5 models x 1M tokens."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from unlib.models import ModelSpec, load_model, mlp_activations
+    from unlib.zoo import quiet_transformers
+
+    quiet_transformers()
+    n_tokens, ctx = 1024, 257
+    tokens = torch.randint(1, 50000, (n_tokens // (ctx - 1), ctx))
+    acts, fwd_seconds = [], 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(2):
+            torch.manual_seed(seed)
+            GPT2LMHeadModel(GPT2Config()).save_pretrained(tmp + f"/m{seed}")
+            _tokenizer_stub(tmp + f"/m{seed}")
+            model = load_model(ModelSpec(f"m{seed}", tmp + f"/m{seed}"), None)
+            start = time.perf_counter()
+            acts.append(mlp_activations(model, tokens))
+            fwd_seconds += time.perf_counter() - start
+            del model
+    sizes = [[3072] * 2, [3072] * 12]  # two reference layers against a whole model
+    data = [torch.cat(acts[0][:2], dim=1), torch.cat(acts[1], dim=1)]
+    _, engine, _ = time_engine(sizes, source(data, n_tokens), [0], rotations=5, chunk_tokens=n_tokens)
+    rate = engine.flops / engine.stream_seconds
+    d = 12 * 3072
+    # Streamed work of the real job: 10 model pairs plus 5 x 12 within-layer co-moments.
+    job_flops = 10 * 2.0 * d * d * 1e6 + 5 * 12 * 2.0 * 3072 ** 2 * 1e6
+    # Fixed work after the stream, scaled from the measured reduce step (2 reference layers
+    # against 12 rotated layers, R=5): the real job draws 5 x 12 x 5 rotations instead of
+    # 12 x 5, and multiplies 20 directions x 36864 rows instead of 6144 by them.
+    gemm_seconds = engine.reduce_seconds - engine.rotation_seconds
+    fixed_seconds = engine.rotation_seconds * 5 + gemm_seconds * 20 * d / (2 * 3072)
+    forward_tps = 2 * n_tokens / fwd_seconds
+    ram_budget = 12 * 2**30
+    passes = int(np.ceil(10 * d * d * 4 / ram_budget))
+    engine_hours = (job_flops / rate + fixed_seconds) / 3600
+    forward_hours = passes * 5 * 1e6 / forward_tps / 3600
+    return {"engine_stream_gflops": rate / 1e9, "measured_reduce_seconds": engine.reduce_seconds,
+            "measured_rotation_seconds": engine.rotation_seconds,
+            "projected_fixed_hours": fixed_seconds / 3600, "forward_tokens_per_s_per_model": forward_tps,
+            "job_flops": job_flops, "passes_with_12GiB": passes,
+            "projected_engine_hours": engine_hours, "projected_forward_hours_cache0": forward_hours,
+            "projected_total_hours_cache0": engine_hours + forward_hours,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device in this run"}
+
+
+def _tokenizer_stub(path: str) -> None:
+    """GPT-2's tokenizer cannot be downloaded here; the bridge only needs some tokenizer."""
+    from unlib.zoo import train_tokenizer
+
+    train_tokenizer(["a b c"], 257, 100, path)
+
+
+def main() -> int:
+    console = Console()
+    torch.manual_seed(0)
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
+               f"{torch.get_num_threads()} torch threads", "torch": torch.__version__}
+    steps = [("engine_vs_machine", engine_vs_machine), ("vs_reference_2_models", lambda: engine_vs_reference(2)),
+             ("vs_reference_5_models", lambda: engine_vs_reference(5)), ("memory", memory),
+             ("scaling", scaling), ("projection", projection)]
+    for name, step in steps:
+        with console.status(f"bench: {name}"):
+            results[name] = step()
+    OUT.write_text(json.dumps(results, indent=2) + "\n")
+    table = Table(title=f"make bench ({results['machine']}, {results['date']})")
+    for col in ("measure", "value", "goal"):
+        table.add_column(col)
+    r = results
+    table.add_row("engine / machine fp32 matmul rate", f"{r['engine_vs_machine']['ratio']:.2f} "
+                  f"({r['engine_vs_machine']['engine_gflops']:.0f} / {r['engine_vs_machine']['machine_gflops']:.0f} GFLOP/s)",
+                  ">= 0.8")
+    for key in ("vs_reference_2_models", "vs_reference_5_models"):
+        v = r[key]
+        table.add_row(f"speedup vs reference, {v['models']} models, R=5",
+                      f"{v['speedup']:.1f}x ({v['reference_s']:.1f} s / {v['engine_s']:.2f} s; "
+                      f"max |diff| {v['max_abs_diff_vs_reference']:.1e})", v["goal"])
+    m = r["memory"]
+    table.add_row("peak memory 4N / N", f"{m['ratio_4N_over_N']:.2f} ({m['at_N']['peak_bytes'] / 2**20:.0f} -> "
+                  f"{m['at_4N']['peak_bytes'] / 2**20:.0f} MiB)", "<= 1.1")
+    table.add_row("peak memory / CORR_MEMORY", f"{m['peak_over_budget']:.2f} ({m['at_4N']['passes']} passes)", "<= 1")
+    s = r["scaling"]
+    table.add_row("time 2N / N", f"{s['ratio_2N_over_N']:.2f}", "1.8-2.2")
+    table.add_row("time 4 models / 2 models", f"{s['ratio_4_over_2_models']:.2f}",
+                  f"~{s['expected_4_over_2_models']:.2f} (FLOP ratio)")
+    p = r["projection"]
+    table.add_row("GPT-2-small job (5 x 1M tokens) here", f"{p['projected_total_hours_cache0']:.1f} h "
+                  f"(engine {p['projected_engine_hours']:.1f} h at {p['engine_stream_gflops']:.0f} GFLOP/s, "
+                  f"forward {p['projected_forward_hours_cache0']:.1f} h)", "seed document: 2-4 h on a GPU")
+    table.add_row("CUDA", p["cuda"], "")
+    console.print(table)
+    console.print(f"Wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
