@@ -26,7 +26,7 @@ endif
 
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup analyze test bench
+.PHONY: setup analyze test bench scheduler scheduler-stop
 
 setup: $(SETUP)
 
@@ -48,3 +48,11 @@ test: $(SETUP)
 
 bench: $(SETUP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.run
+
+# The Luigi central scheduler (web UI at http://127.0.0.1:$(SCHEDULER_PORT)); state, pid
+# file and logs under store/scheduler/.
+scheduler: $(SETUP)
+	$(PYTHON) -m tasks scheduler start --scheduler-port $(SCHEDULER_PORT)
+
+scheduler-stop: $(SETUP)
+	$(PYTHON) -m tasks scheduler stop

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
-from tasks.api import (AnalysisFailed, build_analyses, central_scheduler_answers, read_results,
-                       run_analysis)
+from tasks import scheduler
+from tasks.api import AnalysisFailed, build_analyses, read_results, run_analysis
 from tasks.common import DEFAULTS
-from unlib.data import OFFLINE_CORPUS, DatasetError
-from unlib.models import ModelError
+from unlib import UserError
+from unlib.data import OFFLINE_CORPUS
 from unlib.report import print_summary
 
 QUICK_TOKENS = 4096
@@ -56,6 +59,10 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--quick", action="store_true", help=f"smoke run on {QUICK_TOKENS} tokens")
     a.add_argument("--scheduler", choices=["auto", "local", "central"], default="auto")
     a.add_argument("--scheduler-port", type=number(int, "SCHEDULER_PORT"), default=8082)
+    a.add_argument("--report-tasks", help="write a JSON record of which tasks this process ran")
+    s = sub.add_parser("scheduler", help="start or stop the central scheduler (luigid)")
+    s.add_argument("action", choices=["start", "stop"])
+    s.add_argument("--scheduler-port", type=number(int, "SCHEDULER_PORT"), default=8082)
     return p
 
 
@@ -63,34 +70,43 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=False)
     p = parser()
     args = p.parse_args(argv)
+    if args.command == "scheduler":
+        print(scheduler.start(args.scheduler_port) if args.action == "start" else scheduler.stop())
+        return 0
     n_tokens = args.n_tokens or (QUICK_TOKENS if args.quick else DEFAULTS["n_tokens"])
     try:
         roots = build_analyses(args.models, args.checkpoint, args.dataset, n_tokens, args.ctx_len, args.reference,
                                args.rotations, DEFAULTS["rotation_seed"], args.threshold, args.top_k, args.device,
                                args.cache, args.memory)
-    except (ModelError, DatasetError, ValueError) as exc:
+    except ValueError as exc:  # UserError and the parameter checks
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.scheduler == "auto":
-        local = not central_scheduler_answers(port=args.scheduler_port)
+        local = not scheduler.answers(args.scheduler_port)
         why = f" (no luigid answered on 127.0.0.1:{args.scheduler_port})" if local else ""
     else:
         local, why = args.scheduler == "local", ""
     where = "local" if local else f"central luigid on 127.0.0.1:{args.scheduler_port}"
     console.print(f"Scheduler: {where}{why}; device: {roots[0].device}", highlight=False)
     try:
-        seconds = run_analysis(roots, workers=args.workers, local_scheduler=local, scheduler_port=args.scheduler_port)
+        report = run_analysis(roots, workers=args.workers, local_scheduler=local, scheduler_port=args.scheduler_port)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except AnalysisFailed as exc:
         print(str(exc), file=sys.stderr)
         print("error: the analysis did not complete; see the task errors above", file=sys.stderr)
         return exc.code
+    if args.report_tasks:
+        Path(args.report_tasks).write_text(json.dumps(dataclasses.asdict(report), indent=1))
     for root in roots:
         tables = read_results(root)
         title = f"{root.model_set.name} {root.results_dir().name}"
         if len(roots) > 1:
             title += f" (reference {root.model_set.models[root.reference].name})"
         print_summary(console, title, tables["layer_summary"], tables["universal"], str(root.results_dir()))
-    console.print(f"Finished in {seconds:.1f} s")
+    console.print(f"Finished in {report.seconds:.1f} s: {len(report.ran_here)} tasks run here, "
+                  f"{len(report.already_done)} already complete, {len(report.run_by_other_worker)} run by other workers")
     return 0
 
 

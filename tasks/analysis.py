@@ -7,7 +7,7 @@ import time
 import luigi
 import pandas as pd
 
-from tasks.common import RunParams, TaskProgress, store
+from tasks.common import PipelineTask, RunParams, TaskProgress, store
 from tasks.correlation import Correlations
 from tasks.data import TokenizeDataset
 from tasks.zoo import model_requirement
@@ -25,7 +25,7 @@ def write_csv(df: pd.DataFrame, path: str) -> None:
         df.to_csv(tmp, index=False, float_format="%.6g")
 
 
-class ExcessCorrelation(RunParams, luigi.Task):
+class ExcessCorrelation(RunParams, PipelineTask):
     """excess_correlation_scores.csv and pairwise_correlations.csv of the reference model."""
 
     def requires(self):
@@ -44,7 +44,7 @@ class ExcessCorrelation(RunParams, luigi.Task):
         write_csv(excess, self.output()["excess"].path)
 
 
-class NeuronStats(RunParams, luigi.Task):
+class NeuronStats(RunParams, PipelineTask):
     """neuron_stats.csv: weight and activation statistics of the reference model."""
 
     def requires(self):
@@ -62,7 +62,7 @@ class NeuronStats(RunParams, luigi.Task):
         write_csv(stats, self.output().path)
 
 
-class SelectUniversal(RunParams, luigi.Task):
+class SelectUniversal(RunParams, PipelineTask):
     """universal_neurons.csv: excess scores and statistics of the selected neurons."""
 
     def requires(self):
@@ -78,7 +78,7 @@ class SelectUniversal(RunParams, luigi.Task):
         write_csv(universal.merge(stats, on=["layer", "neuron"], how="left"), self.output().path)
 
 
-class Plots(RunParams, luigi.Task):
+class Plots(RunParams, PipelineTask):
     """The run's three figures."""
 
     NAMES = ("excess_correlation_distribution", "universal_neurons_by_layer", "excess_correlation_vs_properties")
@@ -104,7 +104,7 @@ class Plots(RunParams, luigi.Task):
         viz.excess_vs_properties(out["excess_correlation_vs_properties"].path)
 
 
-class UniversalNeuronsAnalysis(RunParams, luigi.Task):
+class UniversalNeuronsAnalysis(RunParams, PipelineTask):
     """Root of one analysis run; writes run.json (parameters, provenance, layer summary)."""
 
     def requires(self):

@@ -2,9 +2,11 @@
 parameters, build the Luigi graph, run it, and return or print the results."""
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
+import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import luigi
@@ -13,10 +15,13 @@ import luigi.retcodes
 import pandas as pd
 
 from tasks.analysis import UniversalNeuronsAnalysis
-from tasks.common import DEFAULTS
+from tasks.common import DEFAULTS, store
+from unlib import UserError
+from unlib.activations import cache_bytes
 from unlib.correlation import parse_bytes
-from unlib.data import OFFLINE_CORPUS
-from unlib.models import ModelError, check_checkpoint, mlp_shape, resolve_device, resolve_model_set
+from unlib.data import OFFLINE_CORPUS, check_dataset
+from unlib.models import (ModelError, check_checkpoint, check_same_tokenizer, mlp_shape, resolve_device,
+                          resolve_model_set)
 from unlib.selection import UniversalNeuronAnalyzer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,7 +45,7 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
     """Validate the parameters (raising ValueError with a one-line message) and return the
     root task of the analysis: one per reference model ("all" scores every model of the
     set in the same correlation pass)."""
-    model_set = resolve_model_set(models, os.environ.get("UNLIB_STORE", "store"))
+    model_set = resolve_model_set(models, store().root)
     names = [m.name for m in model_set.models]
     if str(reference) == "all":
         references = list(range(len(names)))
@@ -72,7 +77,11 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
             parse_bytes(memory)
         except ValueError:
             raise ValueError(f"CORR_MEMORY={memory!r} is not a size: use e.g. 8G, 512M or a number of bytes") from None
+    check_dataset(dataset)
+    if model_set.zoo is None:
+        check_same_tokenizer(model_set.models)
     device = resolve_device(device)
+    check_disk(model_set, checkpoint, n_tokens, cache)
     return [UniversalNeuronsAnalysis(models=models, checkpoint=checkpoint, dataset=dataset, n_tokens=n_tokens,
                                      ctx_len=ctx_len, reference=ref, rotations=rotations, rotation_seed=rotation_seed,
                                      threshold=threshold, top_k=top_k, device=device, cache=cache, memory=memory,
@@ -80,25 +89,62 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
             for ref in references]
 
 
-def central_scheduler_answers(host: str = "127.0.0.1", port: int = 8082) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{host}:{port}/api/task_list?data={{}}", timeout=1):
-            return True
-    except OSError:
-        return False
+def check_disk(model_set, checkpoint: int | None, n_tokens: int, cache: str) -> None:
+    """Refuse a run whose files will not fit the free disk, before any work starts. The
+    activation caches count when they are forced (CACHE=1); under CACHE=auto the run
+    streams instead of caching when they do not fit."""
+    root = store().root
+    existing = next(p for p in [root, *root.resolve().parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    needed = 4 * n_tokens + 2**20 * 64  # token file, results and small per-layer files
+    what = "token file and results"
+    if cache == "1":
+        needed += cache_bytes(n_tokens, [mlp_shape(m, checkpoint) for m in model_set.models])
+        what = "activation caches (CACHE=1), token file and results"
+    if needed > free:
+        hint = ", or use CACHE=auto / CACHE=0 to run the models instead of caching" if cache == "1" else ""
+        raise UserError(f"not enough free disk for this run: its {what} need about {needed / 2**30:,.1f} GiB but "
+                        f"{free / 2**30:,.1f} GiB are free under {existing}; free space, point UNLIB_STORE at a "
+                        f"larger disk, or lower N_TOKENS{hint}")
+
+
+@dataclasses.dataclass
+class RunReport:
+    """What one `run_analysis` call did: seconds, and the task ids it ran itself, found
+    already complete, or saw run by another worker (another process sharing the scheduler)."""
+
+    seconds: float
+    ran_here: list[str]
+    already_done: list[str]
+    run_by_other_worker: list[str]
 
 
 def run_analysis(roots: list[luigi.Task], workers: int = 1, local_scheduler: bool = True,
-                 scheduler_port: int = 8082) -> float:
-    """Run the graph to completion; return the seconds it took. Raises AnalysisFailed."""
+                 scheduler_port: int = 8082) -> RunReport:
+    """Run the graph until the roots are complete. Raises the task's UserError when a user
+    mistake stopped it (e.g. a dataset too small), AnalysisFailed for anything else."""
+    from luigi.execution_summary import _summary_dict
+
     start = time.monotonic()
     kwargs = {"local_scheduler": True} if local_scheduler else {"scheduler_host": "127.0.0.1",
                                                                  "scheduler_port": scheduler_port}
-    result = luigi.build(roots, workers=workers, detailed_summary=True, **kwargs)
+    with tempfile.TemporaryDirectory() as error_dir:
+        os.environ["UNLIB_ERROR_DIR"] = error_dir  # forked workers inherit it
+        try:
+            result = luigi.build(roots, workers=workers, detailed_summary=True, **kwargs)
+        finally:
+            del os.environ["UNLIB_ERROR_DIR"]
+        user_errors = sorted({p.read_text() for p in Path(error_dir).glob("*.txt")})
+    # A worker may exit happily while a task it depends on was left "running" by a dead
+    # worker; only the roots' own completeness says the analysis is done.
     if not all(root.complete() for root in roots):
-        codes = luigi.retcodes.retcode()
-        raise AnalysisFailed(result.summary_text, codes.task_failed or 1)
-    return time.monotonic() - start
+        if user_errors:
+            raise UserError(user_errors[0])
+        raise AnalysisFailed(result.summary_text, luigi.retcodes.retcode().task_failed or 1)
+    summary = _summary_dict(result.worker)
+    return RunReport(time.monotonic() - start, sorted(t.task_id for t in summary["completed"]),
+                     sorted(t.task_id for t in summary["already_done"]),
+                     sorted(t.task_id for t in summary["run_by_other_worker"]))
 
 
 def read_results(root: UniversalNeuronsAnalysis) -> dict[str, pd.DataFrame]:

@@ -2,15 +2,20 @@
 reporting to both the terminal (rich) and the Luigi scheduler's web UI."""
 from __future__ import annotations
 
+import logging
 import os
 import time
+from pathlib import Path
 
 import luigi
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from unlib import UserError
 from unlib.data import OFFLINE_CORPUS
 from unlib.models import ModelSet, resolve_model_set
-from unlib.store import Store
+from unlib.store import Store, h5_problem, provenance, set_aside
+
+logger = logging.getLogger("luigi-interface")
 
 DEFAULTS = {"models": "toy-zoo", "dataset": OFFLINE_CORPUS, "n_tokens": 100_000, "ctx_len": 64,
             "reference": 0, "rotations": 5, "rotation_seed": 0, "threshold": None, "top_k": None}
@@ -19,6 +24,50 @@ DEFAULTS = {"models": "toy-zoo", "dataset": OFFLINE_CORPUS, "n_tokens": 100_000,
 def store() -> Store:
     """The store all tasks write to: $UNLIB_STORE, default ./store."""
     return Store(os.environ.get("UNLIB_STORE", "store"))
+
+
+class PipelineTask(luigi.Task):
+    """Base of every task: a UserError (bad model, dataset, ...) is reported as its one-line
+    message, also to the command line via $UNLIB_ERROR_DIR, instead of a traceback."""
+
+    def on_failure(self, exception):
+        if isinstance(exception, UserError):
+            error_dir = os.environ.get("UNLIB_ERROR_DIR")
+            if error_dir:
+                (Path(error_dir) / f"{self.task_id}.txt").write_text(str(exception))
+            return str(exception)
+        return super().on_failure(exception)
+
+
+class HideUserErrorTracebacks(logging.Filter):
+    """Drops the worker's traceback log records for UserErrors (their message is reported)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+
+
+logger.addFilter(HideUserErrorTracebacks())
+
+
+class H5Target(luigi.LocalTarget):
+    """An HDF5 file target that exists only if it opens and records the expected
+    provenance; a truncated, corrupted or stale file is moved aside with a warning, so the
+    task that makes it runs again. Finished files are only ever renamed into place, so
+    opening one here never races a writer."""
+
+    def __init__(self, path, expected: dict):
+        super().__init__(str(path))
+        self.expected = provenance(expected)
+
+    def exists(self) -> bool:
+        if not super().exists():
+            return False
+        problem = h5_problem(self.path, self.expected)
+        if problem is None:
+            return True
+        aside = set_aside(self.path)
+        logger.warning("refusing %s: %s; moved it to %s and rebuilding it", self.path, problem, aside.name)
+        return False
 
 
 class TokenParams:

@@ -6,24 +6,22 @@ import logging
 import shutil
 import time
 
-import luigi
-
 from tasks.activations import CacheActivations
-from tasks.common import CorrelationParams, TaskProgress, store
+from tasks.common import CorrelationParams, H5Target, PipelineTask, TaskProgress, store
 from tasks.data import TokenizeDataset
 from tasks.zoo import model_requirement
 from unlib.activations import ActivationCache, cache_bytes, cached_chunks, choose_feed, model_chunks
 from unlib.correlation import ExcessCorrelationEngine, parse_bytes
 from unlib.data import read_tokens
 from unlib.models import load_model, mlp_shape
-from unlib.store import checkpoint_label, short_hash
+from unlib.store import checkpoint_label, provenance, short_hash
 
 logger = logging.getLogger("luigi-interface")
 CHUNK_TOKENS = 4096
 BATCH_SEQUENCES = 32
 
 
-class Correlations(CorrelationParams, luigi.Task):
+class Correlations(CorrelationParams, PipelineTask):
     """For each neuron of the reference model (of every model with all_references), per
     other model: max correlation, where it is, and the max against each rotated baseline."""
 
@@ -41,16 +39,21 @@ class Correlations(CorrelationParams, luigi.Task):
             return [self.clone(CacheActivations, model=i) for i in range(len(self.model_set.models))]
         return [self.clone(TokenizeDataset)] + [t for m in self.model_set.models for t in model_requirement(m)]
 
+    def run_inputs(self) -> dict:
+        return {"models": [m.model_id for m in self.model_set.models], "checkpoint": self.checkpoint,
+                "dataset": self.dataset, "n_tokens": self.n_tokens, "ctx_len": self.ctx_len,
+                "rotations": self.rotations, "rotation_seed": self.rotation_seed}
+
     def run_key(self) -> str:
-        ms = self.model_set
-        key = {"models": [m.model_id for m in ms.models], "checkpoint": self.checkpoint,
-               "dataset": self.dataset, "n_tokens": self.n_tokens, "ctx_len": self.ctx_len,
-               "rotations": self.rotations, "rotation_seed": self.rotation_seed}
-        return f"{ms.name}_{checkpoint_label(self.checkpoint)}_{short_hash(key)}"
+        return f"{self.model_set.name}_{checkpoint_label(self.checkpoint)}_{short_hash(self.run_inputs())}"
+
+    def layer_provenance(self, ref: int, layer: int) -> dict:
+        return {**self.run_inputs(), "reference": ref, "layer": layer}
 
     def output(self):
         models = self.model_set.models
-        return {(ref, layer): luigi.LocalTarget(store().correlation(self.run_key(), models[ref].model_id, layer))
+        return {(ref, layer): H5Target(store().correlation(self.run_key(), models[ref].model_id, layer),
+                                       self.layer_provenance(ref, layer))
                 for ref in self.references for layer in range(mlp_shape(models[ref], self.checkpoint)[0])}
 
     def run(self):
@@ -86,6 +89,7 @@ class Correlations(CorrelationParams, luigi.Task):
         for ref, layers in results.items():
             for result in layers:
                 result.save(self.output()[(ref, result.layer)].path, {
+                    "provenance": provenance(self.layer_provenance(ref, result.layer)),
                     "reference": names[ref], "others": [names[m] for m in result.others],
                     "n_tokens": n_tokens, "rotations": self.rotations, "rotation_seed": self.rotation_seed,
                     "feed": path, "feed_reason": why, "seconds": seconds, "gflops": engine.flops / seconds / 1e9,

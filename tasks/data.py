@@ -1,25 +1,24 @@
 """Tokenized analysis data."""
 from __future__ import annotations
 
-import luigi
-
-from tasks.common import TokenParams, store
+from tasks.common import H5Target, PipelineTask, TokenParams, store
 from tasks.zoo import ZooTokenizer
 from unlib import data
 from unlib.models import ZOOS, model_location
-from unlib.store import short_hash, slug
+from unlib.store import provenance, short_hash, slug
 
 
 def dataset_id(dataset: str) -> str:
     """Store name of a dataset: the offline corpus's held-out split, a hub name, or local files."""
     if dataset == data.OFFLINE_CORPUS:
         return f"{data.OFFLINE_CORPUS}-heldout"
-    if "," in dataset or "." in dataset.rsplit("/", 1)[-1]:
-        return f"local-{slug(dataset.split(',')[0].rsplit('/', 1)[-1])}-{short_hash(dataset)}"
+    paths = data.local_files(dataset)
+    if paths is not None:
+        return f"local-{slug(paths[0].name)}-{short_hash([str(p.resolve()) for p in paths])}"
     return dataset
 
 
-class TokenizeDataset(TokenParams, luigi.Task):
+class TokenizeDataset(TokenParams, PipelineTask):
     """n_tokens analysed positions of the dataset, as BOS-led sequences of ctx_len tokens."""
 
     def tokenizer_id(self) -> str:
@@ -31,9 +30,13 @@ class TokenizeDataset(TokenParams, luigi.Task):
             return ZooTokenizer(zoo=self.model_set.zoo)
         return []
 
+    def token_attrs(self) -> dict:
+        return {"dataset": self.dataset, "tokenizer": self.tokenizer_id(), "n_tokens": self.n_tokens,
+                "ctx_len": self.ctx_len}
+
     def output(self):
-        return luigi.LocalTarget(store().tokens(dataset_id(self.dataset), self.tokenizer_id(),
-                                                self.n_tokens, self.ctx_len))
+        return H5Target(store().tokens(dataset_id(self.dataset), self.tokenizer_id(), self.n_tokens, self.ctx_len),
+                        self.token_attrs())
 
     def run(self):
         from transformers import AutoTokenizer
@@ -48,4 +51,4 @@ class TokenizeDataset(TokenParams, luigi.Task):
         self.set_status_message(f"tokenizing {self.dataset}")
         data.write_token_sequences(self.output().path, data.load_texts(self.dataset), tokenizer, bos,
                                    self.n_tokens, self.ctx_len,
-                                   {"dataset": self.dataset, "tokenizer": self.tokenizer_id()})
+                                   {**self.token_attrs(), "provenance": provenance(self.token_attrs())})

@@ -7,13 +7,13 @@ import shutil
 import luigi
 import torch
 
-from tasks.common import TaskProgress, store
+from tasks.common import PipelineTask, TaskProgress, store
 from unlib import zoo
 from unlib.data import offline_corpus, write_token_stream
 from unlib.models import ZOOS
 
 
-class ZooTask(luigi.Task):
+class ZooTask(PipelineTask):
     zoo = luigi.Parameter(default="toy-zoo")
 
     @property

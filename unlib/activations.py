@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from unlib.models import mlp_activations
-from unlib.store import PartialH5
+from unlib import UserError
+from unlib.store import PartialH5, provenance, set_aside
 
 CHUNK_BYTES = 512 * 1024
 
@@ -36,10 +37,9 @@ def cache_activations(model, tokens: np.ndarray, out_path: str | Path, attrs: di
     per_seq = tokens.shape[1] - 1
     n_tokens = tokens.shape[0] * per_seq
     rows = chunk_rows(d_mlp)
-    provenance = repr(sorted(attrs.items()))
     writer = PartialH5(out_path, {layer_name(l): ((n_tokens, d_mlp), "float16", (min(rows, n_tokens), d_mlp))
                                   for l in range(n_layers)},
-                       {**attrs, "provenance": provenance, "n_layers": n_layers, "d_mlp": d_mlp})
+                       {**attrs, "provenance": provenance(attrs), "n_layers": n_layers, "d_mlp": d_mlp})
     try:
         device = next(model.parameters()).device
         seq = writer.rows_done // per_seq
@@ -53,6 +53,15 @@ def cache_activations(model, tokens: np.ndarray, out_path: str | Path, attrs: di
         writer.finish()
     finally:
         writer.close()
+
+
+class CorruptCache(UserError):
+    """An activation cache whose data cannot be read back; it is set aside for rebuilding."""
+
+    def __init__(self, path: Path, detail: str):
+        aside = set_aside(path)
+        super().__init__(f"{path} is corrupted ({detail.splitlines()[0]}); moved it to {aside.name}: "
+                         f"run the same command again to rebuild it")
 
 
 class ActivationCache:
@@ -118,7 +127,11 @@ def cached_chunks(caches: list[ActivationCache], chunk_tokens: int, device: str 
                         continue
                     block = torch.zeros(stop - start, c.n_layers * c.d_mlp)
                     for l in want:  # float16 -> float32 straight into place
-                        block[:, l * c.d_mlp:(l + 1) * c.d_mlp] = torch.from_numpy(f[c.layers[l]][start:stop])
+                        try:
+                            values = f[c.layers[l]][start:stop]
+                        except OSError as exc:  # a fletcher32 checksum mismatch, a bad block
+                            raise CorruptCache(c.path, f"{c.layers[l]} rows {start}-{stop}: {exc}") from exc
+                        block[:, l * c.d_mlp:(l + 1) * c.d_mlp] = torch.from_numpy(values)
                     out.append(block)
                 yield out
         finally:

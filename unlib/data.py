@@ -16,13 +16,14 @@ import datasets
 import h5py
 import numpy as np
 
+from unlib import UserError
 from unlib.store import atomic_path
 
 OFFLINE_CORPUS = "python-stdlib"
 HELD_OUT_FRACTION = 10  # one file in ten goes to the held-out split
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset that cannot be found or read."""
 
 
@@ -58,21 +59,50 @@ def offline_corpus(split: str) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"text": texts, "source": names})
 
 
+LOCAL_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def local_files(dataset: str) -> list[Path] | None:
+    """The files of a local dataset (comma-separated paths), or None for a hub name."""
+    paths = [Path(p).expanduser() for p in dataset.split(",")]
+    if any(p.suffix in LOCAL_KINDS or p.exists() or str(p).startswith(("/", ".")) for p in paths):
+        return paths
+    return None
+
+
+def check_dataset(dataset: str) -> None:
+    """Refuse a dataset that cannot be read, before any work starts."""
+    if dataset == OFFLINE_CORPUS:
+        return
+    paths = local_files(dataset)
+    if paths is not None:
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise DatasetError(f"dataset file(s) not found: {', '.join(missing)}; give existing "
+                               f".txt/.jsonl/.json/.parquet files, a Hugging Face dataset name, or {OFFLINE_CORPUS}")
+        if len({p.suffix for p in paths}) != 1 or paths[0].suffix not in LOCAL_KINDS:
+            raise DatasetError(f"local dataset files must all be one of {', '.join(LOCAL_KINDS)}: {dataset}")
+        return
+    import huggingface_hub
+
+    huggingface_hub.utils.logging.set_verbosity_error()
+    try:
+        datasets.load_dataset_builder(dataset)
+    except Exception as exc:  # the hub raises many types; the user needs one line
+        raise DatasetError(f"cannot load dataset {dataset!r}: {type(exc).__name__}: {str(exc).splitlines()[0]} "
+                           f"(offline: use local files or {OFFLINE_CORPUS})") from exc
+
+
 def load_texts(dataset: str, split: str = "heldout") -> Iterable[str]:
     """Documents of a dataset: the offline corpus, local text/jsonl/json/parquet files
     (comma-separated), or a Hugging Face dataset name (train split, streamed)."""
+    datasets.disable_progress_bars()
     if dataset == OFFLINE_CORPUS:
         return offline_corpus(split)["text"]
-    paths = [Path(p) for p in dataset.split(",")]
-    if any(p.suffix for p in paths) and any(p.exists() for p in paths):
-        missing = [str(p) for p in paths if not p.exists()]
-        if missing:
-            raise DatasetError(f"dataset file(s) not found: {', '.join(missing)}")
-        kinds = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-        suffixes = {p.suffix for p in paths}
-        if len(suffixes) != 1 or suffixes.pop() not in kinds:
-            raise DatasetError(f"local dataset files must all be one of {sorted(kinds)}: {dataset}")
-        builder = kinds[paths[0].suffix]
+    paths = local_files(dataset)
+    if paths is not None:
+        check_dataset(dataset)
+        builder = LOCAL_KINDS[paths[0].suffix]
         ds = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train")
         if "text" not in ds.column_names:
             raise DatasetError(f"dataset {dataset} has no 'text' column (columns: {ds.column_names})")
@@ -115,7 +145,7 @@ def write_token_sequences(path: str | Path, texts: Iterable[str], tokenizer, bos
             f.create_dataset("tokens", data=seqs)
             for k, v in attrs.items():
                 f.attrs[k] = v
-            f.attrs.update(bos_id=bos_id, ctx_len=ctx_len, n_tokens=n_seq * per_seq)
+            f.attrs.update(bos_id=bos_id, n_sequences=n_seq, analysed_tokens=n_seq * per_seq)
 
 
 def read_tokens(path: str | Path) -> np.ndarray:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from unlib import UserError
 from unlib.store import short_hash, slug
 from unlib.zoo import ZooConfig, quiet_transformers, saved_steps
 
@@ -38,7 +39,7 @@ STANFORD_CHECKPOINTS = (list(range(0, 100, 10)) + list(range(100, 2000, 50))
                         + list(range(2000, 20000, 100)) + list(range(20000, 400001, 1000)))
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model, model set or checkpoint that cannot be used."""
 
 
@@ -172,6 +173,26 @@ def _unreachable(spec: ModelSpec, revision: str | None) -> ModelError:
     return ModelError(f"cannot load model {spec.name}{f' at {revision}' if revision else ''}: it is not in the "
                       f"local Hugging Face cache and the hub cannot be reached; pre-fetch it on a connected "
                       f"machine (`huggingface-cli download {spec.source}{at}`) or pass a local folder")
+
+
+def check_same_tokenizer(specs: tuple[ModelSpec, ...] | list[ModelSpec]) -> None:
+    """Refuse a set whose models tokenize differently: their activations would not be over
+    the same tokens."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    vocabularies = {}
+    for spec in specs:
+        location, revision = model_location(spec, None)
+        try:
+            vocabularies[spec.name] = AutoTokenizer.from_pretrained(location, revision=revision).get_vocab()
+        except OSError as exc:
+            raise _unreachable(spec, revision) from exc
+    first, *rest = vocabularies
+    for name in rest:
+        if vocabularies[name] != vocabularies[first]:
+            raise ModelError(f"models {first} and {name} have different tokenizers ({len(vocabularies[first])} and "
+                             f"{len(vocabularies[name])} tokens); all models of a set must share one tokenizer")
 
 
 def load_model(spec: ModelSpec, checkpoint: int | None, device: str = "cpu"):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -119,7 +120,8 @@ class PartialH5:
         if self.file is None:
             self.file = h5py.File(self.partial, "w")
             for name, (shape, dtype, chunks) in datasets.items():
-                self.file.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks)
+                # fletcher32 checksums turn silent corruption of a block into a read error
+                self.file.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fletcher32=True)
             for key, value in attrs.items():
                 self.file.attrs[key] = value
             self.file.attrs["rows_done"] = 0
@@ -145,6 +147,35 @@ class PartialH5:
     def close(self) -> None:
         if self.file is not None and self.file.id.valid:
             self.file.close()
+
+
+def provenance(values: dict) -> str:
+    """The canonical text recorded in an HDF5 file's `provenance` attribute."""
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+def h5_problem(path: str | Path, expected_provenance: str | None = None) -> str | None:
+    """Why a finished HDF5 target cannot be used (unreadable, truncated, or built from other
+    inputs), or None when it is fine. Only opens the file's metadata."""
+    try:
+        with h5py.File(path, "r") as f:
+            recorded = f.attrs.get("provenance")
+    except OSError as exc:
+        return f"unreadable or truncated HDF5 file ({str(exc).splitlines()[0]})"
+    if expected_provenance is not None and recorded != expected_provenance:
+        return "it was built from other parameters or inputs than this run's"
+    return None
+
+
+def set_aside(path: str | Path) -> Path:
+    """Rename a refused file out of the way (kept for inspection, never read again)."""
+    path = Path(path)
+    aside = path.with_name(f"{path.name}.refused-{int(time.time())}")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:  # another worker set it aside first
+        pass
+    return aside
 
 
 def read_json(path: str | Path) -> dict:
