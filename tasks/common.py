@@ -78,6 +78,12 @@ class TokenParams:
     device = luigi.Parameter(default="cpu", significant=False)
 
     @property
+    def resources(self) -> dict:
+        """Tasks on a GPU hold one unit of the scheduler's `gpu` resource (luigi.cfg
+        [resources]), so several workers never overload a card."""
+        return {"gpu": 1} if str(self.device).startswith("cuda") else {}
+
+    @property
     def model_set(self) -> ModelSet:
         return resolve_model_set(self.models, store().root)
 
