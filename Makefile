@@ -16,6 +16,7 @@ SCHEDULER ?= auto
 SCHEDULER_PORT ?= 8082
 CACHE ?= auto
 CORR_MEMORY ?=
+CHECKPOINTS ?= 100 250 500 1000
 
 # Build .venv only when no other interpreter was given (PYTHON=python3 uses yours as is).
 ifeq ($(PYTHON),.venv/bin/python)
@@ -26,7 +27,7 @@ endif
 
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup analyze test bench scheduler scheduler-stop
+.PHONY: setup analyze report compare test browser bench scheduler scheduler-stop
 
 setup: $(SETUP)
 
@@ -36,15 +37,27 @@ setup: $(SETUP)
 	.venv/bin/python -m pip install --quiet -r requirements.txt
 	touch $@
 
-analyze: $(SETUP)
-	$(PYTHON) -m tasks analyze --models "$(MODELS)" --checkpoint "$(CHECKPOINT)" --dataset "$(DATASET)" \
-		--n-tokens "$(N_TOKENS)" --ctx-len "$(CTX_LEN)" --reference "$(REFERENCE)" --rotations "$(ROTATIONS)" \
-		--threshold "$(THRESHOLD)" --top-k "$(TOP_K)" --device "$(DEVICE)" --workers "$(WORKERS)" \
-		--scheduler "$(SCHEDULER)" --scheduler-port "$(SCHEDULER_PORT)" --cache "$(CACHE)" \
-		--memory "$(CORR_MEMORY)" $(if $(QUICK),--quick)
+RUN_ARGS = --models "$(MODELS)" --dataset "$(DATASET)" --n-tokens "$(N_TOKENS)" --ctx-len "$(CTX_LEN)" \
+	--reference "$(REFERENCE)" --rotations "$(ROTATIONS)" --threshold "$(THRESHOLD)" --top-k "$(TOP_K)" \
+	--device "$(DEVICE)" --workers "$(WORKERS)" --scheduler "$(SCHEDULER)" --scheduler-port "$(SCHEDULER_PORT)" \
+	--cache "$(CACHE)" --memory "$(CORR_MEMORY)" $(if $(QUICK),--quick)
 
-test: $(SETUP)
+analyze: $(SETUP)
+	$(PYTHON) -m tasks analyze $(RUN_ARGS) --checkpoint "$(CHECKPOINT)"
+
+report: $(SETUP)
+	$(PYTHON) -m tasks report $(RUN_ARGS) --checkpoint "$(CHECKPOINT)"
+
+compare: $(SETUP)
+	$(PYTHON) -m tasks compare $(RUN_ARGS) --checkpoints "$(CHECKPOINTS)"
+
+test: $(SETUP) browser
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests
+
+# Debian's Chromium renders the HTML reports in the tests (skipped where it cannot be installed).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium >/dev/null; } || echo "chromium not installed: the rendering tests will skip"
 
 bench: $(SETUP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.run

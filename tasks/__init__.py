@@ -6,3 +6,4 @@ from tasks.activations import CacheActivations  # noqa: F401
 from tasks.correlation import Correlations  # noqa: F401
 from tasks.analysis import (ExcessCorrelation, NeuronStats, SelectUniversal, Plots,  # noqa: F401
                             UniversalNeuronsAnalysis)
+from tasks.report import RunReport, CompareCheckpoints  # noqa: F401

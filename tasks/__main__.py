@@ -14,7 +14,8 @@ from tasks.api import AnalysisFailed, build_analyses, read_results, run_analysis
 from tasks.common import DEFAULTS
 from unlib import UserError
 from unlib.data import OFFLINE_CORPUS
-from unlib.report import print_summary
+from tasks.report import CompareCheckpoints, RunReport
+from unlib.report import print_comparison, print_summary
 
 QUICK_TOKENS = 4096
 
@@ -40,44 +41,72 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--models", default=DEFAULTS["models"])
+    common.add_argument("--dataset", default=OFFLINE_CORPUS)
+    common.add_argument("--n-tokens", type=number(int, "N_TOKENS", optional=True), default=None)
+    common.add_argument("--ctx-len", type=number(int, "CTX_LEN"), default=DEFAULTS["ctx_len"])
+    common.add_argument("--reference", default="0")
+    common.add_argument("--rotations", type=number(int, "ROTATIONS"), default=DEFAULTS["rotations"])
+    common.add_argument("--threshold", type=number(float, "THRESHOLD", optional=True), default=None)
+    common.add_argument("--top-k", type=number(int, "TOP_K", optional=True), default=None)
+    common.add_argument("--device", default="auto")
+    common.add_argument("--cache", default="auto")
+    common.add_argument("--memory", default="", help="correlation memory budget (CORR_MEMORY), e.g. 8G")
+    common.add_argument("--workers", type=number(int, "WORKERS"), default=1)
+    common.add_argument("--quick", action="store_true", help=f"smoke run on {QUICK_TOKENS} tokens")
+    common.add_argument("--scheduler", choices=["auto", "local", "central"], default="auto")
+    common.add_argument("--scheduler-port", type=number(int, "SCHEDULER_PORT"), default=8082)
+    common.add_argument("--report-tasks", help="write a JSON record of which tasks this process ran")
     p = OneLineParser(prog="python -m tasks", description="Universal neurons analysis")
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    a = sub.add_parser("analyze", help="run the analysis of one checkpoint")
-    a.add_argument("--models", default=DEFAULTS["models"])
-    a.add_argument("--checkpoint", type=number(int, "CHECKPOINT", optional=True), default=None)
-    a.add_argument("--dataset", default=OFFLINE_CORPUS)
-    a.add_argument("--n-tokens", type=number(int, "N_TOKENS", optional=True), default=None)
-    a.add_argument("--ctx-len", type=number(int, "CTX_LEN"), default=DEFAULTS["ctx_len"])
-    a.add_argument("--reference", default="0")
-    a.add_argument("--rotations", type=number(int, "ROTATIONS"), default=DEFAULTS["rotations"])
-    a.add_argument("--threshold", type=number(float, "THRESHOLD", optional=True), default=None)
-    a.add_argument("--top-k", type=number(int, "TOP_K", optional=True), default=None)
-    a.add_argument("--device", default="auto")
-    a.add_argument("--cache", default="auto")
-    a.add_argument("--memory", default="", help="correlation memory budget (CORR_MEMORY), e.g. 8G")
-    a.add_argument("--workers", type=number(int, "WORKERS"), default=1)
-    a.add_argument("--quick", action="store_true", help=f"smoke run on {QUICK_TOKENS} tokens")
-    a.add_argument("--scheduler", choices=["auto", "local", "central"], default="auto")
-    a.add_argument("--scheduler-port", type=number(int, "SCHEDULER_PORT"), default=8082)
-    a.add_argument("--report-tasks", help="write a JSON record of which tasks this process ran")
+    for name, text in [("analyze", "analyse one checkpoint and write its report"),
+                       ("report", "rebuild the report of an analysis (running what is missing)")]:
+        sub.add_parser(name, parents=[common], help=text).add_argument(
+            "--checkpoint", type=number(int, "CHECKPOINT", optional=True), default=None)
+    c = sub.add_parser("compare", parents=[common], help="analyse several checkpoints and compare them")
+    c.add_argument("--checkpoints", required=True, help='training steps, e.g. "100 250 500 1000"')
     s = sub.add_parser("scheduler", help="start or stop the central scheduler (luigid)")
     s.add_argument("action", choices=["start", "stop"])
     s.add_argument("--scheduler-port", type=number(int, "SCHEDULER_PORT"), default=8082)
     return p
 
 
+def parse_steps(text: str) -> list[int]:
+    try:
+        steps = sorted({int(s) for s in text.replace(",", " ").split()})
+    except ValueError:
+        raise UserError(f"CHECKPOINTS={text!r} must be training steps separated by spaces, e.g. \"100 250 500 1000\"") \
+            from None
+    if len(steps) < 2:
+        raise UserError(f"CHECKPOINTS={text!r} needs at least two different training steps to compare")
+    return steps
+
+
+def build(args) -> list:
+    """The Luigi root tasks of the command (raises ValueError/UserError on bad input)."""
+    n_tokens = args.n_tokens or (QUICK_TOKENS if args.quick else DEFAULTS["n_tokens"])
+    steps = parse_steps(args.checkpoints) if args.command == "compare" else [args.checkpoint]
+    roots = [root for step in steps for root in build_analyses(
+        args.models, step, args.dataset, n_tokens, args.ctx_len, args.reference, args.rotations,
+        DEFAULTS["rotation_seed"], args.threshold, args.top_k, args.device, args.cache, args.memory)]
+    if args.command == "compare":
+        return [root.clone(CompareCheckpoints, checkpoints=steps) for root in roots if root.checkpoint == steps[0]]
+    reports = [root.clone(RunReport) for root in roots]
+    if args.command == "report":
+        for task in reports:
+            Path(task.output().path).unlink(missing_ok=True)
+    return reports
+
+
 def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=False)
-    p = parser()
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     if args.command == "scheduler":
         print(scheduler.start(args.scheduler_port) if args.action == "start" else scheduler.stop())
         return 0
-    n_tokens = args.n_tokens or (QUICK_TOKENS if args.quick else DEFAULTS["n_tokens"])
     try:
-        roots = build_analyses(args.models, args.checkpoint, args.dataset, n_tokens, args.ctx_len, args.reference,
-                               args.rotations, DEFAULTS["rotation_seed"], args.threshold, args.top_k, args.device,
-                               args.cache, args.memory)
+        roots = build(args)
     except ValueError as exc:  # UserError and the parameter checks
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -100,11 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_tasks:
         Path(args.report_tasks).write_text(json.dumps(dataclasses.asdict(report), indent=1))
     for root in roots:
+        if args.command == "compare":
+            print_comparison(console, root.output_dir())
+            continue
         tables = read_results(root)
         title = f"{root.model_set.name} {root.results_dir().name}"
         if len(roots) > 1:
             title += f" (reference {root.model_set.models[root.reference].name})"
         print_summary(console, title, tables["layer_summary"], tables["universal"], str(root.results_dir()))
+        console.print(f"Report: [bold]{root.output().path}[/bold]")
     console.print(f"Finished in {report.seconds:.1f} s: {len(report.ran_here)} tasks run here, "
                   f"{len(report.already_done)} already complete, {len(report.run_by_other_worker)} run by other workers")
     return 0

@@ -118,6 +118,7 @@ class UniversalNeuronsAnalysis(RunParams, PipelineTask):
         excess = pd.read_csv(self.input()["excess"]["excess"].path)
         universal = pd.read_csv(self.input()["universal"].path)
         summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)
+        correlation = LayerResult.attributes(self.clone(Correlations).output()[(self.reference, 0)].path)
         ms = self.model_set
         write_json(self.output().path, {
             "model_set": ms.name, "models": [m.name for m in ms.models],
@@ -126,6 +127,7 @@ class UniversalNeuronsAnalysis(RunParams, PipelineTask):
             "dataset": self.dataset, "n_tokens": self.n_tokens, "ctx_len": self.ctx_len,
             "rotations": self.rotations, "rotation_seed": self.rotation_seed,
             "threshold": self.effective_threshold, "top_k": self.top_k, "device": self.device,
+            "correlation_seconds": round(float(correlation["seconds"]), 2), "correlation_feed": correlation["feed"],
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "n_neurons": int(summary["n_neurons"].sum()), "n_universal": int(summary["n_universal"].sum()),
             "layers": summary.to_dict(orient="records")})

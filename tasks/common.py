@@ -109,9 +109,12 @@ class RunParams(CorrelationParams):
     def effective_threshold(self) -> float:
         return self.model_set.default_threshold if self.threshold is None else self.threshold
 
+    def variant(self) -> dict:
+        """Parameters that differ from their defaults: they name the results folder."""
+        return {k: getattr(self, k) for k in DEFAULTS if k != "models" and getattr(self, k) != DEFAULTS[k]}
+
     def results_dir(self):
-        variant = {k: getattr(self, k) for k in DEFAULTS if k != "models" and getattr(self, k) != DEFAULTS[k]}
-        return store().results(self.model_set.name, self.checkpoint, variant)
+        return store().results(self.model_set.name, self.checkpoint, self.variant())
 
 
 class TaskProgress:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from tasks.common import H5Target, PipelineTask, TokenParams, store
 from tasks.zoo import ZooTokenizer
 from unlib import data
-from unlib.models import ZOOS, model_location
+from unlib.models import ZOOS, load_tokenizer
 from unlib.store import provenance, short_hash, slug
 
 
@@ -39,14 +39,7 @@ class TokenizeDataset(TokenParams, PipelineTask):
                         self.token_attrs())
 
     def run(self):
-        from transformers import AutoTokenizer
-
-        ms = self.model_set
-        if ms.zoo:
-            tokenizer = AutoTokenizer.from_pretrained(str(store().zoo_tokenizer_dir(ZOOS[ms.zoo].zoo_id)))
-        else:
-            location, revision = model_location(ms.models[0], None)
-            tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
+        tokenizer = load_tokenizer(self.model_set, store().root)
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.set_status_message(f"tokenizing {self.dataset}")
         data.write_token_sequences(self.output().path, data.load_texts(self.dataset), tokenizer, bos,

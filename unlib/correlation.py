@@ -65,6 +65,12 @@ class LayerResult:
         write_small_h5(path, {name: getattr(self, name) for name in self.ARRAYS},
                        {**attrs, "layer": self.layer, "other_index": self.others})
 
+    @staticmethod
+    def attributes(path) -> dict:
+        """The provenance and timing attributes saved with a result."""
+        with h5py.File(path, "r") as f:
+            return dict(f.attrs)
+
     @classmethod
     def load(cls, path) -> "LayerResult":
         with h5py.File(path, "r") as f:

@@ -175,6 +175,19 @@ def _unreachable(spec: ModelSpec, revision: str | None) -> ModelError:
                       f"machine (`huggingface-cli download {spec.source}{at}`) or pass a local folder")
 
 
+def load_tokenizer(model_set: ModelSet, store_root: str | Path = "store"):
+    """The set's tokenizer: the toy zoo's own, or the first model's."""
+    from transformers import AutoTokenizer
+
+    from unlib.store import Store
+
+    quiet_transformers()
+    if model_set.zoo:
+        return AutoTokenizer.from_pretrained(str(Store(store_root).zoo_tokenizer_dir(ZOOS[model_set.zoo].zoo_id)))
+    location, revision = model_location(model_set.models[0], None)
+    return AutoTokenizer.from_pretrained(location, revision=revision)
+
+
 def check_same_tokenizer(specs: tuple[ModelSpec, ...] | list[ModelSpec]) -> None:
     """Refuse a set whose models tokenize differently: their activations would not be over
     the same tokens."""

@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from unlib.store import atomic_path  # noqa: E402
@@ -75,3 +76,98 @@ class UniversalNeuronVisualizer:
         fig.suptitle(f"Excess correlation against neuron properties {self.title}")
         fig.tight_layout()
         _save(fig, Path(path))
+
+
+def corr_vs_baseline(excess_df: pd.DataFrame, threshold: float, path: str | Path, title: str = "") -> None:
+    """The paper's scatter: per layer, each neuron's mean max correlation with the other
+    models against the same for the rotated baseline."""
+    layers = sorted(excess_df["layer"].unique())
+    cols = min(4, len(layers))
+    rows = -(-len(layers) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, layer in zip(axes.flat, layers):
+        d = excess_df[excess_df["layer"] == layer]
+        universal = d["excess_correlation"] >= threshold
+        ax.scatter(d.loc[~universal, "mean_baseline"], d.loc[~universal, "mean_corr"], s=4, color="#8c8c8c", alpha=0.5)
+        ax.scatter(d.loc[universal, "mean_baseline"], d.loc[universal, "mean_corr"], s=6, color="#c44e52")
+        ax.plot([0, 1], [0, 1], color="black", lw=0.6)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.set_xlabel("baseline (rotated) max corr", fontsize=8)
+        ax.set_ylabel("max corr", fontsize=8)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    fig.suptitle(f"Max correlation against rotated baseline {title} (red: universal)")
+    fig.tight_layout()
+    _save(fig, Path(path))
+
+
+def activation_histogram_png(values, title: str) -> bytes:
+    """A small histogram (log counts) of one neuron's activations, as PNG bytes."""
+    import io
+
+    fig, ax = plt.subplots(figsize=(3.4, 1.9))
+    ax.hist(values, bins=50, color="#4c72b0")
+    ax.set_yscale("log")
+    ax.set_xlabel("activation", fontsize=8)
+    ax.set_ylabel("tokens", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_title(title, fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def universality_by_checkpoint_plot(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for layer, d in table.groupby(table["layer"].astype(str)):
+        ax.plot(d["checkpoint"], 100 * d["fraction"], marker="o", lw=2.5 if layer == "all" else 1.2,
+                color="black" if layer == "all" else None, label=f"layer {layer}" if layer != "all" else "all layers")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("universal neurons (%)")
+    ax.set_title(f"Universal neurons across training {title}")
+    ax.legend(fontsize=8)
+    _save(fig, Path(path))
+
+
+def matrix_heatmap(matrix: pd.DataFrame, path: str | Path, title: str, label: str) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    image = ax.imshow(matrix.values.astype(float), vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(matrix.columns)), [str(c) for c in matrix.columns])
+    ax.set_yticks(range(len(matrix.index)), [str(i) for i in matrix.index])
+    for (i, j), value in np.ndenumerate(matrix.values.astype(float)):
+        if not np.isnan(value):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
+    ax.set_xlabel("checkpoint")
+    ax.set_ylabel("checkpoint")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label=label)
+    _save(fig, Path(path))
+
+
+def trajectories_plot(trajectories: pd.DataFrame, path: str | Path, top: int = 20, title: str = "") -> None:
+    columns = [c for c in trajectories.columns if c.startswith("checkpoint_")]
+    steps = [int(c.split("_")[1]) for c in columns]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in trajectories.head(top).itertuples(index=False):
+        ax.plot(steps, [getattr(row, c) for c in columns], marker=".", lw=1, label=f"L{row.layer}.{row.neuron}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("excess correlation")
+    ax.set_title(f"Excess correlation of the top {min(top, len(trajectories))} neurons across training {title}")
+    if len(trajectories):
+        ax.legend(fontsize=6, ncol=2)
+    _save(fig, Path(path))
+
+
+def distributions_plot(excess: dict[int, pd.DataFrame], path: str | Path, title: str = "") -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for step in sorted(excess):
+        ax.hist(excess[step]["excess_correlation"], bins=60, histtype="step", lw=1.5, label=f"step {step}")
+    ax.set_yscale("log")
+    ax.set_xlabel("excess correlation")
+    ax.set_ylabel("neurons (log scale)")
+    ax.set_title(f"Excess correlation distribution per checkpoint {title}")
+    ax.legend(fontsize=8)
+    _save(fig, Path(path))

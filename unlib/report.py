@@ -1,9 +1,17 @@
-"""Terminal summary of a run (rich tables)."""
+"""Reports of a run: the terminal summary (rich tables) and the self-contained HTML reports."""
 from __future__ import annotations
 
+import base64
+import html
+from pathlib import Path
+
+import numpy as np
 import pandas as pd
+import torch
 from rich.console import Console
 from rich.table import Table
+
+from unlib.plots import activation_histogram_png
 
 
 def print_summary(console: Console, title: str, layer_summary: pd.DataFrame, universal_df: pd.DataFrame,
@@ -26,3 +34,233 @@ def print_summary(console: Console, title: str, layer_summary: pd.DataFrame, uni
                               f"{row.mean_corr:.3f}", f"{row.mean_baseline:.3f}")
         console.print(top_table)
     console.print(f"Results: [bold]{results_dir}[/bold]")
+
+
+def print_comparison(console: Console, compare_dir: Path) -> None:
+    """Universal fraction per checkpoint and the persistence matrix, from compare's CSVs."""
+    by_checkpoint = pd.read_csv(compare_dir / "universality_by_checkpoint.csv")
+    table = Table(title="Universal neurons across training")
+    for col in ("checkpoint", "universal", "fraction", "mean excess", "q99 excess"):
+        table.add_column(col, justify="right")
+    for row in by_checkpoint[by_checkpoint["layer"].astype(str) == "all"].itertuples():
+        table.add_row(str(row.checkpoint), str(row.n_universal), f"{row.fraction:.2%}", f"{row.mean_excess:.3f}",
+                      f"{row.q99_excess:.3f}")
+    console.print(table)
+    persistence = pd.read_csv(compare_dir / "persistence.csv", index_col=0)
+    matrix = Table(title="Persistence: fraction of the row step's universal neurons still universal at the column's")
+    matrix.add_column("from \\ to", justify="right")
+    for col in persistence.columns:
+        matrix.add_column(str(col), justify="right")
+    for step, row in persistence.iterrows():
+        matrix.add_row(str(step), *("" if pd.isna(v) else f"{v:.2f}" for v in row))
+    console.print(matrix)
+    console.print(f"Comparison: [bold]{compare_dir}[/bold] (compare.html)")
+
+
+# ---- HTML reports ----------------------------------------------------------------------
+REFERENCE_DATA = Path(__file__).resolve().parent / "reference_data"
+# Published universal-neuron tables (Gurnee et al. 2024, seed a) and the shapes they cover.
+PUBLISHED = {"stanford-gpt2-small": ("gurnee2024_stanford-gpt2-small-a_universal.csv", 12 * 3072),
+             "stanford-gpt2-medium": ("gurnee2024_stanford-gpt2-medium-a_universal.csv", 24 * 4096)}
+PUBLISHED_SEED_A = {"stanford-gpt2-small": "stanford-crfm/alias-gpt2-small-x21",
+                    "stanford-gpt2-medium": "stanford-crfm/arwen-gpt2-medium-x21"}
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.8em; }
+table { border-collapse: collapse; margin: .6em 0; font-size: .9em; }
+th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
+th { background: #f4f4f4; } td.l, th.l { text-align: left; }
+img { max-width: 100%; border: 1px solid #eee; margin: .4em 0; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 1em; }
+.card { border: 1px solid #ccc; border-radius: 6px; padding: .6em 1em; }
+.card h3 { margin: .2em 0; } .ctx { font-family: monospace; font-size: .85em; white-space: pre-wrap; margin: .15em 0; }
+.ctx mark { background: #ffd54f; font-weight: bold; }
+.card table { font-size: .8em; width: 100%; } .card td, .card th { padding: .15em .3em; } .tok { font-family: monospace; background: #eef; padding: 0 .2em; }
+.big { font-size: 1.4em; font-weight: bold; }
+"""
+
+
+def esc(value) -> str:
+    return html.escape(str(value))
+
+
+def image_tag(png: bytes | Path, alt: str) -> str:
+    data = png.read_bytes() if isinstance(png, Path) else png
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def table_html(df: pd.DataFrame, float_format: str = "{:.3f}", key: str | None = None) -> str:
+    """A plain HTML table; with `key`, each row carries data-<key>="<its value in that column>"
+    so scripts and tests can find it."""
+    head = "".join(f"<th>{esc(c)}</th>" for c in df.columns)
+    rows = []
+    for _, row in df.astype(object).iterrows():  # object dtype keeps integers integers
+        cells = "".join(f'<td data-col="{esc(c)}">{esc(_cell(v, float_format))}</td>' for c, v in row.items())
+        attr = f' data-{esc(key)}="{esc(row[key])}"' if key else ""
+        rows.append(f"<tr{attr}>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _cell(value, float_format: str) -> str:
+    if isinstance(value, float):
+        return "—" if np.isnan(value) else float_format.format(value)
+    return str(value)
+
+
+def published_reference(model_set: str) -> dict | None:
+    """The paper's universal-neuron table for a model set (seed a), if there is one."""
+    if model_set not in PUBLISHED:
+        return None
+    name, n_neurons = PUBLISHED[model_set]
+    table = pd.read_csv(REFERENCE_DATA / name)
+    return {"file": name, "table": table, "n_universal": len(table), "n_neurons": n_neurons,
+            "fraction": len(table) / n_neurons, "per_layer": table.groupby("layer").size()}
+
+
+def property_comparison(stats: pd.DataFrame, universal: pd.DataFrame) -> pd.DataFrame:
+    """For each neuron statistic: the universal neurons' median next to the population's, and
+    a z-score (universal median minus population mean, over the population's std)."""
+    from unlib.stats import STATS_COLUMNS
+
+    keys = set(zip(universal["layer"], universal["neuron"]))
+    is_universal = [k in keys for k in zip(stats["layer"], stats["neuron"])]
+    rows = []
+    for column in STATS_COLUMNS[2:]:
+        population = stats[column]
+        median_u = stats.loc[is_universal, column].median()
+        std = population.std()
+        rows.append({"statistic": column, "universal_median": median_u, "all_median": population.median(),
+                     "z_score": (median_u - population.mean()) / std if std > 0 else np.nan})
+    return pd.DataFrame(rows)
+
+
+def neuron_cards(model, tokenizer, tokens: np.ndarray, universal: pd.DataFrame, pairwise: pd.DataFrame,
+                 top: int = 20, contexts: int = 5, window: tuple[int, int] = (10, 4), n_vocab: int = 8,
+                 batch_size: int = 32) -> list[dict]:
+    """Data for the top universal neurons' cards: per-model matches, activations over the
+    dataset (histogram, top-activating contexts) and the vocabulary its output promotes and
+    suppresses (W_out[n] @ W_U)."""
+    from unlib.models import mlp_activations
+
+    chosen = universal.head(top)
+    if chosen.empty:
+        return []
+    device = next(model.parameters()).device
+    keys = list(zip(chosen["layer"].astype(int), chosen["neuron"].astype(int)))
+    columns = {k: [] for k in keys}
+    for seq in range(0, tokens.shape[0], batch_size):
+        batch = torch.from_numpy(tokens[seq:seq + batch_size].astype(np.int64)).to(device)
+        layers = mlp_activations(model, batch)
+        for layer, neuron in keys:
+            columns[(layer, neuron)].append(layers[layer][:, neuron].cpu().numpy())
+    per_seq = tokens.shape[1] - 1
+    w_u = model.W_U.detach().float().cpu()
+    cards = []
+    for row, key in zip(chosen.itertuples(index=False), keys):
+        layer, neuron = key
+        acts = np.concatenate(columns[key])
+        order = np.argsort(-acts)
+        shown, seen = [], set()
+        for index in order:
+            seq, pos = divmod(int(index), per_seq)
+            pos += 1  # column 0 holds BOS
+            if (seq, pos // 8) in seen:  # one context per neighbourhood
+                continue
+            seen.add((seq, pos // 8))
+            before = tokenizer.decode(tokens[seq, max(1, pos - window[0]):pos].tolist())
+            token = tokenizer.decode([int(tokens[seq, pos])])
+            after = tokenizer.decode(tokens[seq, pos + 1:pos + 1 + window[1]].tolist())
+            shown.append({"before": before, "token": token, "after": after, "activation": float(acts[index])})
+            if len(shown) == contexts:
+                break
+        logits = model.W_out[layer][neuron].detach().float().cpu() @ w_u
+        promoted = [tokenizer.decode([int(i)]) for i in torch.topk(logits, n_vocab).indices]
+        suppressed = [tokenizer.decode([int(i)]) for i in torch.topk(-logits, n_vocab).indices]
+        matches = pairwise[(pairwise["layer"] == layer) & (pairwise["neuron"] == neuron)]
+        cards.append({"layer": layer, "neuron": neuron, "excess": float(row.excess_correlation),
+                      "matches": matches[["other_model", "max_corr", "max_layer", "max_neuron", "baseline_max_corr"]],
+                      "histogram": activation_histogram_png(acts, f"L{layer}.{neuron} activations"),
+                      "contexts": shown, "promoted": promoted, "suppressed": suppressed})
+    return cards
+
+
+def _card_html(card: dict) -> str:
+    visible = lambda text: esc(text.replace("\n", "⏎").replace("\t", "⇥"))  # noqa: E731
+    contexts = "".join(f'<div class="ctx">{visible(c["before"])}<mark>{visible(c["token"])}</mark>'
+                       f'{visible(c["after"])}  <small>({c["activation"]:.2f})</small></div>' for c in card["contexts"])
+    tokens = lambda items: " ".join(f'<span class="tok">{esc(repr(t)[1:-1])}</span>' for t in items)  # noqa: E731
+    return (f'<div class="card" data-neuron="{card["layer"]}.{card["neuron"]}">'
+            f'<h3>L{card["layer"]}.{card["neuron"]} <small>excess {card["excess"]:.3f}</small></h3>'
+            f'{table_html(card["matches"], key="other_model")}{image_tag(card["histogram"], "activation histogram")}'
+            f"<p><b>Top-activating contexts</b></p>{contexts}"
+            f"<p><b>Promotes</b> {tokens(card['promoted'])}<br><b>Suppresses</b> {tokens(card['suppressed'])}</p></div>")
+
+
+def run_report_html(run: dict, excess: pd.DataFrame, stats: pd.DataFrame, universal: pd.DataFrame,
+                    layer_summary: pd.DataFrame, plots: dict[str, Path], cards: list[dict]) -> str:
+    """The self-contained per-run report (images embedded as data URIs)."""
+    n_neurons, n_universal = len(excess), len(universal)
+    shown = {"checkpoint": run.get("checkpoint") if run.get("checkpoint") is not None else "final weights",
+             "top_k": run.get("top_k") if run.get("top_k") is not None else "none (threshold)"}
+    params = pd.DataFrame([(k, shown.get(k, run[k])) for k in ("model_set", "models", "reference", "checkpoint", "dataset",
+                                                 "n_tokens", "ctx_len", "rotations", "rotation_seed", "threshold",
+                                                 "top_k", "device", "correlation_seconds", "finished")
+                           if k in run], columns=["parameter", "value"])
+    params["value"] = params["value"].map(lambda v: ", ".join(map(str, v)) if isinstance(v, list) else str(v))
+    published = published_reference(run["model_set"])
+    if published:
+        overlap = ""
+        if run["reference"] == PUBLISHED_SEED_A.get(run["model_set"]):
+            ours = set(zip(universal["layer"], universal["neuron"]))
+            theirs = set(zip(published["table"]["layer"], published["table"]["neuron"]))
+            both = len(ours & theirs)
+            overlap = (f'<p>Overlap with the published universal set of seed a: <span id="overlap">{both}</span> '
+                       f"neurons ({both / max(len(theirs), 1):.1%} of theirs, {both / max(len(ours), 1):.1%} of ours).</p>")
+        published_html = (f'<p>Published (Gurnee et al. 2024, seed a, {esc(published["file"])}): '
+                          f'<span id="published-fraction">{published["fraction"]:.2%}</span> universal '
+                          f'({published["n_universal"]} of {published["n_neurons"]}).</p>{overlap}')
+    else:
+        published_html = "<p>No published figures exist for this model set.</p>"
+    summary = layer_summary.assign(fraction=layer_summary["fraction"].map(lambda f: f"{f:.2%}"))
+    if published:
+        summary["published"] = summary["layer"].map(published["per_layer"]).fillna(0).astype(int)
+    figures = "".join(image_tag(path, name) for name, path in plots.items())
+    properties = table_html(property_comparison(stats, universal), key="statistic")
+    cards_html = "".join(_card_html(c) for c in cards) or "<p>No universal neurons at this threshold.</p>"
+    title = f"Universal neurons: {run['model_set']} {run.get('run_name', '')}"
+    return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>{STYLE}</style></head><body>
+<h1>{esc(title)}</h1>
+<h2>Summary</h2>
+<p class="big"><span id="n-universal">{n_universal}</span> of <span id="n-neurons">{n_neurons}</span> neurons
+universal (<span id="fraction">{n_universal / max(n_neurons, 1):.2%}</span>)</p>
+{published_html}
+{table_html(summary, key="layer")}
+<h2>Parameters and provenance</h2>{table_html(params, key="parameter")}
+<h2>Figures</h2>{figures}
+<h2>Universal neurons against all neurons</h2>
+<p>Median of each statistic (definitions in the README) over the universal neurons and over all neurons,
+and the universal median's z-score in the population.</p>{properties}
+<h2>Top universal neurons</h2><div class="cards">{cards_html}</div>
+</body></html>"""
+
+
+def compare_report_html(model_set: str, steps: list[int], by_checkpoint: pd.DataFrame, persistence: pd.DataFrame,
+                        jaccard: pd.DataFrame, trajectories: pd.DataFrame, plots: dict[str, Path]) -> str:
+    """The self-contained report across checkpoints."""
+    overall = by_checkpoint[by_checkpoint["layer"].astype(str) == "all"]
+    figures = "".join(image_tag(path, name) for name, path in plots.items())
+    matrix = lambda m: table_html(m.reset_index().rename(columns=str), "{:.3f}", key=m.index.name)  # noqa: E731
+    title = f"Universal neurons across training: {model_set}, steps {', '.join(map(str, steps))}"
+    return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>{STYLE}</style></head><body>
+<h1>{esc(title)}</h1>
+<h2>Universality by checkpoint</h2>{table_html(overall.drop(columns="layer"), "{:.4f}", key="checkpoint")}
+<h2>Persistence</h2><p>Fraction of the neurons universal at the row's step still universal at the column's step.</p>
+{matrix(persistence)}
+<h2>Jaccard overlap of universal sets</h2>{matrix(jaccard)}
+<h2>Figures</h2>{figures}
+<h2>Neurons universal at any checkpoint</h2><p>{len(trajectories)} neurons; the top 30 by excess correlation at the last step:</p>
+{table_html(trajectories.head(30), "{:.3f}")}
+</body></html>"""

@@ -60,11 +60,20 @@ class Store:
     def results(self, model_set: str, checkpoint: int | None, variant: dict | None = None) -> Path:
         """results/<model set>/<checkpoint>[_<param>-<value>...]: the suffix names each
         parameter that differs from its default, so runs never overwrite each other."""
-        parts = [checkpoint_label(checkpoint)]
-        for key, value in sorted((variant or {}).items()):
-            text = slug(str(value))
-            parts.append(f"{key}-{text if len(text) <= 24 else short_hash(value)}")
-        return self.root / "results" / slug(model_set) / "_".join(parts)
+        return self.root / "results" / slug(model_set) / _with_variant(checkpoint_label(checkpoint), variant)
+
+    def compare(self, model_set: str, checkpoints: list[int], variant: dict | None = None) -> Path:
+        """results/<model set>/compare-<step>-<step>...[_<param>-<value>...]."""
+        name = "compare-" + "-".join(str(s) for s in sorted(checkpoints))
+        return self.root / "results" / slug(model_set) / _with_variant(name, variant)
+
+
+def _with_variant(name: str, variant: dict | None) -> str:
+    parts = [name]
+    for key, value in sorted((variant or {}).items()):
+        text = slug(str(value))
+        parts.append(f"{key}-{text if len(text) <= 24 else short_hash(value)}")
+    return "_".join(parts)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,166 @@
+"""Reports: persistence and Jaccard against hand-computed answers, the run report's numbers
+against the CSVs, `make compare` across checkpoints, and both pages rendered in headless
+Chromium."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from unlib import compare
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = "toy-zoo-mini"
+ARGS = ["--models", MODELS, "--n-tokens", "6000", "--threshold", "0.1", "--device", "cpu", "--scheduler", "local"]
+
+
+def planted() -> tuple[dict, dict]:
+    def table(keys, values=None):
+        return pd.DataFrame({"layer": [k[0] for k in keys], "neuron": [k[1] for k in keys],
+                             "excess_correlation": values or [0.6] * len(keys)})
+    universal = {100: table([(0, 1), (0, 2), (1, 3)]), 250: table([(0, 1), (1, 3), (1, 4)]),
+                 500: table([(0, 1)]), 900: table([])}
+    everything = [(l, n) for l in range(2) for n in range(5)]
+    excess = {s: table(everything, [0.1 * s / 1000 + 0.01 * i for i in range(10)]) for s in universal}
+    return excess, universal
+
+
+def test_persistence_and_jaccard_against_hand_computation():
+    excess, universal = planted()
+    sets = compare.neuron_sets(universal)
+    p = compare.persistence(sets)
+    assert p.loc[100, 250] == pytest.approx(2 / 3) and p.loc[100, 500] == pytest.approx(1 / 3)
+    assert p.loc[250, 500] == pytest.approx(1 / 3) and p.loc[500, 900] == 0
+    assert np.isnan(p.loc[250, 100]) and np.isnan(p.loc[100, 100]) and p.loc[900].isna().all()
+    j = compare.jaccard(sets)
+    assert j.loc[100, 250] == pytest.approx(2 / 4) and j.loc[250, 100] == pytest.approx(0.5)
+    assert j.loc[100, 500] == pytest.approx(1 / 3) and j.loc[100, 100] == 1 and j.loc[900, 100] == 0
+    assert np.isnan(j.loc[900, 900])
+    t = compare.trajectories(excess, sets)
+    assert len(t) == 4
+    first = dict(zip(zip(t["layer"], t["neuron"]), t["first_universal_checkpoint"]))
+    assert first == {(0, 1): 100, (0, 2): 100, (1, 3): 100, (1, 4): 250}
+    assert t.loc[(t.layer == 1) & (t.neuron == 4), "checkpoint_500"].item() == pytest.approx(0.05 + 0.09)
+    by = compare.universality_by_checkpoint(excess, universal)
+    overall = by[by.layer.astype(str) == "all"].set_index("checkpoint")
+    assert list(overall["n_universal"]) == [3, 3, 1, 0] and overall.loc[100, "fraction"] == pytest.approx(0.3)
+    assert by[(by.checkpoint == 250) & (by.layer.astype(str) == "1")]["n_universal"].item() == 2
+
+
+def cli(store: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "UNLIB_STORE": str(store), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "tasks", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    proc = cli(store, "compare", "--checkpoints", "100 300", *ARGS)
+    assert proc.returncode == 0, proc.stderr
+    for step in (100, 300):  # the per-checkpoint reports (the comparison reuses their analyses)
+        proc = cli(store, "analyze", "--checkpoint", str(step), *ARGS)
+        assert proc.returncode == 0, proc.stderr
+    return store
+
+
+def run_dir(store: Path, step: int) -> Path:
+    return store / "results" / MODELS / f"checkpoint-{step}_n_tokens-6000_threshold-0.1"
+
+
+def text_of(html: str, element_id: str) -> str:
+    return re.search(rf'id="{element_id}">([^<]*)<', html).group(1)
+
+
+def rows(html: str, key: str) -> dict[str, dict[str, str]]:
+    """{value: {column: text}} of the first table whose rows carry data-<key>."""
+    out = {}
+    for row_key, body in re.findall(rf'<tr data-{key}="([^"]*)">(.*?)</tr>', html):
+        out.setdefault(row_key, dict(re.findall(r'<td data-col="([^"]*)">([^<]*)</td>', body)))
+    return out
+
+
+def test_run_report_numbers_equal_the_csvs(store):
+    d = run_dir(store, 300)
+    html = (d / "report.html").read_text()
+    excess = pd.read_csv(d / "excess_correlation_scores.csv")
+    universal = pd.read_csv(d / "universal_neurons.csv")
+    stats = pd.read_csv(d / "neuron_stats.csv")
+    assert int(text_of(html, "n-universal")) == len(universal) and int(text_of(html, "n-neurons")) == len(excess)
+    assert text_of(html, "fraction") == f"{len(universal) / len(excess):.2%}"
+    layers = rows(html, "layer")
+    for layer in (0, 1):
+        assert int(layers[str(layer)]["n_universal"]) == (universal.layer == layer).sum()
+    properties = rows(html, "statistic")
+    keys = set(zip(universal.layer, universal.neuron))
+    mask = [k in keys for k in zip(stats.layer, stats.neuron)]
+    for column in ("l2_penalty", "sparsity", "act_kurt", "vocab_kurt"):
+        assert float(properties[column]["universal_median"]) == pytest.approx(stats.loc[mask, column].median(), abs=6e-4)
+        assert float(properties[column]["all_median"]) == pytest.approx(stats[column].median(), abs=6e-4)
+    cards = re.findall(r'data-neuron="(\d+)\.(\d+)"', html)
+    assert [(int(l), int(n)) for l, n in cards] == list(zip(universal.layer, universal.neuron))[:20]
+    assert html.count("<mark>") == 5 * len(cards)
+    assert html.count("data:image/png;base64,") == 4 + len(cards)
+    assert "final weights" not in html and "<td data-col=\"value\">300</td>" in html
+
+
+def test_report_rebuilds_from_existing_results(store, tmp_path):
+    d = run_dir(store, 300)
+    before = {p: p.stat().st_mtime_ns for p in d.glob("*.csv")}
+    proc = cli(store, "report", "--checkpoint", "300", *ARGS, "--report-tasks", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    ran = json.loads((tmp_path / "r.json").read_text())["ran_here"]
+    assert len(ran) == 1 and ran[0].startswith("RunReport")
+    assert {p: p.stat().st_mtime_ns for p in d.glob("*.csv")} == before
+    assert (d / "report.html").exists()
+
+
+def test_compare_outputs_match_the_per_checkpoint_runs(store):
+    out = store / "results" / MODELS / "compare-100-300_n_tokens-6000_threshold-0.1"
+    universal = {s: pd.read_csv(run_dir(store, s) / "universal_neurons.csv") for s in (100, 300)}
+    by = pd.read_csv(out / "universality_by_checkpoint.csv")
+    overall = by[by.layer.astype(str) == "all"].set_index("checkpoint")
+    assert overall.loc[100, "n_universal"] == len(universal[100]) and overall.loc[300, "n_universal"] == len(universal[300])
+    sets = {s: set(zip(u.layer, u.neuron)) for s, u in universal.items()}
+    persistence = pd.read_csv(out / "persistence.csv", index_col=0)
+    expected = len(sets[100] & sets[300]) / len(sets[100]) if sets[100] else np.nan
+    assert persistence.loc[100, "300"] == pytest.approx(expected, nan_ok=True)
+    jaccard = pd.read_csv(out / "jaccard.csv", index_col=0)
+    assert jaccard.loc[100, "300"] == pytest.approx(len(sets[100] & sets[300]) / len(sets[100] | sets[300]))
+    trajectories = pd.read_csv(out / "neuron_trajectories.csv")
+    assert set(zip(trajectories.layer, trajectories.neuron)) == sets[100] | sets[300]
+    for name in ("universality_by_checkpoint", "persistence", "jaccard", "neuron_trajectories",
+                 "excess_correlation_distributions"):
+        assert (out / f"{name}.png").stat().st_size > 5000
+    html = (out / "compare.html").read_text()
+    assert html.count("data:image/png;base64,") == 5
+    assert rows(html, "checkpoint")["300"]["n_universal"] == str(len(universal[300]))
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
+@pytest.mark.parametrize("page", ["report", "compare"])
+def test_pages_render_in_headless_chromium(store, tmp_path, page):
+    path = run_dir(store, 300) / "report.html" if page == "report" else \
+        store / "results" / MODELS / "compare-100-300_n_tokens-6000_threshold-0.1" / "compare.html"
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,5000",
+                    f"--screenshot={shot}", path.as_uri()], capture_output=True, timeout=120, check=True)
+    image = np.asarray(Image.open(shot).convert("RGB"), dtype=int)
+    assert image.std() > 20, "blank page"
+    # The plots' blue (the run plots' #4c72b0, matplotlib's default #1f77b4 in the comparison)
+    # exists only inside the embedded images.
+    colour = [76, 114, 176] if page == "report" else [31, 119, 180]
+    blue = (np.abs(image - colour).sum(axis=2) < 30).sum()
+    assert blue > 2000, f"embedded images did not render ({blue} plot-coloured pixels)"
