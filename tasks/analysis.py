@@ -7,7 +7,7 @@ import time
 import luigi
 import pandas as pd
 
-from tasks.common import PipelineTask, RunParams, TaskProgress, store
+from tasks.common import PipelineTask, RunParams, TaskProgress
 from tasks.correlation import Correlations
 from tasks.data import TokenizeDataset
 from tasks.zoo import model_requirement

@@ -12,9 +12,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = "toy-zoo-mini"

@@ -122,6 +122,26 @@ def token_stream(texts: Iterable[str], tokenizer, separator_id: int) -> Iterator
             yield np.asarray(ids + [separator_id], dtype=np.int32)
 
 
+def first_tokens(texts: Iterable[str], tokenizer, separator_id: int, n: int) -> np.ndarray:
+    """The first n tokens of the documents joined by the separator (fewer if they run out)."""
+    chunks, have = [], 0
+    for ids in token_stream(texts, tokenizer, separator_id):
+        chunks.append(ids)
+        have += len(ids)
+        if have >= n:
+            break
+    return np.concatenate(chunks)[:n] if chunks else np.zeros(0, dtype=np.int32)
+
+
+def write_tokens(path: str | Path, tokens: np.ndarray, attrs: dict) -> None:
+    """Write a token array (dataset `tokens`) and its attributes atomically."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("tokens", data=tokens)
+            for k, v in attrs.items():
+                f.attrs[k] = v
+
+
 def write_token_sequences(path: str | Path, texts: Iterable[str], tokenizer, bos_id: int,
                           n_tokens: int, ctx_len: int, attrs: dict) -> None:
     """Tokenize `texts` into sequences of `ctx_len` tokens that start with BOS, enough for
@@ -129,23 +149,12 @@ def write_token_sequences(path: str | Path, texts: Iterable[str], tokenizer, bos
     per_seq = ctx_len - 1
     n_seq = -(-n_tokens // per_seq)
     needed = n_seq * per_seq
-    buffer, have = [], 0
-    for ids in token_stream(texts, tokenizer, bos_id):
-        buffer.append(ids)
-        have += len(ids)
-        if have >= needed:
-            break
-    if have < needed:
-        raise DatasetError(f"dataset yields only {have} tokens, fewer than the {needed} asked for; "
+    body = first_tokens(texts, tokenizer, bos_id, needed)
+    if len(body) < needed:
+        raise DatasetError(f"dataset yields only {len(body)} tokens, fewer than the {needed} asked for; "
                            f"lower N_TOKENS or use a larger dataset")
-    body = np.concatenate(buffer)[:needed].reshape(n_seq, per_seq)
-    seqs = np.concatenate([np.full((n_seq, 1), bos_id, dtype=np.int32), body], axis=1)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("tokens", data=seqs)
-            for k, v in attrs.items():
-                f.attrs[k] = v
-            f.attrs.update(bos_id=bos_id, n_sequences=n_seq, analysed_tokens=n_seq * per_seq)
+    seqs = np.concatenate([np.full((n_seq, 1), bos_id, dtype=np.int32), body.reshape(n_seq, per_seq)], axis=1)
+    write_tokens(path, seqs, {**attrs, "bos_id": bos_id, "n_sequences": n_seq, "analysed_tokens": needed})
 
 
 def read_tokens(path: str | Path) -> np.ndarray:
@@ -156,16 +165,6 @@ def read_tokens(path: str | Path) -> np.ndarray:
 def write_token_stream(path: str | Path, texts: Iterable[str], tokenizer, separator_id: int,
                        max_tokens: int, attrs: dict) -> int:
     """Write one flat stream of token ids (training data) and return its length."""
-    chunks, have = [], 0
-    for ids in token_stream(texts, tokenizer, separator_id):
-        chunks.append(ids)
-        have += len(ids)
-        if have >= max_tokens:
-            break
-    stream = np.concatenate(chunks)[:max_tokens]
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("tokens", data=stream)
-            for k, v in attrs.items():
-                f.attrs[k] = v
+    stream = first_tokens(texts, tokenizer, separator_id, max_tokens)
+    write_tokens(path, stream, attrs)
     return len(stream)
