@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         why = f" (no luigid answered on 127.0.0.1:{args.scheduler_port})" if local else ""
     else:
         local, why = args.scheduler == "local", ""
+        if not local and not scheduler.answers(args.scheduler_port):
+            print(f"error: SCHEDULER=central but no luigid answers on 127.0.0.1:{args.scheduler_port}; "
+                  f"start one with `make scheduler` or use SCHEDULER=auto", file=sys.stderr)
+            return 2
     where = "local" if local else f"central luigid on 127.0.0.1:{args.scheduler_port}"
     console.print(f"Scheduler: {where}{why}; device: {roots[0].device}", highlight=False)
     try:

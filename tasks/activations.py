@@ -29,11 +29,13 @@ class CacheActivations(CheckpointParams, PipelineTask):
         return Path(self.clone(TokenizeDataset).output().path)
 
     def cache_attrs(self) -> dict:
-        """What the cache was made from; recorded in it and checked before it is reused."""
-        location, revision = model_location(self.spec, self.checkpoint)
-        return {"model": self.spec.name, "location": location, "revision": revision or "",
+        """What the cache was made from, in normalised names (however the user spelled the
+        model's path or the store's); recorded in it and checked before it is reused."""
+        _, revision = model_location(self.spec, self.checkpoint)
+        tokens = self.tokens_file()
+        return {"model": self.spec.model_id, "revision": revision or "",
                 "checkpoint": -1 if self.checkpoint is None else self.checkpoint,
-                "tokens_file": str(self.tokens_file()), "hook": "blocks.<layer>.mlp.hook_post"}
+                "tokens_file": f"{tokens.parent.name}/{tokens.name}", "hook": "blocks.<layer>.mlp.hook_post"}
 
     def output(self):
         return H5Target(store().activations(self.spec.model_id, self.checkpoint, self.tokens_file()),

@@ -8,7 +8,6 @@ import luigi
 import pandas as pd
 
 from tasks.common import PipelineTask, RunParams, TaskProgress
-from tasks.correlation import Correlations
 from tasks.data import TokenizeDataset
 from tasks.zoo import model_requirement
 from unlib.correlation import LayerResult, excess_tables
@@ -29,7 +28,7 @@ class ExcessCorrelation(RunParams, PipelineTask):
     """excess_correlation_scores.csv and pairwise_correlations.csv of the reference model."""
 
     def requires(self):
-        return self.clone(Correlations)
+        return self.correlations()
 
     def output(self):
         d = self.results_dir()
@@ -118,7 +117,7 @@ class UniversalNeuronsAnalysis(RunParams, PipelineTask):
         excess = pd.read_csv(self.input()["excess"]["excess"].path)
         universal = pd.read_csv(self.input()["universal"].path)
         summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)
-        correlation = LayerResult.attributes(self.clone(Correlations).output()[(self.reference, 0)].path)
+        correlation = LayerResult.attributes(self.correlations().output()[(self.reference, 0)].path)
         ms = self.model_set
         write_json(self.output().path, {
             "model_set": ms.name, "models": [m.name for m in ms.models],

@@ -18,10 +18,11 @@ from tasks.analysis import UniversalNeuronsAnalysis
 from tasks.common import DEFAULTS, store
 from unlib import UserError
 from unlib.activations import cache_bytes
-from unlib.correlation import parse_bytes
+from tasks.correlation import CHUNK_TOKENS
+from unlib.correlation import ExcessCorrelationEngine, parse_bytes
 from unlib.data import OFFLINE_CORPUS, check_dataset
-from unlib.models import (ModelError, check_checkpoint, check_same_tokenizer, mlp_shape, resolve_device,
-                          resolve_model_set)
+from unlib.models import (ModelError, check_checkpoint, check_same_tokenizer, max_context, mlp_shape,
+                          resolve_device, resolve_model_set)
 from unlib.selection import UniversalNeuronAnalyzer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,6 +61,10 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
     for spec in model_set.models:
         check_checkpoint(spec, checkpoint)
         mlp_shape(spec, checkpoint)  # reads each config now, so an unreachable model fails before any work
+        longest = max_context(spec)
+        if longest is not None and ctx_len > longest:
+            raise ValueError(f"CTX_LEN={ctx_len} is longer than model {spec.name} takes ({longest} tokens); "
+                             f"use CTX_LEN={longest} or less")
     if n_tokens < 2:
         raise ValueError(f"N_TOKENS={n_tokens} is too small: use at least 2 tokens (the default is {DEFAULTS['n_tokens']})")
     if ctx_len < 2:
@@ -74,9 +79,11 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
         raise ValueError(f"CACHE={cache!r} must be 1 (cache activations), 0 (run the models instead) or auto")
     if memory:
         try:
-            parse_bytes(memory)
-        except ValueError:
+            budget = parse_bytes(memory)
+        except (ValueError, OverflowError):
             raise ValueError(f"CORR_MEMORY={memory!r} is not a size: use e.g. 8G, 512M or a number of bytes") from None
+        sizes = [[d] * n for n, d in (mlp_shape(m, checkpoint) for m in model_set.models)]
+        ExcessCorrelationEngine(sizes, references, rotations, rotation_seed, "cpu", budget, CHUNK_TOKENS)  # plans
     check_dataset(dataset)
     if model_set.zoo is None:
         check_same_tokenizer(model_set.models)
@@ -119,32 +126,59 @@ class RunReport:
     run_by_other_worker: list[str]
 
 
+RETRIES = 2
+
+
 def run_analysis(roots: list[luigi.Task], workers: int = 1, local_scheduler: bool = True,
-                 scheduler_port: int = 8082) -> RunReport:
+                 scheduler_port: int = 8082, wait_seconds: float = 2.0) -> RunReport:
     """Run the graph until the roots are complete. Raises the task's UserError when a user
-    mistake stopped it (e.g. a dataset too small), AnalysisFailed for anything else."""
+    mistake stopped it (e.g. a dataset too small), AnalysisFailed for anything else.
+
+    A Luigi worker exits once nothing is left that it can run, also while another worker
+    (another process sharing the central scheduler) still runs part of the graph, or a
+    dead worker's task waits to be released. So the roots' completeness is checked, and
+    the build repeated while another worker holds tasks, and after a failure (RETRIES times,
+    once the scheduler's retry delay has passed)."""
     from luigi.execution_summary import _summary_dict
 
     start = time.monotonic()
     kwargs = {"local_scheduler": True} if local_scheduler else {"scheduler_host": "127.0.0.1",
                                                                  "scheduler_port": scheduler_port}
+    retry_delay = luigi.configuration.get_config().getfloat("scheduler", "retry_delay", 3.0)
+    ran, seen_done, elsewhere, retries = set(), set(), set(), RETRIES
+    patience = start + 120  # seconds to wait for tasks the scheduler does not grant us
     with tempfile.TemporaryDirectory() as error_dir:
         os.environ["UNLIB_ERROR_DIR"] = error_dir  # forked workers inherit it
         try:
-            result = luigi.build(roots, workers=workers, detailed_summary=True, **kwargs)
+            while True:
+                result = luigi.build(roots, workers=workers, detailed_summary=True, **kwargs)
+                summary = _summary_dict(result.worker)
+                ran |= {t.task_id for t in summary["completed"]}
+                seen_done |= {t.task_id for t in summary["already_done"]}
+                elsewhere |= {t.task_id for t in summary["run_by_other_worker"]}
+                if all(root.complete() for root in roots) or summary["scheduling_error"] \
+                        or any(Path(error_dir).iterdir()):
+                    break
+                if summary["failed"]:
+                    if retries == 0:
+                        break
+                    retries -= 1
+                    time.sleep(retry_delay + 1)
+                elif summary["run_by_other_worker"] or (summary["not_run"] and time.monotonic() < patience):
+                    # another worker runs tasks we need, or the scheduler has not yet released a
+                    # killed worker's task (worker_disconnect_delay): ask again shortly
+                    time.sleep(wait_seconds)
+                else:
+                    break
         finally:
             del os.environ["UNLIB_ERROR_DIR"]
         user_errors = sorted({p.read_text() for p in Path(error_dir).glob("*.txt")})
-    # A worker may exit happily while a task it depends on was left "running" by a dead
-    # worker; only the roots' own completeness says the analysis is done.
     if not all(root.complete() for root in roots):
         if user_errors:
             raise UserError(user_errors[0])
         raise AnalysisFailed(result.summary_text, luigi.retcodes.retcode().task_failed or 1)
-    summary = _summary_dict(result.worker)
-    return RunReport(time.monotonic() - start, sorted(t.task_id for t in summary["completed"]),
-                     sorted(t.task_id for t in summary["already_done"]),
-                     sorted(t.task_id for t in summary["run_by_other_worker"]))
+    return RunReport(time.monotonic() - start, sorted(ran), sorted(seen_done - elsewhere - ran),
+                     sorted(elsewhere - ran))
 
 
 def read_results(root: UniversalNeuronsAnalysis) -> dict[str, pd.DataFrame]:

@@ -105,6 +105,13 @@ class RunParams(CorrelationParams):
     threshold = luigi.OptionalFloatParameter(default=None, description="None = the model set's default")
     top_k = luigi.OptionalIntParameter(default=None)
 
+    def correlations(self):
+        """The correlation task this run reads. With all_references, every reference's run
+        shares one task (reference 0 names it), so the pass over the tokens happens once."""
+        from tasks.correlation import Correlations
+
+        return self.clone(Correlations, reference=0) if self.all_references else self.clone(Correlations)
+
     @property
     def effective_threshold(self) -> float:
         return self.model_set.default_threshold if self.threshold is None else self.threshold

@@ -2,13 +2,16 @@
 the disk, over the models run batch by batch), writing one target per reference layer."""
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import shutil
 import time
+from pathlib import Path
 
 from tasks.activations import CacheActivations
 from tasks.common import CorrelationParams, H5Target, PipelineTask, TaskProgress, store
-from tasks.data import TokenizeDataset
+from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
 from unlib.activations import ActivationCache, cache_bytes, cached_chunks, choose_feed, model_chunks
 from unlib.correlation import ExcessCorrelationEngine, parse_bytes
@@ -29,19 +32,30 @@ class Correlations(CorrelationParams, PipelineTask):
     def references(self) -> list[int]:
         return list(range(len(self.model_set.models))) if self.all_references else [self.reference]
 
+    @functools.cached_property
     def feed(self) -> tuple[bool, str]:
-        shapes = [mlp_shape(m, self.checkpoint) for m in self.model_set.models]
-        store().root.mkdir(parents=True, exist_ok=True)
-        return choose_feed(self.cache, cache_bytes(self.n_tokens, shapes), shutil.disk_usage(store().root).free)
+        """(read activation caches?, why), decided once per task. Caches already written,
+        fully or in part, count as room they already have."""
+        if self.cache == "0":
+            return choose_feed("0", 0, 0)
+        caches = [self.clone(CacheActivations, model=i).output().path for i in range(len(self.model_set.models))]
+        missing = [m for m, path in zip(self.model_set.models, caches) if not os.path.exists(path)]
+        if not missing:
+            return True, "the activation caches exist"
+        partials = [Path(p).with_name(Path(p).stem + ".partial.h5") for p in caches]
+        partial = sum(p.stat().st_size for p in partials if p.exists())
+        needed = cache_bytes(self.n_tokens, [mlp_shape(m, self.checkpoint) for m in missing]) - partial
+        existing = next(p for p in [store().root, *store().root.resolve().parents] if p.exists())
+        return choose_feed(self.cache, needed, shutil.disk_usage(existing).free)
 
     def requires(self):
-        if self.feed()[0]:
+        if self.feed[0]:
             return [self.clone(CacheActivations, model=i) for i in range(len(self.model_set.models))]
         return [self.clone(TokenizeDataset)] + [t for m in self.model_set.models for t in model_requirement(m)]
 
     def run_inputs(self) -> dict:
         return {"models": [m.model_id for m in self.model_set.models], "checkpoint": self.checkpoint,
-                "dataset": self.dataset, "n_tokens": self.n_tokens, "ctx_len": self.ctx_len,
+                "dataset": dataset_id(self.dataset), "n_tokens": self.n_tokens, "ctx_len": self.ctx_len,
                 "rotations": self.rotations, "rotation_seed": self.rotation_seed}
 
     def run_key(self) -> str:
@@ -57,9 +71,12 @@ class Correlations(CorrelationParams, PipelineTask):
                 for ref in self.references for layer in range(mlp_shape(models[ref], self.checkpoint)[0])}
 
     def run(self):
-        use_cache, why = self.feed()
+        use_cache, why = self.feed
         models = self.model_set.models
+        targets = self.output()
         sizes = [[d] * n for n, d in (mlp_shape(m, self.checkpoint) for m in models)]
+        if not use_cache:  # models first, so the engine's budget is what they leave free
+            loaded = [load_model(m, self.checkpoint, self.device) for m in models]
         budget = parse_bytes(self.memory) if self.memory else None
         engine = ExcessCorrelationEngine(sizes, self.references, self.rotations, self.rotation_seed, self.device,
                                          budget, CHUNK_TOKENS)
@@ -70,7 +87,6 @@ class Correlations(CorrelationParams, PipelineTask):
         else:
             tokens = read_tokens(self.input()[0].path)
             n_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
-            loaded = [load_model(m, self.checkpoint, self.device) for m in models]
             chunks = lambda needed: model_chunks(loaded, tokens, BATCH_SEQUENCES, self.device)  # noqa: E731
         path = "activation caches" if use_cache else "models run batch by batch (no cache)"
         plan = f"{len(engine.passes)} pass(es), {sum(map(len, engine.passes))} accumulators"
@@ -88,7 +104,7 @@ class Correlations(CorrelationParams, PipelineTask):
         names = [m.name for m in models]
         for ref, layers in results.items():
             for result in layers:
-                result.save(self.output()[(ref, result.layer)].path, {
+                result.save(targets[(ref, result.layer)].path, {
                     "provenance": provenance(self.layer_provenance(ref, result.layer)),
                     "reference": names[ref], "others": [names[m] for m in result.others],
                     "n_tokens": n_tokens, "rotations": self.rotations, "rotation_seed": self.rotation_seed,

@@ -31,7 +31,7 @@ class TokenizeDataset(TokenParams, PipelineTask):
         return []
 
     def token_attrs(self) -> dict:
-        return {"dataset": self.dataset, "tokenizer": self.tokenizer_id(), "n_tokens": self.n_tokens,
+        return {"dataset": dataset_id(self.dataset), "tokenizer": self.tokenizer_id(), "n_tokens": self.n_tokens,
                 "ctx_len": self.ctx_len}
 
     def output(self):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from unlib.correlation import ExcessCorrelationEngine, haar_orthogonal
+from unlib.correlation import ExcessCorrelationEngine, MemoryBudgetError, haar_orthogonal
 
 LAYERS = [[12, 20], [12, 20], [16, 8, 8]]
 
@@ -112,7 +112,7 @@ def test_a_small_memory_budget_splits_the_work_into_passes_with_the_same_numbers
             np.testing.assert_allclose(x.max_corr, y.max_corr, atol=1e-5)
             np.testing.assert_allclose(x.baseline_max_corr, y.baseline_max_corr, atol=1e-5)
             assert np.array_equal(x.max_neuron, y.max_neuron)
-    with pytest.raises(MemoryError, match="CORR_MEMORY"):
+    with pytest.raises(MemoryBudgetError, match="CORR_MEMORY"):
         ExcessCorrelationEngine(LAYERS, 0, memory_budget=roomy.fixed_bytes() + 10)
 
 

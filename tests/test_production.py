@@ -179,7 +179,7 @@ def save_tiny_model(path: Path, text: str) -> None:
     from unlib.zoo import train_tokenizer
 
     tokenizer = train_tokenizer([text] * 50, 300, 10**5, path)
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_inner=32, n_head=2, n_positions=16, bos_token_id=0,
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_inner=32, n_head=2, n_positions=64, bos_token_id=0,
                                eos_token_id=0, vocab_size=len(tokenizer))).save_pretrained(str(path))
 
 

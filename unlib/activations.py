@@ -86,23 +86,42 @@ class ActivationCache:
 
 def _prefetched(items: Iterator, depth: int = 2) -> Iterator:
     """Produce `items` in a background thread, `depth` ahead, so the disk reads of the
-    next chunk overlap the arithmetic on this one."""
+    next chunk overlap the arithmetic on this one. If the consumer stops early (an error,
+    a closed generator) the thread stops too and `items` is closed (its files with it)."""
     out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
     done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce():
         try:
             for item in items:
-                out.put(item)
+                if not put(item):
+                    return
         except BaseException as exc:  # handed to the consumer, re-raised there
-            out.put(exc)
-        out.put(done)
+            put(exc)
+        finally:
+            items.close()
+        put(done)
 
-    threading.Thread(target=produce, daemon=True).start()
-    while (item := out.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := out.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def cached_chunks(caches: list[ActivationCache], chunk_tokens: int, device: str | torch.device = "cpu",

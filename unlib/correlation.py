@@ -14,6 +14,7 @@ How it stays fast and exact (DESIGN.md section 3):
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Iterable
 
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from unlib import UserError
 from unlib.store import write_small_h5
 
 
@@ -88,13 +90,17 @@ class Unit:
     col_model: int
 
 
+class MemoryBudgetError(UserError):
+    """CORR_MEMORY is too small for the smallest unit of work."""
+
+
 def parse_bytes(text: str) -> int:
-    """'8G', '512M', '1.5GB' or a plain number of bytes."""
+    """'8G', '512M', '1.5GB' or a plain number of bytes (at least one)."""
     value = text.strip().upper().removesuffix("B")
     scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(value[-1:], 1)
     number = float(value[:-1] if scale > 1 else value)
-    if number <= 0:
-        raise ValueError
+    if not math.isfinite(number) or number * scale < 1:
+        raise ValueError(f"not a positive size: {text!r}")
     return int(number * scale)
 
 
@@ -179,7 +185,7 @@ class ExcessCorrelationEngine:
             units.append(Unit(row, tuple(block), col))
         need = max(self.unit_bytes(u) for u in units)
         if need > room:
-            raise MemoryError(f"the correlation engine needs at least {(need + self.fixed_bytes()) / 2**30:.2f} GiB "
+            raise MemoryBudgetError(f"the correlation engine needs at least {(need + self.fixed_bytes()) / 2**30:.2f} GiB "
                               f"but CORR_MEMORY allows {self.memory_budget / 2**30:.2f} GiB; raise CORR_MEMORY")
         passes, current, used = [], [], 0
         for unit in units:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import os
 from pathlib import Path
 
@@ -153,6 +154,7 @@ def model_location(spec: ModelSpec, checkpoint: int | None) -> tuple[str, str | 
     return spec.source, (f"checkpoint-{checkpoint}" if checkpoint is not None else None)
 
 
+@functools.lru_cache(maxsize=None)
 def mlp_shape(spec: ModelSpec, checkpoint: int | None) -> tuple[int, int]:
     """(n_layers, d_mlp), read from the model's config without loading weights."""
     if spec.zoo is not None:
@@ -166,6 +168,17 @@ def mlp_shape(spec: ModelSpec, checkpoint: int | None) -> tuple[int, int]:
         raise _unreachable(spec, revision) from exc
     d_mlp = getattr(config, "n_inner", None) or getattr(config, "intermediate_size", None) or 4 * config.hidden_size
     return config.num_hidden_layers, d_mlp
+
+
+def max_context(spec: ModelSpec) -> int | None:
+    """The longest sequence the model takes (None when its config does not say)."""
+    if spec.zoo is not None:
+        return ZOOS[spec.zoo].ctx_len
+    from transformers import AutoConfig
+
+    location, revision = model_location(spec, None)
+    config = AutoConfig.from_pretrained(location, revision=revision)
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
 def _unreachable(spec: ModelSpec, revision: str | None) -> ModelError:

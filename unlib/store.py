@@ -76,6 +76,19 @@ def _with_variant(name: str, variant: dict | None) -> str:
     return "_".join(parts)
 
 
+def durable_replace(source: Path, target: Path) -> None:
+    """Rename source onto target so that after a crash or power loss the target is either
+    the old file or the whole new one: flush the data, rename, flush the directory entry."""
+    with open(source, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(source, target)
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds,
@@ -85,7 +98,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -151,7 +164,7 @@ class PartialH5:
 
     def finish(self) -> None:
         self.file.close()
-        os.replace(self.partial, self.path)
+        durable_replace(self.partial, self.path)
 
     def close(self) -> None:
         if self.file is not None and self.file.id.valid:
