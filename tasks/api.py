@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -100,9 +99,7 @@ def check_disk(model_set, checkpoint: int | None, n_tokens: int, cache: str) -> 
     """Refuse a run whose files will not fit the free disk, before any work starts. The
     activation caches count when they are forced (CACHE=1); under CACHE=auto the run
     streams instead of caching when they do not fit."""
-    root = store().root
-    existing = next(p for p in [root, *root.resolve().parents] if p.exists())
-    free = shutil.disk_usage(existing).free
+    existing, free = store().free_disk()
     needed = 4 * n_tokens + 2**20 * 64  # token file, results and small per-layer files
     what = "token file and results"
     if cache == "1":

@@ -5,9 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 import time
-from pathlib import Path
 
 from tasks.activations import CacheActivations
 from tasks.common import CorrelationParams, H5Target, PipelineTask, TaskProgress, store
@@ -17,7 +15,7 @@ from unlib.activations import ActivationCache, cache_bytes, cached_chunks, choos
 from unlib.correlation import ExcessCorrelationEngine, parse_bytes
 from unlib.data import read_tokens
 from unlib.models import load_model, mlp_shape
-from unlib.store import checkpoint_label, provenance, short_hash
+from unlib.store import checkpoint_label, partial_path, provenance, short_hash
 
 logger = logging.getLogger("luigi-interface")
 CHUNK_TOKENS = 4096
@@ -42,11 +40,9 @@ class Correlations(CorrelationParams, PipelineTask):
         missing = [m for m, path in zip(self.model_set.models, caches) if not os.path.exists(path)]
         if not missing:
             return True, "the activation caches exist"
-        partials = [Path(p).with_name(Path(p).stem + ".partial.h5") for p in caches]
-        partial = sum(p.stat().st_size for p in partials if p.exists())
+        partial = sum(p.stat().st_size for p in map(partial_path, caches) if p.exists())
         needed = cache_bytes(self.n_tokens, [mlp_shape(m, self.checkpoint) for m in missing]) - partial
-        existing = next(p for p in [store().root, *store().root.resolve().parents] if p.exists())
-        return choose_feed(self.cache, needed, shutil.disk_usage(existing).free)
+        return choose_feed(self.cache, needed, store().free_disk()[1])
 
     def requires(self):
         if self.feed[0]:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -56,6 +57,11 @@ class Store:
 
     def correlation(self, run_key: str, reference_id: str, layer: int) -> Path:
         return self.root / "correlation" / run_key / slug(reference_id) / f"layer_{layer:03d}.h5"
+
+    def free_disk(self) -> tuple[Path, int]:
+        """(the nearest existing folder at or above the store root, its free bytes)."""
+        existing = next(p for p in [self.root, *self.root.resolve().parents] if p.exists())
+        return existing, shutil.disk_usage(existing).free
 
     def results(self, model_set: str, checkpoint: int | None, variant: dict | None = None) -> Path:
         """results/<model set>/<checkpoint>[_<param>-<value>...]: the suffix names each
@@ -114,6 +120,12 @@ def write_small_h5(path: str | Path, arrays: dict, attrs: dict) -> None:
                 f.attrs[key] = value
 
 
+def partial_path(path: str | Path) -> Path:
+    """Where PartialH5 writes `path` until it is finished."""
+    path = Path(path)
+    return path.with_name(path.stem + ".partial.h5")
+
+
 class PartialH5:
     """Crash-safe writer for a large row-blocked HDF5 file.
 
@@ -126,7 +138,7 @@ class PartialH5:
     def __init__(self, path: str | Path, datasets: dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]],
                  attrs: dict):
         self.path = Path(path)
-        self.partial = self.path.with_name(self.path.stem + ".partial.h5")
+        self.partial = partial_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = None
         if self.partial.exists():
