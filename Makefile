@@ -2,9 +2,10 @@
 PYTHON ?= .venv/bin/python
 MODELS ?= toy-zoo
 CHECKPOINT ?=
-DATASET ?= python-stdlib
+DATASET ?=
 N_TOKENS ?=
-CTX_LEN ?= 64
+CTX_LEN ?=
+EXCLUDE_TOKENS ?=
 REFERENCE ?= 0
 ROTATIONS ?= 5
 THRESHOLD ?=
@@ -38,6 +39,7 @@ setup: $(SETUP)
 	touch $@
 
 RUN_ARGS = --models "$(MODELS)" --dataset "$(DATASET)" --n-tokens "$(N_TOKENS)" --ctx-len "$(CTX_LEN)" \
+	--exclude-tokens "$(EXCLUDE_TOKENS)" \
 	--reference "$(REFERENCE)" --rotations "$(ROTATIONS)" --threshold "$(THRESHOLD)" --top-k "$(TOP_K)" \
 	--device "$(DEVICE)" --workers "$(WORKERS)" --scheduler "$(SCHEDULER)" --scheduler-port "$(SCHEDULER_PORT)" \
 	--cache "$(CACHE)" --memory "$(CORR_MEMORY)" $(if $(QUICK),--quick)

@@ -13,7 +13,6 @@ from tasks import scheduler
 from tasks.api import AnalysisFailed, build_analyses, read_results, run_analysis
 from tasks.common import DEFAULTS
 from unlib import UserError
-from unlib.data import OFFLINE_CORPUS
 from tasks.report import CompareCheckpoints, RunReport
 from unlib.report import print_comparison, print_summary
 
@@ -43,9 +42,10 @@ class OneLineParser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--models", default=DEFAULTS["models"])
-    common.add_argument("--dataset", default=OFFLINE_CORPUS)
+    common.add_argument("--dataset", default="", help="empty: the model set's default dataset")
     common.add_argument("--n-tokens", type=number(int, "N_TOKENS", optional=True), default=None)
-    common.add_argument("--ctx-len", type=number(int, "CTX_LEN"), default=DEFAULTS["ctx_len"])
+    common.add_argument("--ctx-len", type=number(int, "CTX_LEN", optional=True), default=None)
+    common.add_argument("--exclude-tokens", default="", help="EXCLUDE_TOKENS; empty: the model set's default")
     common.add_argument("--reference", default="0")
     common.add_argument("--rotations", type=number(int, "ROTATIONS"), default=DEFAULTS["rotations"])
     common.add_argument("--threshold", type=number(float, "THRESHOLD", optional=True), default=None)
@@ -88,8 +88,9 @@ def build(args) -> list:
     n_tokens = args.n_tokens or (QUICK_TOKENS if args.quick else DEFAULTS["n_tokens"])
     steps = parse_steps(args.checkpoints) if args.command == "compare" else [args.checkpoint]
     roots = [root for step in steps for root in build_analyses(
-        args.models, step, args.dataset, n_tokens, args.ctx_len, args.reference, args.rotations,
-        DEFAULTS["rotation_seed"], args.threshold, args.top_k, args.device, args.cache, args.memory)]
+        args.models, step, dataset=args.dataset, n_tokens=n_tokens, ctx_len=args.ctx_len, reference=args.reference,
+        rotations=args.rotations, threshold=args.threshold, top_k=args.top_k, device=args.device, cache=args.cache,
+        memory=args.memory, exclude_tokens=args.exclude_tokens)]
     if args.command == "compare":
         return [root.clone(CompareCheckpoints, checkpoints=steps) for root in roots if root.checkpoint == steps[0]]
     reports = [root.clone(RunReport) for root in roots]

@@ -42,8 +42,7 @@ class CacheActivations(CheckpointParams, PipelineTask):
                         self.cache_attrs())
 
     def run(self):
-        tokens = read_tokens(self.input()["tokens"].path)
+        tokens, keep = read_tokens(self.input()["tokens"].path)
         model = load_model(self.spec, self.checkpoint, self.device)
-        n_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
-        with TaskProgress(self, f"cache {self.spec.name}", n_tokens) as progress:
-            cache_activations(model, tokens, self.output().path, self.cache_attrs(), progress=progress)
+        with TaskProgress(self, f"cache {self.spec.name}", int(keep.sum())) as progress:
+            cache_activations(model, tokens, keep, self.output().path, self.cache_attrs(), progress=progress)

@@ -8,10 +8,10 @@ import luigi
 import pandas as pd
 
 from tasks.common import PipelineTask, RunParams, TaskProgress
-from tasks.data import TokenizeDataset
+from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
 from unlib.correlation import LayerResult, excess_tables
-from unlib.data import read_tokens
+from unlib.data import DOCUMENT_SEED, read_tokens, token_file_record
 from unlib.models import load_model, model_location
 from unlib.plots import UniversalNeuronVisualizer
 from unlib.selection import UniversalNeuronAnalyzer
@@ -54,10 +54,10 @@ class NeuronStats(RunParams, PipelineTask):
         return luigi.LocalTarget(self.results_dir() / "neuron_stats.csv")
 
     def run(self):
-        tokens = read_tokens(self.input()["tokens"].path)
+        tokens, keep = read_tokens(self.input()["tokens"].path)
         model = load_model(self.model_set.models[self.reference], self.checkpoint, self.device)
         with TaskProgress(self, "neuron stats", tokens.shape[0], "sequences") as progress:
-            stats = NeuronStatsGenerator(model).compute(tokens, progress=progress)
+            stats = NeuronStatsGenerator(model).compute(tokens, keep, progress=progress)
         write_csv(stats, self.output().path)
 
 
@@ -118,12 +118,15 @@ class UniversalNeuronsAnalysis(RunParams, PipelineTask):
         universal = pd.read_csv(self.input()["universal"].path)
         summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)
         correlation = LayerResult.attributes(self.correlations().output()[(self.reference, 0)].path)
+        token_file = token_file_record(self.clone(TokenizeDataset).output().path)
         ms = self.model_set
         write_json(self.output().path, {
             "model_set": ms.name, "models": [m.name for m in ms.models],
             "locations": [model_location(m, self.checkpoint) for m in ms.models],
             "reference": ms.models[self.reference].name, "checkpoint": self.checkpoint,
-            "dataset": self.dataset, "n_tokens": self.n_tokens, "ctx_len": self.ctx_len,
+            "dataset": self.dataset, "dataset_id": dataset_id(self.dataset), "document_seed": DOCUMENT_SEED,
+            "n_tokens": self.n_tokens, "ctx_len": self.ctx_len, "exclude_tokens": self.exclude_tokens,
+            "exclude_ids": token_file["exclude_ids"], "positions": token_file["counts"],
             "rotations": self.rotations, "rotation_seed": self.rotation_seed,
             "threshold": self.effective_threshold, "top_k": self.top_k, "device": self.device,
             "correlation_seconds": round(float(correlation["seconds"]), 2), "correlation_feed": correlation["feed"],

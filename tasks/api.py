@@ -19,9 +19,9 @@ from unlib import UserError
 from unlib.activations import cache_bytes
 from tasks.correlation import CHUNK_TOKENS
 from unlib.correlation import ExcessCorrelationEngine, parse_bytes
-from unlib.data import OFFLINE_CORPUS, check_dataset
-from unlib.models import (ModelError, check_checkpoint, check_same_tokenizer, max_context, mlp_shape,
-                          resolve_device, resolve_model_set)
+from unlib.data import check_dataset, exclusion_ids, parse_exclusion
+from unlib.models import (ModelError, check_checkpoint, check_same_tokenizer, load_tokenizer, max_context,
+                          mlp_shape, resolve_device, resolve_model_set)
 from unlib.selection import UniversalNeuronAnalyzer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,15 +37,21 @@ class AnalysisFailed(RuntimeError):
 
 
 def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = None,
-                   dataset: str = OFFLINE_CORPUS, n_tokens: int = DEFAULTS["n_tokens"],
-                   ctx_len: int = DEFAULTS["ctx_len"], reference: str | int = 0,
+                   dataset: str | None = None, n_tokens: int = DEFAULTS["n_tokens"],
+                   ctx_len: int | None = None, reference: str | int = 0,
                    rotations: int = DEFAULTS["rotations"], rotation_seed: int = DEFAULTS["rotation_seed"],
                    threshold: float | None = None, top_k: int | None = None, device: str = "auto",
-                   cache: str = "auto", memory: str = "") -> list[UniversalNeuronsAnalysis]:
+                   cache: str = "auto", memory: str = "",
+                   exclude_tokens: str | None = None) -> list[UniversalNeuronsAnalysis]:
     """Validate the parameters (raising ValueError with a one-line message) and return the
     root task of the analysis: one per reference model ("all" scores every model of the
-    set in the same correlation pass)."""
+    set in the same correlation pass). dataset, ctx_len and exclude_tokens default to the
+    model set's own (ctx_len capped at the models' maximum context)."""
     model_set = resolve_model_set(models, store().root)
+    defaults = model_set.defaults
+    dataset = defaults.dataset if dataset in (None, "") else dataset
+    exclude_tokens = ",".join(parse_exclusion(defaults.exclude_tokens if exclude_tokens in (None, "")
+                                              else exclude_tokens)) or "none"
     names = [m.name for m in model_set.models]
     if str(reference) == "all":
         references = list(range(len(names)))
@@ -60,6 +66,9 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
     for spec in model_set.models:
         check_checkpoint(spec, checkpoint)
         mlp_shape(spec, checkpoint)  # reads each config now, so an unreachable model fails before any work
+    if ctx_len is None:
+        ctx_len = min([defaults.ctx_len] + [c for c in map(max_context, model_set.models) if c is not None])
+    for spec in model_set.models:
         longest = max_context(spec)
         if longest is not None and ctx_len > longest:
             raise ValueError(f"CTX_LEN={ctx_len} is longer than model {spec.name} takes ({longest} tokens); "
@@ -86,10 +95,11 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
     check_dataset(dataset)
     if model_set.zoo is None:
         check_same_tokenizer(model_set.models)
+        exclusion_ids(exclude_tokens, load_tokenizer(model_set, store().root))  # a bad token string fails now
     device = resolve_device(device)
     check_disk(model_set, checkpoint, n_tokens, cache)
     return [UniversalNeuronsAnalysis(models=models, checkpoint=checkpoint, dataset=dataset, n_tokens=n_tokens,
-                                     ctx_len=ctx_len, reference=ref, rotations=rotations, rotation_seed=rotation_seed,
+                                     ctx_len=ctx_len, exclude_tokens=exclude_tokens, reference=ref, rotations=rotations, rotation_seed=rotation_seed,
                                      threshold=threshold, top_k=top_k, device=device, cache=cache, memory=memory,
                                      all_references=len(references) > 1)
             for ref in references]
@@ -189,20 +199,22 @@ def read_results(root: UniversalNeuronsAnalysis) -> dict[str, pd.DataFrame]:
     return out
 
 
-def run_universal_neurons_analysis(model_names: str | list[str] = "toy-zoo", dataset: str = OFFLINE_CORPUS,
+def run_universal_neurons_analysis(model_names: str | list[str] = "toy-zoo", dataset: str | None = None,
                                    checkpoint_value: int | None = None, excess_threshold: float | None = None,
                                    top_k: int | None = None, n_rotation_samples: int = 5,
-                                   n_tokens: int = DEFAULTS["n_tokens"], ctx_len: int = DEFAULTS["ctx_len"],
+                                   n_tokens: int = DEFAULTS["n_tokens"], ctx_len: int | None = None,
                                    reference: str | int = 0, device: str = "auto", workers: int = 1,
-                                   store_dir: str | None = None) -> dict:
+                                   store_dir: str | None = None, exclude_tokens: str | None = None) -> dict:
     """Build and run the analysis graph (Luigi, local scheduler) and return its tables as
     DataFrames: excess, pairwise, stats, universal, layer_summary. With reference="all",
-    returns {model name: tables} for every model of the set."""
+    returns {model name: tables} for every model of the set. dataset, ctx_len and
+    exclude_tokens default to the model set's own."""
     if store_dir is not None:
         os.environ["UNLIB_STORE"] = str(store_dir)
     models = model_names if isinstance(model_names, str) else ",".join(model_names)
-    roots = build_analyses(models, checkpoint_value, dataset, n_tokens, ctx_len, reference,
-                           n_rotation_samples, DEFAULTS["rotation_seed"], excess_threshold, top_k, device)
+    roots = build_analyses(models, checkpoint_value, dataset=dataset, n_tokens=n_tokens, ctx_len=ctx_len,
+                           reference=reference, rotations=n_rotation_samples, threshold=excess_threshold,
+                           top_k=top_k, device=device, exclude_tokens=exclude_tokens)
     run_analysis(roots, workers=workers)
     if str(reference) == "all":
         return {root.model_set.models[root.reference].name: read_results(root) for root in roots}

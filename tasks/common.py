@@ -17,8 +17,11 @@ from unlib.store import Store, h5_problem, provenance, set_aside
 
 logger = logging.getLogger("luigi-interface")
 
-DEFAULTS = {"models": "toy-zoo", "dataset": OFFLINE_CORPUS, "n_tokens": 100_000, "ctx_len": 64,
-            "reference": 0, "rotations": 5, "rotation_seed": 0, "threshold": None, "top_k": None}
+# Defaults of the run parameters; dataset, ctx_len, exclude_tokens and threshold default to the
+# model set's own (unlib.models.SetDefaults).
+DEFAULTS = {"models": "toy-zoo", "n_tokens": 100_000, "reference": 0, "rotations": 5, "rotation_seed": 0,
+            "threshold": None, "top_k": None}
+SET_DEFAULTS = ("dataset", "ctx_len", "exclude_tokens")
 
 
 def store() -> Store:
@@ -72,9 +75,10 @@ class H5Target(luigi.LocalTarget):
 
 class TokenParams:
     models = luigi.Parameter(default=DEFAULTS["models"], description="model set name or comma-separated models")
-    dataset = luigi.Parameter(default=DEFAULTS["dataset"])
-    n_tokens = luigi.IntParameter(default=DEFAULTS["n_tokens"])
-    ctx_len = luigi.IntParameter(default=DEFAULTS["ctx_len"])
+    dataset = luigi.Parameter(default=OFFLINE_CORPUS, description="DATASET: local files, name[:config][@split]")
+    n_tokens = luigi.IntParameter(default=DEFAULTS["n_tokens"], description="analysed (kept) positions")
+    ctx_len = luigi.IntParameter(default=64)
+    exclude_tokens = luigi.Parameter(default="bos", description="EXCLUDE_TOKENS: tokens whose positions are dropped")
     device = luigi.Parameter(default="cpu", significant=False)
 
     @property
@@ -114,11 +118,13 @@ class RunParams(CorrelationParams):
 
     @property
     def effective_threshold(self) -> float:
-        return self.model_set.default_threshold if self.threshold is None else self.threshold
+        return self.model_set.defaults.threshold if self.threshold is None else self.threshold
 
     def variant(self) -> dict:
-        """Parameters that differ from their defaults: they name the results folder."""
-        return {k: getattr(self, k) for k in DEFAULTS if k != "models" and getattr(self, k) != DEFAULTS[k]}
+        """Parameters that differ from their defaults (the model set's, for the data): they
+        name the results folder."""
+        defaults = {**DEFAULTS, **{k: getattr(self.model_set.defaults, k) for k in SET_DEFAULTS}}
+        return {k: getattr(self, k) for k in defaults if k != "models" and getattr(self, k) != defaults[k]}
 
     def results_dir(self):
         return store().results(self.model_set.name, self.checkpoint, self.variant())

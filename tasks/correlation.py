@@ -52,7 +52,7 @@ class Correlations(CorrelationParams, PipelineTask):
     def run_inputs(self) -> dict:
         return {"models": [m.model_id for m in self.model_set.models], "checkpoint": self.checkpoint,
                 "dataset": dataset_id(self.dataset), "n_tokens": self.n_tokens, "ctx_len": self.ctx_len,
-                "rotations": self.rotations, "rotation_seed": self.rotation_seed}
+                "exclude_tokens": self.exclude_tokens, "rotations": self.rotations, "rotation_seed": self.rotation_seed}
 
     def run_key(self) -> str:
         return f"{self.model_set.name}_{checkpoint_label(self.checkpoint)}_{short_hash(self.run_inputs())}"
@@ -81,9 +81,9 @@ class Correlations(CorrelationParams, PipelineTask):
             n_tokens = caches[0].n_tokens
             chunks = lambda needed: cached_chunks(caches, CHUNK_TOKENS, self.device, needed)  # noqa: E731
         else:
-            tokens = read_tokens(self.input()[0].path)
-            n_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
-            chunks = lambda needed: model_chunks(loaded, tokens, BATCH_SEQUENCES, self.device)  # noqa: E731
+            tokens, keep = read_tokens(self.input()[0].path)
+            n_tokens = int(keep.sum())
+            chunks = lambda needed: model_chunks(loaded, tokens, keep, BATCH_SEQUENCES, self.device)  # noqa: E731
         path = "activation caches" if use_cache else "models run batch by batch (no cache)"
         plan = f"{len(engine.passes)} pass(es), {sum(map(len, engine.passes))} accumulators"
         logger.warning("correlation feed: %s, because %s; plan: %s", path, why, plan)

@@ -5,21 +5,18 @@ from tasks.common import H5Target, PipelineTask, TokenParams, store
 from tasks.zoo import ZooTokenizer
 from unlib import data
 from unlib.models import ZOOS, load_tokenizer
-from unlib.store import provenance, short_hash, slug
+from unlib.store import provenance
 
 
 def dataset_id(dataset: str) -> str:
-    """Store name of a dataset: the offline corpus's held-out split, a hub name, or local files."""
-    if dataset == data.OFFLINE_CORPUS:
-        return f"{data.OFFLINE_CORPUS}-heldout"
-    paths = data.local_files(dataset)
-    if paths is not None:
-        return f"local-{slug(paths[0].name)}-{short_hash([str(p.resolve()) for p in paths])}"
-    return dataset
+    """Store name of a dataset: the offline corpus's split, a hub name with config and split, or local files."""
+    return data.parse_dataset(dataset).dataset_id
 
 
 class TokenizeDataset(TokenParams, PipelineTask):
-    """n_tokens analysed positions of the dataset, as BOS-led sequences of ctx_len tokens."""
+    """n_tokens analysed positions of the dataset (documents in a seeded random order), as
+    BOS-led sequences of ctx_len tokens with a mask of the positions kept (not BOS, not an
+    excluded token)."""
 
     def tokenizer_id(self) -> str:
         ms = self.model_set
@@ -32,16 +29,16 @@ class TokenizeDataset(TokenParams, PipelineTask):
 
     def token_attrs(self) -> dict:
         return {"dataset": dataset_id(self.dataset), "tokenizer": self.tokenizer_id(), "n_tokens": self.n_tokens,
-                "ctx_len": self.ctx_len}
+                "ctx_len": self.ctx_len, "exclude_tokens": self.exclude_tokens, "document_seed": data.DOCUMENT_SEED}
 
     def output(self):
-        return H5Target(store().tokens(dataset_id(self.dataset), self.tokenizer_id(), self.n_tokens, self.ctx_len),
-                        self.token_attrs())
+        return H5Target(store().tokens(dataset_id(self.dataset), self.tokenizer_id(), self.n_tokens, self.ctx_len,
+                                       self.exclude_tokens, data.DOCUMENT_SEED), self.token_attrs())
 
     def run(self):
         tokenizer = load_tokenizer(self.model_set, store().root)
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.set_status_message(f"tokenizing {self.dataset}")
         data.write_token_sequences(self.output().path, data.load_texts(self.dataset), tokenizer, bos,
-                                   self.n_tokens, self.ctx_len,
+                                   self.n_tokens, self.ctx_len, data.exclusion_ids(self.exclude_tokens, tokenizer),
                                    {**self.token_attrs(), "provenance": provenance(self.token_attrs())})

@@ -48,8 +48,9 @@ class RunReport(RunParams, PipelineTask):
                                figures["max_correlation_vs_baseline"], f"({self.model_set.name}, {d.name})")
         self.set_status_message("neuron cards: activations and contexts of the top universal neurons")
         model = load_model(self.model_set.models[self.reference], self.checkpoint, self.device)
-        cards = neuron_cards(model, load_tokenizer(self.model_set, store().root),
-                             read_tokens(self.input()["tokens"].path), universal, pairwise, top=TOP_CARDS)
+        tokens, keep = read_tokens(self.input()["tokens"].path)
+        cards = neuron_cards(model, load_tokenizer(self.model_set, store().root), tokens, keep, universal, pairwise,
+                             top=TOP_CARDS)
         summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)
         write_text(self.output().path, run_report_html(run, excess, stats, universal, summary, figures, cards))
 

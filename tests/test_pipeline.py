@@ -102,10 +102,12 @@ def test_neuron_stats_match_the_model_run_directly(run):
     tokens_file = next(run["store"].glob("tokens/*/*.h5"))
     with h5py.File(tokens_file, "r") as f:
         tokens = torch.from_numpy(f["tokens"][:].astype(np.int64))
+        keep = torch.from_numpy(f["keep"][:])
+    assert not keep[:, 0].any() and not keep[tokens == 0].any(), "BOS and document separators are excluded"
     w_u = model.lm_head.weight.detach().double().numpy().T
     pre = {}
     hooks = [block.mlp.c_fc.register_forward_hook(
-        lambda mod, inp, out, l=l: pre.setdefault(l, []).append(out[:, 1:].reshape(-1, out.shape[-1])))
+        lambda mod, inp, out, l=l: pre.setdefault(l, []).append(out[keep]))
         for l, block in enumerate(model.transformer.h)]
     with torch.no_grad():
         model(tokens)

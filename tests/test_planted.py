@@ -7,6 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from unlib.activations import ActivationCache, cache_activations, cached_chunks
+from unlib.data import kept_positions
 from unlib.correlation import MemoryEfficientExcessCorrelationComputer, run_engine
 from unlib.models import ModelSpec, load_model
 from unlib.zoo import train_tokenizer
@@ -50,7 +51,8 @@ def planted(tmp_path_factory):
     models = [load_model(ModelSpec(n, str(root / n)), None) for n in "abc"]
     caches = []
     for name, model in zip("abc", models):
-        cache_activations(model, tokens, root / f"{name}.h5", {"model": name}, batch_size=16)
+        cache_activations(model, tokens, kept_positions(tokens, []), root / f"{name}.h5", {"model": name},
+                          batch_size=16)
         caches.append(ActivationCache(root / f"{name}.h5"))
     sizes = [[D_MLP] * N_LAYERS] * 3
     results = run_engine(lambda needed: cached_chunks(caches, 1000), sizes, reference=0, n_rotations=3)

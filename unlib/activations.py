@@ -28,28 +28,32 @@ def chunk_rows(d_mlp: int) -> int:
     return max(1, CHUNK_BYTES // (2 * d_mlp))
 
 
-def cache_activations(model, tokens: np.ndarray, out_path: str | Path, attrs: dict,
+def cache_activations(model, tokens: np.ndarray, keep: np.ndarray, out_path: str | Path, attrs: dict,
                       batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> None:
-    """Run `model` over the token sequences and write its MLP activations to `out_path`.
+    """Run `model` over the token sequences and write its MLP activations at the kept
+    positions (`keep`, boolean like `tokens`) to `out_path`, one row per kept position.
 
     Resumes a partial file left by an interrupted run from its last complete batch."""
     n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
-    per_seq = tokens.shape[1] - 1
-    n_tokens = tokens.shape[0] * per_seq
+    rows_before = np.concatenate([[0], np.cumsum(keep.sum(axis=1))])  # rows of the sequences before each
+    n_tokens = int(rows_before[-1])
     rows = chunk_rows(d_mlp)
     writer = PartialH5(out_path, {layer_name(l): ((n_tokens, d_mlp), "float16", (min(rows, n_tokens), d_mlp))
                                   for l in range(n_layers)},
                        {**attrs, "provenance": provenance(attrs), "n_layers": n_layers, "d_mlp": d_mlp})
     try:
         device = next(model.parameters()).device
-        seq = writer.rows_done // per_seq
+        seq = int(np.searchsorted(rows_before, writer.rows_done))  # batches end where a sequence does
         while seq < tokens.shape[0]:
-            batch = torch.from_numpy(tokens[seq:seq + batch_size].astype(np.int64)).to(device)
-            acts = mlp_activations(model, batch)
-            writer.write_rows(seq * per_seq, {layer_name(l): a.half().cpu().numpy() for l, a in enumerate(acts)})
-            seq += len(batch)
+            stop = min(tokens.shape[0], seq + batch_size)
+            batch = torch.from_numpy(tokens[seq:stop].astype(np.int64)).to(device)
+            acts = mlp_activations(model, batch, torch.from_numpy(keep[seq:stop]))
+            if len(acts[0]):
+                writer.write_rows(int(rows_before[seq]),
+                                  {layer_name(l): a.half().cpu().numpy() for l, a in enumerate(acts)})
+            seq = stop
             if progress is not None:
-                progress(seq * per_seq, n_tokens)
+                progress(int(rows_before[seq]), n_tokens)
         writer.finish()
     finally:
         writer.close()
@@ -161,13 +165,16 @@ def cached_chunks(caches: list[ActivationCache], chunk_tokens: int, device: str 
         yield [None if block is None else block.to(device) for block in chunk]
 
 
-def model_chunks(models: list, tokens: np.ndarray, batch_size: int,
+def model_chunks(models: list, tokens: np.ndarray, keep: np.ndarray, batch_size: int,
                  device: str = "cpu") -> Iterator[list[torch.Tensor]]:
     """The no-cache feed: run every model on the same token batch and yield, per model, its
-    activations (tokens, n_layers * d_mlp) rounded to float16 exactly as the cache stores them."""
+    activations at the kept positions (tokens, n_layers * d_mlp), rounded to float16
+    exactly as the cache stores them."""
     for seq in range(0, tokens.shape[0], batch_size):
         batch = torch.from_numpy(tokens[seq:seq + batch_size].astype(np.int64)).to(device)
-        yield [torch.cat(mlp_activations(m, batch), dim=1).half().float() for m in models]
+        mask = torch.from_numpy(keep[seq:seq + batch_size])
+        if mask.any():
+            yield [torch.cat(mlp_activations(m, batch, mask), dim=1).half().float() for m in models]
 
 
 def cache_bytes(n_tokens: int, shapes: list[tuple[int, int]]) -> int:

@@ -421,17 +421,21 @@ class MemoryEfficientExcessCorrelationComputer:
         self.model_names = model_names or [f"model_{i}" for i in range(len(models))]
 
     def compute_results(self, dataset, reference: int = 0, n_rotations: int = 5, rotation_seed: int = 0,
-                        batch_size: int = 32) -> list[LayerResult]:
+                        batch_size: int = 32, keep=None) -> list[LayerResult]:
         from unlib.activations import model_chunks
+        from unlib.data import kept_positions
 
         tokens = np.asarray(dataset.cpu() if isinstance(dataset, torch.Tensor) else dataset)
+        keep = kept_positions(tokens, []) if keep is None else np.asarray(keep, dtype=bool)
         sizes = [[m.cfg.d_mlp] * m.cfg.n_layers for m in self.models]
-        return run_engine(lambda needed: model_chunks(self.models, tokens, batch_size, self.device), sizes,
+        return run_engine(lambda needed: model_chunks(self.models, tokens, keep, batch_size, self.device), sizes,
                           reference, n_rotations, rotation_seed, self.device)
 
     def compute_excess_correlations_for_all_neurons(self, dataset, reference: int = 0, n_rotations: int = 5,
-                                                    rotation_seed: int = 0, batch_size: int = 32) -> pd.DataFrame:
-        """`dataset`: token ids (n_sequences, ctx_len), BOS in column 0 (excluded from the
-        correlations). Returns the excess-correlation table of the reference model."""
-        results = self.compute_results(dataset, reference, n_rotations, rotation_seed, batch_size)
+                                                    rotation_seed: int = 0, batch_size: int = 32,
+                                                    keep=None) -> pd.DataFrame:
+        """`dataset`: token ids (n_sequences, ctx_len), BOS in column 0; `keep`: boolean mask
+        of the positions analysed (default: all but column 0). Returns the excess-correlation
+        table of the reference model."""
+        results = self.compute_results(dataset, reference, n_rotations, rotation_seed, batch_size, keep)
         return excess_tables(results, self.model_names)[0]

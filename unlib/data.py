@@ -7,6 +7,7 @@ tokens never overlap what the toy zoo was trained on.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sysconfig
 from pathlib import Path
@@ -17,9 +18,11 @@ import h5py
 import numpy as np
 
 from unlib import UserError
-from unlib.store import atomic_path
+from unlib.store import atomic_path, short_hash, slug
 
 OFFLINE_CORPUS = "python-stdlib"
+# The default text of hub model sets: a 10k-document sample of the Pile, as the paper used the Pile.
+PILE_SAMPLE = "NeelNanda/pile-10k"
 HELD_OUT_FRACTION = 10  # one file in ten goes to the held-out split
 
 
@@ -60,58 +63,98 @@ def offline_corpus(split: str) -> datasets.Dataset:
 
 
 LOCAL_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# Documents are drawn in a random order fixed by this seed (recorded with every token file).
+DOCUMENT_SEED = 0
+# Streamed hub datasets are shuffled within a buffer of this many documents (and by shard).
+SHUFFLE_BUFFER = 10_000
 
 
-def local_files(dataset: str) -> list[Path] | None:
-    """The files of a local dataset (comma-separated paths), or None for a hub name."""
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """A DATASET value: the offline corpus, local files, or a hub dataset `name[:config][@split]`."""
+
+    name: str
+    config: str | None = None
+    split: str | None = None
+    files: tuple[Path, ...] = ()
+
+    @property
+    def dataset_id(self) -> str:
+        """Name of the dataset in the store (local files by their names and a hash of their paths)."""
+        if self.files:
+            return f"local-{slug(self.files[0].name)}-{short_hash([str(p.resolve()) for p in self.files])}"
+        config = f":{self.config}" if self.config else ""
+        return f"{self.name}{config}@{self.split}"
+
+
+def parse_dataset(dataset: str) -> DatasetSpec:
+    """Parse a DATASET value: `python-stdlib[@heldout|@train]`, comma-separated local
+    .txt/.jsonl/.json/.parquet files, or a hub dataset `name[:config][@split]` (split: train)."""
+    dataset = dataset.strip()
     paths = [Path(p).expanduser() for p in dataset.split(",")]
     if any(p.suffix in LOCAL_KINDS or p.exists() or str(p).startswith(("/", ".")) for p in paths):
-        return paths
-    return None
+        return DatasetSpec(dataset, files=tuple(paths))
+    name, _, split = dataset.partition("@")
+    name, _, config = name.partition(":")
+    if name == OFFLINE_CORPUS:
+        split = split or "heldout"
+        if split not in ("heldout", "train") or config:
+            raise DatasetError(f"DATASET={dataset!r}: the offline corpus has the splits heldout and train "
+                               f"({OFFLINE_CORPUS} or {OFFLINE_CORPUS}@train) and no configs")
+    if not name:
+        raise DatasetError(f"DATASET={dataset!r} names no dataset: use name[:config][@split], local files, "
+                           f"or {OFFLINE_CORPUS}")
+    return DatasetSpec(name, config or None, split or "train")
 
 
 def check_dataset(dataset: str) -> None:
     """Refuse a dataset that cannot be read, before any work starts."""
-    if dataset == OFFLINE_CORPUS:
+    spec = parse_dataset(dataset)
+    if spec.name == OFFLINE_CORPUS:
         return
-    paths = local_files(dataset)
-    if paths is not None:
-        missing = [str(p) for p in paths if not p.is_file()]
+    if spec.files:
+        missing = [str(p) for p in spec.files if not p.is_file()]
         if missing:
             raise DatasetError(f"dataset file(s) not found: {', '.join(missing)}; give existing "
                                f".txt/.jsonl/.json/.parquet files, a Hugging Face dataset name, or {OFFLINE_CORPUS}")
-        if len({p.suffix for p in paths}) != 1 or paths[0].suffix not in LOCAL_KINDS:
+        if len({p.suffix for p in spec.files}) != 1 or spec.files[0].suffix not in LOCAL_KINDS:
             raise DatasetError(f"local dataset files must all be one of {', '.join(LOCAL_KINDS)}: {dataset}")
         return
     import huggingface_hub
 
     huggingface_hub.utils.logging.set_verbosity_error()
     try:
-        datasets.load_dataset_builder(dataset)
+        builder = datasets.load_dataset_builder(spec.name, spec.config)
     except Exception as exc:  # the hub raises many types; the user needs one line
-        raise DatasetError(f"cannot load dataset {dataset!r}: {type(exc).__name__}: {str(exc).splitlines()[0]} "
-                           f"(offline: use local files or {OFFLINE_CORPUS})") from exc
+        raise DatasetError(f"cannot load dataset {spec.name!r}: {type(exc).__name__}: {str(exc).splitlines()[0]} "
+                           f"(offline: pre-fetch it on a connected machine, or use local files or "
+                           f"{OFFLINE_CORPUS})") from exc
+    splits = builder.info.splits
+    if splits and spec.split not in splits:
+        raise DatasetError(f"dataset {spec.name!r} has no split {spec.split!r}; it has: {', '.join(splits)} "
+                           f"(DATASET=name[:config]@split)")
 
 
-def load_texts(dataset: str, split: str = "heldout") -> Iterable[str]:
-    """Documents of a dataset: the offline corpus, local text/jsonl/json/parquet files
-    (comma-separated), or a Hugging Face dataset name (train split, streamed)."""
+def load_texts(dataset: str, seed: int = DOCUMENT_SEED) -> Iterable[str]:
+    """Documents of a dataset in a random order fixed by `seed`, drawn across the whole
+    dataset: the offline corpus, local files (comma-separated), or a hub dataset (streamed,
+    shuffled by shard and within a buffer of SHUFFLE_BUFFER documents)."""
     datasets.disable_progress_bars()
-    if dataset == OFFLINE_CORPUS:
-        return offline_corpus(split)["text"]
-    paths = local_files(dataset)
-    if paths is not None:
+    spec = parse_dataset(dataset)
+    if spec.name == OFFLINE_CORPUS:
+        return offline_corpus(spec.split).shuffle(seed=seed)["text"]
+    if spec.files:
         check_dataset(dataset)
-        builder = LOCAL_KINDS[paths[0].suffix]
-        ds = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train")
+        builder = LOCAL_KINDS[spec.files[0].suffix]
+        ds = datasets.load_dataset(builder, data_files=[str(p) for p in spec.files], split="train")
         if "text" not in ds.column_names:
             raise DatasetError(f"dataset {dataset} has no 'text' column (columns: {ds.column_names})")
-        return ds["text"]
+        return ds.shuffle(seed=seed)["text"]
     try:
-        ds = datasets.load_dataset(dataset, split="train", streaming=True)
+        ds = datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
     except Exception as exc:  # the hub raises many types; the user needs one line
-        raise DatasetError(f"cannot load dataset {dataset!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
-    return (row["text"] for row in ds)
+        raise DatasetError(f"cannot load dataset {spec.name!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    return (row["text"] for row in ds.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER))
 
 
 def token_stream(texts: Iterable[str], tokenizer, separator_id: int) -> Iterator[np.ndarray]:
@@ -133,33 +176,124 @@ def first_tokens(texts: Iterable[str], tokenizer, separator_id: int, n: int) -> 
     return np.concatenate(chunks)[:n] if chunks else np.zeros(0, dtype=np.int32)
 
 
-def write_tokens(path: str | Path, tokens: np.ndarray, attrs: dict) -> None:
-    """Write a token array (dataset `tokens`) and its attributes atomically."""
+# ---- token exclusion -------------------------------------------------------------------
+# Named special tokens EXCLUDE_TOKENS understands besides ids and token strings.
+SPECIAL_NAMES = ("bos", "eos", "pad", "newline")
+
+
+def parse_exclusion(text: str) -> list[str]:
+    """The items of an EXCLUDE_TOKENS value (comma-separated: token ids, the names bos, eos,
+    pad, newline, or token strings with Python escapes such as \\n; `none` for none)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if items == ["none"]:
+        return []
+    for item in items:
+        try:
+            decoded = item.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        except UnicodeDecodeError:
+            raise DatasetError(f"EXCLUDE_TOKENS item {item!r} is not a valid escaped string") from None
+        if not decoded:
+            raise DatasetError(f"EXCLUDE_TOKENS item {item!r} is empty")
+    return items
+
+
+def exclusion_ids(text: str, tokenizer) -> list[int]:
+    """Token ids whose positions are dropped from every activation, from an EXCLUDE_TOKENS
+    value. A name the tokenizer lacks (e.g. no pad token) is skipped; a string must be
+    exactly one token."""
+    ids = set()
+    for item in parse_exclusion(text):
+        if item.isdigit():
+            ids.add(int(item))
+            if int(item) >= len(tokenizer):
+                raise DatasetError(f"EXCLUDE_TOKENS item {item} is not a token id: the vocabulary has "
+                                   f"{len(tokenizer)} tokens")
+        elif item in SPECIAL_NAMES:
+            if item == "newline":
+                found = tokenizer("\n", add_special_tokens=False)["input_ids"]
+                ids.update(found if len(found) == 1 else [])
+            else:
+                found = getattr(tokenizer, f"{item}_token_id")
+                ids.update([] if found is None else [found])
+        else:
+            decoded = item.encode("latin-1", "backslashreplace").decode("unicode_escape")
+            found = tokenizer(decoded, add_special_tokens=False)["input_ids"]
+            if len(found) != 1:
+                raise DatasetError(f"EXCLUDE_TOKENS item {item!r} is {len(found)} tokens, not one; give a single "
+                                   f"token's text or its id")
+            ids.add(found[0])
+    return sorted(ids)
+
+
+def kept_positions(tokens: np.ndarray, exclude_ids: list[int]) -> np.ndarray:
+    """Boolean mask of the analysed positions of BOS-led sequences: all but column 0 and
+    the positions holding an excluded token id."""
+    keep = ~np.isin(tokens, np.asarray(exclude_ids, dtype=tokens.dtype))
+    keep[:, 0] = False
+    return keep
+
+
+def write_tokens(path: str | Path, tokens: np.ndarray, attrs: dict, keep: np.ndarray | None = None) -> None:
+    """Write a token array (dataset `tokens`, and `keep` when given) and its attributes atomically."""
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("tokens", data=tokens)
+            if keep is not None:
+                f.create_dataset("keep", data=keep)
             for k, v in attrs.items():
                 f.attrs[k] = v
 
 
-def write_token_sequences(path: str | Path, texts: Iterable[str], tokenizer, bos_id: int,
-                          n_tokens: int, ctx_len: int, attrs: dict) -> None:
-    """Tokenize `texts` into sequences of `ctx_len` tokens that start with BOS, enough for
-    `n_tokens` analysed (non-BOS) positions, and write them to an HDF5 file `tokens`."""
+def write_token_sequences(path: str | Path, texts: Iterable[str], tokenizer, bos_id: int, n_tokens: int,
+                          ctx_len: int, exclude_ids: list[int], attrs: dict) -> dict:
+    """Tokenize `texts` into BOS-led sequences of `ctx_len` tokens holding exactly `n_tokens`
+    kept (analysed) positions, and write them with their `keep` mask to an HDF5 file.
+    Returns the position counts recorded in the file."""
     per_seq = ctx_len - 1
-    n_seq = -(-n_tokens // per_seq)
-    needed = n_seq * per_seq
-    body = first_tokens(texts, tokenizer, bos_id, needed)
-    if len(body) < needed:
-        raise DatasetError(f"dataset yields only {len(body)} tokens, fewer than the {needed} asked for; "
-                           f"lower N_TOKENS or use a larger dataset")
-    seqs = np.concatenate([np.full((n_seq, 1), bos_id, dtype=np.int32), body.reshape(n_seq, per_seq)], axis=1)
-    write_tokens(path, seqs, {**attrs, "bos_id": bos_id, "n_sequences": n_seq, "analysed_tokens": needed})
+    stream = token_stream(texts, tokenizer, bos_id)
+    buffer, rows, kept = np.zeros(0, dtype=np.int32), [], 0
+    while kept < n_tokens:
+        while len(buffer) < per_seq:
+            ids = next(stream, None)
+            if ids is None:
+                raise DatasetError(f"dataset yields only {kept} analysed tokens, fewer than the {n_tokens} asked for; "
+                                   f"lower N_TOKENS or use a larger dataset")
+            buffer = np.concatenate([buffer, ids])
+        row = np.concatenate([[bos_id], buffer[:per_seq]]).astype(np.int32)
+        buffer = buffer[per_seq:]
+        rows.append(row)
+        kept += int(kept_positions(row[None], exclude_ids).sum())
+    tokens = np.stack(rows)
+    keep = kept_positions(tokens, exclude_ids)
+    excluded = int((~keep[:, 1:]).sum())
+    surplus = kept - n_tokens  # kept positions past the budget, at the end of the last sequence
+    if surplus:
+        last = np.flatnonzero(keep[-1])[-surplus:]
+        keep[-1, last] = False
+    counts = {"n_sequences": len(tokens), "analysed_tokens": n_tokens, "positions": int(tokens.size),
+              "dropped_bos_column": len(tokens), "dropped_excluded": excluded, "dropped_past_budget": surplus}
+    write_tokens(path, tokens, {**attrs, **counts, "bos_id": bos_id, "exclude_ids": exclude_ids}, keep)
+    return counts
 
 
-def read_tokens(path: str | Path) -> np.ndarray:
+def read_tokens(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids (sequences, ctx_len), boolean mask of the analysed positions) of a token file."""
     with h5py.File(path, "r") as f:
-        return f["tokens"][:]
+        tokens = f["tokens"][:]
+        keep = f["keep"][:] if "keep" in f else kept_positions(tokens, [])
+    return tokens, keep
+
+
+POSITION_COUNTS = ("n_sequences", "positions", "analysed_tokens", "dropped_bos_column", "dropped_excluded",
+                   "dropped_past_budget")
+
+
+def token_file_record(path: str | Path) -> dict:
+    """What a token file records about its positions: the excluded ids, and how many
+    positions were analysed and dropped (and why)."""
+    with h5py.File(path, "r") as f:
+        return {"exclude_ids": [int(i) for i in f.attrs["exclude_ids"]],
+                "counts": {k: int(f.attrs[k]) for k in POSITION_COUNTS}}
 
 
 def write_token_stream(path: str | Path, texts: Iterable[str], tokenizer, separator_id: int,

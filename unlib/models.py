@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from unlib import UserError
+from unlib.data import OFFLINE_CORPUS, PILE_SAMPLE
 from unlib.store import short_hash, slug
 from unlib.zoo import ZooConfig, quiet_transformers, saved_steps
 
@@ -25,10 +26,28 @@ ZOOS = {
                               steps=300, save_steps=(0, 100, 300),
                               tokenizer_train_chars=1_000_000, training_tokens=300_000),
 }
-# The toy zoo's small models reach lower excess correlations than GPT-2 (DESIGN.md 4),
-# so they declare their own default threshold; everything else uses the paper's 0.5.
 PAPER_THRESHOLD = 0.5
-ZOO_THRESHOLDS = {"toy-zoo": 0.3, "toy-zoo-mini": 0.1}
+
+
+@dataclasses.dataclass(frozen=True)
+class SetDefaults:
+    """What a model set analyses unless told otherwise: the dataset (DATASET syntax),
+    the context length (capped at the models' own maximum), the excluded tokens
+    (EXCLUDE_TOKENS syntax) and the universality threshold."""
+
+    dataset: str
+    ctx_len: int
+    exclude_tokens: str
+    threshold: float
+
+
+# The paper's setup: 512-token contexts of Pile text without BOS/EOS/pad and newline positions.
+PAPER_DEFAULTS = SetDefaults(dataset=PILE_SAMPLE, ctx_len=512, exclude_tokens="bos,eos,pad,newline",
+                             threshold=PAPER_THRESHOLD)
+# The toy zoo: its held-out offline corpus, its own context, its document separators (BOS)
+# excluded; its small models reach lower excess correlations than GPT-2, hence lower thresholds.
+ZOO_DEFAULTS = {"toy-zoo": SetDefaults(OFFLINE_CORPUS, 64, "bos", 0.3),
+                "toy-zoo-mini": SetDefaults(OFFLINE_CORPUS, 64, "bos", 0.1)}
 
 STANFORD_SEEDS = {
     "stanford-gpt2-small": [f"stanford-crfm/{n}-gpt2-small-x{s}" for n, s in
@@ -67,7 +86,7 @@ class ModelSpec:
 class ModelSet:
     name: str
     models: tuple[ModelSpec, ...]
-    default_threshold: float = PAPER_THRESHOLD
+    defaults: SetDefaults = PAPER_DEFAULTS
 
     @property
     def zoo(self) -> str | None:
@@ -84,7 +103,7 @@ def resolve_model_set(models: str, store_root: str | Path = "store") -> ModelSet
         store = Store(store_root)
         specs = tuple(ModelSpec(name=f"{models}/seed-{s}", source=str(store.zoo_model_dir(cfg.zoo_id, s)),
                                 zoo=models, seed=s) for s in cfg.seeds)
-        return ModelSet(models, specs, ZOO_THRESHOLDS[models])
+        return ModelSet(models, specs, ZOO_DEFAULTS[models])
     if models in STANFORD_SEEDS:
         return ModelSet(models, tuple(ModelSpec(n, n) for n in STANFORD_SEEDS[models]))
     names = [m.strip() for m in models.split(",") if m.strip()]
@@ -243,20 +262,30 @@ def hook_pre(layer: int) -> str:
     return f"blocks.{layer}.mlp.hook_pre"
 
 
+def default_keep(tokens: torch.Tensor) -> torch.Tensor:
+    """The analysed positions when no exclusion is given: every position but 0 (BOS)."""
+    keep = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+    keep[:, 0] = False
+    return keep
+
+
 @torch.no_grad()
-def mlp_activations(model, tokens: torch.Tensor, hook: str = "post") -> list[torch.Tensor]:
-    """Per-layer MLP activations of a token batch (batch, ctx) with position 0 (BOS)
-    dropped, flattened to (batch * (ctx - 1), d_mlp), in float32 on the model's device."""
+def mlp_activations(model, tokens: torch.Tensor, keep: torch.Tensor | None = None,
+                    hook: str = "post") -> list[torch.Tensor]:
+    """Per-layer MLP activations of a token batch (batch, ctx) at the kept positions (`keep`,
+    a boolean (batch, ctx) mask, default every position but BOS at 0), as (kept positions,
+    d_mlp) float32 tensors on the model's device, positions in row-major order."""
     n_layers = model.cfg.n_layers
     name = hook_post if hook == "post" else hook_pre
+    keep = (default_keep(tokens) if keep is None else keep).to(tokens.device)
     captured: list[torch.Tensor | None] = [None] * n_layers
 
     def keeper(layer: int):
         # Bridge hook points may report an aliased name, so the layer comes from the closure.
-        def keep(act, hook):
-            captured[layer] = act[:, 1:, :].reshape(-1, act.shape[-1]).float()
+        def keep_activations(act, hook):
+            captured[layer] = act[keep].float()
             return act
-        return keep
+        return keep_activations
 
     model.run_with_hooks(tokens, fwd_hooks=[(name(l), keeper(l)) for l in range(n_layers)], return_type=None)
     return captured

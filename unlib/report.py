@@ -135,12 +135,12 @@ def property_comparison(stats: pd.DataFrame, universal: pd.DataFrame) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def neuron_cards(model, tokenizer, tokens: np.ndarray, universal: pd.DataFrame, pairwise: pd.DataFrame,
-                 top: int = 20, contexts: int = 5, window: tuple[int, int] = (10, 4), n_vocab: int = 8,
-                 batch_size: int = 32) -> list[dict]:
+def neuron_cards(model, tokenizer, tokens: np.ndarray, keep: np.ndarray, universal: pd.DataFrame,
+                 pairwise: pd.DataFrame, top: int = 20, contexts: int = 5, window: tuple[int, int] = (10, 4),
+                 n_vocab: int = 8, batch_size: int = 32) -> list[dict]:
     """Data for the top universal neurons' cards: per-model matches, activations over the
-    dataset (histogram, top-activating contexts) and the vocabulary its output promotes and
-    suppresses (W_out[n] @ W_U)."""
+    dataset's kept positions (histogram, top-activating contexts) and the vocabulary its
+    output promotes and suppresses (W_out[n] @ W_U)."""
     from unlib.models import mlp_activations
 
     chosen = universal.head(top)
@@ -151,10 +151,10 @@ def neuron_cards(model, tokenizer, tokens: np.ndarray, universal: pd.DataFrame, 
     columns = {k: [] for k in keys}
     for seq in range(0, tokens.shape[0], batch_size):
         batch = torch.from_numpy(tokens[seq:seq + batch_size].astype(np.int64)).to(device)
-        layers = mlp_activations(model, batch)
+        layers = mlp_activations(model, batch, torch.from_numpy(keep[seq:seq + batch_size]))
         for layer, neuron in keys:
             columns[(layer, neuron)].append(layers[layer][:, neuron].cpu().numpy())
-    per_seq = tokens.shape[1] - 1
+    positions = np.argwhere(keep)  # (sequence, position) of each activation row, row-major like the mask
     w_u = model.W_U.detach().float().cpu()
     cards = []
     for row, key in zip(chosen.itertuples(index=False), keys):
@@ -163,8 +163,7 @@ def neuron_cards(model, tokenizer, tokens: np.ndarray, universal: pd.DataFrame, 
         order = np.argsort(-acts)
         shown, seen = [], set()
         for index in order:
-            seq, pos = divmod(int(index), per_seq)
-            pos += 1  # column 0 holds BOS
+            seq, pos = (int(v) for v in positions[index])
             if (seq, pos // 8) in seen:  # one context per neighbourhood
                 continue
             seen.add((seq, pos // 8))

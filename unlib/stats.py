@@ -36,6 +36,8 @@ class MomentAccumulator:
         self.positive = None
 
     def update(self, x: torch.Tensor) -> None:
+        if x.shape[0] == 0:  # a batch whose positions are all excluded
+            return
         x = x.double()
         if self.shift is None:
             self.shift = x.mean(0)
@@ -89,13 +91,15 @@ class NeuronStatsGenerator:
                 "vocab_skew": v_skew.numpy(), "vocab_kurt": v_kurt.numpy()}))
         return pd.concat(frames, ignore_index=True)
 
-    def activation_stats(self, tokens: np.ndarray, batch_size: int = 32, progress=None) -> pd.DataFrame:
-        """Moments of the MLP pre-activation over the tokens (BOS positions excluded)."""
+    def activation_stats(self, tokens: np.ndarray, keep: np.ndarray, batch_size: int = 32,
+                         progress=None) -> pd.DataFrame:
+        """Moments of the MLP pre-activation over the kept positions of the tokens."""
         device = next(self.model.parameters()).device
         accs = [MomentAccumulator() for _ in range(self.model.cfg.n_layers)]
         for seq in range(0, tokens.shape[0], batch_size):
             batch = torch.from_numpy(tokens[seq:seq + batch_size].astype(np.int64)).to(device)
-            for acc, pre in zip(accs, mlp_activations(self.model, batch, hook="pre")):
+            mask = torch.from_numpy(keep[seq:seq + batch_size])
+            for acc, pre in zip(accs, mlp_activations(self.model, batch, mask, hook="pre")):
                 acc.update(pre.cpu())
             if progress is not None:
                 progress(min(tokens.shape[0], seq + batch_size), tokens.shape[0])
@@ -103,6 +107,8 @@ class NeuronStatsGenerator:
                   for l, acc in enumerate(accs)]
         return pd.concat(frames, ignore_index=True)
 
-    def compute(self, tokens: np.ndarray, batch_size: int = 32, progress=None) -> pd.DataFrame:
-        stats = self.weight_stats().merge(self.activation_stats(tokens, batch_size, progress), on=["layer", "neuron"])
+    def compute(self, tokens: np.ndarray, keep: np.ndarray, batch_size: int = 32, progress=None) -> pd.DataFrame:
+        """Weight and activation statistics (over the kept positions of `tokens`) per neuron."""
+        stats = self.weight_stats().merge(self.activation_stats(tokens, keep, batch_size, progress),
+                                          on=["layer", "neuron"])
         return stats[STATS_COLUMNS]

@@ -48,8 +48,12 @@ class Store:
     def zoo_model_dir(self, zoo_id: str, seed: int) -> Path:
         return self.zoo_dir(zoo_id) / f"seed-{seed}"
 
-    def tokens(self, dataset_id: str, tokenizer_id: str, n_tokens: int, ctx_len: int) -> Path:
-        return self.root / "tokens" / slug(dataset_id) / f"{slug(tokenizer_id)}_ctx{ctx_len}_n{n_tokens}.h5"
+    def tokens(self, dataset_id: str, tokenizer_id: str, n_tokens: int, ctx_len: int, exclude_tokens: str,
+               document_seed: int) -> Path:
+        plain = re.fullmatch(r"[A-Za-z0-9_,]{1,32}", exclude_tokens)
+        excluded = exclude_tokens.replace(",", "-") if plain else short_hash(exclude_tokens)
+        return (self.root / "tokens" / slug(dataset_id)
+                / f"{slug(tokenizer_id)}_ctx{ctx_len}_n{n_tokens}_excl-{excluded}_seed{document_seed}.h5")
 
     def activations(self, model_id: str, checkpoint: int | None, tokens_file: Path) -> Path:
         tokens_name = f"{tokens_file.parent.name}__{tokens_file.name}"
