@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from unlib import compare
+from unlib import compare, report
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = "toy-zoo-mini"
@@ -164,3 +164,54 @@ def test_pages_render_in_headless_chromium(store, tmp_path, page):
     colour = [76, 114, 176] if page == "report" else [31, 119, 180]
     blue = (np.abs(image - colour).sum(axis=2) < 30).sum()
     assert blue > 2000, f"embedded images did not render ({blue} plot-coloured pixels)"
+
+
+def test_null_control_at_initialisation(store):
+    """Untrained models share no neurons: at step 0 the excess correlations are noise around
+    zero and nothing reaches the threshold; the report says so."""
+    proc = cli(store, "analyze", "--checkpoint", "0", *ARGS[:2], "--n-tokens", "20000", *ARGS[4:])
+    assert proc.returncode == 0, proc.stderr
+    out = store / "results" / MODELS / "checkpoint-0_n_tokens-20000_threshold-0.1"
+    excess = pd.read_csv(out / "excess_correlation_scores.csv")["excess_correlation"]
+    assert excess.abs().mean() < 0.02 and excess.max() < 0.1
+    html = (out / "report.html").read_text()
+    assert f"mean |excess correlation| is {excess.abs().mean():.3f}" in text_of(html, "null-control")
+    assert "0 neurons reach the threshold 0.1" in text_of(html, "null-control")
+
+
+def paper_run(**changes) -> dict:
+    run = {"model_set": "stanford-gpt2-small", "reference": "stanford-crfm/alias-gpt2-small-x21",
+           "checkpoint": None, "threshold": 0.5, "top_k": None, "exclude_tokens": "bos,eos,pad,newline",
+           "ctx_len": 512, "dataset": "NeelNanda/pile-10k", "n_tokens": 5_000_000}
+    return {**run, **changes}
+
+
+def test_comparison_with_the_paper_is_gated_on_its_setup():
+    published = report.published_reference("stanford-gpt2-small")
+    table = published["table"]
+    # a planted run: the paper's neurons rank first except 100 of them, swapped with others
+    excess = pd.DataFrame([(l, n) for l in range(12) for n in range(3072)], columns=["layer", "neuron"])
+    theirs = set(zip(table["layer"], table["neuron"]))
+    excess["excess_correlation"] = [0.6 if k in theirs else 0.0 for k in zip(excess["layer"], excess["neuron"])]
+    dropped = table.head(100)
+    for l, n in zip(dropped["layer"], dropped["neuron"]):
+        excess.loc[(excess.layer == l) & (excess.neuron == n), "excess_correlation"] = 0.1
+    others = excess[excess["excess_correlation"] == 0].head(100).index
+    excess.loc[others, "excess_correlation"] = 0.7
+    assert report.rank_recall(excess, table) == pytest.approx((len(table) - 100) / len(table))
+    universal = excess[excess["excess_correlation"] >= 0.5]
+
+    html = report.paper_comparison_html(paper_run(), excess, universal)
+    assert text_of(html, "published-fraction") == "4.16%" and int(text_of(html, "overlap")) == len(table) - 100
+    assert "not-comparable" not in html
+    for change, why in [({"checkpoint": 20000}, "training step 20000"), ({"threshold": 0.3}, "threshold is 0.3"),
+                        ({"top_k": 50}, "top 50"), ({"exclude_tokens": "bos"}, "excludes"),
+                        ({"ctx_len": 64}, "contexts are 64"), ({"dataset": "python-stdlib"}, "the Pile"),
+                        ({"n_tokens": 100_000}, "100,000 tokens")]:
+        html = report.paper_comparison_html(paper_run(**change), excess, universal)
+        assert "not comparable" in html and why in html and "published-fraction" not in html, change
+        assert 'id="overlap"' not in html and text_of(html, "rank-recall") == f"{(len(table) - 100) / len(table):.1%}"
+    html = report.paper_comparison_html(paper_run(reference="stanford-crfm/battlestar-gpt2-small-x49"), excess,
+                                        universal)
+    assert "rank-recall" not in html and 'id="overlap"' not in html  # the paper scored seed a only
+    assert "No published figures" in report.paper_comparison_html(paper_run(model_set="toy-zoo"), excess, universal)

@@ -59,11 +59,15 @@ def print_comparison(console: Console, compare_dir: Path) -> None:
 
 # ---- HTML reports ----------------------------------------------------------------------
 REFERENCE_DATA = Path(__file__).resolve().parent / "reference_data"
-# Published universal-neuron tables (Gurnee et al. 2024, seed a) and the shapes they cover.
-PUBLISHED = {"stanford-gpt2-small": ("gurnee2024_stanford-gpt2-small-a_universal.csv", 12 * 3072),
-             "stanford-gpt2-medium": ("gurnee2024_stanford-gpt2-medium-a_universal.csv", 24 * 4096)}
-PUBLISHED_SEED_A = {"stanford-gpt2-small": "stanford-crfm/alias-gpt2-small-x21",
-                    "stanford-gpt2-medium": "stanford-crfm/arwen-gpt2-medium-x21"}
+# Published universal-neuron tables (Gurnee et al. 2024): the file, the neurons it covers,
+# the model it scores (seed a) and that model's final training step.
+PUBLISHED = {"stanford-gpt2-small": ("gurnee2024_stanford-gpt2-small-a_universal.csv", 12 * 3072,
+                                     "stanford-crfm/alias-gpt2-small-x21", 400_000),
+             "stanford-gpt2-medium": ("gurnee2024_stanford-gpt2-medium-a_universal.csv", 24 * 4096,
+                                      "stanford-crfm/arwen-gpt2-medium-x21", 400_000)}
+# Below this many analysed tokens a run's universal set is too noisy to set beside the paper's
+# (which used 100 million); the split-half interval shows how noisy.
+PAPER_MIN_TOKENS = 1_000_000
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
@@ -112,10 +116,84 @@ def published_reference(model_set: str) -> dict | None:
     """The paper's universal-neuron table for a model set (seed a), if there is one."""
     if model_set not in PUBLISHED:
         return None
-    name, n_neurons = PUBLISHED[model_set]
+    name, n_neurons, model, final_step = PUBLISHED[model_set]
     table = pd.read_csv(REFERENCE_DATA / name)
-    return {"file": name, "table": table, "n_universal": len(table), "n_neurons": n_neurons,
-            "fraction": len(table) / n_neurons, "per_layer": table.groupby("layer").size()}
+    return {"file": name, "table": table, "n_universal": len(table), "n_neurons": n_neurons, "model": model,
+            "final_step": final_step, "fraction": len(table) / n_neurons, "per_layer": table.groupby("layer").size()}
+
+
+def paper_setup_differences(run: dict, published: dict) -> list[str]:
+    """Why a run's universal set cannot be set beside the paper's: each way its setup differs
+    (empty when it matches: final weights, threshold 0.5, no top-k, the paper's tokens)."""
+    from unlib.models import PAPER_DEFAULTS
+
+    reasons = []
+    if run.get("checkpoint") not in (None, published["final_step"]):
+        reasons.append(f"it analyses training step {run['checkpoint']}, the paper the final weights")
+    if run.get("top_k") is not None:
+        reasons.append(f"it selects the top {run['top_k']} neurons, the paper those with excess >= 0.5")
+    elif run["threshold"] != PAPER_DEFAULTS.threshold:
+        reasons.append(f"its threshold is {run['threshold']}, the paper's {PAPER_DEFAULTS.threshold}")
+    if set(run.get("exclude_tokens", "").split(",")) != set(PAPER_DEFAULTS.exclude_tokens.split(",")):
+        reasons.append(f"it excludes {run.get('exclude_tokens')!r}, the paper BOS/EOS/pad and newline positions")
+    if run.get("ctx_len") != PAPER_DEFAULTS.ctx_len:
+        reasons.append(f"its contexts are {run.get('ctx_len')} tokens, the paper's {PAPER_DEFAULTS.ctx_len}")
+    if "pile" not in str(run.get("dataset", "")).lower():
+        reasons.append(f"its text is {run.get('dataset')}, the paper's the Pile")
+    if run.get("n_tokens", 0) < PAPER_MIN_TOKENS:
+        reasons.append(f"it analyses {run.get('n_tokens', 0):,} tokens, fewer than {PAPER_MIN_TOKENS:,} "
+                       f"(the paper used 100 million)")
+    return reasons
+
+
+def rank_recall(excess: pd.DataFrame, published_table: pd.DataFrame) -> float:
+    """Threshold-free agreement with the paper: the fraction of its universal neurons found
+    among this run's k highest excess correlations, k = the number it published."""
+    k = len(published_table)
+    top = excess.sort_values("excess_correlation", ascending=False, kind="stable").head(k)
+    found = set(zip(top["layer"], top["neuron"])) & set(zip(published_table["layer"], published_table["neuron"]))
+    return len(found) / max(k, 1)
+
+
+def paper_comparison_html(run: dict, excess: pd.DataFrame, universal: pd.DataFrame) -> str:
+    """The report's comparison with the paper: the published fraction and the overlap of the
+    universal sets where the run matches the paper's setup, "not comparable" and why where it
+    does not, and the rank recall whenever the reference model is the one the paper scored."""
+    published = published_reference(run["model_set"])
+    if not published:
+        return "<p>No published figures exist for this model set.</p>"
+    source = f"Gurnee et al. 2024, seed a, {esc(published['file'])}"
+    recall = ""
+    if run["reference"] == published["model"]:
+        value = rank_recall(excess, published["table"])
+        recall = (f'<p>Rank recall: <span id="rank-recall">{value:.1%}</span> of the {published["n_universal"]} '
+                  f"neurons the paper found universal are among this run's {published['n_universal']} highest "
+                  f"excess correlations (chance: {published['n_universal'] / published['n_neurons']:.1%}).</p>")
+    reasons = paper_setup_differences(run, published)
+    if reasons:
+        return (f'<p id="not-comparable">Published universal fraction and overlap ({source}): not comparable, '
+                f"because {'; '.join(esc(r) for r in reasons)}.</p>{recall}")
+    overlap = ""
+    if recall:
+        ours = set(zip(universal["layer"], universal["neuron"]))
+        theirs = set(zip(published["table"]["layer"], published["table"]["neuron"]))
+        both = len(ours & theirs)
+        overlap = (f'<p>Overlap with the published universal set: <span id="overlap">{both}</span> neurons '
+                   f"({both / max(len(theirs), 1):.1%} of theirs, {both / max(len(ours), 1):.1%} of ours).</p>")
+    return (f'<p>Published ({source}): <span id="published-fraction">{published["fraction"]:.2%}</span> universal '
+            f'({published["n_universal"]} of {published["n_neurons"]}).</p>{overlap}{recall}')
+
+
+def null_control_html(run: dict, excess: pd.DataFrame) -> str:
+    """At random initialisation (step 0) no neuron can be universal: the report says so and
+    shows how close to zero the run's excess correlations are."""
+    if run.get("checkpoint") != 0:
+        return ""
+    values = excess["excess_correlation"]
+    above = int((values >= run["threshold"]).sum())
+    return (f'<p id="null-control">Null control: at step 0 the models are untrained, so no neuron should be '
+            f"universal. Here the mean |excess correlation| is {values.abs().mean():.3f}, the largest "
+            f"{values.max():.3f}, and {above} neurons reach the threshold {run['threshold']}.</p>")
 
 
 def property_comparison(stats: pd.DataFrame, universal: pd.DataFrame) -> pd.DataFrame:
@@ -202,27 +280,20 @@ def run_report_html(run: dict, excess: pd.DataFrame, stats: pd.DataFrame, univer
     n_neurons, n_universal = len(excess), len(universal)
     shown = {"checkpoint": run.get("checkpoint") if run.get("checkpoint") is not None else "final weights",
              "top_k": run.get("top_k") if run.get("top_k") is not None else "none (threshold)"}
-    params = pd.DataFrame([(k, shown.get(k, run[k])) for k in ("model_set", "models", "reference", "checkpoint", "dataset",
-                                                 "n_tokens", "ctx_len", "rotations", "rotation_seed", "threshold",
-                                                 "top_k", "device", "correlation_seconds", "finished")
-                           if k in run], columns=["parameter", "value"])
+    if "positions" in run:
+        p = run["positions"]
+        shown["positions"] = (f"{p['positions']:,} in {p['n_sequences']:,} sequences: {p['analysed_tokens']:,} analysed; "
+                              f"dropped {p['dropped_bos_column']:,} BOS, {p['dropped_excluded']:,} excluded tokens, "
+                              f"{p['dropped_past_budget']:,} past the budget")
+    keys = ("model_set", "models", "reference", "checkpoint", "dataset", "dataset_id", "document_seed", "n_tokens",
+            "ctx_len", "exclude_tokens", "exclude_ids", "positions", "rotations", "rotation_seed", "threshold", "top_k",
+            "device", "correlation_seconds", "finished")
+    params = pd.DataFrame([(k, shown.get(k, run[k])) for k in keys if k in run], columns=["parameter", "value"])
     params["value"] = params["value"].map(lambda v: ", ".join(map(str, v)) if isinstance(v, list) else str(v))
     published = published_reference(run["model_set"])
-    if published:
-        overlap = ""
-        if run["reference"] == PUBLISHED_SEED_A.get(run["model_set"]):
-            ours = set(zip(universal["layer"], universal["neuron"]))
-            theirs = set(zip(published["table"]["layer"], published["table"]["neuron"]))
-            both = len(ours & theirs)
-            overlap = (f'<p>Overlap with the published universal set of seed a: <span id="overlap">{both}</span> '
-                       f"neurons ({both / max(len(theirs), 1):.1%} of theirs, {both / max(len(ours), 1):.1%} of ours).</p>")
-        published_html = (f'<p>Published (Gurnee et al. 2024, seed a, {esc(published["file"])}): '
-                          f'<span id="published-fraction">{published["fraction"]:.2%}</span> universal '
-                          f'({published["n_universal"]} of {published["n_neurons"]}).</p>{overlap}')
-    else:
-        published_html = "<p>No published figures exist for this model set.</p>"
+    comparable = published is not None and not paper_setup_differences(run, published)
     summary = layer_summary.assign(fraction=layer_summary["fraction"].map(lambda f: f"{f:.2%}"))
-    if published:
+    if comparable:
         summary["published"] = summary["layer"].map(published["per_layer"]).fillna(0).astype(int)
     figures = "".join(image_tag(path, name) for name, path in plots.items())
     properties = table_html(property_comparison(stats, universal), key="statistic")
@@ -234,7 +305,8 @@ def run_report_html(run: dict, excess: pd.DataFrame, stats: pd.DataFrame, univer
 <h2>Summary</h2>
 <p class="big"><span id="n-universal">{n_universal}</span> of <span id="n-neurons">{n_neurons}</span> neurons
 universal (<span id="fraction">{n_universal / max(n_neurons, 1):.2%}</span>)</p>
-{published_html}
+{null_control_html(run, excess)}
+{paper_comparison_html(run, excess, universal)}
 {table_html(summary, key="layer")}
 <h2>Parameters and provenance</h2>{table_html(params, key="parameter")}
 <h2>Figures</h2>{figures}
