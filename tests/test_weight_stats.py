@@ -1,4 +1,4 @@
-"""Weight statistics on the processed weights (LayerNorm folded, writing weights
+"""Weight statistics and neuron cards on the processed weights (LayerNorm folded, writing weights
 and unembedding centred, as HookedTransformer loads models), checked against a numpy float64 fold
 of the raw Hugging Face state dict, on small random GPT-2 and GPT-NeoX (Pythia-style) models."""
 from pathlib import Path
@@ -10,6 +10,7 @@ import scipy.stats
 import torch
 
 from unlib.models import ModelSpec, load_model, mlp_activations
+from unlib.report import neuron_cards
 from unlib.stats import NeuronStatsGenerator
 
 WEIGHT_COLUMNS = ["w_in_norm", "w_out_norm", "l2_penalty", "input_bias", "in_out_sim",
@@ -116,3 +117,29 @@ def test_statistics_leave_the_model_raw(toy):
     NeuronStatsGenerator(model).weight_stats()
     assert all(torch.equal(getattr(model, name), value) for name, value in raw.items())
     assert all(torch.equal(a, b) for a, b in zip(before, mlp_activations(model, tokens)))
+
+
+class IdTokenizer:
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(f"t{i}" for i in ids)
+
+
+def test_neuron_cards_rank_the_vocabulary_with_the_processed_weights(toy):
+    fold = reference_fold(toy["dir"])
+    keys = [(0, 3), (1, 10), (1, 40)]
+    universal = pd.DataFrame({"layer": [l for l, _ in keys], "neuron": [n for _, n in keys],
+                              "excess_correlation": [0.9, 0.8, 0.7]})
+    pairwise = pd.DataFrame({"layer": [l for l, _ in keys], "neuron": [n for _, n in keys], "other_model": "b",
+                             "max_corr": 0.9, "max_layer": 0, "max_neuron": 0, "baseline_max_corr": 0.1})
+    tokens = np.random.default_rng(0).integers(1, 97, (4, 16)).astype(np.int32)
+    cards = neuron_cards(toy["model"], IdTokenizer(), tokens, universal, pairwise, contexts=2)
+    model = toy["model"]
+    raw_differs = False
+    for card, (layer, neuron) in zip(cards, keys):
+        logits = fold["W_out"][layer][neuron] @ fold["W_U"]
+        order = np.argsort(-logits)
+        assert card["promoted"] == [f"t{i}" for i in order[:8]]
+        assert card["suppressed"] == [f"t{i}" for i in order[::-1][:8]]
+        raw = (model.W_out[layer][neuron] @ model.W_U).detach().numpy()
+        raw_differs |= card["promoted"] != [f"t{i}" for i in np.argsort(-raw)[:8]]
+    assert raw_differs, "the raw weights rank the vocabulary the same way: the test would not see a raw W_U"
