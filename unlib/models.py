@@ -7,6 +7,7 @@ and local `save_pretrained` folders (optionally holding `checkpoint-<step>` subf
 from __future__ import annotations
 
 import bisect
+import copy
 import dataclasses
 import functools
 import os
@@ -252,6 +253,19 @@ def load_model(spec: ModelSpec, checkpoint: int | None, device: str = "cpu"):
         raise _unreachable(spec, revision) from exc
     model.eval()
     return model
+
+
+@torch.no_grad()
+def processed_weights(model) -> dict[str, torch.Tensor]:
+    """A bridge's MLP and unembedding weights after HookedTransformer's default processing (fold
+    LayerNorm, centre writing weights, centre the unembedding), as float64 CPU tensors: W_in
+    (layers, d_model, d_mlp), b_in (layers, d_mlp), W_out (layers, d_mlp, d_model), W_U (d_model, vocab)."""
+    # A copy is processed so that the caller's bridge keeps its raw weights, hooks and activations.
+    processed = copy.deepcopy(model)
+    # Not a bare process_weights(): that leaves the b_in alias on the unfolded bias (TransformerLens 4);
+    # compatibility mode re-points the aliases at the processed tensors.
+    processed.enable_compatibility_mode(disable_warnings=True)
+    return {name: getattr(processed, name).detach().double().cpu() for name in ("W_in", "b_in", "W_out", "W_U")}
 
 
 def hook_post(layer: int) -> str:

@@ -218,8 +218,9 @@ def neuron_cards(model, tokenizer, tokens: np.ndarray, keep: np.ndarray, univers
                  n_vocab: int = 8, batch_size: int = 32) -> list[dict]:
     """Data for the top universal neurons' cards: per-model matches, activations over the
     dataset's kept positions (histogram, top-activating contexts) and the vocabulary its
-    output promotes and suppresses (W_out[n] @ W_U)."""
-    from unlib.models import mlp_activations
+    output promotes and suppresses (W_out[n] @ W_U on the processed weights, as the vocab_*
+    statistics)."""
+    from unlib.models import mlp_activations, processed_weights
 
     chosen = universal.head(top)
     if chosen.empty:
@@ -233,7 +234,7 @@ def neuron_cards(model, tokenizer, tokens: np.ndarray, keep: np.ndarray, univers
         for layer, neuron in keys:
             columns[(layer, neuron)].append(layers[layer][:, neuron].cpu().numpy())
     positions = np.argwhere(keep)  # (sequence, position) of each activation row, row-major like the mask
-    w_u = model.W_U.detach().float().cpu()
+    weights = processed_weights(model)
     cards = []
     for row, key in zip(chosen.itertuples(index=False), keys):
         layer, neuron = key
@@ -251,7 +252,7 @@ def neuron_cards(model, tokenizer, tokens: np.ndarray, keep: np.ndarray, univers
             shown.append({"before": before, "token": token, "after": after, "activation": float(acts[index])})
             if len(shown) == contexts:
                 break
-        logits = model.W_out[layer][neuron].detach().float().cpu() @ w_u
+        logits = weights["W_out"][layer, neuron] @ weights["W_U"]
         promoted = [tokenizer.decode([int(i)]) for i in torch.topk(logits, n_vocab).indices]
         suppressed = [tokenizer.decode([int(i)]) for i in torch.topk(-logits, n_vocab).indices]
         matches = pairwise[(pairwise["layer"] == layer) & (pairwise["neuron"] == neuron)]

@@ -1,13 +1,14 @@
-"""Per-neuron statistics of a model (definitions: shared reference README, as in Gurnee et
-al. 2024): weight norms and composition with the unembedding, and moments of the MLP
-pre-activation over the dataset (sparsity: fraction of tokens where it is > 0)."""
+"""Per-neuron statistics of a model (definitions: README, "The method"; as in Gurnee et al.
+2024): weight norms and composition with the unembedding on the processed weights (LayerNorm
+folded, writing weights and unembedding centred), and moments of the MLP pre-activation over
+the dataset (sparsity: fraction of tokens where it is > 0)."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import torch
 
-from unlib.models import mlp_activations
+from unlib.models import mlp_activations, processed_weights
 
 STATS_COLUMNS = ["layer", "neuron", "w_in_norm", "w_out_norm", "l2_penalty", "input_bias", "in_out_sim",
                  "vocab_mean", "vocab_var", "vocab_skew", "vocab_kurt",
@@ -63,17 +64,16 @@ class MomentAccumulator:
 
 
 class NeuronStatsGenerator:
-    """Computes `neuron_stats.csv` for one loaded model (a TransformerBridge)."""
+    """Computes `neuron_stats.csv` for one loaded model (a TransformerBridge with raw weights)."""
 
     def __init__(self, model):
         self.model = model
 
-    @torch.no_grad()
     def weight_stats(self) -> pd.DataFrame:
-        w_in = self.model.W_in.detach().double().cpu()     # (layers, d_model, d_mlp)
-        w_out = self.model.W_out.detach().double().cpu()   # (layers, d_mlp, d_model)
-        b_in = self.model.b_in.detach().double().cpu()     # (layers, d_mlp)
-        w_u = self.model.W_U.detach().double().cpu()       # (d_model, vocab)
+        """Norms, input bias, in/out cosine and vocabulary-cosine moments of each neuron, on the
+        processed weights (the model itself is left raw)."""
+        weights = processed_weights(self.model)
+        w_in, w_out, b_in, w_u = weights["W_in"], weights["W_out"], weights["b_in"], weights["W_U"]
         w_u_unit = w_u / w_u.norm(dim=0, keepdim=True).clamp_min(1e-300)
         frames = []
         for layer in range(w_in.shape[0]):
