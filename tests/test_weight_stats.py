@@ -9,6 +9,7 @@ import pytest
 import scipy.stats
 import torch
 
+from unlib.data import kept_positions
 from unlib.models import ModelSpec, load_model, mlp_activations
 from unlib.report import neuron_cards
 from unlib.stats import NeuronStatsGenerator
@@ -132,7 +133,8 @@ def test_neuron_cards_rank_the_vocabulary_with_the_processed_weights(toy):
     pairwise = pd.DataFrame({"layer": [l for l, _ in keys], "neuron": [n for _, n in keys], "other_model": "b",
                              "max_corr": 0.9, "max_layer": 0, "max_neuron": 0, "baseline_max_corr": 0.1})
     tokens = np.random.default_rng(0).integers(1, 97, (4, 16)).astype(np.int32)
-    cards = neuron_cards(toy["model"], IdTokenizer(), tokens, universal, pairwise, contexts=2)
+    cards = neuron_cards(toy["model"], IdTokenizer(), tokens, kept_positions(tokens, []), universal, pairwise,
+                         contexts=2)
     model = toy["model"]
     raw_differs = False
     for card, (layer, neuron) in zip(cards, keys):
