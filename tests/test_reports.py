@@ -106,6 +106,14 @@ def test_run_report_numbers_equal_the_csvs(store):
         assert float(properties[column]["all_median"]) == pytest.approx(stats[column].median(), abs=6e-4)
     cards = re.findall(r'data-neuron="(\d+)\.(\d+)"', html)
     assert [(int(l), int(n)) for l, n in cards] == list(zip(universal.layer, universal.neuron))[:20]
+    shown = {name: [float(v) for v in re.findall(rf'class="{name}">([^<]*)<', html)]
+             for name in ("excess", "ci-low", "ci-high", "half-a", "half-b")}
+    for name, column in [("excess", "excess_correlation"), ("ci-low", "excess_ci_low"), ("ci-high", "excess_ci_high"),
+                         ("half-a", "excess_half_a"), ("half-b", "excess_half_b")]:
+        np.testing.assert_allclose(shown[name], universal[column].values[:len(cards)], atol=6e-4)
+    record = json.loads((d / "run.json").read_text())
+    assert int(text_of(html, "n-universal-half-a")) == record["n_universal_half_a"]
+    assert float(text_of(html, "median-excess-se")) == pytest.approx(excess["excess_se"].median(), abs=6e-5)
     assert html.count("<mark>") == 5 * len(cards)
     assert html.count("data:image/png;base64,") == 4 + len(cards)
     assert "final weights" not in html and "<td data-col=\"value\">300</td>" in html

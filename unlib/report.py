@@ -179,6 +179,8 @@ def neuron_cards(model, tokenizer, tokens: np.ndarray, universal: pd.DataFrame, 
         suppressed = [tokenizer.decode([int(i)]) for i in torch.topk(-logits, n_vocab).indices]
         matches = pairwise[(pairwise["layer"] == layer) & (pairwise["neuron"] == neuron)]
         cards.append({"layer": layer, "neuron": neuron, "excess": float(row.excess_correlation),
+                      "ci": (float(row.excess_ci_low), float(row.excess_ci_high)),
+                      "halves": (float(row.excess_half_a), float(row.excess_half_b)),
                       "matches": matches[["other_model", "max_corr", "max_layer", "max_neuron", "baseline_max_corr"]],
                       "histogram": activation_histogram_png(acts, f"L{layer}.{neuron} activations"),
                       "contexts": shown, "promoted": promoted, "suppressed": suppressed})
@@ -190,8 +192,13 @@ def _card_html(card: dict) -> str:
     contexts = "".join(f'<div class="ctx">{visible(c["before"])}<mark>{visible(c["token"])}</mark>'
                        f'{visible(c["after"])}  <small>({c["activation"]:.2f})</small></div>' for c in card["contexts"])
     tokens = lambda items: " ".join(f'<span class="tok">{esc(repr(t)[1:-1])}</span>' for t in items)  # noqa: E731
+    number = lambda value: _cell(value, "{:.3f}")  # noqa: E731
+    (low, high), (half_a, half_b) = card["ci"], card["halves"]
     return (f'<div class="card" data-neuron="{card["layer"]}.{card["neuron"]}">'
-            f'<h3>L{card["layer"]}.{card["neuron"]} <small>excess {card["excess"]:.3f}</small></h3>'
+            f'<h3>L{card["layer"]}.{card["neuron"]} <small>excess <span class="excess">{card["excess"]:.3f}</span>'
+            f' (95 % interval <span class="ci-low">{number(low)}</span> to <span class="ci-high">{number(high)}</span>;'
+            f' half A <span class="half-a">{number(half_a)}</span>, half B <span class="half-b">{number(half_b)}</span>)'
+            f'</small></h3>'
             f'{table_html(card["matches"], key="other_model")}{image_tag(card["histogram"], "activation histogram")}'
             f"<p><b>Top-activating contexts</b></p>{contexts}"
             f"<p><b>Promotes</b> {tokens(card['promoted'])}<br><b>Suppresses</b> {tokens(card['suppressed'])}</p></div>")
@@ -222,6 +229,15 @@ def run_report_html(run: dict, excess: pd.DataFrame, stats: pd.DataFrame, univer
                           f'({published["n_universal"]} of {published["n_neurons"]}).</p>{overlap}')
     else:
         published_html = "<p>No published figures exist for this model set.</p>"
+    jaccard = run["split_half_jaccard"]  # None when neither half selects a neuron
+    stability = (f'<p>Split-half stability: the universal sets selected by the same rule on each half of the tokens '
+                 f'(alternating blocks of {run["split_half_block_rows"]} tokens) hold '
+                 f'<span id="n-universal-half-a">{run["n_universal_half_a"]}</span> and '
+                 f'<span id="n-universal-half-b">{run["n_universal_half_b"]}</span> neurons; their Jaccard overlap '
+                 f'is <span id="split-half-jaccard">{"—" if jaccard is None else f"{jaccard:.3f}"}</span>. '
+                 f"Median standard error of a neuron's excess correlation: "
+                 f'<span id="median-excess-se">{_cell(float(excess["excess_se"].median()), "{:.4f}")}</span> '
+                 f"(the cards give each neuron's 95 % interval).</p>")
     summary = layer_summary.assign(fraction=layer_summary["fraction"].map(lambda f: f"{f:.2%}"))
     if published:
         summary["published"] = summary["layer"].map(published["per_layer"]).fillna(0).astype(int)
@@ -235,6 +251,7 @@ def run_report_html(run: dict, excess: pd.DataFrame, stats: pd.DataFrame, univer
 <h2>Summary</h2>
 <p class="big"><span id="n-universal">{n_universal}</span> of <span id="n-neurons">{n_neurons}</span> neurons
 universal (<span id="fraction">{n_universal / max(n_neurons, 1):.2%}</span>)</p>
+{stability}
 {published_html}
 {table_html(summary, key="layer")}
 <h2>Parameters and provenance</h2>{table_html(params, key="parameter")}
