@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from unlib.plots import activation_histogram_png
+from unlib.plots import activation_histogram_png, value_range
 
 
 def print_summary(console: Console, title: str, layer_summary: pd.DataFrame, universal_df: pd.DataFrame,
@@ -263,8 +263,15 @@ and the universal median's z-score in the population.</p>{properties}
 </body></html>"""
 
 
+def range_matrix(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """Cell by cell, the range ('low–high') of two matrices of the same shape."""
+    cells = [[value_range(x, y) for x, y in zip(row_a, row_b)] for row_a, row_b in zip(a.values, b.values)]
+    return pd.DataFrame(cells, index=a.index, columns=a.columns)
+
+
 def compare_report_html(model_set: str, steps: list[int], by_checkpoint: pd.DataFrame, persistence: pd.DataFrame,
-                        jaccard: pd.DataFrame, trajectories: pd.DataFrame, plots: dict[str, Path]) -> str:
+                        jaccard: pd.DataFrame, trajectories: pd.DataFrame, plots: dict[str, Path],
+                        persistence_halves: tuple[pd.DataFrame, pd.DataFrame]) -> str:
     """The self-contained report across checkpoints."""
     overall = by_checkpoint[by_checkpoint["layer"].astype(str) == "all"]
     figures = "".join(image_tag(path, name) for name, path in plots.items())
@@ -274,8 +281,12 @@ def compare_report_html(model_set: str, steps: list[int], by_checkpoint: pd.Data
 <style>{STYLE}</style></head><body>
 <h1>{esc(title)}</h1>
 <h2>Universality by checkpoint</h2>{table_html(overall.drop(columns="layer"), "{:.4f}", key="checkpoint")}
+<p><code>fraction_half_a</code>, <code>fraction_half_b</code>: the fraction universal when selected on each half
+of the tokens; <code>split_half_jaccard</code>: the overlap of those two sets.</p>
 <h2>Persistence</h2><p>Fraction of the neurons universal at the row's step still universal at the column's step.</p>
 {matrix(persistence)}
+<p>The same computed on the universal sets selected on each half of the tokens (half A, half B): their range.</p>
+{matrix(range_matrix(*persistence_halves))}
 <h2>Jaccard overlap of universal sets</h2>{matrix(jaccard)}
 <h2>Figures</h2>{figures}
 <h2>Neurons universal at any checkpoint</h2><p>{len(trajectories)} neurons; the top 30 by excess correlation at the last step:</p>
