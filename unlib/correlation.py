@@ -333,10 +333,10 @@ class ExcessCorrelationEngine:
         """1/std of every neuron of `model` on half A (0), half B (1) or all rows (FULL)."""
         key = (model, variant)
         if key not in self._inv_std:
-            var = torch.cat([torch.diagonal(s, dim1=-2, dim2=-1) for s in self.within[model]], dim=1)  # [half, neuron]
-            if variant == FULL:
-                var = var.sum(0) + self.merge_weight * self.within_shift[model] ** 2
-            self._inv_std[key] = inverse_std(var[variant] if variant < HALVES else var)
+            halves = torch.cat([torch.diagonal(s, dim1=-2, dim2=-1) for s in self.within[model]], dim=1)
+            var = halves[variant] if variant < HALVES else \
+                halves.sum(0) + self.merge_weight * self.within_shift[model] ** 2
+            self._inv_std[key] = inverse_std(var)
         return self._inv_std[key]
 
     def _merge(self, ref: int, other: int, layer_of_ref: int, variant: int, values, layer_idx, neuron_idx) -> None:
