@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.reference import reference_max_correlations
-from unlib.correlation import ExcessCorrelationEngine
+from unlib.correlation import HALVES, ExcessCorrelationEngine
 
 OUT = Path(__file__).resolve().parent / "results.json"
 CHUNK = 4096
@@ -102,7 +102,7 @@ def engine_vs_reference(n_models: int) -> dict:
 PROBE = """
 import re, sys
 import bench.run as b
-from unlib.correlation import ExcessCorrelationEngine
+from unlib.correlation import HALVES, ExcessCorrelationEngine
 def rss(key):
     return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 n_tokens, budget, chunk = map(int, sys.argv[1:])
@@ -128,7 +128,7 @@ def peak_memory(n_tokens: int, budget: int, chunk: int) -> dict:
 
 
 def memory() -> dict:
-    budget, chunk = 128 * 2**20, 1024
+    budget, chunk = 144 * 2**20, 1024  # 10 passes of two units (both halves of a layer against a model)
     small, large = peak_memory(16 * chunk, budget, chunk), peak_memory(64 * chunk, budget, chunk)
     return {"budget_bytes": budget, "at_N": small, "at_4N": large,
             "ratio_4N_over_N": large["peak_bytes"] / small["peak_bytes"],
@@ -185,7 +185,8 @@ def projection() -> dict:
     fixed_seconds = engine.rotation_seconds * 5 + gemm_seconds * 20 * d / (2 * 3072)
     forward_tps = 2 * n_tokens / fwd_seconds
     ram_budget = 12 * 2**30
-    passes = int(np.ceil(10 * d * d * 4 / ram_budget))
+    # 10 pair accumulators of d x d float32, each held for both halves of the tokens
+    passes = int(np.ceil(HALVES * 10 * d * d * ExcessCorrelationEngine.BYTES / ram_budget))
     engine_hours = (job_flops / rate + fixed_seconds) / 3600
     forward_hours = passes * 5 * 1e6 / forward_tps / 3600
     return {"engine_stream_gflops": rate / 1e9, "measured_reduce_seconds": engine.reduce_seconds,

@@ -5,16 +5,17 @@ from __future__ import annotations
 import time
 
 import luigi
+import numpy as np
 import pandas as pd
 
 from tasks.common import PipelineTask, RunParams, TaskProgress
 from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
-from unlib.correlation import LayerResult, excess_tables
+from unlib.correlation import HALF_BLOCK_ROWS, SPLIT_HALF_COLUMNS, LayerResult, excess_tables
 from unlib.data import DOCUMENT_SEED, read_tokens, token_file_record
 from unlib.models import load_model, model_location
 from unlib.plots import UniversalNeuronVisualizer
-from unlib.selection import UniversalNeuronAnalyzer
+from unlib.selection import UniversalNeuronAnalyzer, jaccard_index, split_half_sets
 from unlib.stats import NeuronStatsGenerator
 from unlib.store import atomic_path, write_json
 
@@ -74,7 +75,10 @@ class SelectUniversal(RunParams, PipelineTask):
         excess = pd.read_csv(self.input()["excess"]["excess"].path)
         stats = pd.read_csv(self.input()["stats"].path)
         universal = UniversalNeuronAnalyzer(excess).identify_universal_neurons(self.effective_threshold, self.top_k)
-        write_csv(universal.merge(stats, on=["layer", "neuron"], how="left"), self.output().path)
+        merged = universal.merge(stats, on=["layer", "neuron"], how="left")
+        # the split-half columns go last, so the columns this file had before keep their places
+        write_csv(merged[[c for c in merged.columns if c not in SPLIT_HALF_COLUMNS] + SPLIT_HALF_COLUMNS],
+                  self.output().path)
 
 
 class Plots(RunParams, PipelineTask):
@@ -104,7 +108,8 @@ class Plots(RunParams, PipelineTask):
 
 
 class UniversalNeuronsAnalysis(RunParams, PipelineTask):
-    """Root of one analysis run; writes run.json (parameters, provenance, layer summary)."""
+    """Root of one analysis run; writes run.json (parameters, provenance, layer summary,
+    split-half stability of the universal set)."""
 
     def requires(self):
         return {"excess": self.clone(ExcessCorrelation), "universal": self.clone(SelectUniversal),
@@ -117,6 +122,8 @@ class UniversalNeuronsAnalysis(RunParams, PipelineTask):
         excess = pd.read_csv(self.input()["excess"]["excess"].path)
         universal = pd.read_csv(self.input()["universal"].path)
         summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)
+        half_a, half_b = split_half_sets(excess, self.effective_threshold, self.top_k)
+        jaccard = jaccard_index(half_a, half_b)
         correlation = LayerResult.attributes(self.correlations().output()[(self.reference, 0)].path)
         token_file = token_file_record(self.clone(TokenizeDataset).output().path)
         ms = self.model_set
@@ -132,4 +139,6 @@ class UniversalNeuronsAnalysis(RunParams, PipelineTask):
             "correlation_seconds": round(float(correlation["seconds"]), 2), "correlation_feed": correlation["feed"],
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "n_neurons": int(summary["n_neurons"].sum()), "n_universal": int(summary["n_universal"].sum()),
+            "split_half_block_rows": HALF_BLOCK_ROWS, "n_universal_half_a": len(half_a),
+            "n_universal_half_b": len(half_b), "split_half_jaccard": None if np.isnan(jaccard) else jaccard,
             "layers": summary.to_dict(orient="records")})

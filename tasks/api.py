@@ -18,7 +18,7 @@ from tasks.common import DEFAULTS, store
 from unlib import UserError
 from unlib.activations import cache_bytes
 from tasks.correlation import CHUNK_TOKENS
-from unlib.correlation import ExcessCorrelationEngine, parse_bytes
+from unlib.correlation import HALF_BLOCK_ROWS, ExcessCorrelationEngine, parse_bytes
 from unlib.data import check_dataset, exclusion_ids, parse_exclusion
 from unlib.models import (ModelError, check_checkpoint, check_same_tokenizer, load_tokenizer, max_context,
                           mlp_shape, resolve_device, resolve_model_set)
@@ -73,8 +73,9 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
         if longest is not None and ctx_len > longest:
             raise ValueError(f"CTX_LEN={ctx_len} is longer than model {spec.name} takes ({longest} tokens); "
                              f"use CTX_LEN={longest} or less")
-    if n_tokens < 2:
-        raise ValueError(f"N_TOKENS={n_tokens} is too small: use at least 2 tokens (the default is {DEFAULTS['n_tokens']})")
+    if n_tokens < 2 * HALF_BLOCK_ROWS:  # the split-half error needs a block of tokens in each half
+        raise ValueError(f"N_TOKENS={n_tokens} is too small: use at least {2 * HALF_BLOCK_ROWS} tokens, two blocks of "
+                         f"{HALF_BLOCK_ROWS} for the split-half error (the default is {DEFAULTS['n_tokens']})")
     if ctx_len < 2:
         raise ValueError(f"CTX_LEN={ctx_len} is too small: sequences need BOS plus at least one token")
     if rotations < 1:

@@ -12,7 +12,7 @@ from tasks.common import CorrelationParams, H5Target, PipelineTask, TaskProgress
 from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
 from unlib.activations import ActivationCache, cache_bytes, cached_chunks, choose_feed, model_chunks
-from unlib.correlation import ExcessCorrelationEngine, parse_bytes
+from unlib.correlation import HALF_BLOCK_ROWS, ExcessCorrelationEngine, parse_bytes
 from unlib.data import read_tokens
 from unlib.models import load_model, mlp_shape
 from unlib.store import checkpoint_label, partial_path, provenance, short_hash
@@ -52,7 +52,8 @@ class Correlations(CorrelationParams, PipelineTask):
     def run_inputs(self) -> dict:
         return {"models": [m.model_id for m in self.model_set.models], "checkpoint": self.checkpoint,
                 "dataset": dataset_id(self.dataset), "n_tokens": self.n_tokens, "ctx_len": self.ctx_len,
-                "exclude_tokens": self.exclude_tokens, "rotations": self.rotations, "rotation_seed": self.rotation_seed}
+                "exclude_tokens": self.exclude_tokens, "rotations": self.rotations, "rotation_seed": self.rotation_seed,
+                "half_block_rows": HALF_BLOCK_ROWS}
 
     def run_key(self) -> str:
         return f"{self.model_set.name}_{checkpoint_label(self.checkpoint)}_{short_hash(self.run_inputs())}"
@@ -105,4 +106,4 @@ class Correlations(CorrelationParams, PipelineTask):
                     "reference": names[ref], "others": [names[m] for m in result.others],
                     "n_tokens": n_tokens, "rotations": self.rotations, "rotation_seed": self.rotation_seed,
                     "feed": path, "feed_reason": why, "seconds": seconds, "gflops": engine.flops / seconds / 1e9,
-                    "device": str(self.device), "passes": len(engine.passes)})
+                    "device": str(self.device), "passes": len(engine.passes), "half_rows": engine.half_rows})

@@ -12,7 +12,7 @@ from unlib import compare, plots
 from unlib.data import read_tokens
 from unlib.models import load_model, load_tokenizer
 from unlib.report import compare_report_html, neuron_cards, run_report_html
-from unlib.selection import UniversalNeuronAnalyzer
+from unlib.selection import UniversalNeuronAnalyzer, split_half_sets
 from unlib.store import atomic_path, read_json
 
 TOP_CARDS = 20
@@ -80,11 +80,15 @@ class CompareCheckpoints(RunParams, PipelineTask):
             excess[step] = pd.read_csv(task.results_dir() / "excess_correlation_scores.csv")
             universal[step] = pd.read_csv(task.results_dir() / "universal_neurons.csv")
         sets = compare.neuron_sets(universal)
-        by_checkpoint = compare.universality_by_checkpoint(excess, universal)
+        halves = {step: split_half_sets(e, self.effective_threshold, self.top_k) for step, e in excess.items()}
+        by_checkpoint = compare.universality_by_checkpoint(excess, universal, halves)
         persistence, jaccard = compare.persistence(sets), compare.jaccard(sets)
+        persistence_halves = tuple(compare.persistence({s: h[i] for s, h in halves.items()}) for i in range(2))
         trajectories = compare.trajectories(excess, sets)
         write_csv(by_checkpoint, out / "universality_by_checkpoint.csv")
         write_csv(persistence.reset_index(), out / "persistence.csv")
+        for name, table in zip(("persistence_half_a", "persistence_half_b"), persistence_halves):
+            write_csv(table.reset_index(), out / f"{name}.csv")
         write_csv(jaccard.reset_index(), out / "jaccard.csv")
         write_csv(trajectories, out / "neuron_trajectories.csv")
         title = f"({self.model_set.name})"
@@ -92,10 +96,12 @@ class CompareCheckpoints(RunParams, PipelineTask):
                    ("universality_by_checkpoint", "persistence", "jaccard", "neuron_trajectories",
                     "excess_correlation_distributions")}
         plots.universality_by_checkpoint_plot(by_checkpoint, figures["universality_by_checkpoint"], title)
-        plots.matrix_heatmap(persistence, figures["persistence"], f"Persistence of universal neurons {title}",
-                             "fraction still universal")
+        plots.matrix_heatmap(persistence, figures["persistence"], f"Persistence of universal neurons {title}\n"
+                             "(below: range over the sets selected on each half of the tokens)",
+                             "fraction still universal", persistence_halves)
         plots.matrix_heatmap(jaccard, figures["jaccard"], f"Jaccard overlap of universal sets {title}", "Jaccard")
         plots.trajectories_plot(trajectories, figures["neuron_trajectories"], title=title)
         plots.distributions_plot(excess, figures["excess_correlation_distributions"], title)
         write_text(self.output().path, compare_report_html(self.model_set.name, self.steps, by_checkpoint,
-                                                           persistence, jaccard, trajectories, figures))
+                                                           persistence, jaccard, trajectories, figures,
+                                                           persistence_halves))

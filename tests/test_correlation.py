@@ -1,9 +1,10 @@
-"""The correlation engine against numpy float64 on random and structured data."""
+"""The correlation engine against numpy float64 on random and structured data, on all rows
+and on each half of them (even and odd blocks of HALF_BLOCK_ROWS rows)."""
 import numpy as np
 import pytest
 import torch
 
-from unlib.correlation import ExcessCorrelationEngine, MemoryBudgetError, haar_orthogonal
+from unlib.correlation import HALF_BLOCK_ROWS, ExcessCorrelationEngine, MemoryBudgetError, haar_orthogonal
 
 LAYERS = [[12, 20], [12, 20], [16, 8, 8]]
 
@@ -77,6 +78,61 @@ def test_rotated_baseline_matches_explicit_rotation(kind):
                 assert np.abs(expected - result.baseline_max_corr[k, r]).max() <= 1e-4
 
 
+def half_rows(n: int, half: int) -> np.ndarray:
+    """Row indices of half A (half 0: even blocks) or half B (half 1: odd blocks)."""
+    return np.flatnonzero((np.arange(n) // HALF_BLOCK_ROWS) % 2 == half)
+
+
+def expected_max(data, reference: int, other: int, rows: np.ndarray, engine, n_rotations: int) -> np.ndarray:
+    """numpy float64 max correlation, on `rows`, of every neuron of the reference model with
+    the other model: [0] as is, [1 + r] with its layers rotated by the engine's rotation r."""
+    y = [data[other][l][rows].astype(np.float64) for l in range(len(LAYERS[other]))]
+    versions = [y] + [[a @ engine.rotation(other, l, r).double().numpy() for l, a in enumerate(y)]
+                      for r in range(n_rotations)]
+    x = np.concatenate(data[reference], axis=1)[rows]
+    c = corr_block(x, np.concatenate([np.concatenate(v, axis=1) for v in versions], axis=1))
+    return c.reshape(len(x.T), len(versions), -1).max(axis=2).T
+
+
+@pytest.mark.parametrize("kind, chunk, passes", [("random", 337, "one"), ("structured", 5000, "one"),
+                                                 ("structured", 1500, "several")])
+def test_each_half_matches_numpy_on_its_blocks(kind, chunk, passes):
+    n = 3 * HALF_BLOCK_ROWS + 700  # half A: blocks 0 and 2; half B: block 1 and 700 rows of block 3
+    data = make_data(kind, n=n, seed=5)
+    # "several": room for one unit's two halves of accumulators at a time, so later passes
+    # see only some layers of their row model (the others are not read)
+    budget = None
+    if passes == "several":
+        budget = ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=2).fixed_bytes() + 2 * 4 * 20 * 32 + 16
+    engine = ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=2, rotation_seed=4, memory_budget=budget)
+    assert (len(engine.passes) > 1) == (passes == "several")
+    results = engine.run(chunks(data, chunk))  # chunk sizes that do not align with the blocks
+    assert engine.half_rows == [2 * HALF_BLOCK_ROWS, HALF_BLOCK_ROWS + 700]
+    worst = 0.0
+    for ref in (0, 2):
+        offsets = np.cumsum([0] + LAYERS[ref])
+        for m in [m for m in range(3) if m != ref]:
+            for half, rows in [(0, half_rows(n, 0)), (1, half_rows(n, 1)), (None, np.arange(n))]:
+                expected = expected_max(data, ref, m, rows, engine, 2)
+                for result in results[ref]:
+                    k = result.others.index(m)
+                    want = expected[:, offsets[result.layer]:offsets[result.layer + 1]]
+                    got_max = result.max_corr[k] if half is None else result.max_corr_halves[half, k]
+                    got_base = result.baseline_max_corr[k] if half is None else result.baseline_max_corr_halves[half, k]
+                    worst = max(worst, np.abs(got_max - want[0]).max(), np.abs(got_base - want[1:]).max())
+    assert worst <= 1e-4
+
+
+def test_halves_need_two_blocks_of_rows():
+    short = make_data("random", n=2 * HALF_BLOCK_ROWS - 1)
+    result = ExcessCorrelationEngine(LAYERS, 0, n_rotations=1).run(chunks(short, 1000))[0][1]
+    assert np.isnan(result.max_corr_halves).all() and np.isnan(result.baseline_max_corr_halves).all()
+    assert np.isfinite(result.max_corr).all() and np.isfinite(result.baseline_max_corr).all()
+    enough = make_data("random", n=2 * HALF_BLOCK_ROWS)
+    result = ExcessCorrelationEngine(LAYERS, 0, n_rotations=1).run(chunks(enough, 1000))[0][1]
+    assert np.isfinite(result.max_corr_halves).all() and np.isfinite(result.baseline_max_corr_halves).all()
+
+
 def test_constant_neuron_gets_zero_correlation():
     data = make_data("random")
     data[1][0][:, 0] = 3.0
@@ -102,7 +158,8 @@ def test_a_small_memory_budget_splits_the_work_into_passes_with_the_same_numbers
     data = make_data("random")
     roomy = ExcessCorrelationEngine(LAYERS, [0, 1, 2], n_rotations=2)
     assert len(roomy.passes) == 1
-    tight_budget = roomy.fixed_bytes() + 4 * 20 * 32 + 16
+    # room for one unit only: two halves' float32 co-moments of the widest layer (20) with a model (32)
+    tight_budget = roomy.fixed_bytes() + 2 * 4 * 20 * 32 + 16
     tight = ExcessCorrelationEngine(LAYERS, [0, 1, 2], n_rotations=2, memory_budget=tight_budget)
     assert len(tight.passes) > 3
     assert all(sum(tight.unit_bytes(u) for u in p) + tight.fixed_bytes() <= tight_budget for p in tight.passes)

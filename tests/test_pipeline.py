@@ -3,6 +3,7 @@ runs every stage, and checks the values in every output file against independent
 computations (numpy float64, the Hugging Face model run directly)."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from test_weight_stats import TOLERANCE, WEIGHT_COLUMNS, reference_weight_stats
-from unlib.correlation import EXCESS_COLUMNS, PAIRWISE_COLUMNS, haar_orthogonal
+from unlib.correlation import EXCESS_COLUMNS, HALF_BLOCK_ROWS, PAIRWISE_COLUMNS, SPLIT_HALF_COLUMNS, haar_orthogonal
 from unlib.stats import STATS_COLUMNS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,7 +63,10 @@ def test_summary_printed(run):
 
 def test_excess_scores_are_consistent(run):
     excess = run["excess"]
-    assert list(excess.columns) == EXCESS_COLUMNS
+    assert list(excess.columns) == EXCESS_COLUMNS + SPLIT_HALF_COLUMNS
+    assert np.isfinite(excess[SPLIT_HALF_COLUMNS].values).all() and (excess["excess_se"] > 0).all()
+    assert (excess["excess_ci_low"] <= excess["excess_correlation"]).all()
+    assert (excess["excess_correlation"] <= excess["excess_ci_high"]).all()
     assert len(excess) == 2 * 64 and (excess["n_models_compared"] == 2).all()
     np.testing.assert_allclose(excess["excess_correlation"], excess["mean_corr"] - excess["mean_baseline"], atol=2e-5)
     assert (excess["min_corr"] <= excess["mean_corr"] + 1e-6).all() and (excess["mean_corr"] <= excess["max_corr"] + 1e-6).all()
@@ -91,6 +95,28 @@ def test_pairwise_correlations_match_numpy_float64(run):
                 rotated = [other[l] @ haar_orthogonal(64, [0, k, l, r]).numpy() for l in range(2)]
                 baselines.append(np.corrcoef(x.T, np.concatenate(rotated, axis=1).T)[:64, 64:].max(axis=1))
             np.testing.assert_allclose(rows["baseline_max_corr"].values, np.mean(baselines, axis=0), atol=1e-4)
+
+
+def test_split_half_excess_matches_numpy_float64(run):
+    """Each half's excess correlation, from numpy on the cached activations of the rows in
+    even (half A) or odd (half B) blocks of HALF_BLOCK_ROWS tokens."""
+    excess = run["excess"]
+    ref, *others = [load_layers(p) for p in caches(run["store"])]
+    n = ref[0].shape[0]
+    for half, column in enumerate(["excess_half_a", "excess_half_b"]):
+        rows = (np.arange(n) // HALF_BLOCK_ROWS) % 2 == half
+        for layer in range(2):
+            x = ref[layer][rows]
+            per_other = []
+            for k, other in enumerate(others, start=1):
+                y = [o[rows] for o in other]
+                best = np.corrcoef(x.T, np.concatenate(y, axis=1).T)[:64, 64:].max(axis=1)
+                baselines = [np.corrcoef(x.T, np.concatenate([y[l] @ haar_orthogonal(64, [0, k, l, r]).numpy()
+                                                               for l in range(2)], axis=1).T)[:64, 64:].max(axis=1)
+                             for r in range(5)]
+                per_other.append(best - np.mean(baselines, axis=0))
+            got = excess.loc[excess.layer == layer, column].values
+            np.testing.assert_allclose(got, np.mean(per_other, axis=0), atol=1e-4)
 
 
 def test_neuron_stats_match_the_model_run_directly(run):
@@ -132,7 +158,7 @@ def test_universal_selection(run):
     assert list(universal[["layer", "neuron"]].itertuples(index=False)) == \
         list(expected[["layer", "neuron"]].itertuples(index=False))
     assert 0 < len(universal) < len(excess) / 2, "the universal set should be a non-empty minority"
-    assert set(STATS_COLUMNS) <= set(universal.columns)
+    assert set(STATS_COLUMNS) <= set(universal.columns) and list(universal.columns[-5:]) == SPLIT_HALF_COLUMNS
     merged = universal.merge(run["stats"], on=["layer", "neuron"], suffixes=("", "_s"))
     np.testing.assert_allclose(merged["l2_penalty"], merged["l2_penalty_s"])
 
@@ -148,6 +174,16 @@ def test_run_record(run):
     record = json.loads((run["dir"] / "run.json").read_text())
     assert record["checkpoint"] == 300 and record["threshold"] == THRESHOLD and record["rotations"] == 5
     assert record["n_universal"] == len(run["universal"]) and record["n_neurons"] == 128
+    # split-half stability, recomputed from the CSV: the same threshold on each half's excess
+    excess = run["excess"]
+    half_a = set(excess.loc[excess.excess_half_a >= THRESHOLD, ["layer", "neuron"]].itertuples(index=False))
+    half_b = set(excess.loc[excess.excess_half_b >= THRESHOLD, ["layer", "neuron"]].itertuples(index=False))
+    assert half_a and half_b
+    assert record["n_universal_half_a"] == len(half_a) and record["n_universal_half_b"] == len(half_b)
+    assert record["split_half_jaccard"] == pytest.approx(len(half_a & half_b) / len(half_a | half_b))
+    html = (run["dir"] / "report.html").read_text()
+    shown = re.search(r'id="split-half-jaccard">([^<]*)<', html).group(1)
+    assert shown == f"{record['split_half_jaccard']:.3f}"
 
 
 def test_other_parameters_do_not_overwrite_and_nothing_is_recomputed(run):
@@ -190,6 +226,7 @@ def test_all_references_without_cache_give_the_cached_numbers(run, tmp_path):
     (["--models", MODELS, "--threshold", "3"], "outside [-1, 1]"),
     (["--models", "stanford-gpt2-small", "--checkpoint", "1234"], "nearest: 1200 or 1250"),
     (["--n-tokens", "many"], "N_TOKENS must be an integer, not 'many'"),
+    (["--models", MODELS, "--n-tokens", "4000"], "N_TOKENS=4000 is too small: use at least 4096 tokens"),
     (["--models", MODELS, "--memory", "lots"], "CORR_MEMORY='lots' is not a size"),
     (["--models", MODELS, "--cache", "maybe"], "CACHE='maybe' must be 1"),
     (["--models", MODELS, "--memory", "64K"], "raise CORR_MEMORY"),

@@ -46,7 +46,8 @@ def planted(tmp_path_factory):
     save_model(base, tokenizer, root / "b")
     torch.manual_seed(1)
     save_model(GPT2LMHeadModel(config), tokenizer, root / "c")
-    tokens = rng.integers(1, len(tokenizer), size=(96, 32)).astype(np.int32)
+    # 160 x 31 = 4960 analysed tokens: more than two blocks, so both halves are defined
+    tokens = rng.integers(1, len(tokenizer), size=(160, 32)).astype(np.int32)
     tokens[:, 0] = tokenizer.bos_token_id
     models = [load_model(ModelSpec(n, str(root / n)), None) for n in "abc"]
     caches = []
@@ -79,7 +80,7 @@ def test_unrelated_model_is_not_a_copy(planted):
 def test_cache_holds_float16_activations_without_bos(planted):
     cache = planted["caches"][0]
     assert cache.layers == ["layer_000", "layer_001"]
-    assert cache.n_tokens == 96 * 31
+    assert cache.n_tokens == 160 * 31
     from unlib.models import mlp_activations
     direct = mlp_activations(planted["models"][0], torch.from_numpy(planted["tokens"][:4].astype(np.int64)))
     np.testing.assert_allclose(cache.read(1, 0, 4 * 31), direct[1].half().numpy(), rtol=0, atol=0)
@@ -88,9 +89,12 @@ def test_cache_holds_float16_activations_without_bos(planted):
 def test_no_cache_feed_gives_the_cached_numbers(planted):
     computer = MemoryEfficientExcessCorrelationComputer(planted["models"], model_names=list("abc"))
     streamed = computer.compute_results(planted["tokens"], reference=0, n_rotations=3)
-    for a, b in zip(streamed, planted["results"]):
+    for a, b in zip(streamed, planted["results"]):  # the feeds chunk differently (992 tokens, all at once)
         assert np.abs(a.max_corr - b.max_corr).max() <= 1e-5
         assert np.abs(a.baseline_max_corr - b.baseline_max_corr).max() <= 1e-5
+        assert np.isfinite(a.max_corr_halves).all()
+        assert np.abs(a.max_corr_halves - b.max_corr_halves).max() <= 1e-5
+        assert np.abs(a.baseline_max_corr_halves - b.baseline_max_corr_halves).max() <= 1e-5
     excess = computer.compute_excess_correlations_for_all_neurons(planted["tokens"], n_rotations=3)
     assert list(excess.columns[:4]) == ["layer", "neuron", "excess_correlation", "n_models_compared"]
     assert len(excess) == N_LAYERS * D_MLP

@@ -48,10 +48,20 @@ def test_persistence_and_jaccard_against_hand_computation():
     first = dict(zip(zip(t["layer"], t["neuron"]), t["first_universal_checkpoint"]))
     assert first == {(0, 1): 100, (0, 2): 100, (1, 3): 100, (1, 4): 250}
     assert t.loc[(t.layer == 1) & (t.neuron == 4), "checkpoint_500"].item() == pytest.approx(0.05 + 0.09)
-    by = compare.universality_by_checkpoint(excess, universal)
+    halves = {100: ({(0, 1), (0, 2)}, {(0, 1), (1, 3), (1, 4)}), 250: ({(1, 3)}, set()),
+              500: ({(0, 1)}, {(0, 1)}), 900: (set(), set())}
+    by = compare.universality_by_checkpoint(excess, universal, halves)
     overall = by[by.layer.astype(str) == "all"].set_index("checkpoint")
     assert list(overall["n_universal"]) == [3, 3, 1, 0] and overall.loc[100, "fraction"] == pytest.approx(0.3)
     assert by[(by.checkpoint == 250) & (by.layer.astype(str) == "1")]["n_universal"].item() == 2
+    assert list(by.columns[-3:]) == ["fraction_half_a", "fraction_half_b", "split_half_jaccard"]
+    assert list(overall["fraction_half_a"]) == [0.2, 0.1, 0.1, 0] and list(overall["fraction_half_b"]) == [0.3, 0, 0.1, 0]
+    assert overall.loc[100, "split_half_jaccard"] == pytest.approx(1 / 4) and overall.loc[500, "split_half_jaccard"] == 1
+    assert np.isnan(overall.loc[900, "split_half_jaccard"])
+    layer1 = by[(by.checkpoint == 100) & (by.layer.astype(str) == "1")].iloc[0]
+    assert layer1["fraction_half_a"] == 0 and layer1["fraction_half_b"] == pytest.approx(2 / 5)
+    p_a = compare.persistence({s: h[0] for s, h in halves.items()})
+    assert p_a.loc[100, 500] == pytest.approx(1 / 2) and np.isnan(p_a.loc[900, 900])
 
 
 def cli(store: Path, *args: str) -> subprocess.CompletedProcess:
@@ -106,6 +116,14 @@ def test_run_report_numbers_equal_the_csvs(store):
         assert float(properties[column]["all_median"]) == pytest.approx(stats[column].median(), abs=6e-4)
     cards = re.findall(r'data-neuron="(\d+)\.(\d+)"', html)
     assert [(int(l), int(n)) for l, n in cards] == list(zip(universal.layer, universal.neuron))[:20]
+    shown = {name: [float(v) for v in re.findall(rf'class="{name}">([^<]*)<', html)]
+             for name in ("excess", "ci-low", "ci-high", "half-a", "half-b")}
+    for name, column in [("excess", "excess_correlation"), ("ci-low", "excess_ci_low"), ("ci-high", "excess_ci_high"),
+                         ("half-a", "excess_half_a"), ("half-b", "excess_half_b")]:
+        np.testing.assert_allclose(shown[name], universal[column].values[:len(cards)], atol=6e-4)
+    record = json.loads((d / "run.json").read_text())
+    assert int(text_of(html, "n-universal-half-a")) == record["n_universal_half_a"]
+    assert float(text_of(html, "median-excess-se")) == pytest.approx(excess["excess_se"].median(), abs=6e-5)
     assert html.count("<mark>") == 5 * len(cards)
     assert html.count("data:image/png;base64,") == 4 + len(cards)
     assert "final weights" not in html and "<td data-col=\"value\">300</td>" in html
@@ -132,6 +150,17 @@ def test_compare_outputs_match_the_per_checkpoint_runs(store):
     persistence = pd.read_csv(out / "persistence.csv", index_col=0)
     expected = len(sets[100] & sets[300]) / len(sets[100]) if sets[100] else np.nan
     assert persistence.loc[100, "300"] == pytest.approx(expected, nan_ok=True)
+    excess = {s: pd.read_csv(run_dir(store, s) / "excess_correlation_scores.csv") for s in (100, 300)}
+    halves = {s: [set(zip(e.layer[e[c] >= 0.1], e.neuron[e[c] >= 0.1])) for c in ("excess_half_a", "excess_half_b")]
+              for s, e in excess.items()}
+    for s in (100, 300):
+        assert overall.loc[s, "fraction_half_a"] == pytest.approx(len(halves[s][0]) / len(excess[s]), abs=1e-6)
+        assert overall.loc[s, "fraction_half_b"] == pytest.approx(len(halves[s][1]) / len(excess[s]), abs=1e-6)
+    for i, name in enumerate(["persistence_half_a", "persistence_half_b"]):
+        table = pd.read_csv(out / f"{name}.csv", index_col=0)
+        first = halves[100][i]
+        expected = len(first & halves[300][i]) / len(first) if first else np.nan
+        assert table.loc[100, "300"] == pytest.approx(expected, nan_ok=True)
     jaccard = pd.read_csv(out / "jaccard.csv", index_col=0)
     assert jaccard.loc[100, "300"] == pytest.approx(len(sets[100] & sets[300]) / len(sets[100] | sets[300]))
     trajectories = pd.read_csv(out / "neuron_trajectories.csv")

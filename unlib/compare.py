@@ -1,16 +1,22 @@
 """How universality develops across training checkpoints (Nandan et al. 2025): per-checkpoint
-summaries, persistence and Jaccard overlap of universal sets, and neuron trajectories."""
+summaries, persistence and Jaccard overlap of universal sets, and neuron trajectories. The
+universal fraction and persistence are also given on the sets selected on each half of the
+tokens: their spread is the split-half range."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
+from unlib.selection import jaccard_index, neuron_keys
+
 QUANTILES = (0.5, 0.9, 0.99)
 
 
-def universality_by_checkpoint(excess: dict[int, pd.DataFrame], universal: dict[int, pd.DataFrame]) -> pd.DataFrame:
+def universality_by_checkpoint(excess: dict[int, pd.DataFrame], universal: dict[int, pd.DataFrame],
+                               halves: dict[int, tuple[set, set]]) -> pd.DataFrame:
     """Per checkpoint and layer (and 'all'): n_universal, fraction, mean and quantiles of
-    excess correlation."""
+    excess correlation; then the fraction universal on half A and on half B of the tokens
+    (`halves`: per checkpoint, the two half sets) and the Jaccard overlap of those sets."""
     rows = []
     for step in sorted(excess):
         e, u = excess[step], universal[step]
@@ -20,12 +26,16 @@ def universality_by_checkpoint(excess: dict[int, pd.DataFrame], universal: dict[
                    "fraction": n_univ / len(group), "mean_excess": group["excess_correlation"].mean()}
             for q in QUANTILES:
                 row[f"q{int(q * 100)}_excess"] = group["excess_correlation"].quantile(q)
+            in_layer = [{k for k in half if layer == "all" or k[0] == layer} for half in halves[step]]
+            row["fraction_half_a"] = len(in_layer[0]) / len(group)
+            row["fraction_half_b"] = len(in_layer[1]) / len(group)
+            row["split_half_jaccard"] = jaccard_index(*in_layer)
             rows.append(row)
     return pd.DataFrame(rows)
 
 
 def neuron_sets(universal: dict[int, pd.DataFrame]) -> dict[int, set[tuple[int, int]]]:
-    return {step: set(zip(df["layer"].astype(int), df["neuron"].astype(int))) for step, df in universal.items()}
+    return {step: neuron_keys(df) for step, df in universal.items()}
 
 
 def persistence(sets: dict[int, set]) -> pd.DataFrame:
@@ -47,8 +57,7 @@ def jaccard(sets: dict[int, set]) -> pd.DataFrame:
     out = pd.DataFrame(np.nan, index=steps, columns=steps)
     for s in steps:
         for t in steps:
-            union = sets[s] | sets[t]
-            out.loc[s, t] = len(sets[s] & sets[t]) / len(union) if union else np.nan
+            out.loc[s, t] = jaccard_index(sets[s], sets[t])
     out.index.name = "checkpoint"
     return out
 

@@ -9,14 +9,18 @@ How it stays fast and exact (DESIGN.md section 3):
   merged into the running co-moments with Chan's parallel update (no E[xy]-E[x]E[y]);
 - rotations are applied after the stream: corr with rotated activations needs only
   C[:, layer] @ Q and the rotated variances diag(Q^T S Q), S being the other model's
-  within-layer co-moment, so R rotations cost R small matmuls, not R passes.
+  within-layer co-moment, so R rotations cost R small matmuls, not R passes;
+- for the split-half error every co-moment (and mean and count) is kept for two halves of
+  the rows, even and odd blocks of HALF_BLOCK_ROWS rows (by row index, whatever the feed's
+  chunking): each row enters one half only, so the stream does no extra arithmetic, and the
+  full-sample co-moment is the exact Chan merge of the halves, formed at reduce time.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import h5py
 import numpy as np
@@ -25,6 +29,21 @@ import torch
 
 from unlib import UserError
 from unlib.store import write_small_h5
+
+HALF_BLOCK_ROWS = 2048  # rows per block: even blocks form half A, odd blocks half B
+HALVES = 2
+FULL = HALVES  # index of the full sample next to the halves (0: A, 1: B)
+
+
+def block_segments(start: int, rows: int, block: int = HALF_BLOCK_ROWS) -> Iterator[tuple[int, int, int]]:
+    """(half, lo, hi) for the runs of a chunk's rows [lo, hi) that lie in one block, the
+    chunk's first row being row `start` of the stream."""
+    lo = 0
+    while lo < rows:
+        row = start + lo
+        hi = min(rows, lo + block - row % block)
+        yield (row // block) % HALVES, lo, hi
+        lo = hi
 
 
 def haar_orthogonal(n: int, seed: Iterable[int] | int) -> torch.Tensor:
@@ -51,7 +70,9 @@ def _corr(cov: torch.Tensor, inv_std_x: torch.Tensor, inv_std_y: torch.Tensor) -
 @dataclasses.dataclass
 class LayerResult:
     """Correlations of one reference layer's neurons against each other model:
-    arrays are indexed [other model, neuron] (baseline: [other model, rotation, neuron])."""
+    arrays are indexed [other model, neuron] (baseline: [other model, rotation, neuron]);
+    the *_halves arrays hold the same on half A and half B of the rows, [half, ...], NaN
+    when the rows do not fill two blocks."""
 
     layer: int
     others: list[int]
@@ -59,8 +80,11 @@ class LayerResult:
     max_layer: np.ndarray
     max_neuron: np.ndarray
     baseline_max_corr: np.ndarray
+    max_corr_halves: np.ndarray
+    baseline_max_corr_halves: np.ndarray
 
-    ARRAYS = ("max_corr", "max_layer", "max_neuron", "baseline_max_corr")
+    ARRAYS = ("max_corr", "max_layer", "max_neuron", "baseline_max_corr", "max_corr_halves",
+              "baseline_max_corr_halves")
 
     def save(self, path, attrs: dict) -> None:
         """Write atomically to an HDF5 file, with `attrs` as provenance."""
@@ -117,10 +141,11 @@ def default_memory_budget(device: str | torch.device) -> int:
 
 class ExcessCorrelationEngine:
     """Max and rotated-baseline correlations of the neurons of each reference model
-    against every other model, from activations streamed in token chunks.
+    against every other model, from activations streamed in token chunks, on all rows
+    and on each half of them (even and odd blocks of HALF_BLOCK_ROWS rows).
 
-    Planning: one accumulator per unordered model pair (split into blocks of the row
-    model's layers when the memory budget demands), as many as fit the budget per pass
+    Planning: one accumulator (both halves' co-moments) per unordered model pair (split into
+    blocks of the row model's layers when the memory budget demands), as many as fit the budget per pass
     over the tokens. Feeding: `run(chunks)` calls `chunks(needed)` once per pass; it must
     yield chunk[model] -> (tokens, all of the model's neurons, layer after layer) float32
     tensors on the engine's device, or None for a model with no layer in needed[model];
@@ -143,6 +168,7 @@ class ExcessCorrelationEngine:
         self.passes = self.plan()
         self.flops = 0.0  # co-moment GEMM work streamed so far
         self.tokens_streamed = 0  # over all passes
+        self.half_rows = [0] * HALVES  # rows in each half (the same in every pass)
         self.stream_seconds = 0.0  # time in passes over the tokens
         self.reduce_seconds = 0.0  # time turning co-moments into correlations (rotations included)
         self.rotation_seconds = 0.0  # of which drawing Haar rotations
@@ -160,25 +186,25 @@ class ExcessCorrelationEngine:
         return out
 
     def fixed_bytes(self) -> int:
-        """Memory the engine needs besides its accumulators: within-layer co-moments; five
-        chunk-sized buffers (two read ahead, one being read, the chunk and its centred
-        copy); and the result step's scratch (a correlation block and its max, a Haar
-        rotation drawn in float64)."""
-        within = sum(d * d for sizes in self.layer_sizes for d in sizes)
+        """Memory the engine needs besides its accumulators: within-layer co-moments of both
+        halves; four chunk-sized buffers (two read ahead, one being read, the chunk) and the
+        centred copy of one block-bounded run of it; and the result step's scratch (three
+        correlation blocks: both halves' and their merge, and a Haar rotation drawn in float64)."""
+        within = HALVES * sum(d * d for sizes in self.layer_sizes for d in sizes)
         width = sum(sum(sizes) for sizes in self.layer_sizes)
         d_max = max(max(s) for s in self.layer_sizes)
+        centred = (min(self.chunk_tokens, HALF_BLOCK_ROWS) + 1) * width
         scratch = 3 * d_max * max(sum(s) for s in self.layer_sizes) + 6 * d_max * d_max
-        return self.BYTES * (within + 5 * self.chunk_tokens * width + scratch)
+        return self.BYTES * (within + 4 * self.chunk_tokens * width + centred + scratch)
 
     def plan(self) -> list[list[Unit]]:
         """Group the units into passes that each fit the memory budget."""
         room = self.memory_budget - self.fixed_bytes()
         units = []
         for row, col in self.pairs():
-            width = sum(self.layer_sizes[col])
             block: list[int] = []
-            for layer, d in enumerate(self.layer_sizes[row]):
-                if block and (sum(self.layer_sizes[row][l] for l in block) + d) * width * self.BYTES > room:
+            for layer in range(len(self.layer_sizes[row])):
+                if block and self.unit_bytes(Unit(row, (*block, layer), col)) > room:
                     units.append(Unit(row, tuple(block), col))
                     block = []
                 block.append(layer)
@@ -199,8 +225,9 @@ class ExcessCorrelationEngine:
         return passes
 
     def unit_bytes(self, unit: Unit) -> int:
+        """The unit's accumulators: one co-moment block per half."""
         rows = sum(self.layer_sizes[unit.row_model][l] for l in unit.row_layers)
-        return self.BYTES * rows * sum(self.layer_sizes[unit.col_model])
+        return HALVES * self.BYTES * rows * sum(self.layer_sizes[unit.col_model])
 
     def needed_layers(self, units: list[Unit], first_pass: bool) -> list[set[int]]:
         if first_pass:  # the within-layer co-moments need every layer of every model
@@ -214,59 +241,74 @@ class ExcessCorrelationEngine:
     # ---- streaming ------------------------------------------------------------------
     def run(self, chunks, progress=None) -> dict[int, list[LayerResult]]:
         """All passes; returns {reference model: [LayerResult per layer]}."""
-        self.within = [[torch.zeros(d, d, device=self.device) for d in sizes] for sizes in self.layer_sizes]
+        self.within = [[torch.zeros(HALVES, d, d, device=self.device) for d in sizes] for sizes in self.layer_sizes]
         self.best: dict = {}
-        self._inv_std: dict[int, torch.Tensor] = {}  # filled once the first pass has the variances
+        self._inv_std: dict[tuple[int, int], torch.Tensor] = {}  # filled once the first pass has the variances
         for number, units in enumerate(self.passes):
             start = time.perf_counter()
-            cross = self.stream(chunks, units, first_pass=number == 0, progress=progress)
+            cross, shift = self.stream(chunks, units, first_pass=number == 0, progress=progress)
+            if number == 0:
+                self.within_shift = shift
             middle = time.perf_counter()
-            self.reduce(units, cross)
+            self.reduce(units, cross, shift)
             del cross
             self.stream_seconds += middle - start
             self.reduce_seconds += time.perf_counter() - middle
         return self.collect()
 
-    def stream(self, chunks, units: list[Unit], first_pass: bool, progress=None) -> dict[Unit, torch.Tensor]:
+    def stream(self, chunks, units: list[Unit], first_pass: bool,
+               progress=None) -> tuple[dict[Unit, torch.Tensor], list[torch.Tensor]]:
         """One pass over the tokens: Chan-merged co-moments of every unit (and, in the
-        first pass, every model's within-layer co-moments)."""
+        first pass, every model's within-layer co-moments), per half. Returns them
+        ([half, rows, cols] per unit) and per model mean(half B) - mean(half A)."""
         needed = self.needed_layers(units, first_pass)
         cross = {u: torch.zeros(self.unit_bytes(u) // self.BYTES, device=self.device).view(
-            sum(self.layer_sizes[u.row_model][l] for l in u.row_layers), -1) for u in units}
-        means = [torch.zeros(int(off[-1]), device=self.device) for off in self.offsets]
-        n = 0
+            HALVES, sum(self.layer_sizes[u.row_model][l] for l in u.row_layers), -1) for u in units}
+        means = [[torch.zeros(int(off[-1]), device=self.device) for off in self.offsets] for _ in range(HALVES)]
+        counts = [0] * HALVES
+        row = 0
         for chunk in chunks(needed):
             t = next(a.shape[0] for a, layers in zip(chunk, needed) if layers)
-            centred, deltas = [], []
-            for m, layers in enumerate(needed):
-                if not layers:
-                    centred.append(None)
-                    deltas.append(None)
-                    continue
-                mean = chunk[m].mean(0)
-                centred.append(chunk[m] - mean)
-                deltas.append(mean - means[m])
-            weight = n * t / (n + t)
-            for u, acc in cross.items():
-                rows = self.row_slice(u)
-                acc.addmm_(centred[u.row_model][:, rows].T, centred[u.col_model])
-                acc.addr_(deltas[u.row_model][rows], deltas[u.col_model], alpha=weight)
-                self.flops += 2.0 * t * acc.numel()
-            if first_pass:
-                for m, sizes in enumerate(self.layer_sizes):
-                    for l, d in enumerate(sizes):
-                        cols = slice(self.offsets[m][l], self.offsets[m][l + 1])
-                        self.within[m][l].addmm_(centred[m][:, cols].T, centred[m][:, cols])
-                        self.within[m][l].addr_(deltas[m][cols], deltas[m][cols], alpha=weight)
-                        self.flops += 2.0 * t * d * d
-            for m, delta in enumerate(deltas):
-                if delta is not None:
-                    means[m] += delta * (t / (n + t))
-            n += t
+            for half, lo, hi in block_segments(row, t):
+                self._accumulate([None if a is None else a[lo:hi] for a in chunk], needed, cross, half,
+                                 means[half], counts[half], first_pass)
+                counts[half] += hi - lo
+            row += t
             self.tokens_streamed += t
             if progress is not None:
                 progress(self.tokens_streamed, self)
-        return cross
+        self.half_rows = counts
+        return cross, [b - a for a, b in zip(*means)]
+
+    def _accumulate(self, part: list, needed: list[set[int]], cross: dict[Unit, torch.Tensor], half: int,
+                    means: list[torch.Tensor], n: int, first_pass: bool) -> None:
+        """Merge rows of one block into half `half`'s co-moments and means (n rows so far)."""
+        t = next(a.shape[0] for a, layers in zip(part, needed) if layers)
+        scale = math.sqrt(n * t / (n + t))
+        centred = []
+        for m, layers in enumerate(needed):
+            if not layers:
+                centred.append(None)
+                continue
+            mean = part[m].mean(0)
+            delta = mean - means[m]
+            # The centred rows plus one row sqrt(n t / (n + t)) * delta: one GEMM then also adds
+            # Chan's correction n t / (n + t) * outer(delta), sparing a rank-1 sweep of the
+            # accumulator per block-bounded run.
+            x = torch.empty(t + 1, part[m].shape[1], device=self.device)
+            torch.sub(part[m], mean, out=x[:t])
+            torch.mul(delta, scale, out=x[t])
+            centred.append(x)
+            means[m] += delta * (t / (n + t))
+        for u, acc in cross.items():
+            acc[half].addmm_(centred[u.row_model][:, self.row_slice(u)].T, centred[u.col_model])
+            self.flops += 2.0 * t * acc[half].numel()
+        if first_pass:
+            for m, sizes in enumerate(self.layer_sizes):
+                for l, d in enumerate(sizes):
+                    cols = slice(self.offsets[m][l], self.offsets[m][l + 1])
+                    self.within[m][l][half].addmm_(centred[m][:, cols].T, centred[m][:, cols])
+                    self.flops += 2.0 * t * d * d
 
     def row_slice(self, unit: Unit) -> slice:
         off = self.offsets[unit.row_model]
@@ -280,50 +322,72 @@ class ExcessCorrelationEngine:
         self.rotation_seconds += time.perf_counter() - start
         return q.to(self.device, torch.float32)
 
-    def inv_std(self, model: int) -> torch.Tensor:
-        if model not in self._inv_std:
-            self._inv_std[model] = inverse_std(torch.cat([torch.diagonal(s) for s in self.within[model]]))
-        return self._inv_std[model]
+    @property
+    def merge_weight(self) -> float:
+        """n_A n_B / n: the weight of the outer product of the halves' mean difference in
+        the Chan merge C = C_A + C_B + n_A n_B / n * outer(mean_B - mean_A)."""
+        n_a, n_b = self.half_rows
+        return n_a * n_b / max(n_a + n_b, 1)
 
-    def _merge(self, ref: int, other: int, layer_of_ref: int, values, layer_idx, neuron_idx) -> None:
-        """Keep the larger max correlation (and where it is) for (ref, layer, other)."""
+    def inv_std(self, model: int, variant: int) -> torch.Tensor:
+        """1/std of every neuron of `model` on half A (0), half B (1) or all rows (FULL)."""
+        key = (model, variant)
+        if key not in self._inv_std:
+            halves = torch.cat([torch.diagonal(s, dim1=-2, dim2=-1) for s in self.within[model]], dim=1)
+            var = halves[variant] if variant < HALVES else \
+                halves.sum(0) + self.merge_weight * self.within_shift[model] ** 2
+            self._inv_std[key] = inverse_std(var)
+        return self._inv_std[key]
+
+    def _merge(self, ref: int, other: int, layer_of_ref: int, variant: int, values, layer_idx, neuron_idx) -> None:
+        """Keep the larger max correlation for (ref, layer, other) on `variant`, and on the
+        full sample where it is."""
         key = (ref, layer_of_ref, other)
         values = values.cpu().numpy()
         if key not in self.best:
             d = self.layer_sizes[ref][layer_of_ref]
-            self.best[key] = {"max": np.full(d, -np.inf, dtype=np.float32), "layer": np.zeros(d, dtype=np.int64),
-                              "neuron": np.zeros(d, dtype=np.int64),
-                              "base": np.full((self.n_rotations, d), -np.inf, dtype=np.float32)}
+            self.best[key] = {"max": np.full((HALVES + 1, d), -np.inf, dtype=np.float32),
+                              "layer": np.zeros(d, dtype=np.int64), "neuron": np.zeros(d, dtype=np.int64),
+                              "base": np.full((HALVES + 1, self.n_rotations, d), -np.inf, dtype=np.float32)}
         entry = self.best[key]
-        better = values > entry["max"]
-        entry["max"][better] = values[better]
+        if variant < HALVES:
+            np.maximum(entry["max"][variant], values, out=entry["max"][variant])
+            return
+        better = values > entry["max"][FULL]
+        entry["max"][FULL][better] = values[better]
         entry["layer"][better] = np.asarray(layer_idx)[better] if np.ndim(layer_idx) else layer_idx
         entry["neuron"][better] = neuron_idx[better]
 
-    def _merge_base(self, ref: int, layer_of_ref: int, other: int, sample: int, values) -> None:
+    def _merge_base(self, ref: int, layer_of_ref: int, other: int, variant: int, sample: int, values) -> None:
         entry = self.best[(ref, layer_of_ref, other)]
-        np.maximum(entry["base"][sample], values.cpu().numpy(), out=entry["base"][sample])
+        np.maximum(entry["base"][variant, sample], values.cpu().numpy(), out=entry["base"][variant, sample])
 
-    def reduce(self, units: list[Unit], cross: dict[Unit, torch.Tensor]) -> None:
-        """Turn a pass's co-moments into (partial) max and baseline correlations."""
+    def reduce(self, units: list[Unit], cross: dict[Unit, torch.Tensor], shift: list[torch.Tensor]) -> None:
+        """Turn a pass's co-moments into (partial) max and baseline correlations, on each
+        half and on all rows (the halves' Chan merge, one block at a time)."""
+        weight = self.merge_weight
         for u, acc in cross.items():
             row, col = u.row_model, u.col_model
-            inv_row, inv_col = self.inv_std(row), self.inv_std(col)
             base = int(self.offsets[row][u.row_layers[0]])
             col_off = self.offsets[col]
             for l in u.row_layers:
-                rows = slice(int(self.offsets[row][l]) - base, int(self.offsets[row][l + 1]) - base)
-                corr = _corr(acc[rows], inv_row[self.offsets[row][l]:self.offsets[row][l + 1]], inv_col)
-                if row in self.references:
-                    best, where = corr.max(dim=1)
-                    where = where.cpu().numpy()
-                    layer_of = np.searchsorted(col_off, where, side="right") - 1
-                    self._merge(row, col, l, best, layer_of, where - col_off[layer_of])
-                if col in self.references:
-                    best, where = corr.max(dim=0)
-                    for k in range(len(self.layer_sizes[col])):
-                        cols = slice(int(col_off[k]), int(col_off[k + 1]))
-                        self._merge(col, row, k, best[cols], l, where[cols].cpu().numpy())
+                rows = slice(int(self.offsets[row][l]), int(self.offsets[row][l + 1]))
+                local = slice(rows.start - base, rows.stop - base)
+                full = acc[0, local] + acc[1, local]
+                full.addr_(shift[row][rows], shift[col], alpha=weight)
+                for variant, block in enumerate([acc[0, local], acc[1, local], full]):
+                    corr = _corr(block, self.inv_std(row, variant)[rows], self.inv_std(col, variant))
+                    if row in self.references:
+                        best, where = corr.max(dim=1)
+                        where = where.cpu().numpy()
+                        layer_of = np.searchsorted(col_off, where, side="right") - 1
+                        self._merge(row, col, l, variant, best, layer_of, where - col_off[layer_of])
+                    if col in self.references:
+                        best, where = corr.max(dim=0)
+                        for k in range(len(self.layer_sizes[col])):
+                            cols = slice(int(col_off[k]), int(col_off[k + 1]))
+                            self._merge(col, row, k, variant, best[cols], l, where[cols].cpu().numpy())
+                    del corr
         for r in range(self.n_rotations):
             for m, sizes in enumerate(self.layer_sizes):
                 for k in range(len(sizes)):
@@ -333,27 +397,49 @@ class ExcessCorrelationEngine:
                         continue
                     q = self.rotation(m, k, r)
                     s = self.within[m][k]
-                    rotated_inv_std = inverse_std(((s @ q) * q).sum(0))
+                    # diag(Q^T S Q) per half; the full sample's follows from the Chan merge
+                    var = [((s[h] @ q) * q).sum(0) for h in range(HALVES)]
+                    cols = slice(int(self.offsets[m][k]), int(self.offsets[m][k + 1]))
+                    var.append(var[0] + var[1] + weight * (self.within_shift[m][cols] @ q) ** 2)
+                    rotated_inv_std = [inverse_std(v) for v in var]
                     for u in users:
-                        self._reduce_rotated(u, cross[u], m, k, r, q, rotated_inv_std)
+                        self._reduce_rotated(u, cross[u], shift, m, k, r, q, rotated_inv_std)
 
-    def _reduce_rotated(self, u: Unit, acc: torch.Tensor, m: int, k: int, r: int, q: torch.Tensor,
-                        rotated_inv_std: torch.Tensor) -> None:
+    def _reduce_rotated(self, u: Unit, acc: torch.Tensor, shift: list[torch.Tensor], m: int, k: int, r: int,
+                        q: torch.Tensor, rotated_inv_std: list[torch.Tensor]) -> None:
+        """Baselines against rotated layer k of model m, on each half and on all rows: the
+        merge commutes with the rotation, (C_A + C_B + w outer(a, b)) Q = C_A Q + C_B Q
+        + w outer(a, Q^T b), so the full sample costs no matmul of its own."""
         row, col = u.row_model, u.col_model
         base = int(self.offsets[row][u.row_layers[0]])
+        weight = self.merge_weight
         if m == col and row in self.references:  # the row model's neurons against rotated layer k of col
             cols = slice(int(self.offsets[col][k]), int(self.offsets[col][k + 1]))
-            rot = _corr(acc[:, cols] @ q, self.inv_std(row)[self.row_slice(u)], rotated_inv_std).max(dim=1).values
-            for l in u.row_layers:
-                local = slice(int(self.offsets[row][l]) - base, int(self.offsets[row][l + 1]) - base)
-                self._merge_base(row, l, col, r, rot[local])
+            rows = self.row_slice(u)
+            blocks = [acc[h][:, cols] @ q for h in range(HALVES)]
+            blocks.append(blocks[0] + blocks[1])
+            blocks[FULL].addr_(shift[row][rows], shift[col][cols] @ q, alpha=weight)
+            for variant, block in enumerate(blocks):
+                rot = block.mul_(self.inv_std(row, variant)[rows, None]).mul_(rotated_inv_std[variant]).max(dim=1).values
+                for l in u.row_layers:
+                    local = slice(int(self.offsets[row][l]) - base, int(self.offsets[row][l + 1]) - base)
+                    self._merge_base(row, l, col, variant, r, rot[local])
         if m == row and k in u.row_layers and col in self.references:  # col's neurons against rotated row layer k
             rows = slice(int(self.offsets[row][k]), int(self.offsets[row][k + 1]))
             local = slice(rows.start - base, rows.stop - base)
-            rot = _corr(acc[local].T @ q, self.inv_std(col), rotated_inv_std).max(dim=1).values
+            blocks = [acc[h][local].T @ q for h in range(HALVES)]
+            blocks.append(blocks[0] + blocks[1])
+            blocks[FULL].addr_(shift[col], shift[row][rows] @ q, alpha=weight)
             col_off = self.offsets[col]
-            for j in range(len(self.layer_sizes[col])):
-                self._merge_base(col, j, row, r, rot[int(col_off[j]):int(col_off[j + 1])])
+            for variant, block in enumerate(blocks):
+                rot = block.mul_(self.inv_std(col, variant)[:, None]).mul_(rotated_inv_std[variant]).max(dim=1).values
+                for j in range(len(self.layer_sizes[col])):
+                    self._merge_base(col, j, row, variant, r, rot[int(col_off[j]):int(col_off[j + 1])])
+
+    @property
+    def halves_defined(self) -> bool:
+        """Whether the rows fill two blocks, so that both halves hold one at least."""
+        return min(self.half_rows) >= HALF_BLOCK_ROWS
 
     def collect(self) -> dict[int, list[LayerResult]]:
         out = {}
@@ -362,36 +448,60 @@ class ExcessCorrelationEngine:
             layers = []
             for l in range(len(self.layer_sizes[ref])):
                 entries = [self.best[(ref, l, m)] for m in others]
+                halves = np.stack([e["max"][:HALVES] for e in entries], axis=1)
+                base_halves = np.stack([e["base"][:HALVES] for e in entries], axis=1)
+                if not self.halves_defined:
+                    halves[:], base_halves[:] = np.nan, np.nan
                 layers.append(LayerResult(layer=l, others=others,
-                                          max_corr=np.stack([e["max"] for e in entries]),
+                                          max_corr=np.stack([e["max"][FULL] for e in entries]),
                                           max_layer=np.stack([e["layer"] for e in entries]),
                                           max_neuron=np.stack([e["neuron"] for e in entries]),
-                                          baseline_max_corr=np.stack([e["base"] for e in entries])))
+                                          baseline_max_corr=np.stack([e["base"][FULL] for e in entries]),
+                                          max_corr_halves=halves, baseline_max_corr_halves=base_halves))
             out[ref] = layers
         return out
 
 
 EXCESS_COLUMNS = ["layer", "neuron", "excess_correlation", "n_models_compared",
                   "max_corr", "mean_corr", "min_corr", "max_baseline", "mean_baseline", "min_baseline"]
+SPLIT_HALF_COLUMNS = ["excess_half_a", "excess_half_b", "excess_se", "excess_ci_low", "excess_ci_high"]
 PAIRWISE_COLUMNS = ["layer", "neuron", "other_model", "max_corr", "max_layer", "max_neuron", "baseline_max_corr"]
+Z_95 = 1.96  # two-sided 95 % normal quantile
+
+
+def split_half_error(half_a: np.ndarray, half_b: np.ndarray) -> np.ndarray:
+    """Standard error of a layer's full-sample excess correlations from its two halves'.
+
+    Per neuron se_i = |a_i - b_i| / 2 (the variance of the full-sample mean of two
+    independent halves); with one degree of freedom it is often far too small, so it is
+    floored by the layer's pooled se_L = sqrt(mean_i se_i^2): se = max(se_i, se_L)."""
+    per_neuron = np.abs(half_a - half_b) / 2
+    pooled = np.sqrt(np.mean(per_neuron ** 2))
+    return np.maximum(per_neuron, pooled)
 
 
 def excess_tables(results: list[LayerResult], model_names: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(excess scores, pairwise correlations) for the reference model's neurons.
 
     excess_correlation = mean over other models of (max corr - max rotated corr, the
-    latter averaged over rotation samples)."""
+    latter averaged over rotation samples); excess_half_a/b the same on each half of the
+    rows; excess_se (split_half_error) and the 95 % interval excess +- 1.96 excess_se."""
     excess, pairwise = [], []
     for r in sorted(results, key=lambda r: r.layer):
         d = r.max_corr.shape[1]
         baseline = r.baseline_max_corr.mean(axis=1)  # (others, neurons)
+        score = (r.max_corr - baseline).mean(axis=0)
+        half_a, half_b = (r.max_corr_halves - r.baseline_max_corr_halves.mean(axis=2)).mean(axis=1)
+        se = split_half_error(half_a, half_b)
         excess.append(pd.DataFrame({
             "layer": r.layer, "neuron": np.arange(d),
-            "excess_correlation": (r.max_corr - baseline).mean(axis=0),
+            "excess_correlation": score,
             "n_models_compared": len(r.others),
             "max_corr": r.max_corr.max(axis=0), "mean_corr": r.max_corr.mean(axis=0),
             "min_corr": r.max_corr.min(axis=0), "max_baseline": baseline.max(axis=0),
-            "mean_baseline": baseline.mean(axis=0), "min_baseline": baseline.min(axis=0)}))
+            "mean_baseline": baseline.mean(axis=0), "min_baseline": baseline.min(axis=0),
+            "excess_half_a": half_a, "excess_half_b": half_b, "excess_se": se,
+            "excess_ci_low": score - Z_95 * se, "excess_ci_high": score + Z_95 * se}))
         for k, m in enumerate(r.others):
             pairwise.append(pd.DataFrame({
                 "layer": r.layer, "neuron": np.arange(d), "other_model": model_names[m],
@@ -399,7 +509,7 @@ def excess_tables(results: list[LayerResult], model_names: list[str]) -> tuple[p
                 "baseline_max_corr": baseline[k]}))
     pairwise_df = pd.concat(pairwise, ignore_index=True).sort_values(["layer", "neuron", "other_model"],
                                                                       kind="stable", ignore_index=True)
-    return pd.concat(excess, ignore_index=True)[EXCESS_COLUMNS], pairwise_df[PAIRWISE_COLUMNS]
+    return pd.concat(excess, ignore_index=True)[EXCESS_COLUMNS + SPLIT_HALF_COLUMNS], pairwise_df[PAIRWISE_COLUMNS]
 
 
 def run_engine(chunks, layer_sizes: list[list[int]], reference: int = 0, n_rotations: int = 5,

@@ -17,6 +17,14 @@ PROPERTIES = [("l2_penalty", "L2 penalty (|w_in|² + |w_out|²)"), ("sparsity", 
               ("vocab_kurt", "vocab composition kurtosis"), ("input_bias", "input bias")]
 
 
+def value_range(a: float, b: float) -> str:
+    """'low–high' of two values; the one that exists, or '—' for none."""
+    values = sorted(v for v in (a, b) if not np.isnan(v))
+    if len(values) < 2:
+        return f"{values[0]:.2f}" if values else "—"
+    return f"{values[0]:.2f}–{values[1]:.2f}"
+
+
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
@@ -121,25 +129,39 @@ def activation_histogram_png(values, title: str) -> bytes:
 
 
 def universality_by_checkpoint_plot(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """Universal fraction per checkpoint and layer; error bars span the fractions selected
+    on each half of the tokens."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for layer, d in table.groupby(table["layer"].astype(str)):
-        ax.plot(d["checkpoint"], 100 * d["fraction"], marker="o", lw=2.5 if layer == "all" else 1.2,
-                color="black" if layer == "all" else None, label=f"layer {layer}" if layer != "all" else "all layers")
+        line, = ax.plot(d["checkpoint"], 100 * d["fraction"], marker="o", lw=2.5 if layer == "all" else 1.2,
+                        color="black" if layer == "all" else None,
+                        label=f"layer {layer}" if layer != "all" else "all layers")
+        low = 100 * np.minimum(d["fraction_half_a"], d["fraction_half_b"])
+        high = 100 * np.maximum(d["fraction_half_a"], d["fraction_half_b"])
+        ax.errorbar(d["checkpoint"], (low + high) / 2, yerr=(high - low) / 2, fmt="none", capsize=3,
+                    color=line.get_color(), lw=1)
     ax.set_xlabel("training step")
     ax.set_ylabel("universal neurons (%)")
-    ax.set_title(f"Universal neurons across training {title}")
+    ax.set_title(f"Universal neurons across training {title}\n(error bars: selected on each half of the tokens)")
     ax.legend(fontsize=8)
     _save(fig, Path(path))
 
 
-def matrix_heatmap(matrix: pd.DataFrame, path: str | Path, title: str, label: str) -> None:
+def matrix_heatmap(matrix: pd.DataFrame, path: str | Path, title: str, label: str,
+                   halves: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> None:
+    """A [0, 1] matrix over checkpoints, each cell annotated with its value and, given the
+    same matrix on each half of the tokens (`halves`), their range below it."""
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     image = ax.imshow(matrix.values.astype(float), vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(len(matrix.columns)), [str(c) for c in matrix.columns])
     ax.set_yticks(range(len(matrix.index)), [str(i) for i in matrix.index])
     for (i, j), value in np.ndenumerate(matrix.values.astype(float)):
         if not np.isnan(value):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
+            text = f"{value:.2f}"
+            if halves is not None:
+                text += "\n" + value_range(halves[0].iat[i, j], halves[1].iat[i, j])
+            ax.text(j, i, text, ha="center", va="center", fontsize=9 if halves is None else 7,
+                    color="white" if value < 0.6 else "black")
     ax.set_xlabel("checkpoint")
     ax.set_ylabel("checkpoint")
     ax.set_title(title)

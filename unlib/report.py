@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from unlib.plots import activation_histogram_png
+from unlib.plots import activation_histogram_png, value_range
 
 
 def print_summary(console: Console, title: str, layer_summary: pd.DataFrame, universal_df: pd.DataFrame,
@@ -257,6 +257,8 @@ def neuron_cards(model, tokenizer, tokens: np.ndarray, keep: np.ndarray, univers
         suppressed = [tokenizer.decode([int(i)]) for i in torch.topk(-logits, n_vocab).indices]
         matches = pairwise[(pairwise["layer"] == layer) & (pairwise["neuron"] == neuron)]
         cards.append({"layer": layer, "neuron": neuron, "excess": float(row.excess_correlation),
+                      "ci": (float(row.excess_ci_low), float(row.excess_ci_high)),
+                      "halves": (float(row.excess_half_a), float(row.excess_half_b)),
                       "matches": matches[["other_model", "max_corr", "max_layer", "max_neuron", "baseline_max_corr"]],
                       "histogram": activation_histogram_png(acts, f"L{layer}.{neuron} activations"),
                       "contexts": shown, "promoted": promoted, "suppressed": suppressed})
@@ -268,8 +270,13 @@ def _card_html(card: dict) -> str:
     contexts = "".join(f'<div class="ctx">{visible(c["before"])}<mark>{visible(c["token"])}</mark>'
                        f'{visible(c["after"])}  <small>({c["activation"]:.2f})</small></div>' for c in card["contexts"])
     tokens = lambda items: " ".join(f'<span class="tok">{esc(repr(t)[1:-1])}</span>' for t in items)  # noqa: E731
+    number = lambda value: _cell(value, "{:.3f}")  # noqa: E731
+    (low, high), (half_a, half_b) = card["ci"], card["halves"]
     return (f'<div class="card" data-neuron="{card["layer"]}.{card["neuron"]}">'
-            f'<h3>L{card["layer"]}.{card["neuron"]} <small>excess {card["excess"]:.3f}</small></h3>'
+            f'<h3>L{card["layer"]}.{card["neuron"]} <small>excess <span class="excess">{card["excess"]:.3f}</span>'
+            f' (95 % interval <span class="ci-low">{number(low)}</span> to <span class="ci-high">{number(high)}</span>;'
+            f' half A <span class="half-a">{number(half_a)}</span>, half B <span class="half-b">{number(half_b)}</span>)'
+            f'</small></h3>'
             f'{table_html(card["matches"], key="other_model")}{image_tag(card["histogram"], "activation histogram")}'
             f"<p><b>Top-activating contexts</b></p>{contexts}"
             f"<p><b>Promotes</b> {tokens(card['promoted'])}<br><b>Suppresses</b> {tokens(card['suppressed'])}</p></div>")
@@ -293,6 +300,15 @@ def run_report_html(run: dict, excess: pd.DataFrame, stats: pd.DataFrame, univer
     params["value"] = params["value"].map(lambda v: ", ".join(map(str, v)) if isinstance(v, list) else str(v))
     published = published_reference(run["model_set"])
     comparable = published is not None and not paper_setup_differences(run, published)
+    jaccard = run["split_half_jaccard"]  # None when neither half selects a neuron
+    stability = (f'<p>Split-half stability: the universal sets selected by the same rule on each half of the tokens '
+                 f'(alternating blocks of {run["split_half_block_rows"]} tokens) hold '
+                 f'<span id="n-universal-half-a">{run["n_universal_half_a"]}</span> and '
+                 f'<span id="n-universal-half-b">{run["n_universal_half_b"]}</span> neurons; their Jaccard overlap '
+                 f'is <span id="split-half-jaccard">{"—" if jaccard is None else f"{jaccard:.3f}"}</span>. '
+                 f"Median standard error of a neuron's excess correlation: "
+                 f'<span id="median-excess-se">{_cell(float(excess["excess_se"].median()), "{:.4f}")}</span> '
+                 f"(the cards give each neuron's 95 % interval).</p>")
     summary = layer_summary.assign(fraction=layer_summary["fraction"].map(lambda f: f"{f:.2%}"))
     if comparable:
         summary["published"] = summary["layer"].map(published["per_layer"]).fillna(0).astype(int)
@@ -306,6 +322,7 @@ def run_report_html(run: dict, excess: pd.DataFrame, stats: pd.DataFrame, univer
 <h2>Summary</h2>
 <p class="big"><span id="n-universal">{n_universal}</span> of <span id="n-neurons">{n_neurons}</span> neurons
 universal (<span id="fraction">{n_universal / max(n_neurons, 1):.2%}</span>)</p>
+{stability}
 {null_control_html(run, excess)}
 {paper_comparison_html(run, excess, universal)}
 {table_html(summary, key="layer")}
@@ -318,8 +335,15 @@ and the universal median's z-score in the population.</p>{properties}
 </body></html>"""
 
 
+def range_matrix(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """Cell by cell, the range ('low–high') of two matrices of the same shape."""
+    cells = [[value_range(x, y) for x, y in zip(row_a, row_b)] for row_a, row_b in zip(a.values, b.values)]
+    return pd.DataFrame(cells, index=a.index, columns=a.columns)
+
+
 def compare_report_html(model_set: str, steps: list[int], by_checkpoint: pd.DataFrame, persistence: pd.DataFrame,
-                        jaccard: pd.DataFrame, trajectories: pd.DataFrame, plots: dict[str, Path]) -> str:
+                        jaccard: pd.DataFrame, trajectories: pd.DataFrame, plots: dict[str, Path],
+                        persistence_halves: tuple[pd.DataFrame, pd.DataFrame]) -> str:
     """The self-contained report across checkpoints."""
     overall = by_checkpoint[by_checkpoint["layer"].astype(str) == "all"]
     figures = "".join(image_tag(path, name) for name, path in plots.items())
@@ -329,8 +353,12 @@ def compare_report_html(model_set: str, steps: list[int], by_checkpoint: pd.Data
 <style>{STYLE}</style></head><body>
 <h1>{esc(title)}</h1>
 <h2>Universality by checkpoint</h2>{table_html(overall.drop(columns="layer"), "{:.4f}", key="checkpoint")}
+<p><code>fraction_half_a</code>, <code>fraction_half_b</code>: the fraction universal when selected on each half
+of the tokens; <code>split_half_jaccard</code>: the overlap of those two sets.</p>
 <h2>Persistence</h2><p>Fraction of the neurons universal at the row's step still universal at the column's step.</p>
 {matrix(persistence)}
+<p>The same computed on the universal sets selected on each half of the tokens (half A, half B): their range.</p>
+{matrix(range_matrix(*persistence_halves))}
 <h2>Jaccard overlap of universal sets</h2>{matrix(jaccard)}
 <h2>Figures</h2>{figures}
 <h2>Neurons universal at any checkpoint</h2><p>{len(trajectories)} neurons; the top 30 by excess correlation at the last step:</p>
