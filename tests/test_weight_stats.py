@@ -129,7 +129,8 @@ def test_neuron_cards_rank_the_vocabulary_with_the_processed_weights(toy):
     fold = reference_fold(toy["dir"])
     keys = [(0, 3), (1, 10), (1, 40)]
     universal = pd.DataFrame({"layer": [l for l, _ in keys], "neuron": [n for _, n in keys],
-                              "excess_correlation": [0.9, 0.8, 0.7]})
+                              "excess_correlation": [0.9, 0.8, 0.7], "excess_ci_low": 0.5, "excess_ci_high": 0.95,
+                              "excess_half_a": 0.7, "excess_half_b": 0.8})
     pairwise = pd.DataFrame({"layer": [l for l, _ in keys], "neuron": [n for _, n in keys], "other_model": "b",
                              "max_corr": 0.9, "max_layer": 0, "max_neuron": 0, "baseline_max_corr": 0.1})
     tokens = np.random.default_rng(0).integers(1, 97, (4, 16)).astype(np.int32)
