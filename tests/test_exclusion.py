@@ -18,10 +18,10 @@ from unlib.data import exclusion_ids, kept_positions, parse_exclusion, write_tok
 from unlib.zoo import train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-N_TOKENS, CTX = 1500, 32
+N_TOKENS, CTX = 4200, 32
 
 
-def documents(n: int = 300) -> list[str]:
+def documents(n: int = 800) -> list[str]:
     rng = np.random.default_rng(0)
     words = ["alpha", "beta", "gamma", "delta", "x", "y", "=", "+", "(", ")", ":"]
     return ["\n".join(" ".join(rng.choice(words, size=rng.integers(1, 6))) for _ in range(rng.integers(2, 8)))
