@@ -93,10 +93,10 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
             raise ValueError(f"CORR_MEMORY={memory!r} is not a size: use e.g. 8G, 512M or a number of bytes") from None
         sizes = [[d] * n for n, d in (mlp_shape(m, checkpoint) for m in model_set.models)]
         ExcessCorrelationEngine(sizes, references, rotations, rotation_seed, "cpu", budget, CHUNK_TOKENS)  # plans
-    check_dataset(dataset)
-    if model_set.zoo is None:
+    if model_set.zoo is None:  # the models first: a set's default dataset may be a hub one
         check_same_tokenizer(model_set.models)
         exclusion_ids(exclude_tokens, load_tokenizer(model_set, store().root))  # a bad token string fails now
+    check_dataset(dataset)
     device = resolve_device(device)
     check_disk(model_set, checkpoint, n_tokens, cache)
     return [UniversalNeuronsAnalysis(models=models, checkpoint=checkpoint, dataset=dataset, n_tokens=n_tokens,
