@@ -173,6 +173,21 @@ def test_truncated_or_corrupted_store_files_are_refused_and_rebuilt(reference_ru
         assert (store / RESULTS / name).read_bytes() == (reference_run / RESULTS / name).read_bytes()
 
 
+def test_a_damaged_zoo_checkpoint_is_retrained(reference_run, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(reference_run, store)
+    weights = next(store.glob("zoo/*/seed-1/checkpoint-300/model.safetensors"))
+    raw = bytearray(weights.read_bytes())
+    raw[-4096:] = os.urandom(4096)  # damaged weights that still load
+    weights.write_bytes(bytes(raw))
+    proc = analyze(store, *ARGS, "--scheduler", "local")
+    assert proc.returncode == 0, proc.stderr
+    assert "checkpoint-300/model.safetensors changed since it was saved; training resumes from step 100" in proc.stderr
+    assert weights.read_bytes() == next(reference_run.glob("zoo/*/seed-1/checkpoint-300/model.safetensors")).read_bytes()
+    for name in CSVS:
+        assert (store / RESULTS / name).read_bytes() == (reference_run / RESULTS / name).read_bytes()
+
+
 def save_tiny_model(path: Path, text: str) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
