@@ -4,6 +4,7 @@ runs the command line (`python -m tasks analyze`) as a user would; variants of a
 share its code path are checked in-process."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,17 @@ def test_a_model_whose_weights_do_not_load_is_named(local, store, tmp_path, dama
     # the loader names the file too, when it is reached (e.g. a folder damaged mid-run)
     with pytest.raises(ModelError, match=message.split(" {")[0] if damage == "missing" else "does not load"):
         load_model(ModelSpec("broken", str(broken)), None)
+
+
+def test_a_load_failure_the_headers_do_not_show_names_the_folder_and_its_weights(local, tmp_path):
+    import shutil
+
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(local / "a", mismatched)
+    config = json.loads((mismatched / "config.json").read_text())
+    (mismatched / "config.json").write_text(json.dumps({**config, "n_inner": 64}))  # weights hold 32
+    with pytest.raises(ModelError, match=re.escape(f"cannot load model m from {mismatched} (model.safetensors)")):
+        load_model(ModelSpec("m", str(mismatched)), None)
 
 
 # ---- numbers ---------------------------------------------------------------------------

@@ -343,14 +343,15 @@ def load_model(spec: ModelSpec, checkpoint: int | None, device: str = "cpu"):
     try:
         model = TransformerBridge.boot_transformers(location, device=device, revision=revision)
     except Exception as exc:
-        local = os.path.isdir(location)
-        problem = weights_problem(location) if local else None
-        if problem:
-            raise ModelError(problem) from exc
+        if os.path.isdir(location):  # a local folder (or a zoo checkpoint): name the file at fault
+            problem = weights_problem(location)
+            if problem:
+                raise ModelError(problem) from exc
+            files = ", ".join(p.name for p in weight_files(location))
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ModelError(f"cannot load model {spec.name} from {location} ({files}): {type(exc).__name__}: "
+                             f"{reason}; save or download the model again") from exc
         if isinstance(exc, OSError):
-            if local:
-                raise ModelError(f"cannot load model {spec.name} from {location}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
             raise _unreachable(spec, revision) from exc
         raise
     model.eval()
