@@ -91,7 +91,7 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
             n_layers, d_mlp = mlp_shape(model_set.models[ref], checkpoint)
             if top_k > n_layers * d_mlp:
                 raise ValueError(f"TOP_K={top_k} is more than the {n_layers * d_mlp} neurons of the reference model "
-                                 f"{names[ref]} ({n_layers} layers of {d_mlp}); use at most {n_layers * d_mlp}, "
+                                 f"{names[ref]} ({n_layers} layer{'s' if n_layers != 1 else ''} of {d_mlp}); use at most {n_layers * d_mlp}, "
                                  f"or THRESHOLD instead")
     if cache not in ("auto", "0", "1"):
         raise ValueError(f"CACHE={cache!r} must be 1 (cache activations), 0 (run the models instead) or auto")

@@ -200,7 +200,7 @@ LATIN1 = "caf\xe9 au lait\n".encode("latin-1")
     ("empty.txt", b"", "is empty"),
     ("latin1.txt", b"first line\n" + LATIN1, "is not UTF-8 text: byte 0xe9 at byte offset 14 (line 2)"),
     ("binary.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is binary, not text: a NUL byte at byte offset 8"),
-    ("bad.jsonl", b'{"text": "one"}\n{"text": "two"\n', "line 2 is not valid JSON"),
+    ("bad.jsonl", b'{"text": "one"}\n{"text": "two"\n', "line 2 is not valid JSON (column 15, byte offset 30"),
     ("parquet.parquet", b"PAR1 but not really", "is not a Parquet file"),
 ])
 def test_a_dataset_file_that_cannot_be_read_is_named(store, tmp_path, name, content, message):

@@ -130,8 +130,9 @@ def _problem(path: str, what: str) -> DatasetError:
     return DatasetError(f"dataset file {path} {what}")
 
 
-def _decoded_lines(path: str, binary_hint: str) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a UTF-8 file, refusing undecodable or binary content by byte offset."""
+def _decoded_lines(path: str, binary_hint: str) -> Iterator[tuple[int, int, str]]:
+    """(line number, byte offset, text) of each line of a UTF-8 file, refusing undecodable or
+    binary content by byte offset."""
     offset = 0
     try:
         f = open(path, "rb")
@@ -155,8 +156,8 @@ def _decoded_lines(path: str, binary_hint: str) -> Iterator[tuple[int, str]]:
                 raise _problem(path, f"is not UTF-8 text: byte 0x{bad} at byte offset {offset + exc.start} "
                                      f"(line {number}) does not decode; convert it to UTF-8, e.g. "
                                      f"`iconv -f latin1 -t utf-8`") from None
+            yield number, offset, text
             offset += len(raw)
-            yield number, text
 
 
 def _check_record(path: str, where: str, record) -> None:
@@ -190,13 +191,13 @@ def check_local_file(path: str, size: int, mtime_ns: int) -> None:
     hint = "; give a UTF-8 text file"
     if suffix == ".txt":
         text = False
-        for _, line in _decoded_lines(path, hint):  # every line: the whole file must decode
+        for _, _, line in _decoded_lines(path, hint):  # every line: the whole file must decode
             text = text or bool(line.strip())
         if not text:
             raise _problem(path, "is empty: it holds no text")
         return
     if suffix == ".json":  # a JSON array of objects, or JSON lines under a .json name
-        text = "".join(line for _, line in _decoded_lines(path, hint))
+        text = "".join(line for _, _, line in _decoded_lines(path, hint))
         if not text.strip():
             raise _problem(path, "is empty: it holds no documents")
         try:
@@ -216,14 +217,15 @@ def check_local_file(path: str, size: int, mtime_ns: int) -> None:
                 _check_record(path, f"item {i}", record)
             return
     documents = 0
-    for number, line in _decoded_lines(path, hint):
+    for number, offset, line in _decoded_lines(path, hint):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as exc:
-            raise _problem(path, f"line {number} is not valid JSON (column {exc.colno}: {exc.msg}); a JSON-lines "
-                                 f"file holds one {{\"text\": ...}} object per line") from None
+            where = offset + len(line[:exc.pos].encode())
+            raise _problem(path, f"line {number} is not valid JSON (column {exc.colno}, byte offset {where}: "
+                                 f"{exc.msg}); a JSON-lines file holds one {{\"text\": ...}} object per line") from None
         _check_record(path, f"line {number}", record)
         documents += 1
     if not documents:
