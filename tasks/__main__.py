@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 
 from tasks import scheduler
-from tasks.api import AnalysisFailed, build_analyses, read_results, run_analysis
+from tasks.api import AnalysisFailed, build_analyses, check_workers, read_results, run_analysis
 from tasks.common import DEFAULTS
 from unlib import UserError
 from tasks.report import CompareCheckpoints, RunReport
@@ -85,7 +85,9 @@ def parse_steps(text: str) -> list[int]:
 
 def build(args) -> list:
     """The Luigi root tasks of the command (raises ValueError/UserError on bad input)."""
-    n_tokens = args.n_tokens or (QUICK_TOKENS if args.quick else DEFAULTS["n_tokens"])
+    # only an unset N_TOKENS takes the default: 0 or a negative number is refused by build_analyses
+    n_tokens = args.n_tokens if args.n_tokens is not None else (QUICK_TOKENS if args.quick else DEFAULTS["n_tokens"])
+    check_workers(args.workers)
     steps = parse_steps(args.checkpoints) if args.command == "compare" else [args.checkpoint]
     roots = [root for step in steps for root in build_analyses(
         args.models, step, dataset=args.dataset, n_tokens=n_tokens, ctx_len=args.ctx_len, reference=args.reference,

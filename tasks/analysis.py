@@ -138,6 +138,7 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
             "correlation_seconds": round(float(correlation["seconds"]), 2), "correlation_feed": correlation["feed"],
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "n_neurons": int(summary["n_neurons"].sum()), "n_universal": int(summary["n_universal"].sum()),
+            "n_dead": int(summary["n_dead"].sum()) if "n_dead" in summary else None,
             "split_half_block_rows": HALF_BLOCK_ROWS, "n_universal_half_a": len(half_a),
             "n_universal_half_b": len(half_b), "split_half_jaccard": None if np.isnan(jaccard) else jaccard,
             "layers": summary.to_dict(orient="records")})

@@ -20,8 +20,8 @@ from unlib.activations import cache_bytes
 from tasks.correlation import CHUNK_TOKENS
 from unlib.correlation import HALF_BLOCK_ROWS, ExcessCorrelationEngine, parse_bytes
 from unlib.data import check_dataset, exclusion_ids, parse_exclusion
-from unlib.models import (ModelError, check_checkpoint, check_same_tokenizer, load_tokenizer, max_context,
-                          mlp_shape, resolve_device, resolve_model_set)
+from unlib.models import (ModelError, check_checkpoint, check_same_tokenizer, check_weights, load_tokenizer,
+                          max_context, mlp_shape, resolve_device, resolve_model_set)
 from unlib.selection import UniversalNeuronAnalyzer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,6 +47,7 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
     root task of the analysis: one per reference model ("all" scores every model of the
     set in the same correlation pass). dataset, ctx_len and exclude_tokens default to the
     model set's own (ctx_len capped at the models' maximum context)."""
+    check_store(store().root)
     model_set = resolve_model_set(models, store().root)
     defaults = model_set.defaults
     dataset = defaults.dataset if dataset in (None, "") else dataset
@@ -66,6 +67,7 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
     for spec in model_set.models:
         check_checkpoint(spec, checkpoint)
         mlp_shape(spec, checkpoint)  # reads each config now, so an unreachable model fails before any work
+        check_weights(spec, checkpoint)  # a local folder's weights files: their headers, not the tensors
     if ctx_len is None:
         ctx_len = min([defaults.ctx_len] + [c for c in map(max_context, model_set.models) if c is not None])
     for spec in model_set.models:
@@ -84,6 +86,13 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
         raise ValueError(f"THRESHOLD={threshold} is outside [-1, 1]: excess correlations are differences of correlations")
     if top_k is not None and top_k < 1:
         raise ValueError(f"TOP_K={top_k} must be a positive number of neurons")
+    if top_k is not None:  # refused rather than clamped: selecting every neuron is no selection
+        for ref in references:
+            n_layers, d_mlp = mlp_shape(model_set.models[ref], checkpoint)
+            if top_k > n_layers * d_mlp:
+                raise ValueError(f"TOP_K={top_k} is more than the {n_layers * d_mlp} neurons of the reference model "
+                                 f"{names[ref]} ({n_layers} layer{'s' if n_layers != 1 else ''} of {d_mlp}); use at most {n_layers * d_mlp}, "
+                                 f"or THRESHOLD instead")
     if cache not in ("auto", "0", "1"):
         raise ValueError(f"CACHE={cache!r} must be 1 (cache activations), 0 (run the models instead) or auto")
     if memory:
@@ -104,6 +113,31 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
                                      threshold=threshold, top_k=top_k, device=device, cache=cache, memory=memory,
                                      all_references=len(references) > 1)
             for ref in references]
+
+
+def check_store(root: str | Path) -> None:
+    """Refuse a store (UNLIB_STORE, default ./store) that is not a writable folder, or that
+    cannot be created, before any work starts."""
+    root = Path(root)
+    fix = "point UNLIB_STORE at a folder you can write (it is created if missing)"
+    if root.exists():
+        if not root.is_dir():
+            raise UserError(f"the store {root} (UNLIB_STORE) is a file, not a folder; {fix}")
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise UserError(f"the store {root} (UNLIB_STORE) is not writable (read-only file system or "
+                            f"permissions); {fix}")
+        return
+    parent = next(p for p in root.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"the store {root} (UNLIB_STORE) cannot be created: {parent} is a file, not a folder; {fix}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"the store {root} (UNLIB_STORE) cannot be created: {parent} is not writable; {fix}")
+
+
+def check_workers(workers) -> None:
+    """Refuse a number of Luigi workers below one (no worker would ever run a task)."""
+    if not isinstance(workers, int) or workers < 1:
+        raise UserError(f"WORKERS={workers} must be at least 1 (the number of Luigi worker processes)")
 
 
 def check_disk(model_set, checkpoint: int | None, n_tokens: int, cache: str) -> None:
@@ -149,6 +183,7 @@ def run_analysis(roots: list[luigi.Task], workers: int = 1, local_scheduler: boo
     once the scheduler's retry delay has passed)."""
     from luigi.execution_summary import _summary_dict
 
+    check_workers(workers)
     start = time.monotonic()
     kwargs = {"local_scheduler": True} if local_scheduler else {"scheduler_host": "127.0.0.1",
                                                                  "scheduler_port": scheduler_port}
@@ -213,6 +248,7 @@ def run_universal_neurons_analysis(model_names: str | list[str] = "toy-zoo", dat
     if store_dir is not None:
         os.environ["UNLIB_STORE"] = str(store_dir)
     models = model_names if isinstance(model_names, str) else ",".join(model_names)
+    check_workers(workers)
     roots = build_analyses(models, checkpoint_value, dataset=dataset, n_tokens=n_tokens, ctx_len=ctx_len,
                            reference=reference, rotations=n_rotation_samples, threshold=excess_threshold,
                            top_k=top_k, device=device, exclude_tokens=exclude_tokens)

@@ -12,7 +12,7 @@ from tasks.common import CorrelationParams, H5Target, PipelineTask, TaskProgress
 from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
 from unlib.activations import ActivationCache, cache_bytes, cached_chunks, choose_feed, model_chunks
-from unlib.correlation import HALF_BLOCK_ROWS, ExcessCorrelationEngine, parse_bytes
+from unlib.correlation import DEAD_MATCH, HALF_BLOCK_ROWS, ExcessCorrelationEngine, parse_bytes
 from unlib.data import read_tokens
 from unlib.models import load_model, mlp_shape
 from unlib.store import checkpoint_label, partial_path, provenance, short_hash
@@ -60,7 +60,9 @@ class Correlations(CorrelationParams, PipelineTask):
         return f"{self.model_set.name}_{checkpoint_label(self.checkpoint)}_{short_hash(self.run_params())}"
 
     def layer_provenance(self, ref: int, layer: int) -> dict:
-        return {**self.run_params(), "reference": ref, "layer": layer, "inputs": self.inputs()}
+        # dead_match: how a dead reference neuron's best match is recorded; files from before it
+        # (which claimed neuron 0 of layer 0) are refused and rebuilt
+        return {**self.run_params(), "reference": ref, "layer": layer, "dead_match": DEAD_MATCH, "inputs": self.inputs()}
 
     def output(self):
         models = self.model_set.models

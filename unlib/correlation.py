@@ -30,6 +30,9 @@ import torch
 from unlib import UserError
 from unlib.store import write_small_h5
 
+# max_layer and max_neuron of a dead reference neuron (constant over the analysed tokens):
+# it has no best match. Its correlations, baselines and excess are 0.
+DEAD_MATCH = -1
 HALF_BLOCK_ROWS = 2048  # rows per block: even blocks form half A, odd blocks half B
 HALVES = 2
 FULL = HALVES  # index of the full sample next to the halves (0: A, 1: B)
@@ -244,11 +247,16 @@ class ExcessCorrelationEngine:
         self.within = [[torch.zeros(HALVES, d, d, device=self.device) for d in sizes] for sizes in self.layer_sizes]
         self.best: dict = {}
         self._inv_std: dict[tuple[int, int], torch.Tensor] = {}  # filled once the first pass has the variances
+        n_models = len(self.layer_sizes)
+        # per half and model, each neuron's smallest and largest value (first pass): equal = constant
+        self.low: list[list[torch.Tensor | None]] = [[None] * n_models for _ in range(HALVES)]
+        self.high: list[list[torch.Tensor | None]] = [[None] * n_models for _ in range(HALVES)]
         for number, units in enumerate(self.passes):
             start = time.perf_counter()
             cross, shift = self.stream(chunks, units, first_pass=number == 0, progress=progress)
             if number == 0:
                 self.within_shift = shift
+                self._clear_constant()
             middle = time.perf_counter()
             self.reduce(units, cross, shift)
             del cross
@@ -290,6 +298,11 @@ class ExcessCorrelationEngine:
             if not layers:
                 centred.append(None)
                 continue
+            if first_pass:
+                low, high = part[m].amin(0), part[m].amax(0)
+                if self.low[half][m] is not None:
+                    low, high = torch.minimum(self.low[half][m], low), torch.maximum(self.high[half][m], high)
+                self.low[half][m], self.high[half][m] = low, high
             mean = part[m].mean(0)
             delta = mean - means[m]
             # The centred rows plus one row sqrt(n t / (n + t)) * delta: one GEMM then also adds
@@ -329,14 +342,39 @@ class ExcessCorrelationEngine:
         n_a, n_b = self.half_rows
         return n_a * n_b / max(n_a + n_b, 1)
 
+    def constant(self, model: int, variant: int) -> torch.Tensor:
+        """Which neurons of `model` are constant (every value equal) on half A (0), half B (1)
+        or all rows (FULL): compared exactly, so the rounding of float32 means cannot give
+        them a tiny variance and noise correlations. A half without rows: all constant."""
+        halves = [h for h in range(HALVES) if self.low[h][model] is not None and (variant == FULL or h == variant)]
+        if not halves:
+            return torch.ones(int(self.offsets[model][-1]), dtype=torch.bool, device=self.device)
+        low = torch.stack([self.low[h][model] for h in halves]).amin(0)
+        high = torch.stack([self.high[h][model] for h in halves]).amax(0)
+        return low == high
+
+    def _clear_constant(self) -> None:
+        """Zero the within-layer co-moments and mean shifts of constant neurons (rounding
+        noise), so that the rotated baselines' variances hold none of it either."""
+        for m, sizes in enumerate(self.layer_sizes):
+            flat = [self.constant(m, h) for h in range(HALVES)]
+            self.within_shift[m][self.constant(m, FULL)] = 0
+            for l in range(len(sizes)):
+                cols = slice(int(self.offsets[m][l]), int(self.offsets[m][l + 1]))
+                for h in range(HALVES):
+                    dead = flat[h][cols]
+                    self.within[m][l][h][dead, :] = 0
+                    self.within[m][l][h][:, dead] = 0
+
     def inv_std(self, model: int, variant: int) -> torch.Tensor:
-        """1/std of every neuron of `model` on half A (0), half B (1) or all rows (FULL)."""
+        """1/std of every neuron of `model` on half A (0), half B (1) or all rows (FULL); 0
+        for a constant neuron."""
         key = (model, variant)
         if key not in self._inv_std:
             halves = torch.cat([torch.diagonal(s, dim1=-2, dim2=-1) for s in self.within[model]], dim=1)
             var = halves[variant] if variant < HALVES else \
                 halves.sum(0) + self.merge_weight * self.within_shift[model] ** 2
-            self._inv_std[key] = inverse_std(var)
+            self._inv_std[key] = inverse_std(torch.where(self.constant(model, variant), 0.0, var))
         return self._inv_std[key]
 
     def _merge(self, ref: int, other: int, layer_of_ref: int, variant: int, values, layer_idx, neuron_idx) -> None:
@@ -441,6 +479,11 @@ class ExcessCorrelationEngine:
         """Whether the rows fill two blocks, so that both halves hold one at least."""
         return min(self.half_rows) >= HALF_BLOCK_ROWS
 
+    def dead(self, model: int, layer: int) -> np.ndarray:
+        """Which neurons of `model`'s `layer` are constant over all the rows (dead)."""
+        cols = slice(int(self.offsets[model][layer]), int(self.offsets[model][layer + 1]))
+        return self.constant(model, FULL)[cols].cpu().numpy()
+
     def collect(self) -> dict[int, list[LayerResult]]:
         out = {}
         for ref in self.references:
@@ -452,10 +495,14 @@ class ExcessCorrelationEngine:
                 base_halves = np.stack([e["base"][:HALVES] for e in entries], axis=1)
                 if not self.halves_defined:
                     halves[:], base_halves[:] = np.nan, np.nan
+                # A dead (constant) reference neuron correlates 0 with everything: no best match
+                # is claimed for it (DEAD_MATCH), rather than the first neuron the argmax meets.
+                dead = self.dead(ref, l)
+                max_layer = np.stack([np.where(dead, DEAD_MATCH, e["layer"]) for e in entries])
+                max_neuron = np.stack([np.where(dead, DEAD_MATCH, e["neuron"]) for e in entries])
                 layers.append(LayerResult(layer=l, others=others,
                                           max_corr=np.stack([e["max"][FULL] for e in entries]),
-                                          max_layer=np.stack([e["layer"] for e in entries]),
-                                          max_neuron=np.stack([e["neuron"] for e in entries]),
+                                          max_layer=max_layer, max_neuron=max_neuron,
                                           baseline_max_corr=np.stack([e["base"][FULL] for e in entries]),
                                           max_corr_halves=halves, baseline_max_corr_halves=base_halves))
             out[ref] = layers
@@ -464,6 +511,9 @@ class ExcessCorrelationEngine:
 
 EXCESS_COLUMNS = ["layer", "neuron", "excess_correlation", "n_models_compared",
                   "max_corr", "mean_corr", "min_corr", "max_baseline", "mean_baseline", "min_baseline"]
+# After the split-half columns (the columns before keep their places): the neuron is constant
+# over the analysed tokens, so it has no best match (max_layer/max_neuron DEAD_MATCH).
+DEAD_COLUMN = "dead"
 SPLIT_HALF_COLUMNS = ["excess_half_a", "excess_half_b", "excess_se", "excess_ci_low", "excess_ci_high"]
 PAIRWISE_COLUMNS = ["layer", "neuron", "other_model", "max_corr", "max_layer", "max_neuron", "baseline_max_corr"]
 Z_95 = 1.96  # two-sided 95 % normal quantile
@@ -501,7 +551,8 @@ def excess_tables(results: list[LayerResult], model_names: list[str]) -> tuple[p
             "min_corr": r.max_corr.min(axis=0), "max_baseline": baseline.max(axis=0),
             "mean_baseline": baseline.mean(axis=0), "min_baseline": baseline.min(axis=0),
             "excess_half_a": half_a, "excess_half_b": half_b, "excess_se": se,
-            "excess_ci_low": score - Z_95 * se, "excess_ci_high": score + Z_95 * se}))
+            "excess_ci_low": score - Z_95 * se, "excess_ci_high": score + Z_95 * se,
+            DEAD_COLUMN: (r.max_layer == DEAD_MATCH).all(axis=0)}))
         for k, m in enumerate(r.others):
             pairwise.append(pd.DataFrame({
                 "layer": r.layer, "neuron": np.arange(d), "other_model": model_names[m],
@@ -509,7 +560,8 @@ def excess_tables(results: list[LayerResult], model_names: list[str]) -> tuple[p
                 "baseline_max_corr": baseline[k]}))
     pairwise_df = pd.concat(pairwise, ignore_index=True).sort_values(["layer", "neuron", "other_model"],
                                                                       kind="stable", ignore_index=True)
-    return pd.concat(excess, ignore_index=True)[EXCESS_COLUMNS + SPLIT_HALF_COLUMNS], pairwise_df[PAIRWISE_COLUMNS]
+    return (pd.concat(excess, ignore_index=True)[EXCESS_COLUMNS + SPLIT_HALF_COLUMNS + [DEAD_COLUMN]],
+            pairwise_df[PAIRWISE_COLUMNS])
 
 
 def run_engine(chunks, layer_sizes: list[list[int]], reference: int = 0, n_rotations: int = 5,
