@@ -58,7 +58,7 @@ class NeuronStats(RunParams, PipelineTask):
         tokens, keep = read_tokens(self.input()["tokens"].path)
         model = load_model(self.model_set.models[self.reference], self.checkpoint, self.device)
         with TaskProgress(self, "neuron stats", tokens.shape[0], "sequences") as progress:
-            stats = NeuronStatsGenerator(model).compute(tokens, keep, progress=progress)
+            stats = NeuronStatsGenerator(model).compute(tokens, keep, self.batch_size, progress=progress)
         write_csv(stats, self.output().path)
 
 
