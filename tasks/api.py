@@ -25,7 +25,7 @@ from unlib import UserError
 from unlib.activations import cache_bytes
 from tasks.correlation import CHUNK_TOKENS
 from unlib.correlation import HALF_BLOCK_ROWS, ExcessCorrelationEngine, parse_bytes
-from unlib.data import TOKEN_IDS, check_dataset, exclusion_ids, parse_exclusion
+from unlib.data import TOKEN_IDS, check_dataset, check_token_ids, exclusion_ids, parse_exclusion
 from unlib.models import (ModelError, check_checkpoint, check_same_tokenizer, load_tokenizer, max_context,
                           mlp_shape, resolve_device, resolve_model_set)
 from unlib.selection import UniversalNeuronAnalyzer
@@ -219,10 +219,7 @@ def dataset_value(dataset_path) -> str | None:
         return None if dataset_path is None else os.fspath(dataset_path)
     if hasattr(dataset_path, "detach"):  # a torch tensor
         dataset_path = dataset_path.detach().cpu().numpy()
-    ids = np.asarray(dataset_path)
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise UserError(f"dataset_path holds {ids.dtype} values of shape {ids.shape}: give a dataset path or name, "
-                        f"or token ids (integers)")
+    ids = check_token_ids(np.asarray(dataset_path), "dataset_path (a dataset path or name, or token ids)")
     digest = hashlib.sha256(f"{ids.dtype.str}{ids.shape}".encode() + np.ascontiguousarray(ids).tobytes())
     path = store().root / "datasets" / f"token-ids-{digest.hexdigest()[:16]}{TOKEN_IDS}"
     if not path.exists():
@@ -238,7 +235,10 @@ def quiet_run():
     `luigi-interface` logger (shown where the user configures logging, e.g.
     `logging.basicConfig()`); Python warnings raised meanwhile go to this module's logger
     (`tasks.api`); task errors print to stderr unless logging is configured."""
-    luigi.configuration.get_config().set("core", "no_configure_logging", "true")
+    config = luigi.configuration.get_config()
+    if not config.has_section("core"):
+        config.add_section("core")
+    config.set("core", "no_configure_logging", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # a forked worker would print a notice
     interface = logging.getLogger("luigi-interface")
     configured = logging.getLogger().handlers or any(

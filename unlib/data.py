@@ -150,8 +150,13 @@ def read_token_ids(path: str | Path) -> np.ndarray:
         ids = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise DatasetError(f"cannot read token ids from {path}: {exc}") from None
+    return check_token_ids(ids, str(path))
+
+
+def check_token_ids(ids: np.ndarray, what: str) -> np.ndarray:
+    """Refuse token ids that are not non-negative integers in 1 or 2 dimensions."""
     if ids.ndim not in (1, 2) or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0:
-        raise DatasetError(f"{path} must hold non-negative integer token ids, 1-D (one document) or 2-D (one "
+        raise DatasetError(f"{what} must hold non-negative integer token ids, 1-D (one document) or 2-D (one "
                            f"document per row); it holds {ids.dtype} of shape {ids.shape}")
     return ids
 
