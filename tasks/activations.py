@@ -35,7 +35,8 @@ class CacheActivations(CheckpointParams, PipelineTask):
         tokens = self.tokens_file()
         return {"model": self.spec.model_id, "revision": revision or "",
                 "checkpoint": -1 if self.checkpoint is None else self.checkpoint,
-                "tokens_file": f"{tokens.parent.name}/{tokens.name}", "hook": "blocks.<layer>.mlp.hook_post"}
+                "tokens_file": f"{tokens.parent.name}/{tokens.name}", "hook": "blocks.<layer>.mlp.hook_post",
+                "inputs": {**self.token_inputs(), **self.model_inputs([self.model])}}
 
     def output(self):
         return H5Target(store().activations(self.spec.model_id, self.checkpoint, self.tokens_file()),

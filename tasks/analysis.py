@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import time
 
-import luigi
 import numpy as np
 import pandas as pd
 
-from tasks.common import PipelineTask, RunParams, TaskProgress
+from tasks.common import ResultTask, RunParams, TaskProgress
 from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
 from unlib.correlation import HALF_BLOCK_ROWS, SPLIT_HALF_COLUMNS, LayerResult, excess_tables
@@ -25,7 +24,7 @@ def write_csv(df: pd.DataFrame, path: str) -> None:
         df.to_csv(tmp, index=False, float_format="%.6g")
 
 
-class ExcessCorrelation(RunParams, PipelineTask):
+class ExcessCorrelation(RunParams, ResultTask):
     """excess_correlation_scores.csv and pairwise_correlations.csv of the reference model."""
 
     def requires(self):
@@ -33,10 +32,10 @@ class ExcessCorrelation(RunParams, PipelineTask):
 
     def output(self):
         d = self.results_dir()
-        return {"excess": luigi.LocalTarget(d / "excess_correlation_scores.csv"),
-                "pairwise": luigi.LocalTarget(d / "pairwise_correlations.csv")}
+        return {"excess": self.result_target(d / "excess_correlation_scores.csv"),
+                "pairwise": self.result_target(d / "pairwise_correlations.csv")}
 
-    def run(self):
+    def write(self):
         targets = self.input()
         results = [LayerResult.load(targets[key].path) for key in sorted(targets) if key[0] == self.reference]
         excess, pairwise = excess_tables(results, [m.name for m in self.model_set.models])
@@ -44,7 +43,7 @@ class ExcessCorrelation(RunParams, PipelineTask):
         write_csv(excess, self.output()["excess"].path)
 
 
-class NeuronStats(RunParams, PipelineTask):
+class NeuronStats(RunParams, ResultTask):
     """neuron_stats.csv: weight and activation statistics of the reference model."""
 
     def requires(self):
@@ -52,9 +51,9 @@ class NeuronStats(RunParams, PipelineTask):
                 "model": model_requirement(self.model_set.models[self.reference])}
 
     def output(self):
-        return luigi.LocalTarget(self.results_dir() / "neuron_stats.csv")
+        return self.result_target(self.results_dir() / "neuron_stats.csv")
 
-    def run(self):
+    def write(self):
         tokens, keep = read_tokens(self.input()["tokens"].path)
         model = load_model(self.model_set.models[self.reference], self.checkpoint, self.device)
         with TaskProgress(self, "neuron stats", tokens.shape[0], "sequences") as progress:
@@ -62,16 +61,16 @@ class NeuronStats(RunParams, PipelineTask):
         write_csv(stats, self.output().path)
 
 
-class SelectUniversal(RunParams, PipelineTask):
+class SelectUniversal(RunParams, ResultTask):
     """universal_neurons.csv: excess scores and statistics of the selected neurons."""
 
     def requires(self):
         return {"excess": self.clone(ExcessCorrelation), "stats": self.clone(NeuronStats)}
 
     def output(self):
-        return luigi.LocalTarget(self.results_dir() / "universal_neurons.csv")
+        return self.result_target(self.results_dir() / "universal_neurons.csv")
 
-    def run(self):
+    def write(self):
         excess = pd.read_csv(self.input()["excess"]["excess"].path)
         stats = pd.read_csv(self.input()["stats"].path)
         universal = UniversalNeuronAnalyzer(excess).identify_universal_neurons(self.effective_threshold, self.top_k)
@@ -81,7 +80,7 @@ class SelectUniversal(RunParams, PipelineTask):
                   self.output().path)
 
 
-class Plots(RunParams, PipelineTask):
+class Plots(RunParams, ResultTask):
     """The run's three figures."""
 
     NAMES = ("excess_correlation_distribution", "universal_neurons_by_layer", "excess_correlation_vs_properties")
@@ -91,9 +90,9 @@ class Plots(RunParams, PipelineTask):
                 "universal": self.clone(SelectUniversal)}
 
     def output(self):
-        return {name: luigi.LocalTarget(self.results_dir() / "plots" / f"{name}.png") for name in self.NAMES}
+        return {name: self.result_target(self.results_dir() / "plots" / f"{name}.png") for name in self.NAMES}
 
-    def run(self):
+    def write(self):
         excess = pd.read_csv(self.input()["excess"]["excess"].path)
         stats = pd.read_csv(self.input()["stats"].path)
         universal = pd.read_csv(self.input()["universal"].path)
@@ -107,7 +106,7 @@ class Plots(RunParams, PipelineTask):
         viz.excess_vs_properties(out["excess_correlation_vs_properties"].path)
 
 
-class UniversalNeuronsAnalysis(RunParams, PipelineTask):
+class UniversalNeuronsAnalysis(RunParams, ResultTask):
     """Root of one analysis run; writes run.json (parameters, provenance, layer summary,
     split-half stability of the universal set)."""
 
@@ -116,9 +115,9 @@ class UniversalNeuronsAnalysis(RunParams, PipelineTask):
                 "plots": self.clone(Plots), "stats": self.clone(NeuronStats)}
 
     def output(self):
-        return luigi.LocalTarget(self.results_dir() / "run.json")
+        return self.result_target(self.results_dir() / "run.json")
 
-    def run(self):
+    def write(self):
         excess = pd.read_csv(self.input()["excess"]["excess"].path)
         universal = pd.read_csv(self.input()["universal"].path)
         summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)

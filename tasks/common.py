@@ -13,8 +13,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from unlib import UserError
 from unlib.data import DEFAULT_N_TOKENS, OFFLINE_CORPUS
-from unlib.models import ModelSet, resolve_model_set
-from unlib.store import Store, h5_problem, provenance, set_aside
+from unlib.data import dataset_inputs
+from unlib.models import ZOOS, ModelSet, model_fingerprint, resolve_model_set
+from unlib.store import Store, h5_problem, provenance, seal, seal_problem, set_aside
 
 logger = logging.getLogger("luigi-interface")
 # The pipeline's Luigi settings, a file of this package (so found from any directory).
@@ -59,11 +60,26 @@ class HideUserErrorTracebacks(logging.Filter):
 logger.addFilter(HideUserErrorTracebacks())
 
 
+_reported: set[str] = set()
+
+
+def warn_once(key: str, message: str, *args) -> None:
+    """Log a warning once per process and key: complete() is asked many times per run, and
+    one changed input makes every file built from it stale."""
+    if key not in _reported:
+        _reported.add(key)
+        logger.warning(message, *args)
+
+
+def warn_stale(path: str, problem: str) -> None:
+    warn_once(problem, "rebuilding %s (and what else was made from the same inputs): %s", path, problem)
+
+
 class H5Target(luigi.LocalTarget):
     """An HDF5 file target that exists only if it opens and records the expected
-    provenance; a truncated, corrupted or stale file is moved aside with a warning, so the
-    task that makes it runs again. Finished files are only ever renamed into place, so
-    opening one here never races a writer."""
+    provenance. A file built from other inputs (a model or dataset changed since) is removed
+    and rebuilt; a truncated or corrupted one is moved aside for inspection and rebuilt.
+    Finished files are only ever renamed into place, so opening one here never races a writer."""
 
     def __init__(self, path, expected: dict):
         super().__init__(str(path))
@@ -75,9 +91,34 @@ class H5Target(luigi.LocalTarget):
         problem = h5_problem(self.path, self.expected)
         if problem is None:
             return True
-        aside = set_aside(self.path)
-        logger.warning("refusing %s: %s; moved it to %s and rebuilding it", self.path, problem, aside.name)
+        if h5_problem(self.path) is None:  # readable, only stale
+            warn_stale(self.path, problem)
+            Path(self.path).unlink(missing_ok=True)
+        else:
+            aside = set_aside(self.path)
+            logger.warning("refusing %s: %s; moved it to %s and rebuilding it", self.path, problem, aside.name)
         return False
+
+
+class ResultTarget(luigi.LocalTarget):
+    """A results file (CSV, PNG, HTML, JSON) that exists only when its seal vouches for it:
+    whole (size and checksum as written) and made from this run's inputs. Anything else
+    (truncated, edited, unsealed, stale) is rebuilt."""
+
+    def __init__(self, path, expected: dict):
+        super().__init__(str(path))
+        self.expected = provenance(expected)
+
+    def exists(self) -> bool:
+        if not super().exists():
+            return False
+        problem = seal_problem(self.path, self.expected)
+        if problem is not None:
+            warn_stale(self.path, problem)
+        return problem is None
+
+    def seal(self) -> None:
+        seal(self.path, self.expected)
 
 
 class TokenParams:
@@ -100,9 +141,25 @@ class TokenParams:
     def model_set(self) -> ModelSet:
         return resolve_model_set(self.models, store().root)
 
+    def token_inputs(self) -> dict[str, str]:
+        """The content the token file is made from: the dataset and the tokenizer."""
+        ms = self.model_set
+        tokenizer = ZOOS[ms.zoo].zoo_id if ms.zoo else model_fingerprint(ms.models[0], None, weights=False)
+        return {**dataset_inputs(self.dataset), "tokenizer": tokenizer}
+
 
 class CheckpointParams(TokenParams):
     checkpoint = luigi.OptionalIntParameter(default=None, description="training step; None = final weights")
+
+    def model_inputs(self, indices: list[int] | None = None) -> dict[str, str]:
+        """The weights the models (all, or those at `indices`) load, by content."""
+        models = self.model_set.models
+        return {f"model {models[i].name}": model_fingerprint(models[i], self.checkpoint)
+                for i in (range(len(models)) if indices is None else indices)}
+
+    def inputs(self) -> dict[str, str]:
+        """Every input whose content the task's outputs depend on, by name."""
+        return {**self.token_inputs(), **self.model_inputs()}
 
 
 class CorrelationParams(CheckpointParams):
@@ -137,6 +194,31 @@ class RunParams(CorrelationParams):
 
     def results_dir(self):
         return store().results(self.model_set.name, self.checkpoint, self.variant())
+
+    def result_target(self, path) -> ResultTarget:
+        """A sealed results file of this task: its provenance is the task's parameters (the model
+        set and dataset by content, not spelling) and every input's fingerprint."""
+        params = {k: v for k, v in self.to_str_params(only_significant=True).items() if k not in ("models", "dataset")}
+        return ResultTarget(path, {"task": self.get_task_family(), **params, "inputs": self.inputs()})
+
+
+class ResultTask(PipelineTask):
+    """A task writing results files: complete only when its files are sealed and every results
+    task it reads from is complete too, so a deleted or damaged intermediate result (say
+    neuron_stats.csv) is rebuilt, and everything made from it with it. Subclasses implement
+    write(); run() writes the files, then seals them."""
+
+    def write(self) -> None:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        self.write()
+        for target in luigi.task.flatten(self.output()):
+            target.seal()
+
+    def complete(self) -> bool:
+        return super().complete() and all(t.complete() for t in luigi.task.flatten(self.requires())
+                                          if isinstance(t, ResultTask))
 
 
 class TaskProgress:

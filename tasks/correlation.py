@@ -48,17 +48,18 @@ class Correlations(CorrelationParams, PipelineTask):
             return [self.clone(CacheActivations, model=i) for i in range(len(self.model_set.models))]
         return [self.clone(TokenizeDataset)] + [t for m in self.model_set.models for t in model_requirement(m)]
 
-    def run_inputs(self) -> dict:
+    def run_params(self) -> dict:
+        """The parameters that name the correlation folder (inputs' content is checked, not named)."""
         return {"models": [m.model_id for m in self.model_set.models], "checkpoint": self.checkpoint,
                 "dataset": dataset_id(self.dataset), "n_tokens": self.n_tokens, "ctx_len": self.ctx_len,
                 "exclude_tokens": self.exclude_tokens, "rotations": self.rotations, "rotation_seed": self.rotation_seed,
                 "half_block_rows": HALF_BLOCK_ROWS}
 
     def run_key(self) -> str:
-        return f"{self.model_set.name}_{checkpoint_label(self.checkpoint)}_{short_hash(self.run_inputs())}"
+        return f"{self.model_set.name}_{checkpoint_label(self.checkpoint)}_{short_hash(self.run_params())}"
 
     def layer_provenance(self, ref: int, layer: int) -> dict:
-        return {**self.run_inputs(), "reference": ref, "layer": layer}
+        return {**self.run_params(), "reference": ref, "layer": layer, "inputs": self.inputs()}
 
     def output(self):
         models = self.model_set.models

@@ -5,7 +5,7 @@ from tasks.common import H5Target, PipelineTask, TokenParams, store
 from tasks.zoo import ZooTokenizer
 from unlib import data
 from unlib.models import ZOOS, load_tokenizer
-from unlib.store import provenance
+from unlib.store import h5_attrs
 
 
 def dataset_id(dataset: str) -> str:
@@ -28,8 +28,10 @@ class TokenizeDataset(TokenParams, PipelineTask):
         return []
 
     def token_attrs(self) -> dict:
+        """What the token file is made from: recorded in it and checked before it is reused."""
         return {"dataset": dataset_id(self.dataset), "tokenizer": self.tokenizer_id(), "n_tokens": self.n_tokens,
-                "ctx_len": self.ctx_len, "exclude_tokens": self.exclude_tokens, "document_seed": data.DOCUMENT_SEED}
+                "ctx_len": self.ctx_len, "exclude_tokens": self.exclude_tokens, "document_seed": data.DOCUMENT_SEED,
+                "inputs": self.token_inputs()}
 
     def output(self):
         return H5Target(store().tokens(dataset_id(self.dataset), self.tokenizer_id(), self.n_tokens, self.ctx_len,
@@ -41,4 +43,4 @@ class TokenizeDataset(TokenParams, PipelineTask):
         self.set_status_message(f"tokenizing {self.dataset}")
         data.write_token_sequences(self.output().path, data.load_texts(self.dataset), tokenizer, bos,
                                    self.n_tokens, self.ctx_len, data.exclusion_ids(self.exclude_tokens, tokenizer),
-                                   {**self.token_attrs(), "provenance": provenance(self.token_attrs())})
+                                   h5_attrs(self.token_attrs()))

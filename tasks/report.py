@@ -1,11 +1,13 @@
 """Reports: the per-run HTML report, and the comparison across training checkpoints."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import luigi
 import pandas as pd
 
 from tasks.analysis import Plots, UniversalNeuronsAnalysis, write_csv
-from tasks.common import PipelineTask, RunParams, store
+from tasks.common import ResultTask, RunParams, store
 from tasks.data import TokenizeDataset
 from tasks.zoo import model_requirement
 from unlib import compare, plots
@@ -23,7 +25,7 @@ def write_text(path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-class RunReport(RunParams, PipelineTask):
+class RunReport(RunParams, ResultTask):
     """report.html: one self-contained page with the run's parameters, summary (next to
     published figures), plots, universal-neuron properties and neuron cards."""
 
@@ -32,9 +34,9 @@ class RunReport(RunParams, PipelineTask):
                 "tokens": self.clone(TokenizeDataset), "model": model_requirement(self.model_set.models[self.reference])}
 
     def output(self):
-        return luigi.LocalTarget(self.results_dir() / "report.html")
+        return self.result_target(self.results_dir() / "report.html")
 
-    def run(self):
+    def write(self):
         d = self.results_dir()
         run = read_json(self.input()["analysis"].path)
         run["run_name"] = d.name
@@ -55,10 +57,15 @@ class RunReport(RunParams, PipelineTask):
         write_text(self.output().path, run_report_html(run, excess, stats, universal, summary, figures, cards))
 
 
-class CompareCheckpoints(RunParams, PipelineTask):
+class CompareCheckpoints(RunParams, ResultTask):
     """The same analysis at several training steps, and how universality develops."""
 
     checkpoints = luigi.ListParameter(description="training steps to compare")
+
+    TABLES = ("universality_by_checkpoint", "persistence", "persistence_half_a", "persistence_half_b", "jaccard",
+              "neuron_trajectories")
+    FIGURES = ("universality_by_checkpoint", "persistence", "jaccard", "neuron_trajectories",
+               "excess_correlation_distributions")
 
     def requires(self):
         return {step: self.clone(UniversalNeuronsAnalysis, checkpoint=step) for step in self.steps}
@@ -70,11 +77,17 @@ class CompareCheckpoints(RunParams, PipelineTask):
     def output_dir(self):
         return store().compare(self.model_set.name, self.steps, self.variant())
 
-    def output(self):
-        return luigi.LocalTarget(self.output_dir() / "compare.html")
+    def inputs(self) -> dict[str, str]:
+        return {**self.token_inputs(), **{f"{name} at step {step}": fingerprint for step in self.steps
+                                          for name, fingerprint in self.clone(checkpoint=step).model_inputs().items()}}
 
-    def run(self):
+    def output(self):
         out = self.output_dir()
+        return {"report": self.result_target(out / "compare.html"),
+                **{f"{name}.csv": self.result_target(out / f"{name}.csv") for name in self.TABLES},
+                **{f"{name}.png": self.result_target(out / f"{name}.png") for name in self.FIGURES}}
+
+    def write(self):
         excess, universal = {}, {}
         for step, task in self.requires().items():
             excess[step] = pd.read_csv(task.results_dir() / "excess_correlation_scores.csv")
@@ -85,16 +98,14 @@ class CompareCheckpoints(RunParams, PipelineTask):
         persistence, jaccard = compare.persistence(sets), compare.jaccard(sets)
         persistence_halves = tuple(compare.persistence({s: h[i] for s, h in halves.items()}) for i in range(2))
         trajectories = compare.trajectories(excess, sets)
-        write_csv(by_checkpoint, out / "universality_by_checkpoint.csv")
-        write_csv(persistence.reset_index(), out / "persistence.csv")
-        for name, table in zip(("persistence_half_a", "persistence_half_b"), persistence_halves):
-            write_csv(table.reset_index(), out / f"{name}.csv")
-        write_csv(jaccard.reset_index(), out / "jaccard.csv")
-        write_csv(trajectories, out / "neuron_trajectories.csv")
+        out = {name: Path(target.path) for name, target in self.output().items()}
+        tables = dict(zip(self.TABLES, [by_checkpoint, persistence.reset_index(),
+                                        *(t.reset_index() for t in persistence_halves), jaccard.reset_index(),
+                                        trajectories]))
+        for name, table in tables.items():
+            write_csv(table, out[f"{name}.csv"])
         title = f"({self.model_set.name})"
-        figures = {name: out / f"{name}.png" for name in
-                   ("universality_by_checkpoint", "persistence", "jaccard", "neuron_trajectories",
-                    "excess_correlation_distributions")}
+        figures = {name: out[f"{name}.png"] for name in self.FIGURES}
         plots.universality_by_checkpoint_plot(by_checkpoint, figures["universality_by_checkpoint"], title)
         plots.matrix_heatmap(persistence, figures["persistence"], f"Persistence of universal neurons {title}\n"
                              "(below: range over the sets selected on each half of the tokens)",
@@ -102,6 +113,5 @@ class CompareCheckpoints(RunParams, PipelineTask):
         plots.matrix_heatmap(jaccard, figures["jaccard"], f"Jaccard overlap of universal sets {title}", "Jaccard")
         plots.trajectories_plot(trajectories, figures["neuron_trajectories"], title=title)
         plots.distributions_plot(excess, figures["excess_correlation_distributions"], title)
-        write_text(self.output().path, compare_report_html(self.model_set.name, self.steps, by_checkpoint,
-                                                           persistence, jaccard, trajectories, figures,
-                                                           persistence_halves))
+        write_text(out["report"], compare_report_html(self.model_set.name, self.steps, by_checkpoint, persistence,
+                                                      jaccard, trajectories, figures, persistence_halves))

@@ -7,10 +7,28 @@ import shutil
 import luigi
 import torch
 
-from tasks.common import PipelineTask, TaskProgress, store
+from tasks.common import PipelineTask, TaskProgress, store, warn_once
 from unlib import zoo
 from unlib.data import offline_corpus, write_token_stream
 from unlib.models import ZOOS
+
+
+class TrainedZooModel(luigi.LocalTarget):
+    """A zoo model's folder, complete when every saved step's checkpoint matches its manifest;
+    a damaged one is retrained from the last intact step before it."""
+
+    def __init__(self, config: zoo.ZooConfig, model_dir):
+        super().__init__(str(model_dir))
+        self.config = config
+
+    def exists(self) -> bool:
+        damage = zoo.first_damage(self.config, self.path)
+        if damage is not None and os.path.isdir(self.path) and zoo.saved_steps(self.path):
+            step, why = damage
+            earlier = [s for s in zoo.saved_steps(self.path) if s < step]
+            warn_once(self.path, "retraining %s: %s; training resumes from %s", self.path, why,
+                      f"step {earlier[-1]}" if earlier else "the start")
+        return damage is None
 
 
 class ZooTask(PipelineTask):
@@ -65,8 +83,7 @@ class TrainToyModel(ZooTask):
         return self.clone(ZooTrainingTokens)
 
     def output(self):
-        model_dir = store().zoo_model_dir(self.config.zoo_id, self.seed)
-        return luigi.LocalTarget(model_dir / f"checkpoint-{self.config.steps}" / zoo.TRAINING_STATE)
+        return TrainedZooModel(self.config, store().zoo_model_dir(self.config.zoo_id, self.seed))
 
     def run(self):
         torch.manual_seed(self.seed)

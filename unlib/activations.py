@@ -14,7 +14,7 @@ import torch
 
 from unlib.models import mlp_activations
 from unlib import UserError
-from unlib.store import PartialH5, provenance, set_aside
+from unlib.store import PartialH5, h5_attrs, set_aside
 
 CHUNK_BYTES = 512 * 1024
 
@@ -40,7 +40,7 @@ def cache_activations(model, tokens: np.ndarray, keep: np.ndarray, out_path: str
     rows = chunk_rows(d_mlp)
     writer = PartialH5(out_path, {layer_name(l): ((n_tokens, d_mlp), "float16", (min(rows, n_tokens), d_mlp))
                                   for l in range(n_layers)},
-                       {**attrs, "provenance": provenance(attrs), "n_layers": n_layers, "d_mlp": d_mlp})
+                       {**h5_attrs(attrs), "n_layers": n_layers, "d_mlp": d_mlp})
     try:
         device = next(model.parameters()).device
         seq = int(np.searchsorted(rows_before, writer.rows_done))  # batches end where a sequence does

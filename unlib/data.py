@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import platform
 import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -18,7 +19,7 @@ import h5py
 import numpy as np
 
 from unlib import UserError
-from unlib.store import atomic_path, short_hash, slug
+from unlib.store import atomic_path, file_fingerprint, short_hash, slug
 
 OFFLINE_CORPUS = "python-stdlib"
 # The default text of hub model sets: a 10k-document sample of the Pile, as the paper used the Pile.
@@ -109,6 +110,17 @@ def parse_dataset(dataset: str) -> DatasetSpec:
         raise DatasetError(f"DATASET={dataset!r} names no dataset: use name[:config][@split], local files, "
                            f"or {OFFLINE_CORPUS}")
     return DatasetSpec(name, config or None, split or "train")
+
+
+def dataset_inputs(dataset: str) -> dict[str, str]:
+    """The dataset's entry in a file's provenance: each local file by its content, the offline
+    corpus by the Python version whose standard library it is, a hub dataset by its name."""
+    spec = parse_dataset(dataset)
+    if spec.files:
+        return {f"dataset file {p.resolve()}": file_fingerprint(p) for p in spec.files}
+    if spec.name == OFFLINE_CORPUS:
+        return {"dataset": f"{spec.dataset_id} of Python {platform.python_version()}"}
+    return {"dataset": spec.dataset_id}
 
 
 def check_dataset(dataset: str) -> None:

@@ -17,8 +17,8 @@ import torch
 
 from unlib import UserError
 from unlib.data import OFFLINE_CORPUS, PILE_SAMPLE
-from unlib.store import short_hash, slug
-from unlib.zoo import ZooConfig, quiet_transformers, saved_steps
+from unlib.store import file_fingerprint, short_hash, slug
+from unlib.zoo import TRAINING_STATE, ZooConfig, quiet_transformers, saved_steps
 
 ZOOS = {
     "toy-zoo": ZooConfig(name="toy-zoo"),
@@ -118,8 +118,26 @@ def resolve_model_set(models: str, store_root: str | Path | None = None) -> Mode
         if not os.path.isdir(n) and (n.startswith((".", "/", "~")) or n.count("/") > 1):
             raise ModelError(f"model folder {n!r} does not exist")
         specs.append(ModelSpec(n, n))
-    short = "+".join(slug(Path(n).name) for n in names)
-    return ModelSet(short if len(short) <= 60 else f"custom-{short_hash(names)}", tuple(specs))
+    return ModelSet(list_name(names), tuple(specs))
+
+
+def list_name(names: list[str]) -> str:
+    """The results-folder name of a comma-separated model list: each model's parent and folder
+    names (a hub model's name), and a short hash of the resolved paths, so lists whose
+    folders share names (exp1/m0 and exp2/m0) never share results."""
+    parts, keys = [], []
+    for n in names:
+        if os.path.isdir(n):
+            resolved = Path(n).resolve()
+            parts.append(slug(f"{resolved.parent.name}-{resolved.name}"))
+            keys.append(str(resolved))
+        else:
+            parts.append(slug(n.split("/")[-1]))
+            keys.append(n)
+    label = "+".join(parts)
+    if len(label) > 48:
+        label = f"{parts[0]}+{len(parts) - 1}-more"
+    return f"{label}-{short_hash(keys, 6)}"
 
 
 def available_checkpoints(spec: ModelSpec) -> list[int] | None:
@@ -133,6 +151,33 @@ def available_checkpoints(spec: ModelSpec) -> list[int] | None:
                  if p.name.split("-", 1)[1].isdigit()]
         return sorted(steps) or None
     return None
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
+
+
+def model_fingerprint(spec: ModelSpec, checkpoint: int | None, weights: bool = True) -> str:
+    """What identifies the model a run loads (without `weights`: its tokenizer and config): a
+    local folder's files by content (size and modification time for large ones, see
+    unlib.store.file_fingerprint), toy-zoo checkpoints included; a hub model by the commit its
+    local cache resolved, else its name and revision."""
+    location, revision = model_location(spec, checkpoint)
+    if os.path.isdir(location):
+        files = sorted(p for p in Path(location).iterdir()
+                       if p.is_file() and p.name != TRAINING_STATE and not p.name.startswith(".")
+                       and (weights or not p.name.endswith(WEIGHT_SUFFIXES)))
+        return short_hash({p.name: file_fingerprint(p) for p in files}, 16)
+    if spec.zoo is not None:
+        return "not trained yet"
+    return f"{location}@{hub_commit(location, revision) or revision or 'main'}"
+
+
+def hub_commit(repo: str, revision: str | None) -> str | None:
+    """The commit a hub model's revision resolves to in the local Hugging Face cache, if cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo, "config.json", revision=revision)
+    return Path(path).parent.name if isinstance(path, str) else None
 
 
 def nearest_steps(step: int, steps: list[int]) -> list[int]:

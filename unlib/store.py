@@ -3,6 +3,7 @@ so two runs with different parameters never collide and the same run finds its f
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -23,7 +24,35 @@ def short_hash(value: object, length: int = 8) -> str:
 
 def slug(name: str) -> str:
     """File-system-safe version of a model or dataset name ('org/name' -> 'org--name')."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name.replace("/", "--")).strip("-")
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", name.replace("/", "--")).strip("-")
+
+
+# Files up to this size are fingerprinted by their whole content; larger ones (model weights)
+# by size, modification time and the content of their first and last MiB.
+FULL_HASH_BYTES = 256 * 2**20
+EDGE_BYTES = 2**20
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """A digest that changes when the file's content does (see FULL_HASH_BYTES), computed once
+    per process for a given size and modification time."""
+    st = os.stat(path)
+    return _fingerprint(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fingerprint(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            for block in iter(lambda: f.read(2**20), b""):
+                digest.update(block)
+        else:
+            digest.update(f"{size}:{mtime_ns}".encode())
+            digest.update(f.read(EDGE_BYTES))
+            f.seek(size - EDGE_BYTES)
+            digest.update(f.read(EDGE_BYTES))
+    return digest.hexdigest()[:16]
 
 
 def checkpoint_label(checkpoint: int | None) -> str:
@@ -209,6 +238,12 @@ def provenance(values: dict) -> str:
     return json.dumps(values, sort_keys=True, default=str)
 
 
+def h5_attrs(values: dict) -> dict:
+    """`values` as HDF5 attributes (nested dicts as JSON text), with their `provenance`."""
+    stored = {k: json.dumps(v, sort_keys=True) if isinstance(v, dict) else v for k, v in values.items()}
+    return {**stored, "provenance": provenance(values)}
+
+
 def h5_problem(path: str | Path, expected_provenance: str | None = None) -> str | None:
     """Why a finished HDF5 target cannot be used (unreadable, truncated, or built from other
     inputs), or None when it is fine. Only opens the file's metadata."""
@@ -218,7 +253,54 @@ def h5_problem(path: str | Path, expected_provenance: str | None = None) -> str 
     except OSError as exc:
         return f"unreadable or truncated HDF5 file ({str(exc).splitlines()[0]})"
     if expected_provenance is not None and recorded != expected_provenance:
-        return "it was built from other parameters or inputs than this run's"
+        return describe_change(recorded, expected_provenance)
+    return None
+
+
+def describe_change(recorded: str | None, expected: str) -> str:
+    """In words, how a file's recorded provenance differs from what this run expects: the
+    inputs that changed (by name) first, then the parameters."""
+    try:
+        old = json.loads(recorded)
+    except (TypeError, ValueError):
+        return "it records no provenance (written by an older version)"
+    new = json.loads(expected)
+    old_inputs, new_inputs = old.pop("inputs", {}), new.pop("inputs", {})
+    inputs = sorted(k for k in set(old_inputs) | set(new_inputs) if old_inputs.get(k) != new_inputs.get(k))
+    params = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if inputs:
+        return f"{' and '.join(inputs)} changed since it was written"
+    return f"it was built with other parameters ({', '.join(params)})"
+
+
+SEALS = ".sealed"
+
+
+def seal_path(path: str | Path) -> Path:
+    """The sidecar that vouches for a finished results file: <folder>/.sealed/<name>.json."""
+    path = Path(path)
+    return path.parent / SEALS / f"{path.name}.json"
+
+
+def seal(path: str | Path, expected_provenance: str) -> None:
+    """Record a finished file's size, checksum and provenance, after it is written whole."""
+    write_json(seal_path(path), {"bytes": os.path.getsize(path), "sha256": file_fingerprint(path),
+                                 "provenance": expected_provenance})
+
+
+def seal_problem(path: str | Path, expected_provenance: str) -> str | None:
+    """Why a sealed results file cannot be used (no seal, truncated, altered, or built from
+    other inputs), or None when it is whole and this run's."""
+    try:
+        record = read_json(seal_path(path))
+    except (OSError, ValueError):
+        return "it has no seal (an interrupted or older run wrote it)"
+    if os.path.getsize(path) != record.get("bytes"):
+        return f"it is truncated or altered ({os.path.getsize(path):,} bytes, written with {record.get('bytes'):,})"
+    if file_fingerprint(path) != record.get("sha256"):
+        return "its content changed since it was written"
+    if record.get("provenance") != expected_provenance:
+        return describe_change(record.get("provenance"), expected_provenance)
     return None
 
 

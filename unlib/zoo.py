@@ -5,6 +5,7 @@ saved step (optimizer state included, so training continues exactly from a saved
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -15,10 +16,12 @@ import h5py
 import numpy as np
 import torch
 
-from unlib.store import short_hash
+from unlib.store import file_fingerprint, short_hash
 
 BOS_TOKEN = "<|endoftext|>"
 TRAINING_STATE = "training_state.pt"
+# Every file of a saved checkpoint by content, written with it, so damage is found and repaired.
+MANIFEST = "manifest.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +140,39 @@ def _save_checkpoint(model, optimizer, scheduler, tokenizer_dir: Path, model_dir
         shutil.copy2(f, tmp / f.name)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                tmp / TRAINING_STATE)
+    (tmp / MANIFEST).write_text(json.dumps({p.name: file_fingerprint(p) for p in sorted(tmp.iterdir())}, indent=1))
     os.replace(tmp, final)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a saved zoo checkpoint cannot be used (a file missing or changed since it was saved),
+    or None when every file matches its manifest."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"{folder.name} has no readable {MANIFEST} (an interrupted or older run saved it)"
+    for name, fingerprint in manifest.items():
+        if not (folder / name).is_file():
+            return f"{folder.name}/{name} is missing"
+        if file_fingerprint(folder / name) != fingerprint:
+            return f"{folder.name}/{name} changed since it was saved"
+    return None
+
+
+def first_damage(config: ZooConfig, model_dir: str | Path) -> tuple[int, str] | None:
+    """(step, why) of the earliest saved step whose checkpoint is missing or damaged, or None."""
+    for step in sorted(config.save_steps):
+        problem = checkpoint_problem(Path(model_dir) / f"checkpoint-{step}")
+        if problem is not None:
+            return step, problem
+    return None
+
+
+def discard_from(model_dir: str | Path, step: int) -> None:
+    """Remove the checkpoints at `step` and later, so training resumes from the one before."""
+    for later in saved_steps(model_dir):
+        if later >= step:
+            shutil.rmtree(Path(model_dir) / f"checkpoint-{later}")
 
 
 def train_model(config: ZooConfig, seed: int, tokenizer_dir: str | Path, tokens_file: str | Path,
@@ -153,6 +188,9 @@ def train_model(config: ZooConfig, seed: int, tokenizer_dir: str | Path, tokens_
     with h5py.File(tokens_file, "r") as f:
         stream = f["tokens"][:]
     bos_id = tokenizer.bos_token_id
+    damage = first_damage(config, model_dir)
+    if damage is not None:
+        discard_from(model_dir, damage[0])
     done = saved_steps(model_dir)
     if done:
         start = done[-1]
