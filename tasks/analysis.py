@@ -50,6 +50,12 @@ class NeuronStats(RunParams, ResultTask):
         return {"tokens": self.clone(TokenizeDataset),
                 "model": model_requirement(self.model_set.models[self.reference])}
 
+    def inputs(self) -> dict[str, str]:
+        """The tokens and the reference model only: the task runs as soon as that model is
+        trained, so sealing the other models' fingerprints ("not trained yet" on a cold run)
+        would make its file stale once they are, and fail the task that reads it."""
+        return {**self.token_inputs(), **self.model_inputs([self.reference])}
+
     def output(self):
         return self.result_target(self.results_dir() / "neuron_stats.csv")
 
