@@ -50,6 +50,12 @@ class NeuronStats(RunParams, ResultTask):
         return {"tokens": self.clone(TokenizeDataset),
                 "model": model_requirement(self.model_set.models[self.reference])}
 
+    def inputs(self) -> dict[str, str]:
+        """The tokens and the reference model only: the task runs as soon as that model is
+        trained, so sealing the other models' fingerprints ("not trained yet" on a cold run)
+        would make its file stale once they are, and fail the task that reads it."""
+        return {**self.token_inputs(), **self.model_inputs([self.reference])}
+
     def output(self):
         return self.result_target(self.results_dir() / "neuron_stats.csv")
 
@@ -57,7 +63,7 @@ class NeuronStats(RunParams, ResultTask):
         tokens, keep = read_tokens(self.input()["tokens"].path)
         model = load_model(self.model_set.models[self.reference], self.checkpoint, self.device)
         with TaskProgress(self, "neuron stats", tokens.shape[0], "sequences") as progress:
-            stats = NeuronStatsGenerator(model).compute(tokens, keep, progress=progress)
+            stats = NeuronStatsGenerator(model).compute(tokens, keep, self.batch_size, progress=progress)
         write_csv(stats, self.output().path)
 
 

@@ -8,26 +8,33 @@ import time
 from pathlib import Path
 
 import luigi
+from rich import get_console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from unlib import UserError
-from unlib.data import OFFLINE_CORPUS
-from unlib.data import dataset_inputs
+from unlib.data import DEFAULT_N_TOKENS, OFFLINE_CORPUS, dataset_inputs
 from unlib.models import ZOOS, ModelSet, model_fingerprint, resolve_model_set
 from unlib.store import Store, h5_problem, provenance, seal, seal_problem, set_aside
 
 logger = logging.getLogger("luigi-interface")
+# The pipeline's Luigi settings: luigi.cfg at the top of the checkout, linked into this package
+# (so an installed copy finds it from any directory).
+LUIGI_CFG = Path(__file__).with_name("luigi.cfg")
 
 # Defaults of the run parameters; dataset, ctx_len, exclude_tokens and threshold default to the
 # model set's own (unlib.models.SetDefaults).
-DEFAULTS = {"models": "toy-zoo", "n_tokens": 100_000, "reference": 0, "rotations": 5, "rotation_seed": 0,
+DEFAULTS = {"models": "toy-zoo", "n_tokens": DEFAULT_N_TOKENS, "reference": 0, "rotations": 5, "rotation_seed": 0,
             "threshold": None, "top_k": None}
 SET_DEFAULTS = ("dataset", "ctx_len", "exclude_tokens")
+# Sequences per forward pass (BATCH_SIZE): it changes speed and memory, not results, so it
+# names no file.
+BATCH_SIZE = 32
 
 
 def store() -> Store:
-    """The store all tasks write to: $UNLIB_STORE, default ./store."""
-    return Store(os.environ.get("UNLIB_STORE", "store"))
+    """The store all tasks write to, at an absolute path: $UNLIB_STORE, else store/ in the
+    source checkout, else ~/.cache/universal-neurons/store (unlib.store.default_root)."""
+    return Store()
 
 
 class PipelineTask(luigi.Task):
@@ -121,6 +128,8 @@ class TokenParams:
     ctx_len = luigi.IntParameter(default=64)
     exclude_tokens = luigi.Parameter(default="bos", description="EXCLUDE_TOKENS: tokens whose positions are dropped")
     device = luigi.Parameter(default="cpu", significant=False)
+    batch_size = luigi.IntParameter(default=BATCH_SIZE, significant=False,
+                                    description="BATCH_SIZE: sequences per forward pass")
 
     @property
     def resources(self) -> dict:
@@ -213,15 +222,16 @@ class ResultTask(PipelineTask):
 
 
 class TaskProgress:
-    """Progress of a long step: a rich bar in the terminal, and the task's progress
-    percentage and status message in the scheduler UI (throttled to once a second,
-    since each is an HTTP call to luigid)."""
+    """Progress of a long step: a rich bar in a terminal (none in a notebook or a pipe, where
+    a finished bar would leave an empty line), and the task's progress percentage and
+    status message in the scheduler UI (throttled to once a second, since each is an HTTP
+    call to luigid)."""
 
     def __init__(self, task: luigi.Task, description: str, total: int, unit: str = "tokens"):
         self.task, self.description, self.total, self.unit = task, description, total, unit
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                  TextColumn("{task.completed:,.0f}/{task.total:,.0f} " + unit),
-                                 TimeRemainingColumn(), transient=True)
+                                 TimeRemainingColumn(), transient=True, disable=not get_console().is_terminal)
         self.bar = self.progress.add_task(description, total=total)
         self.start = self.last = time.monotonic()
 

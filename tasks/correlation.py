@@ -19,7 +19,6 @@ from unlib.store import checkpoint_label, partial_path, provenance, short_hash
 
 logger = logging.getLogger("luigi-interface")
 CHUNK_TOKENS = 4096
-BATCH_SEQUENCES = 32
 
 
 class Correlations(CorrelationParams, PipelineTask):
@@ -87,7 +86,7 @@ class Correlations(CorrelationParams, PipelineTask):
         else:
             tokens, keep = read_tokens(self.input()[0].path)
             n_tokens = int(keep.sum())
-            chunks = lambda needed: model_chunks(loaded, tokens, keep, BATCH_SEQUENCES, self.device)  # noqa: E731
+            chunks = lambda needed: model_chunks(loaded, tokens, keep, self.batch_size, self.device)  # noqa: E731
         path = "activation caches" if use_cache else "models run batch by batch (no cache)"
         plan = f"{len(engine.passes)} pass(es), {sum(map(len, engine.passes))} accumulators"
         logger.warning("correlation feed: %s, because %s; plan: %s", path, why, plan)

@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tasks.common import store
+from tasks.common import LUIGI_CFG, store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,8 +34,9 @@ def start(port: int) -> str:
         return f"luigid already answers on http://127.0.0.1:{port}"
     d = scheduler_dir().resolve()
     (d / "logs").mkdir(parents=True, exist_ok=True)
-    # luigid reads its [scheduler] settings (retry and disconnect delays) from luigi.cfg.
-    env = {**os.environ, "LUIGI_CONFIG_PATH": str(REPO / "luigi.cfg")}
+    # luigid reads its [scheduler] settings (retry and disconnect delays) from luigi.cfg
+    # (tasks/luigi.cfg links to it, so an installed copy has it too).
+    env = {**os.environ, "LUIGI_CONFIG_PATH": str(LUIGI_CFG)}
     subprocess.run([sys.executable, "-c", "from luigi.cmdline import luigid; luigid()", "--background",
                     "--address", "127.0.0.1", "--port", str(port), "--pidfile", str(d / "luigid.pid"),
                     "--logdir", str(d / "logs"), "--state-path", str(d / "state.pickle")],

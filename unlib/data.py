@@ -28,6 +28,7 @@ OFFLINE_CORPUS = "python-stdlib"
 # The default text of hub model sets: a 10k-document sample of the Pile, as the paper used the Pile.
 PILE_SAMPLE = "NeelNanda/pile-10k"
 HELD_OUT_FRACTION = 10  # one file in ten goes to the held-out split
+DEFAULT_N_TOKENS = 100_000  # analysed positions of a run (N_TOKENS)
 
 
 class DatasetError(UserError):
@@ -66,7 +67,9 @@ def offline_corpus(split: str) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"text": texts, "source": names})
 
 
-LOCAL_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOCAL_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".npy": "token ids"}
+# A .npy file holds token ids instead of text: 1-D, one document; 2-D, one document per row.
+TOKEN_IDS = ".npy"
 # Documents are drawn in a random order fixed by this seed (recorded with every token file).
 DOCUMENT_SEED = 0
 # Streamed hub datasets are shuffled within a buffer of this many documents (and by shard).
@@ -96,7 +99,8 @@ class DatasetSpec:
 
 def parse_dataset(dataset: str) -> DatasetSpec:
     """Parse a DATASET value: `python-stdlib[@heldout|@train]`, comma-separated local
-    .txt/.jsonl/.json/.parquet files, or a hub dataset `name[:config][@split]` (split: train)."""
+    .txt/.jsonl/.json/.parquet files (or .npy token ids), or a hub dataset
+    `name[:config][@split]` (split: train)."""
     dataset = dataset.strip()
     paths = [Path(p).expanduser() for p in dataset.split(",")]
     if any(p.suffix in LOCAL_KINDS or p.exists() or str(p).startswith(("/", ".")) for p in paths):
@@ -253,7 +257,8 @@ def check_dataset(dataset: str) -> None:
         missing = [str(p) for p in spec.files if not p.exists()]
         if missing:
             raise DatasetError(f"dataset file(s) not found: {', '.join(missing)}; give existing "
-                               f".txt/.jsonl/.json/.parquet files, a Hugging Face dataset name, or {OFFLINE_CORPUS}")
+                               f".txt/.jsonl/.json/.parquet files (or .npy token ids), a Hugging Face dataset name, "
+                               f"or {OFFLINE_CORPUS}")
         folders = [str(p) for p in spec.files if not p.is_file()]
         if folders:
             raise DatasetError(f"dataset path(s) {', '.join(folders)} are not files; give .txt/.jsonl/.json/.parquet "
@@ -261,8 +266,11 @@ def check_dataset(dataset: str) -> None:
         if len({p.suffix for p in spec.files}) != 1 or spec.files[0].suffix not in LOCAL_KINDS:
             raise DatasetError(f"local dataset files must all be one of {', '.join(LOCAL_KINDS)}: {dataset}")
         for path in spec.files:
-            stat = path.stat()
-            check_local_file(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+            if path.suffix == TOKEN_IDS:
+                read_token_ids(path)
+            else:
+                stat = path.stat()
+                check_local_file(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
         return
     import huggingface_hub
 
@@ -279,16 +287,38 @@ def check_dataset(dataset: str) -> None:
                            f"(DATASET=name[:config]@split)")
 
 
-def load_texts(dataset: str, seed: int = DOCUMENT_SEED) -> Iterable[str]:
+def read_token_ids(path: str | Path) -> np.ndarray:
+    """The token ids of a .npy dataset file: non-negative integers, 1-D (one document) or
+    2-D (one document per row)."""
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DatasetError(f"cannot read token ids from {path}: {exc}") from None
+    return check_token_ids(ids, str(path))
+
+
+def check_token_ids(ids: np.ndarray, what: str) -> np.ndarray:
+    """Refuse token ids that are not non-negative integers in 1 or 2 dimensions."""
+    if ids.ndim not in (1, 2) or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0:
+        raise DatasetError(f"{what} must hold non-negative integer token ids, 1-D (one document) or 2-D (one "
+                           f"document per row); it holds {ids.dtype} of shape {ids.shape}")
+    return ids
+
+
+def load_texts(dataset: str, seed: int = DOCUMENT_SEED) -> Iterable[str | np.ndarray]:
     """Documents of a dataset in a random order fixed by `seed`, drawn across the whole
     dataset: the offline corpus, local files (comma-separated), or a hub dataset (streamed,
-    shuffled by shard and within a buffer of SHUFFLE_BUFFER documents)."""
+    shuffled by shard and within a buffer of SHUFFLE_BUFFER documents). Documents are texts,
+    or arrays of token ids for .npy files."""
     datasets.disable_progress_bars()
     spec = parse_dataset(dataset)
     if spec.name == OFFLINE_CORPUS:
         return offline_corpus(spec.split).shuffle(seed=seed)["text"]
     if spec.files:
         check_dataset(dataset)
+        if spec.files[0].suffix == TOKEN_IDS:
+            documents = [doc for path in spec.files for doc in np.atleast_2d(read_token_ids(path))]
+            return [documents[i] for i in np.random.default_rng(seed).permutation(len(documents))]
         if spec.files[0].suffix == ".txt":  # one document per paragraph, newlines kept (see txt_documents)
             texts = [doc for p in spec.files for doc in txt_documents(p.read_text(encoding="utf-8"))]
             return datasets.Dataset.from_dict({"text": texts}).shuffle(seed=seed)["text"]
@@ -304,12 +334,22 @@ def load_texts(dataset: str, seed: int = DOCUMENT_SEED) -> Iterable[str]:
     return (row["text"] for row in ds.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER))
 
 
-def token_stream(texts: Iterable[str], tokenizer, separator_id: int) -> Iterator[np.ndarray]:
-    """Token ids of each document followed by the separator token."""
+def token_stream(texts: Iterable[str | np.ndarray], tokenizer, separator_id: int) -> Iterator[np.ndarray]:
+    """Token ids of each document followed by the separator token. A document of token ids
+    is taken as it is, less a leading separator (the BOS a tokenizer may have put there)."""
     for text in texts:
-        if text:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            yield np.asarray(ids + [separator_id], dtype=np.int32)
+        if text is None or isinstance(text, str) and not text:
+            continue
+        if isinstance(text, str):
+            ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        else:
+            ids = np.asarray(text, dtype=np.int64)
+            ids = ids[1:] if len(ids) and ids[0] == separator_id else ids
+            if len(ids) and ids.max() >= len(tokenizer):
+                raise DatasetError(f"token id {ids.max()} is not in the tokenizer's vocabulary ({len(tokenizer)} "
+                                   f"tokens): the token ids must come from the models' own tokenizer")
+        if len(ids):
+            yield np.append(ids, separator_id).astype(np.int32)
 
 
 def first_tokens(texts: Iterable[str], tokenizer, separator_id: int, n: int) -> np.ndarray:
@@ -391,11 +431,10 @@ def write_tokens(path: str | Path, tokens: np.ndarray, attrs: dict, keep: np.nda
                 f.attrs[k] = v
 
 
-def write_token_sequences(path: str | Path, texts: Iterable[str], tokenizer, bos_id: int, n_tokens: int,
-                          ctx_len: int, exclude_ids: list[int], attrs: dict) -> dict:
+def token_sequences(texts: Iterable[str | np.ndarray], tokenizer, bos_id: int, n_tokens: int, ctx_len: int,
+                    exclude_ids: list[int]) -> tuple[np.ndarray, np.ndarray, dict]:
     """Tokenize `texts` into BOS-led sequences of `ctx_len` tokens holding exactly `n_tokens`
-    kept (analysed) positions, and write them with their `keep` mask to an HDF5 file.
-    Returns the position counts recorded in the file."""
+    kept (analysed) positions: (tokens, keep mask, position counts)."""
     per_seq = ctx_len - 1
     stream = token_stream(texts, tokenizer, bos_id)
     buffer, rows, kept = np.zeros(0, dtype=np.int32), [], 0
@@ -419,6 +458,14 @@ def write_token_sequences(path: str | Path, texts: Iterable[str], tokenizer, bos
         keep[-1, last] = False
     counts = {"n_sequences": len(tokens), "analysed_tokens": n_tokens, "positions": int(tokens.size),
               "dropped_bos_column": len(tokens), "dropped_excluded": excluded, "dropped_past_budget": surplus}
+    return tokens, keep, counts
+
+
+def write_token_sequences(path: str | Path, texts: Iterable[str | np.ndarray], tokenizer, bos_id: int,
+                          n_tokens: int, ctx_len: int, exclude_ids: list[int], attrs: dict) -> dict:
+    """The token_sequences of `texts`, written with their `keep` mask to an HDF5 file.
+    Returns the position counts recorded in the file."""
+    tokens, keep, counts = token_sequences(texts, tokenizer, bos_id, n_tokens, ctx_len, exclude_ids)
     write_tokens(path, tokens, {**attrs, **counts, "bos_id": bos_id, "exclude_ids": exclude_ids}, keep)
     return counts
 

@@ -95,8 +95,9 @@ class ModelSet:
         return self.models[0].zoo
 
 
-def resolve_model_set(models: str, store_root: str | Path = "store") -> ModelSet:
-    """Expand a MODELS value (a set name or a comma-separated list) into a ModelSet."""
+def resolve_model_set(models: str, store_root: str | Path | None = None) -> ModelSet:
+    """Expand a MODELS value (a set name or a comma-separated list) into a ModelSet (a toy
+    zoo's models are in the store at store_root, default unlib.store.default_root())."""
     from unlib.store import Store
 
     models = models.strip()
@@ -278,7 +279,7 @@ def _unreachable(spec: ModelSpec, revision: str | None) -> ModelError:
                       f"machine (`huggingface-cli download {spec.source}{at}`) or pass a local folder")
 
 
-def load_tokenizer(model_set: ModelSet, store_root: str | Path = "store"):
+def load_tokenizer(model_set: ModelSet, store_root: str | Path | None = None):
     """The set's tokenizer: the toy zoo's own, or the first model's."""
     from transformers import AutoTokenizer
 

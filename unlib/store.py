@@ -59,11 +59,28 @@ def checkpoint_label(checkpoint: int | None) -> str:
     return "final" if checkpoint is None else f"checkpoint-{checkpoint}"
 
 
-class Store:
-    """The store/ tree: one method per kind of artefact."""
+CHECKOUT = Path(__file__).resolve().parent.parent  # the source tree, when the code runs from one
 
-    def __init__(self, root: str | Path = "store"):
-        self.root = Path(root)
+
+def default_root() -> Path:
+    """Where the store lives, as an absolute path: $UNLIB_STORE (a relative value is taken
+    from the current directory), else `store/` in the source checkout the code runs from
+    (a clone, or an editable install of one), else, for an installed copy,
+    $XDG_CACHE_HOME/universal-neurons/store (~/.cache/universal-neurons/store)."""
+    configured = os.environ.get("UNLIB_STORE")
+    if configured:
+        return Path(configured).expanduser().absolute()
+    if (CHECKOUT / "pyproject.toml").is_file() and (CHECKOUT / "Makefile").is_file():
+        return CHECKOUT / "store"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser().absolute() / "universal-neurons" / "store"
+
+
+class Store:
+    """The store/ tree: one method per kind of artefact (root: default_root())."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = default_root() if root is None else Path(root)
 
     def zoo_dir(self, zoo_id: str) -> Path:
         return self.root / "zoo" / zoo_id
