@@ -2,6 +2,7 @@
 reporting to both the terminal (rich) and the Luigi scheduler's web UI."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -13,7 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from unlib import UserError
 from unlib.data import OFFLINE_CORPUS
 from unlib.models import ModelSet, resolve_model_set
-from unlib.store import Store, h5_problem, provenance, set_aside
+from unlib.store import Store, exclusive, h5_problem, provenance, set_aside
 
 logger = logging.getLogger("luigi-interface")
 
@@ -31,7 +32,13 @@ def store() -> Store:
 
 class PipelineTask(luigi.Task):
     """Base of every task: a UserError (bad model, dataset, ...) is reported as its one-line
-    message, also to the command line via $UNLIB_ERROR_DIR, instead of a traceback."""
+    message, also to the command line via $UNLIB_ERROR_DIR, instead of a traceback. Each
+    task's run() holds a lock on its outputs (see `one_writer`)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "run" in vars(cls):
+            cls.run = one_writer(cls.run)
 
     def on_failure(self, exception):
         if isinstance(exception, UserError):
@@ -40,6 +47,18 @@ class PipelineTask(luigi.Task):
                 (Path(error_dir) / f"{self.task_id}.txt").write_text(str(exception))
             return str(exception)
         return super().on_failure(exception)
+
+
+def one_writer(run):
+    """Wrap a task's run(): hold an exclusive lock on each of its outputs (another process
+    running the same task on this store, e.g. a second `make analyze` with the local
+    scheduler, waits), and skip the work when that process has finished it meanwhile."""
+    @functools.wraps(run)
+    def locked_run(self):
+        with exclusive([t.path for t in luigi.task.flatten(self.output())], store().root / "locks"):
+            if not self.complete():
+                return run(self)
+    return locked_run
 
 
 class HideUserErrorTracebacks(logging.Filter):
@@ -65,7 +84,11 @@ class H5Target(luigi.LocalTarget):
     def exists(self) -> bool:
         if not super().exists():
             return False
-        problem = h5_problem(self.path, self.expected)
+        try:
+            problem = h5_problem(self.path, self.expected)
+        except BlockingIOError:  # open for writing elsewhere: in use, not corrupt; never moved aside
+            logger.warning("%s is open for writing in another process; not using it", self.path)
+            return False
         if problem is None:
             return True
         aside = set_aside(self.path)
