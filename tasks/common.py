@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import luigi
+import luigi.rpc
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from unlib import UserError
@@ -61,14 +62,17 @@ def one_writer(run):
     return locked_run
 
 
-class HideUserErrorTracebacks(logging.Filter):
-    """Drops the worker's traceback log records for UserErrors (their message is reported)."""
+class HideReportedTracebacks(logging.Filter):
+    """Drops the worker's traceback log records for UserErrors (their message is reported)
+    and for a central scheduler that went away (run_analysis says so in one line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+        if record.getMessage() == "Failed pinging scheduler":
+            return False
+        return not (record.exc_info and isinstance(record.exc_info[1], (UserError, luigi.rpc.RPCError)))
 
 
-logger.addFilter(HideUserErrorTracebacks())
+logger.addFilter(HideReportedTracebacks())
 
 
 class H5Target(luigi.LocalTarget):
