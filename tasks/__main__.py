@@ -144,22 +144,21 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=False)
     args = parser().parse_args(seed_argv(sys.argv[1:] if argv is None else argv))
     if args.command == "scheduler":
-        print(scheduler.start(args.scheduler_port) if args.action == "start" else scheduler.stop())
-        return 0
+        code, line = scheduler.start(args.scheduler_port) if args.action == "start" else (0, scheduler.stop())
+        print(line, file=sys.stderr if code else sys.stdout)
+        return code
     try:
         roots = build(args)
     except ValueError as exc:  # UserError and the parameter checks
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.scheduler == "auto":
-        local = not scheduler.answers(args.scheduler_port)
-        why = f" (no luigid answered on 127.0.0.1:{args.scheduler_port})" if local else ""
-    else:
-        local, why = args.scheduler == "local", ""
-        if not local and not scheduler.answers(args.scheduler_port):
-            print(f"error: SCHEDULER=central but no luigid answers on 127.0.0.1:{args.scheduler_port}; "
-                  f"start one with `make scheduler` or use SCHEDULER=auto", file=sys.stderr)
-            return 2
+    why_not = None if args.scheduler == "local" else scheduler.not_ours(args.scheduler_port)
+    if args.scheduler == "central" and why_not:
+        print(f"error: SCHEDULER=central but {why_not}; start this store's with `make scheduler` "
+              f"(another SCHEDULER_PORT if that one is taken) or use SCHEDULER=auto", file=sys.stderr)
+        return 2
+    local = args.scheduler == "local" or why_not is not None
+    why = f" ({why_not})" if why_not else ""
     where = "local" if local else f"central luigid on 127.0.0.1:{args.scheduler_port}"
     console.print(f"Scheduler: {where}{why}; device: {roots[0].device}", highlight=False)
     try:

@@ -16,11 +16,13 @@ from pathlib import Path
 import luigi
 import luigi.configuration
 import luigi.retcodes
+import luigi.rpc
 import numpy as np
 import pandas as pd
 
 from tasks.analysis import UniversalNeuronsAnalysis
 from tasks.common import BATCH_SIZE, DEFAULTS, LUIGI_CFG, store
+from tasks.common import logger as pipeline_logger
 from unlib import UserError
 from unlib.activations import cache_bytes
 from tasks.correlation import CHUNK_TOKENS
@@ -32,6 +34,9 @@ from unlib.selection import UniversalNeuronAnalyzer
 from unlib.store import atomic_path
 
 luigi.configuration.add_config_path(str(LUIGI_CFG))
+# Luigi reads [core] rpc_* (luigi.cfg) in its RemoteScheduler but warns that its `core` task does not.
+warnings.filterwarnings("ignore", "The configuration contains the parameter 'rpc_",
+                        luigi.parameter.UnconsumedParameterWarning)
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())  # a library's records show only where the user configures logging
 
@@ -190,7 +195,9 @@ def run_analysis(roots: list[luigi.Task], workers: int = 1, local_scheduler: boo
     (another process sharing the central scheduler) still runs part of the graph, or a
     dead worker's task waits to be released. So the roots' completeness is checked, and
     the build repeated while another worker holds tasks, and after a failure (RETRIES times,
-    once the scheduler's retry delay has passed)."""
+    once the scheduler's retry delay has passed). A central scheduler that goes away
+    mid-run is reported in one line and the run finishes with the local scheduler (the
+    tasks' output locks keep it from clashing with other processes on the store)."""
     from luigi.execution_summary import _summary_dict
 
     check_workers(workers)
@@ -204,7 +211,13 @@ def run_analysis(roots: list[luigi.Task], workers: int = 1, local_scheduler: boo
         os.environ["UNLIB_ERROR_DIR"] = error_dir  # forked workers inherit it
         try:
             while True:
-                result = luigi.build(roots, workers=workers, detailed_summary=True, **kwargs)
+                try:
+                    result = luigi.build(roots, workers=workers, detailed_summary=True, **kwargs)
+                except luigi.rpc.RPCError:  # only a central scheduler raises it
+                    pipeline_logger.warning("the central scheduler on 127.0.0.1:%d went away; finishing with the local "
+                                   "scheduler", scheduler_port)
+                    local_scheduler, kwargs = True, {"local_scheduler": True}
+                    continue
                 summary = _summary_dict(result.worker)
                 ran |= {t.task_id for t in summary["completed"]}
                 seen_done |= {t.task_id for t in summary["already_done"]}

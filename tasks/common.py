@@ -2,19 +2,21 @@
 reporting to both the terminal (rich) and the Luigi scheduler's web UI."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from pathlib import Path
 
 import luigi
+import luigi.rpc
 from rich import get_console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from unlib import UserError
 from unlib.data import DEFAULT_N_TOKENS, OFFLINE_CORPUS, dataset_inputs
 from unlib.models import ZOOS, ModelSet, model_fingerprint, resolve_model_set
-from unlib.store import Store, h5_problem, provenance, seal, seal_problem, set_aside
+from unlib.store import Store, exclusive, h5_problem, provenance, seal, seal_problem, set_aside
 
 logger = logging.getLogger("luigi-interface")
 # The pipeline's Luigi settings: luigi.cfg at the top of the checkout, linked into this package
@@ -39,7 +41,13 @@ def store() -> Store:
 
 class PipelineTask(luigi.Task):
     """Base of every task: a UserError (bad model, dataset, ...) is reported as its one-line
-    message, also to the command line via $UNLIB_ERROR_DIR, instead of a traceback."""
+    message, also to the command line via $UNLIB_ERROR_DIR, instead of a traceback. Each
+    task's run() holds a lock on its outputs (see `one_writer`)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "run" in vars(cls):
+            cls.run = one_writer(cls.run)
 
     def on_failure(self, exception):
         if isinstance(exception, UserError):
@@ -50,14 +58,29 @@ class PipelineTask(luigi.Task):
         return super().on_failure(exception)
 
 
-class HideUserErrorTracebacks(logging.Filter):
-    """Drops the worker's traceback log records for UserErrors (their message is reported)."""
+def one_writer(run):
+    """Wrap a task's run(): hold an exclusive lock on each of its outputs (another process
+    running the same task on this store, e.g. a second `make analyze` with the local
+    scheduler, waits), and skip the work when that process has finished it meanwhile."""
+    @functools.wraps(run)
+    def locked_run(self):
+        with exclusive([t.path for t in luigi.task.flatten(self.output())], store().root / "locks"):
+            if not self.complete():
+                return run(self)
+    return locked_run
+
+
+class HideReportedTracebacks(logging.Filter):
+    """Drops the worker's traceback log records for UserErrors (their message is reported)
+    and for a central scheduler that went away (run_analysis says so in one line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+        if record.getMessage() == "Failed pinging scheduler":
+            return False
+        return not (record.exc_info and isinstance(record.exc_info[1], (UserError, luigi.rpc.RPCError)))
 
 
-logger.addFilter(HideUserErrorTracebacks())
+logger.addFilter(HideReportedTracebacks())
 
 
 _reported: set[str] = set()
@@ -88,7 +111,11 @@ class H5Target(luigi.LocalTarget):
     def exists(self) -> bool:
         if not super().exists():
             return False
-        problem = h5_problem(self.path, self.expected)
+        try:
+            problem = h5_problem(self.path, self.expected)
+        except BlockingIOError:  # open for writing elsewhere: in use, not corrupt; never moved aside
+            logger.warning("%s is open for writing in another process; not using it", self.path)
+            return False
         if problem is None:
             return True
         if h5_problem(self.path) is None:  # readable, only stale
