@@ -12,6 +12,7 @@ THRESHOLD ?=
 TOP_K ?=
 DEVICE ?= auto
 WORKERS ?= 1
+BATCH_SIZE ?=
 QUICK ?=
 SCHEDULER ?= auto
 SCHEDULER_PORT ?= 8082
@@ -32,16 +33,19 @@ export TOKENIZERS_PARALLELISM ?= false
 
 setup: $(SETUP)
 
-.venv/.installed: requirements.txt
+# The pinned requirements, then this project itself, editable (the `universal-neurons`
+# command, `import universal_neurons_clean` from any directory).
+.venv/.installed: requirements.txt pyproject.toml
 	test -x .venv/bin/python || python3 -m venv .venv
 	.venv/bin/python -m pip install --quiet --upgrade pip
 	.venv/bin/python -m pip install --quiet -r requirements.txt
+	.venv/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
 
 RUN_ARGS = --models "$(MODELS)" --dataset "$(DATASET)" --n-tokens "$(N_TOKENS)" --ctx-len "$(CTX_LEN)" \
 	--exclude-tokens "$(EXCLUDE_TOKENS)" \
 	--reference "$(REFERENCE)" --rotations "$(ROTATIONS)" --threshold "$(THRESHOLD)" --top-k "$(TOP_K)" \
-	--device "$(DEVICE)" --workers "$(WORKERS)" --scheduler "$(SCHEDULER)" --scheduler-port "$(SCHEDULER_PORT)" \
+	--device "$(DEVICE)" --workers "$(WORKERS)" --batch-size "$(BATCH_SIZE)" --scheduler "$(SCHEDULER)" --scheduler-port "$(SCHEDULER_PORT)" \
 	--cache "$(CACHE)" --memory "$(CORR_MEMORY)" $(if $(QUICK),--quick)
 
 analyze: $(SETUP)

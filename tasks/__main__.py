@@ -1,4 +1,5 @@
-"""Command line: `python -m tasks analyze [options]` (what `make analyze` runs)."""
+"""Command line: `python -m tasks analyze [options]` (what `make analyze` runs), also installed
+as the `universal-neurons` command, which takes the seed document's flags too (seed_argv)."""
 from __future__ import annotations
 
 import argparse
@@ -10,13 +11,20 @@ from pathlib import Path
 from rich.console import Console
 
 from tasks import scheduler
-from tasks.api import AnalysisFailed, build_analyses, read_results, run_analysis
-from tasks.common import DEFAULTS
+from tasks.api import AnalysisFailed, build_analyses, check_workers, read_results, run_analysis
+from tasks.common import BATCH_SIZE, DEFAULTS
 from unlib import UserError
 from tasks.report import CompareCheckpoints, RunReport
 from unlib.report import print_comparison, print_summary
 
 QUICK_TOKENS = 4096
+COMMANDS = ("analyze", "report", "compare", "scheduler")
+TEST_MODELS = "toy-zoo-mini"  # --test: a smoke run on the mini zoo (unless --models says otherwise)
+SEED_USAGE = f"""The seed document's flags, without a command:
+  --test                          a smoke run: analyze --quick --models {TEST_MODELS} (trains the mini zoo once)
+  --checkpoint N                  analyze --checkpoint N
+  --compare-checkpoints "100 250" compare --checkpoints "100 250"
+with any option of analyze (or compare), e.g. --test --compare-checkpoints "100 300"."""
 
 
 def number(kind, variable: str, optional: bool = False):
@@ -54,11 +62,14 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--cache", default="auto")
     common.add_argument("--memory", default="", help="correlation memory budget (CORR_MEMORY), e.g. 8G")
     common.add_argument("--workers", type=number(int, "WORKERS"), default=1)
+    common.add_argument("--batch-size", type=number(int, "BATCH_SIZE", optional=True), default=None,
+                        help=f"sequences per forward pass (default {BATCH_SIZE})")
     common.add_argument("--quick", action="store_true", help=f"smoke run on {QUICK_TOKENS} tokens")
     common.add_argument("--scheduler", choices=["auto", "local", "central"], default="auto")
     common.add_argument("--scheduler-port", type=number(int, "SCHEDULER_PORT"), default=8082)
     common.add_argument("--report-tasks", help="write a JSON record of which tasks this process ran")
-    p = OneLineParser(prog="python -m tasks", description="Universal neurons analysis")
+    p = OneLineParser(prog="python -m tasks", description="Universal neurons analysis", epilog=SEED_USAGE,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for name, text in [("analyze", "analyse one checkpoint and write its report"),
                        ("report", "rebuild the report of an analysis (running what is missing)")]:
@@ -70,6 +81,32 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["start", "stop"])
     s.add_argument("--scheduler-port", type=number(int, "SCHEDULER_PORT"), default=8082)
     return p
+
+
+def seed_argv(argv: list[str]) -> list[str]:
+    """The seed's command line as this one's (SEED_USAGE): --test is analyze --quick on the
+    mini zoo, --compare-checkpoints the compare command; a command line that starts with a
+    command (or asks for help) is left as it is."""
+    if argv and (argv[0] in COMMANDS or argv[0] in ("-h", "--help")):
+        return argv
+    command, rest, test, i = "analyze", [], False, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--test":
+            test = True
+        elif arg == "--compare-checkpoints" and i + 1 < len(argv):
+            command, i = "compare", i + 1
+            rest += ["--checkpoints", argv[i]]
+        elif arg.startswith("--compare-checkpoints="):
+            command = "compare"
+            rest.append("--checkpoints=" + arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+        i += 1
+    if test:
+        given = any(a == "--models" or a.startswith("--models=") for a in rest)
+        rest = ["--quick", *([] if given else ["--models", TEST_MODELS]), *rest]
+    return [command, *rest]
 
 
 def parse_steps(text: str) -> list[int]:
@@ -85,12 +122,15 @@ def parse_steps(text: str) -> list[int]:
 
 def build(args) -> list:
     """The Luigi root tasks of the command (raises ValueError/UserError on bad input)."""
-    n_tokens = args.n_tokens or (QUICK_TOKENS if args.quick else DEFAULTS["n_tokens"])
+    # only an unset N_TOKENS takes the default: 0 or a negative number is refused by build_analyses
+    n_tokens = args.n_tokens if args.n_tokens is not None else (QUICK_TOKENS if args.quick else DEFAULTS["n_tokens"])
+    check_workers(args.workers)
     steps = parse_steps(args.checkpoints) if args.command == "compare" else [args.checkpoint]
     roots = [root for step in steps for root in build_analyses(
         args.models, step, dataset=args.dataset, n_tokens=n_tokens, ctx_len=args.ctx_len, reference=args.reference,
         rotations=args.rotations, threshold=args.threshold, top_k=args.top_k, device=args.device, cache=args.cache,
-        memory=args.memory, exclude_tokens=args.exclude_tokens)]
+        memory=args.memory, exclude_tokens=args.exclude_tokens,
+        batch_size=BATCH_SIZE if args.batch_size is None else args.batch_size)]
     if args.command == "compare":
         return [root.clone(CompareCheckpoints, checkpoints=steps) for root in roots if root.checkpoint == steps[0]]
     reports = [root.clone(RunReport) for root in roots]
@@ -102,24 +142,23 @@ def build(args) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=False)
-    args = parser().parse_args(argv)
+    args = parser().parse_args(seed_argv(sys.argv[1:] if argv is None else argv))
     if args.command == "scheduler":
-        print(scheduler.start(args.scheduler_port) if args.action == "start" else scheduler.stop())
-        return 0
+        code, line = scheduler.start(args.scheduler_port) if args.action == "start" else (0, scheduler.stop())
+        print(line, file=sys.stderr if code else sys.stdout)
+        return code
     try:
         roots = build(args)
     except ValueError as exc:  # UserError and the parameter checks
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.scheduler == "auto":
-        local = not scheduler.answers(args.scheduler_port)
-        why = f" (no luigid answered on 127.0.0.1:{args.scheduler_port})" if local else ""
-    else:
-        local, why = args.scheduler == "local", ""
-        if not local and not scheduler.answers(args.scheduler_port):
-            print(f"error: SCHEDULER=central but no luigid answers on 127.0.0.1:{args.scheduler_port}; "
-                  f"start one with `make scheduler` or use SCHEDULER=auto", file=sys.stderr)
-            return 2
+    why_not = None if args.scheduler == "local" else scheduler.not_ours(args.scheduler_port)
+    if args.scheduler == "central" and why_not:
+        print(f"error: SCHEDULER=central but {why_not}; start this store's with `make scheduler` "
+              f"(another SCHEDULER_PORT if that one is taken) or use SCHEDULER=auto", file=sys.stderr)
+        return 2
+    local = args.scheduler == "local" or why_not is not None
+    why = f" ({why_not})" if why_not else ""
     where = "local" if local else f"central luigid on 127.0.0.1:{args.scheduler_port}"
     console.print(f"Scheduler: {where}{why}; device: {roots[0].device}", highlight=False)
     try:
@@ -148,5 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The `universal-neurons` command (pyproject.toml [project.scripts])."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

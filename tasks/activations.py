@@ -46,4 +46,5 @@ class CacheActivations(CheckpointParams, PipelineTask):
         tokens, keep = read_tokens(self.input()["tokens"].path)
         model = load_model(self.spec, self.checkpoint, self.device)
         with TaskProgress(self, f"cache {self.spec.name}", int(keep.sum())) as progress:
-            cache_activations(model, tokens, keep, self.output().path, self.cache_attrs(), progress=progress)
+            cache_activations(model, tokens, keep, self.output().path, self.cache_attrs(), self.batch_size,
+                              progress=progress)

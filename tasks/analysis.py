@@ -50,6 +50,12 @@ class NeuronStats(RunParams, ResultTask):
         return {"tokens": self.clone(TokenizeDataset),
                 "model": model_requirement(self.model_set.models[self.reference])}
 
+    def inputs(self) -> dict[str, str]:
+        """The tokens and the reference model only: the task runs as soon as that model is
+        trained, so sealing the other models' fingerprints ("not trained yet" on a cold run)
+        would make its file stale once they are, and fail the task that reads it."""
+        return {**self.token_inputs(), **self.model_inputs([self.reference])}
+
     def output(self):
         return self.result_target(self.results_dir() / "neuron_stats.csv")
 
@@ -57,7 +63,7 @@ class NeuronStats(RunParams, ResultTask):
         tokens, keep = read_tokens(self.input()["tokens"].path)
         model = load_model(self.model_set.models[self.reference], self.checkpoint, self.device)
         with TaskProgress(self, "neuron stats", tokens.shape[0], "sequences") as progress:
-            stats = NeuronStatsGenerator(model).compute(tokens, keep, progress=progress)
+            stats = NeuronStatsGenerator(model).compute(tokens, keep, self.batch_size, progress=progress)
         write_csv(stats, self.output().path)
 
 
@@ -138,6 +144,7 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
             "correlation_seconds": round(float(correlation["seconds"]), 2), "correlation_feed": correlation["feed"],
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "n_neurons": int(summary["n_neurons"].sum()), "n_universal": int(summary["n_universal"].sum()),
+            "n_dead": int(summary["n_dead"].sum()) if "n_dead" in summary else None,
             "split_half_block_rows": HALF_BLOCK_ROWS, "n_universal_half_a": len(half_a),
             "n_universal_half_b": len(half_b), "split_half_jaccard": None if np.isnan(jaccard) else jaccard,
             "layers": summary.to_dict(orient="records")})

@@ -2,30 +2,43 @@
 parameters, build the Luigi graph, run it, and return or print the results."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import logging
 import os
+import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import luigi
 import luigi.configuration
 import luigi.retcodes
+import luigi.rpc
+import numpy as np
 import pandas as pd
 
 from tasks.analysis import UniversalNeuronsAnalysis
-from tasks.common import DEFAULTS, store
+from tasks.common import BATCH_SIZE, DEFAULTS, LUIGI_CFG, store
+from tasks.common import logger as pipeline_logger
 from unlib import UserError
 from unlib.activations import cache_bytes
 from tasks.correlation import CHUNK_TOKENS
 from unlib.correlation import HALF_BLOCK_ROWS, ExcessCorrelationEngine, parse_bytes
-from unlib.data import check_dataset, exclusion_ids, parse_exclusion
-from unlib.models import (ModelError, check_checkpoint, check_same_tokenizer, load_tokenizer, max_context,
-                          mlp_shape, resolve_device, resolve_model_set)
+from unlib.data import TOKEN_IDS, check_dataset, check_token_ids, exclusion_ids, parse_exclusion
+from unlib.models import (ModelError, check_checkpoint, check_same_tokenizer, check_weights, load_tokenizer,
+                          max_context, mlp_shape, resolve_device, resolve_model_set)
 from unlib.selection import UniversalNeuronAnalyzer
+from unlib.store import atomic_path
 
-REPO = Path(__file__).resolve().parent.parent
-luigi.configuration.add_config_path(str(REPO / "luigi.cfg"))
+luigi.configuration.add_config_path(str(LUIGI_CFG))
+# Luigi reads [core] rpc_* (luigi.cfg) in its RemoteScheduler but warns that its `core` task does not.
+warnings.filterwarnings("ignore", "The configuration contains the parameter 'rpc_",
+                        luigi.parameter.UnconsumedParameterWarning)
+logger = logging.getLogger(__name__)
+logger.addHandler(logging.NullHandler())  # a library's records show only where the user configures logging
 
 
 class AnalysisFailed(RuntimeError):
@@ -41,12 +54,13 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
                    ctx_len: int | None = None, reference: str | int = 0,
                    rotations: int = DEFAULTS["rotations"], rotation_seed: int = DEFAULTS["rotation_seed"],
                    threshold: float | None = None, top_k: int | None = None, device: str = "auto",
-                   cache: str = "auto", memory: str = "",
-                   exclude_tokens: str | None = None) -> list[UniversalNeuronsAnalysis]:
+                   cache: str = "auto", memory: str = "", exclude_tokens: str | None = None,
+                   batch_size: int = BATCH_SIZE) -> list[UniversalNeuronsAnalysis]:
     """Validate the parameters (raising ValueError with a one-line message) and return the
     root task of the analysis: one per reference model ("all" scores every model of the
     set in the same correlation pass). dataset, ctx_len and exclude_tokens default to the
     model set's own (ctx_len capped at the models' maximum context)."""
+    check_store(store().root)
     model_set = resolve_model_set(models, store().root)
     defaults = model_set.defaults
     dataset = defaults.dataset if dataset in (None, "") else dataset
@@ -66,6 +80,7 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
     for spec in model_set.models:
         check_checkpoint(spec, checkpoint)
         mlp_shape(spec, checkpoint)  # reads each config now, so an unreachable model fails before any work
+        check_weights(spec, checkpoint)  # a local folder's weights files: their headers, not the tensors
     if ctx_len is None:
         ctx_len = min([defaults.ctx_len] + [c for c in map(max_context, model_set.models) if c is not None])
     for spec in model_set.models:
@@ -84,6 +99,15 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
         raise ValueError(f"THRESHOLD={threshold} is outside [-1, 1]: excess correlations are differences of correlations")
     if top_k is not None and top_k < 1:
         raise ValueError(f"TOP_K={top_k} must be a positive number of neurons")
+    if top_k is not None:  # refused rather than clamped: selecting every neuron is no selection
+        for ref in references:
+            n_layers, d_mlp = mlp_shape(model_set.models[ref], checkpoint)
+            if top_k > n_layers * d_mlp:
+                raise ValueError(f"TOP_K={top_k} is more than the {n_layers * d_mlp} neurons of the reference model "
+                                 f"{names[ref]} ({n_layers} layer{'s' if n_layers != 1 else ''} of {d_mlp}); use at most {n_layers * d_mlp}, "
+                                 f"or THRESHOLD instead")
+    if batch_size < 1:
+        raise ValueError(f"BATCH_SIZE={batch_size} must be a positive number of sequences")
     if cache not in ("auto", "0", "1"):
         raise ValueError(f"CACHE={cache!r} must be 1 (cache activations), 0 (run the models instead) or auto")
     if memory:
@@ -102,8 +126,33 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
     return [UniversalNeuronsAnalysis(models=models, checkpoint=checkpoint, dataset=dataset, n_tokens=n_tokens,
                                      ctx_len=ctx_len, exclude_tokens=exclude_tokens, reference=ref, rotations=rotations, rotation_seed=rotation_seed,
                                      threshold=threshold, top_k=top_k, device=device, cache=cache, memory=memory,
-                                     all_references=len(references) > 1)
+                                     batch_size=batch_size, all_references=len(references) > 1)
             for ref in references]
+
+
+def check_store(root: str | Path) -> None:
+    """Refuse a store (UNLIB_STORE, default ./store) that is not a writable folder, or that
+    cannot be created, before any work starts."""
+    root = Path(root)
+    fix = "point UNLIB_STORE at a folder you can write (it is created if missing)"
+    if root.exists():
+        if not root.is_dir():
+            raise UserError(f"the store {root} (UNLIB_STORE) is a file, not a folder; {fix}")
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise UserError(f"the store {root} (UNLIB_STORE) is not writable (read-only file system or "
+                            f"permissions); {fix}")
+        return
+    parent = next(p for p in root.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"the store {root} (UNLIB_STORE) cannot be created: {parent} is a file, not a folder; {fix}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"the store {root} (UNLIB_STORE) cannot be created: {parent} is not writable; {fix}")
+
+
+def check_workers(workers) -> None:
+    """Refuse a number of Luigi workers below one (no worker would ever run a task)."""
+    if not isinstance(workers, int) or workers < 1:
+        raise UserError(f"WORKERS={workers} must be at least 1 (the number of Luigi worker processes)")
 
 
 def check_disk(model_set, checkpoint: int | None, n_tokens: int, cache: str) -> None:
@@ -146,9 +195,12 @@ def run_analysis(roots: list[luigi.Task], workers: int = 1, local_scheduler: boo
     (another process sharing the central scheduler) still runs part of the graph, or a
     dead worker's task waits to be released. So the roots' completeness is checked, and
     the build repeated while another worker holds tasks, and after a failure (RETRIES times,
-    once the scheduler's retry delay has passed)."""
+    once the scheduler's retry delay has passed). A central scheduler that goes away
+    mid-run is reported in one line and the run finishes with the local scheduler (the
+    tasks' output locks keep it from clashing with other processes on the store)."""
     from luigi.execution_summary import _summary_dict
 
+    check_workers(workers)
     start = time.monotonic()
     kwargs = {"local_scheduler": True} if local_scheduler else {"scheduler_host": "127.0.0.1",
                                                                  "scheduler_port": scheduler_port}
@@ -159,7 +211,13 @@ def run_analysis(roots: list[luigi.Task], workers: int = 1, local_scheduler: boo
         os.environ["UNLIB_ERROR_DIR"] = error_dir  # forked workers inherit it
         try:
             while True:
-                result = luigi.build(roots, workers=workers, detailed_summary=True, **kwargs)
+                try:
+                    result = luigi.build(roots, workers=workers, detailed_summary=True, **kwargs)
+                except luigi.rpc.RPCError:  # only a central scheduler raises it
+                    pipeline_logger.warning("the central scheduler on 127.0.0.1:%d went away; finishing with the local "
+                                   "scheduler", scheduler_port)
+                    local_scheduler, kwargs = True, {"local_scheduler": True}
+                    continue
                 summary = _summary_dict(result.worker)
                 ran |= {t.task_id for t in summary["completed"]}
                 seen_done |= {t.task_id for t in summary["already_done"]}
@@ -200,23 +258,82 @@ def read_results(root: UniversalNeuronsAnalysis) -> dict[str, pd.DataFrame]:
     return out
 
 
-def run_universal_neurons_analysis(model_names: str | list[str] = "toy-zoo", dataset: str | None = None,
+def dataset_value(dataset_path) -> str | None:
+    """The DATASET value of `dataset_path`: a path or dataset name as given (None: the model
+    set's default); token ids (a list, numpy array or torch tensor; 1-D one document, 2-D one
+    document per row) are saved once to store/datasets/token-ids-<hash of the ids>.npy,
+    and that file is the dataset."""
+    if dataset_path is None or isinstance(dataset_path, (str, os.PathLike)):
+        return None if dataset_path is None else os.fspath(dataset_path)
+    if hasattr(dataset_path, "detach"):  # a torch tensor
+        dataset_path = dataset_path.detach().cpu().numpy()
+    ids = check_token_ids(np.asarray(dataset_path), "dataset_path (a dataset path or name, or token ids)")
+    digest = hashlib.sha256(f"{ids.dtype.str}{ids.shape}".encode() + np.ascontiguousarray(ids).tobytes())
+    path = store().root / "datasets" / f"token-ids-{digest.hexdigest()[:16]}{TOKEN_IDS}"
+    if not path.exists():
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, ids)
+    return str(path)
+
+
+@contextlib.contextmanager
+def quiet_run():
+    """How a run from Python (a notebook) reports: nothing on stdout or stderr but its errors.
+    Luigi does not configure logging, so the pipeline's warnings reach only the
+    `luigi-interface` logger (shown where the user configures logging, e.g.
+    `logging.basicConfig()`); Python warnings raised meanwhile go to this module's logger
+    (`tasks.api`); task errors print to stderr unless logging is configured."""
+    config = luigi.configuration.get_config()
+    if not config.has_section("core"):
+        config.add_section("core")
+    config.set("core", "no_configure_logging", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # a forked worker would print a notice
+    interface = logging.getLogger("luigi-interface")
+    configured = logging.getLogger().handlers or any(
+        not isinstance(h, logging.NullHandler) for h in interface.handlers)
+    errors = None if configured else logging.StreamHandler(sys.stderr)
+    if errors is not None:
+        errors.setLevel(logging.ERROR)
+        interface.addHandler(errors)
+    with warnings.catch_warnings():
+        warnings.showwarning = _log_warning
+        try:
+            yield
+        finally:
+            if errors is not None:
+                interface.removeHandler(errors)
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    logger.warning("%s", warnings.formatwarning(message, category, filename, lineno, line).rstrip())
+
+
+def run_universal_neurons_analysis(model_names: str | list[str] = "toy-zoo", dataset_path=None,
                                    checkpoint_value: int | None = None, excess_threshold: float | None = None,
                                    top_k: int | None = None, n_rotation_samples: int = 5,
                                    n_tokens: int = DEFAULTS["n_tokens"], ctx_len: int | None = None,
-                                   reference: str | int = 0, device: str = "auto", workers: int = 1,
-                                   store_dir: str | None = None, exclude_tokens: str | None = None) -> dict:
+                                   reference: str | int = 0, device: str = "auto", batch_size: int = BATCH_SIZE,
+                                   workers: int = 1, store_dir: str | None = None,
+                                   exclude_tokens: str | None = None) -> dict:
     """Build and run the analysis graph (Luigi, local scheduler) and return its tables as
     DataFrames: excess, pairwise, stats, universal, layer_summary. With reference="all",
-    returns {model name: tables} for every model of the set. dataset, ctx_len and
-    exclude_tokens default to the model set's own."""
+    returns {model name: tables} for every model of the set.
+
+    model_names: a model set name or a list of Hugging Face names and local folders.
+    dataset_path: a DATASET value (local files, a Hugging Face dataset `name[:config][@split]`,
+    python-stdlib) or token ids (see dataset_value); it, ctx_len and exclude_tokens default
+    to the model set's own. batch_size: sequences per forward pass. store_dir sets
+    $UNLIB_STORE. Prints nothing: warnings go to loggers (quiet_run)."""
     if store_dir is not None:
-        os.environ["UNLIB_STORE"] = str(store_dir)
-    models = model_names if isinstance(model_names, str) else ",".join(model_names)
-    roots = build_analyses(models, checkpoint_value, dataset=dataset, n_tokens=n_tokens, ctx_len=ctx_len,
-                           reference=reference, rotations=n_rotation_samples, threshold=excess_threshold,
-                           top_k=top_k, device=device, exclude_tokens=exclude_tokens)
-    run_analysis(roots, workers=workers)
+        os.environ["UNLIB_STORE"] = str(Path(store_dir).expanduser().absolute())
+    models = model_names if isinstance(model_names, str) else ",".join(map(str, model_names))
+    check_workers(workers)
+    with quiet_run():
+        roots = build_analyses(models, checkpoint_value, dataset=dataset_value(dataset_path), n_tokens=n_tokens,
+                               ctx_len=ctx_len, reference=reference, rotations=n_rotation_samples,
+                               threshold=excess_threshold, top_k=top_k, device=device, exclude_tokens=exclude_tokens,
+                               batch_size=batch_size)
+        run_analysis(roots, workers=workers)
     if str(reference) == "all":
         return {root.model_set.models[root.reference].name: read_results(root) for root in roots}
     return read_results(roots[0])

@@ -2,37 +2,52 @@
 reporting to both the terminal (rich) and the Luigi scheduler's web UI."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from pathlib import Path
 
 import luigi
+import luigi.rpc
+from rich import get_console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from unlib import UserError
-from unlib.data import OFFLINE_CORPUS
-from unlib.data import dataset_inputs
+from unlib.data import DEFAULT_N_TOKENS, OFFLINE_CORPUS, dataset_inputs
 from unlib.models import ZOOS, ModelSet, model_fingerprint, resolve_model_set
-from unlib.store import Store, h5_problem, provenance, seal, seal_problem, set_aside
+from unlib.store import Store, exclusive, h5_problem, provenance, seal, seal_problem, set_aside
 
 logger = logging.getLogger("luigi-interface")
+# The pipeline's Luigi settings: luigi.cfg at the top of the checkout, linked into this package
+# (so an installed copy finds it from any directory).
+LUIGI_CFG = Path(__file__).with_name("luigi.cfg")
 
 # Defaults of the run parameters; dataset, ctx_len, exclude_tokens and threshold default to the
 # model set's own (unlib.models.SetDefaults).
-DEFAULTS = {"models": "toy-zoo", "n_tokens": 100_000, "reference": 0, "rotations": 5, "rotation_seed": 0,
+DEFAULTS = {"models": "toy-zoo", "n_tokens": DEFAULT_N_TOKENS, "reference": 0, "rotations": 5, "rotation_seed": 0,
             "threshold": None, "top_k": None}
 SET_DEFAULTS = ("dataset", "ctx_len", "exclude_tokens")
+# Sequences per forward pass (BATCH_SIZE): it changes speed and memory, not results, so it
+# names no file.
+BATCH_SIZE = 32
 
 
 def store() -> Store:
-    """The store all tasks write to: $UNLIB_STORE, default ./store."""
-    return Store(os.environ.get("UNLIB_STORE", "store"))
+    """The store all tasks write to, at an absolute path: $UNLIB_STORE, else store/ in the
+    source checkout, else ~/.cache/universal-neurons/store (unlib.store.default_root)."""
+    return Store()
 
 
 class PipelineTask(luigi.Task):
     """Base of every task: a UserError (bad model, dataset, ...) is reported as its one-line
-    message, also to the command line via $UNLIB_ERROR_DIR, instead of a traceback."""
+    message, also to the command line via $UNLIB_ERROR_DIR, instead of a traceback. Each
+    task's run() holds a lock on its outputs (see `one_writer`)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "run" in vars(cls):
+            cls.run = one_writer(cls.run)
 
     def on_failure(self, exception):
         if isinstance(exception, UserError):
@@ -43,14 +58,29 @@ class PipelineTask(luigi.Task):
         return super().on_failure(exception)
 
 
-class HideUserErrorTracebacks(logging.Filter):
-    """Drops the worker's traceback log records for UserErrors (their message is reported)."""
+def one_writer(run):
+    """Wrap a task's run(): hold an exclusive lock on each of its outputs (another process
+    running the same task on this store, e.g. a second `make analyze` with the local
+    scheduler, waits), and skip the work when that process has finished it meanwhile."""
+    @functools.wraps(run)
+    def locked_run(self):
+        with exclusive([t.path for t in luigi.task.flatten(self.output())], store().root / "locks"):
+            if not self.complete():
+                return run(self)
+    return locked_run
+
+
+class HideReportedTracebacks(logging.Filter):
+    """Drops the worker's traceback log records for UserErrors (their message is reported)
+    and for a central scheduler that went away (run_analysis says so in one line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+        if record.getMessage() == "Failed pinging scheduler":
+            return False
+        return not (record.exc_info and isinstance(record.exc_info[1], (UserError, luigi.rpc.RPCError)))
 
 
-logger.addFilter(HideUserErrorTracebacks())
+logger.addFilter(HideReportedTracebacks())
 
 
 _reported: set[str] = set()
@@ -81,7 +111,11 @@ class H5Target(luigi.LocalTarget):
     def exists(self) -> bool:
         if not super().exists():
             return False
-        problem = h5_problem(self.path, self.expected)
+        try:
+            problem = h5_problem(self.path, self.expected)
+        except BlockingIOError:  # open for writing elsewhere: in use, not corrupt; never moved aside
+            logger.warning("%s is open for writing in another process; not using it", self.path)
+            return False
         if problem is None:
             return True
         if h5_problem(self.path) is None:  # readable, only stale
@@ -121,6 +155,8 @@ class TokenParams:
     ctx_len = luigi.IntParameter(default=64)
     exclude_tokens = luigi.Parameter(default="bos", description="EXCLUDE_TOKENS: tokens whose positions are dropped")
     device = luigi.Parameter(default="cpu", significant=False)
+    batch_size = luigi.IntParameter(default=BATCH_SIZE, significant=False,
+                                    description="BATCH_SIZE: sequences per forward pass")
 
     @property
     def resources(self) -> dict:
@@ -213,15 +249,16 @@ class ResultTask(PipelineTask):
 
 
 class TaskProgress:
-    """Progress of a long step: a rich bar in the terminal, and the task's progress
-    percentage and status message in the scheduler UI (throttled to once a second,
-    since each is an HTTP call to luigid)."""
+    """Progress of a long step: a rich bar in a terminal (none in a notebook or a pipe, where
+    a finished bar would leave an empty line), and the task's progress percentage and
+    status message in the scheduler UI (throttled to once a second, since each is an HTTP
+    call to luigid)."""
 
     def __init__(self, task: luigi.Task, description: str, total: int, unit: str = "tokens"):
         self.task, self.description, self.total, self.unit = task, description, total, unit
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                  TextColumn("{task.completed:,.0f}/{task.total:,.0f} " + unit),
-                                 TimeRemainingColumn(), transient=True)
+                                 TimeRemainingColumn(), transient=True, disable=not get_console().is_terminal)
         self.bar = self.progress.add_task(description, total=total)
         self.start = self.last = time.monotonic()
 

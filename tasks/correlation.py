@@ -12,14 +12,13 @@ from tasks.common import CorrelationParams, H5Target, PipelineTask, TaskProgress
 from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
 from unlib.activations import ActivationCache, cache_bytes, cached_chunks, choose_feed, model_chunks
-from unlib.correlation import HALF_BLOCK_ROWS, ExcessCorrelationEngine, parse_bytes
+from unlib.correlation import DEAD_MATCH, HALF_BLOCK_ROWS, ExcessCorrelationEngine, parse_bytes
 from unlib.data import read_tokens
 from unlib.models import load_model, mlp_shape
 from unlib.store import checkpoint_label, partial_path, provenance, short_hash
 
 logger = logging.getLogger("luigi-interface")
 CHUNK_TOKENS = 4096
-BATCH_SEQUENCES = 32
 
 
 class Correlations(CorrelationParams, PipelineTask):
@@ -60,7 +59,9 @@ class Correlations(CorrelationParams, PipelineTask):
         return f"{self.model_set.name}_{checkpoint_label(self.checkpoint)}_{short_hash(self.run_params())}"
 
     def layer_provenance(self, ref: int, layer: int) -> dict:
-        return {**self.run_params(), "reference": ref, "layer": layer, "inputs": self.inputs()}
+        # dead_match: how a dead reference neuron's best match is recorded; files from before it
+        # (which claimed neuron 0 of layer 0) are refused and rebuilt
+        return {**self.run_params(), "reference": ref, "layer": layer, "dead_match": DEAD_MATCH, "inputs": self.inputs()}
 
     def output(self):
         models = self.model_set.models
@@ -85,7 +86,7 @@ class Correlations(CorrelationParams, PipelineTask):
         else:
             tokens, keep = read_tokens(self.input()[0].path)
             n_tokens = int(keep.sum())
-            chunks = lambda needed: model_chunks(loaded, tokens, keep, BATCH_SEQUENCES, self.device)  # noqa: E731
+            chunks = lambda needed: model_chunks(loaded, tokens, keep, self.batch_size, self.device)  # noqa: E731
         path = "activation caches" if use_cache else "models run batch by batch (no cache)"
         plan = f"{len(engine.passes)} pass(es), {sum(map(len, engine.passes))} accumulators"
         logger.warning("correlation feed: %s, because %s; plan: %s", path, why, plan)

@@ -52,7 +52,7 @@ class RunReport(RunParams, ResultTask):
         model = load_model(self.model_set.models[self.reference], self.checkpoint, self.device)
         tokens, keep = read_tokens(self.input()["tokens"].path)
         cards = neuron_cards(model, load_tokenizer(self.model_set, store().root), tokens, keep, universal, pairwise,
-                             top=TOP_CARDS)
+                             top=TOP_CARDS, batch_size=self.batch_size)
         summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)
         write_text(self.output().path, run_report_html(run, excess, stats, universal, summary, figures, cards))
 

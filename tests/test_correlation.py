@@ -142,6 +142,29 @@ def test_constant_neuron_gets_zero_correlation():
     assert np.isfinite(result.max_corr).all() and np.isfinite(result.baseline_max_corr).all()
 
 
+def test_dead_reference_neuron_claims_no_best_match():
+    """A reference neuron constant over the rows has no best match (layer and neuron -1, max and
+    baseline 0) and is marked dead; a constant neuron of another model changes nothing else."""
+    from unlib.correlation import DEAD_MATCH, excess_tables
+
+    data = make_data("structured", n=2 * HALF_BLOCK_ROWS + 500)  # both halves defined
+    data[0][1][:, 7] = 0.1234  # dead in the reference (model 0, layer 1)
+    data[2][0][:, 2] = -0.5  # dead in another model
+    results = ExcessCorrelationEngine(LAYERS, 0, n_rotations=2).run(chunks(data, 700))[0]
+    layer = results[1]
+    assert np.all(layer.max_layer[:, 7] == DEAD_MATCH) and np.all(layer.max_neuron[:, 7] == DEAD_MATCH)
+    assert np.all(layer.max_corr[:, 7] == 0) and np.all(layer.baseline_max_corr[:, :, 7] == 0)
+    alive = np.arange(LAYERS[0][1]) != 7
+    assert np.all(layer.max_layer[:, alive] >= 0) and np.all(results[0].max_layer >= 0)
+    excess, pairwise = excess_tables(results, ["a", "b", "c"])
+    assert excess["dead"].tolist() == [(l, n) == (1, 7) for l, n in zip(excess["layer"], excess["neuron"])]
+    row = excess[excess["dead"]].iloc[0]
+    assert row["excess_correlation"] == 0 and row["max_corr"] == 0
+    assert np.isfinite(excess.drop(columns="dead").to_numpy(dtype=float)).all()
+    dead_rows = pairwise[(pairwise["layer"] == 1) & (pairwise["neuron"] == 7)]
+    assert (dead_rows["max_layer"] == -1).all() and (dead_rows["max_neuron"] == -1).all()
+
+
 def test_all_references_in_one_pass_match_one_reference_at_a_time():
     data = make_data("structured")
     together = ExcessCorrelationEngine(LAYERS, [0, 1, 2], n_rotations=2, rotation_seed=3).run(chunks(data, 700))

@@ -63,7 +63,7 @@ def test_summary_printed(run):
 
 def test_excess_scores_are_consistent(run):
     excess = run["excess"]
-    assert list(excess.columns) == EXCESS_COLUMNS + SPLIT_HALF_COLUMNS
+    assert list(excess.columns) == EXCESS_COLUMNS + SPLIT_HALF_COLUMNS + ["dead"]
     assert np.isfinite(excess[SPLIT_HALF_COLUMNS].values).all() and (excess["excess_se"] > 0).all()
     assert (excess["excess_ci_low"] <= excess["excess_correlation"]).all()
     assert (excess["excess_correlation"] <= excess["excess_ci_high"]).all()

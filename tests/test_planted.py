@@ -87,7 +87,7 @@ def test_cache_holds_float16_activations_without_bos(planted):
 
 
 def test_no_cache_feed_gives_the_cached_numbers(planted):
-    computer = MemoryEfficientExcessCorrelationComputer(planted["models"], model_names=list("abc"))
+    computer = MemoryEfficientExcessCorrelationComputer(planted["models"], labels=list("abc"))
     streamed = computer.compute_results(planted["tokens"], reference=0, n_rotations=3)
     for a, b in zip(streamed, planted["results"]):  # the feeds chunk differently (992 tokens, all at once)
         assert np.abs(a.max_corr - b.max_corr).max() <= 1e-5

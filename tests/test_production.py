@@ -49,9 +49,10 @@ def api(port: int, method: str, **data) -> dict:
 
 @pytest.fixture
 def luigid(tmp_path):
-    """A real central scheduler on a free loopback port, started the way `make scheduler` does."""
+    """A real central scheduler on a free loopback port, started the way `make scheduler` does
+    for the test's store (tmp_path / "store"): SCHEDULER=auto/central use only that store's."""
     port = free_port()
-    store = tmp_path / "scheduler-store"
+    store = tmp_path / "store"
     out = subprocess.run([sys.executable, "-m", "tasks", "scheduler", "start", "--scheduler-port", str(port)],
                          cwd=REPO, env=env_for(store), capture_output=True, text=True, check=True)
     assert f"127.0.0.1:{port}" in out.stdout

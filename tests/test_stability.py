@@ -17,7 +17,7 @@ def test_interval_follows_its_definition():
     result = LayerResult(0, [1, 2], max_corr, np.zeros((2, 4), int), np.zeros((2, 4), int), baseline,
                          halves, np.stack([baseline, baseline]))
     excess, _ = excess_tables([result], ["a", "b", "c"])
-    assert list(excess.columns[-5:]) == SPLIT_HALF_COLUMNS
+    assert list(excess.columns[-6:]) == SPLIT_HALF_COLUMNS + ["dead"] and not excess["dead"].any()
     full = np.array([0.7, 0.4, 0.1, 0.1])
     np.testing.assert_allclose(excess["excess_correlation"], full)
     np.testing.assert_allclose(excess["excess_half_a"], full + 0.02)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from typing import Iterable, Iterator
 
@@ -30,6 +31,9 @@ import torch
 from unlib import UserError
 from unlib.store import write_small_h5
 
+# max_layer and max_neuron of a dead reference neuron (constant over the analysed tokens):
+# it has no best match. Its correlations, baselines and excess are 0.
+DEAD_MATCH = -1
 HALF_BLOCK_ROWS = 2048  # rows per block: even blocks form half A, odd blocks half B
 HALVES = 2
 FULL = HALVES  # index of the full sample next to the halves (0: A, 1: B)
@@ -244,11 +248,16 @@ class ExcessCorrelationEngine:
         self.within = [[torch.zeros(HALVES, d, d, device=self.device) for d in sizes] for sizes in self.layer_sizes]
         self.best: dict = {}
         self._inv_std: dict[tuple[int, int], torch.Tensor] = {}  # filled once the first pass has the variances
+        n_models = len(self.layer_sizes)
+        # per half and model, each neuron's smallest and largest value (first pass): equal = constant
+        self.low: list[list[torch.Tensor | None]] = [[None] * n_models for _ in range(HALVES)]
+        self.high: list[list[torch.Tensor | None]] = [[None] * n_models for _ in range(HALVES)]
         for number, units in enumerate(self.passes):
             start = time.perf_counter()
             cross, shift = self.stream(chunks, units, first_pass=number == 0, progress=progress)
             if number == 0:
                 self.within_shift = shift
+                self._clear_constant()
             middle = time.perf_counter()
             self.reduce(units, cross, shift)
             del cross
@@ -290,6 +299,11 @@ class ExcessCorrelationEngine:
             if not layers:
                 centred.append(None)
                 continue
+            if first_pass:
+                low, high = part[m].amin(0), part[m].amax(0)
+                if self.low[half][m] is not None:
+                    low, high = torch.minimum(self.low[half][m], low), torch.maximum(self.high[half][m], high)
+                self.low[half][m], self.high[half][m] = low, high
             mean = part[m].mean(0)
             delta = mean - means[m]
             # The centred rows plus one row sqrt(n t / (n + t)) * delta: one GEMM then also adds
@@ -329,14 +343,39 @@ class ExcessCorrelationEngine:
         n_a, n_b = self.half_rows
         return n_a * n_b / max(n_a + n_b, 1)
 
+    def constant(self, model: int, variant: int) -> torch.Tensor:
+        """Which neurons of `model` are constant (every value equal) on half A (0), half B (1)
+        or all rows (FULL): compared exactly, so the rounding of float32 means cannot give
+        them a tiny variance and noise correlations. A half without rows: all constant."""
+        halves = [h for h in range(HALVES) if self.low[h][model] is not None and (variant == FULL or h == variant)]
+        if not halves:
+            return torch.ones(int(self.offsets[model][-1]), dtype=torch.bool, device=self.device)
+        low = torch.stack([self.low[h][model] for h in halves]).amin(0)
+        high = torch.stack([self.high[h][model] for h in halves]).amax(0)
+        return low == high
+
+    def _clear_constant(self) -> None:
+        """Zero the within-layer co-moments and mean shifts of constant neurons (rounding
+        noise), so that the rotated baselines' variances hold none of it either."""
+        for m, sizes in enumerate(self.layer_sizes):
+            flat = [self.constant(m, h) for h in range(HALVES)]
+            self.within_shift[m][self.constant(m, FULL)] = 0
+            for l in range(len(sizes)):
+                cols = slice(int(self.offsets[m][l]), int(self.offsets[m][l + 1]))
+                for h in range(HALVES):
+                    dead = flat[h][cols]
+                    self.within[m][l][h][dead, :] = 0
+                    self.within[m][l][h][:, dead] = 0
+
     def inv_std(self, model: int, variant: int) -> torch.Tensor:
-        """1/std of every neuron of `model` on half A (0), half B (1) or all rows (FULL)."""
+        """1/std of every neuron of `model` on half A (0), half B (1) or all rows (FULL); 0
+        for a constant neuron."""
         key = (model, variant)
         if key not in self._inv_std:
             halves = torch.cat([torch.diagonal(s, dim1=-2, dim2=-1) for s in self.within[model]], dim=1)
             var = halves[variant] if variant < HALVES else \
                 halves.sum(0) + self.merge_weight * self.within_shift[model] ** 2
-            self._inv_std[key] = inverse_std(var)
+            self._inv_std[key] = inverse_std(torch.where(self.constant(model, variant), 0.0, var))
         return self._inv_std[key]
 
     def _merge(self, ref: int, other: int, layer_of_ref: int, variant: int, values, layer_idx, neuron_idx) -> None:
@@ -441,6 +480,11 @@ class ExcessCorrelationEngine:
         """Whether the rows fill two blocks, so that both halves hold one at least."""
         return min(self.half_rows) >= HALF_BLOCK_ROWS
 
+    def dead(self, model: int, layer: int) -> np.ndarray:
+        """Which neurons of `model`'s `layer` are constant over all the rows (dead)."""
+        cols = slice(int(self.offsets[model][layer]), int(self.offsets[model][layer + 1]))
+        return self.constant(model, FULL)[cols].cpu().numpy()
+
     def collect(self) -> dict[int, list[LayerResult]]:
         out = {}
         for ref in self.references:
@@ -452,10 +496,14 @@ class ExcessCorrelationEngine:
                 base_halves = np.stack([e["base"][:HALVES] for e in entries], axis=1)
                 if not self.halves_defined:
                     halves[:], base_halves[:] = np.nan, np.nan
+                # A dead (constant) reference neuron correlates 0 with everything: no best match
+                # is claimed for it (DEAD_MATCH), rather than the first neuron the argmax meets.
+                dead = self.dead(ref, l)
+                max_layer = np.stack([np.where(dead, DEAD_MATCH, e["layer"]) for e in entries])
+                max_neuron = np.stack([np.where(dead, DEAD_MATCH, e["neuron"]) for e in entries])
                 layers.append(LayerResult(layer=l, others=others,
                                           max_corr=np.stack([e["max"][FULL] for e in entries]),
-                                          max_layer=np.stack([e["layer"] for e in entries]),
-                                          max_neuron=np.stack([e["neuron"] for e in entries]),
+                                          max_layer=max_layer, max_neuron=max_neuron,
                                           baseline_max_corr=np.stack([e["base"][FULL] for e in entries]),
                                           max_corr_halves=halves, baseline_max_corr_halves=base_halves))
             out[ref] = layers
@@ -464,6 +512,9 @@ class ExcessCorrelationEngine:
 
 EXCESS_COLUMNS = ["layer", "neuron", "excess_correlation", "n_models_compared",
                   "max_corr", "mean_corr", "min_corr", "max_baseline", "mean_baseline", "min_baseline"]
+# After the split-half columns (the columns before keep their places): the neuron is constant
+# over the analysed tokens, so it has no best match (max_layer/max_neuron DEAD_MATCH).
+DEAD_COLUMN = "dead"
 SPLIT_HALF_COLUMNS = ["excess_half_a", "excess_half_b", "excess_se", "excess_ci_low", "excess_ci_high"]
 PAIRWISE_COLUMNS = ["layer", "neuron", "other_model", "max_corr", "max_layer", "max_neuron", "baseline_max_corr"]
 Z_95 = 1.96  # two-sided 95 % normal quantile
@@ -501,7 +552,8 @@ def excess_tables(results: list[LayerResult], model_names: list[str]) -> tuple[p
             "min_corr": r.max_corr.min(axis=0), "max_baseline": baseline.max(axis=0),
             "mean_baseline": baseline.mean(axis=0), "min_baseline": baseline.min(axis=0),
             "excess_half_a": half_a, "excess_half_b": half_b, "excess_se": se,
-            "excess_ci_low": score - Z_95 * se, "excess_ci_high": score + Z_95 * se}))
+            "excess_ci_low": score - Z_95 * se, "excess_ci_high": score + Z_95 * se,
+            DEAD_COLUMN: (r.max_layer == DEAD_MATCH).all(axis=0)}))
         for k, m in enumerate(r.others):
             pairwise.append(pd.DataFrame({
                 "layer": r.layer, "neuron": np.arange(d), "other_model": model_names[m],
@@ -509,7 +561,8 @@ def excess_tables(results: list[LayerResult], model_names: list[str]) -> tuple[p
                 "baseline_max_corr": baseline[k]}))
     pairwise_df = pd.concat(pairwise, ignore_index=True).sort_values(["layer", "neuron", "other_model"],
                                                                       kind="stable", ignore_index=True)
-    return pd.concat(excess, ignore_index=True)[EXCESS_COLUMNS + SPLIT_HALF_COLUMNS], pairwise_df[PAIRWISE_COLUMNS]
+    return (pd.concat(excess, ignore_index=True)[EXCESS_COLUMNS + SPLIT_HALF_COLUMNS + [DEAD_COLUMN]],
+            pairwise_df[PAIRWISE_COLUMNS])
 
 
 def run_engine(chunks, layer_sizes: list[list[int]], reference: int = 0, n_rotations: int = 5,
@@ -521,31 +574,108 @@ def run_engine(chunks, layer_sizes: list[list[int]], reference: int = 0, n_rotat
 
 
 class MemoryEfficientExcessCorrelationComputer:
-    """Excess correlations of a reference model's neurons against loaded models, computed
+    """Excess correlations of a reference model's neurons against the other models, computed
     without an activation cache: every model runs on the same token batch and the
-    activations (rounded to float16, as a cache would store them) feed the engine."""
+    activations (rounded to float16, as a cache would store them) feed the engine.
 
-    def __init__(self, models: list, device: str | torch.device = "cpu", model_names: list[str] | None = None):
-        self.models = models
-        self.device = device
-        self.model_names = model_names or [f"model_{i}" for i in range(len(models))]
+    model_names: a model set name (`toy-zoo-mini`, `stanford-gpt2-small`; a toy zoo must be
+    trained in the store already), a list of Hugging Face names and local model folders (or
+    one comma-separated string), loaded at `checkpoint` (None: final weights) onto `device`
+    ("auto": cuda when available); or models already loaded as TransformerBridges, named by
+    `labels` (default model_0, model_1, ...) and left on their own device under "auto"."""
 
-    def compute_results(self, dataset, reference: int = 0, n_rotations: int = 5, rotation_seed: int = 0,
-                        batch_size: int = 32, keep=None) -> list[LayerResult]:
+    def __init__(self, model_names, device: str | torch.device = "auto", checkpoint: int | None = None,
+                 labels: list[str] | None = None, store_dir: str | None = None):
+        from unlib.models import (ModelError, check_checkpoint, check_same_tokenizer, load_model, model_location,
+                                  resolve_device, resolve_model_set)
+
+        self.store_dir = store_dir
+        self.model_set = None
+        if isinstance(model_names, (str, os.PathLike)) or all(isinstance(m, (str, os.PathLike)) for m in model_names):
+            models = os.fspath(model_names) if isinstance(model_names, (str, os.PathLike)) \
+                else ",".join(map(os.fspath, model_names))
+            self.model_set = resolve_model_set(models, store_dir)
+            self.device = resolve_device(str(device))
+            for spec in self.model_set.models:
+                check_checkpoint(spec, checkpoint)
+                if spec.zoo and not os.path.isdir(model_location(spec, checkpoint)[0]):
+                    raise ModelError(f"model {spec.name} is not trained in the store ({spec.source}): run the "
+                                     f"analysis of {spec.zoo} once (make analyze MODELS={spec.zoo}, or "
+                                     f"run_universal_neurons_analysis) to train it")
+            if self.model_set.zoo is None:
+                check_same_tokenizer(self.model_set.models)
+            self.models = [load_model(spec, checkpoint, self.device) for spec in self.model_set.models]
+            self.model_names = labels or [spec.name for spec in self.model_set.models]
+        else:
+            self.models = list(model_names)
+            if any(isinstance(m, (str, os.PathLike)) for m in self.models):
+                raise ModelError("give model names and folders, or loaded models, not both")
+            self.device = next(self.models[0].parameters()).device if str(device) == "auto" else device
+            self.model_names = labels or [f"model_{i}" for i in range(len(self.models))]
+
+    def tokenizer(self):
+        """The models' tokenizer: the set's (a toy zoo's own, else the first model's), or
+        the first loaded model's."""
+        from unlib.models import load_tokenizer
+
+        if self.model_set is not None:
+            return load_tokenizer(self.model_set, self.store_dir)
+        tokenizer = getattr(self.models[0], "tokenizer", None)
+        if tokenizer is None:
+            raise UserError("the first model has no tokenizer to read a dataset with: give token ids instead")
+        return tokenizer
+
+    def tokens(self, dataset_path, keep=None, n_tokens: int | None = None, ctx_len: int | None = None,
+               exclude_tokens: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids (sequences, ctx_len), boolean mask of the analysed positions).
+
+        dataset_path: a DATASET value (local .txt/.jsonl/.json/.parquet/.npy files, a Hugging
+        Face dataset `name[:config][@split]`, python-stdlib), tokenized exactly as the
+        pipeline does: n_tokens analysed positions (default 100000) in BOS-led sequences of
+        ctx_len tokens, the positions of exclude_tokens dropped (EXCLUDE_TOKENS syntax);
+        ctx_len and exclude_tokens default to the model set's (for loaded models or a list
+        of models: 512 capped at the models' context, and bos,eos,pad,newline).
+        Or token ids (n_sequences, ctx_len), BOS in column 0, with `keep` (default: every
+        position but column 0)."""
+        from unlib.data import (DEFAULT_N_TOKENS, check_dataset, exclusion_ids, kept_positions, load_texts,
+                                token_sequences)
+        from unlib.models import PAPER_DEFAULTS
+
+        if not isinstance(dataset_path, (str, os.PathLike)):
+            tokens = np.asarray(dataset_path.cpu() if isinstance(dataset_path, torch.Tensor) else dataset_path)
+            return tokens, kept_positions(tokens, []) if keep is None else np.asarray(keep, dtype=bool)
+        if keep is not None:
+            raise UserError("keep applies to token ids; for a dataset, choose the positions with exclude_tokens")
+        dataset = os.fspath(dataset_path)
+        check_dataset(dataset)
+        defaults = PAPER_DEFAULTS if self.model_set is None else self.model_set.defaults
+        if ctx_len is None:
+            ctx_len = min([defaults.ctx_len] + [m.cfg.n_ctx for m in self.models if getattr(m.cfg, "n_ctx", None)])
+        tokenizer = self.tokenizer()
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        exclude = exclusion_ids(defaults.exclude_tokens if exclude_tokens is None else exclude_tokens, tokenizer)
+        tokens, keep, _ = token_sequences(load_texts(dataset), tokenizer, bos, n_tokens or DEFAULT_N_TOKENS, ctx_len,
+                                          exclude)
+        return tokens, keep
+
+    def compute_results(self, dataset_path, reference: int = 0, n_rotations: int = 5, rotation_seed: int = 0,
+                        batch_size: int = 32, keep=None, n_tokens: int | None = None, ctx_len: int | None = None,
+                        exclude_tokens: str | None = None) -> list[LayerResult]:
+        """The engine's per-layer results for the reference model (see tokens())."""
         from unlib.activations import model_chunks
-        from unlib.data import kept_positions
 
-        tokens = np.asarray(dataset.cpu() if isinstance(dataset, torch.Tensor) else dataset)
-        keep = kept_positions(tokens, []) if keep is None else np.asarray(keep, dtype=bool)
+        tokens, keep = self.tokens(dataset_path, keep, n_tokens, ctx_len, exclude_tokens)
         sizes = [[m.cfg.d_mlp] * m.cfg.n_layers for m in self.models]
         return run_engine(lambda needed: model_chunks(self.models, tokens, keep, batch_size, self.device), sizes,
                           reference, n_rotations, rotation_seed, self.device)
 
-    def compute_excess_correlations_for_all_neurons(self, dataset, reference: int = 0, n_rotations: int = 5,
-                                                    rotation_seed: int = 0, batch_size: int = 32,
-                                                    keep=None) -> pd.DataFrame:
-        """`dataset`: token ids (n_sequences, ctx_len), BOS in column 0; `keep`: boolean mask
-        of the positions analysed (default: all but column 0). Returns the excess-correlation
-        table of the reference model."""
-        results = self.compute_results(dataset, reference, n_rotations, rotation_seed, batch_size, keep)
+    def compute_excess_correlations_for_all_neurons(self, dataset_path, reference: int = 0, n_rotations: int = 5,
+                                                    rotation_seed: int = 0, batch_size: int = 32, keep=None,
+                                                    n_tokens: int | None = None, ctx_len: int | None = None,
+                                                    exclude_tokens: str | None = None) -> pd.DataFrame:
+        """The excess-correlation table of the reference model (the columns of
+        excess_correlation_scores.csv) over `dataset_path`: a dataset path or name, or token
+        ids (see tokens())."""
+        results = self.compute_results(dataset_path, reference, n_rotations, rotation_seed, batch_size, keep,
+                                       n_tokens, ctx_len, exclude_tokens)
         return excess_tables(results, self.model_names)[0]

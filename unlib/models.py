@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import functools
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -94,8 +95,9 @@ class ModelSet:
         return self.models[0].zoo
 
 
-def resolve_model_set(models: str, store_root: str | Path = "store") -> ModelSet:
-    """Expand a MODELS value (a set name or a comma-separated list) into a ModelSet."""
+def resolve_model_set(models: str, store_root: str | Path | None = None) -> ModelSet:
+    """Expand a MODELS value (a set name or a comma-separated list) into a ModelSet (a toy
+    zoo's models are in the store at store_root, default unlib.store.default_root())."""
     from unlib.store import Store
 
     models = models.strip()
@@ -112,10 +114,17 @@ def resolve_model_set(models: str, store_root: str | Path = "store") -> ModelSet
         known = ", ".join(list(ZOOS) + list(STANFORD_SEEDS))
         raise ModelError(f"unknown model set {models!r}: use one of {known}, "
                          f"or a comma-separated list of at least two models")
-    specs = []
+    specs, seen = [], {}
     for n in names:
         if not os.path.isdir(n) and (n.startswith((".", "/", "~")) or n.count("/") > 1):
             raise ModelError(f"model folder {n!r} does not exist")
+        # a folder however spelled (relative, absolute, through a link); a hub name in any case
+        key = ("folder", os.path.realpath(n)) if os.path.isdir(n) else ("hub", n.lower())
+        if key in seen:
+            also = f" (as {seen[key]!r} and {n!r})" if seen[key] != n else ""
+            raise ModelError(f"model {n!r} is listed twice in MODELS{also}: a model compared with itself "
+                             f"correlates 1 everywhere; list each model once")
+        seen[key] = n
         specs.append(ModelSpec(n, n))
     return ModelSet(list_name(names), tuple(specs))
 
@@ -197,12 +206,29 @@ def check_checkpoint(spec: ModelSpec, checkpoint: int | None) -> None:
 
 
 def resolve_device(device: str) -> str:
-    """'auto' -> cuda when a GPU is available, else cpu."""
-    if device == "auto":
+    """A DEVICE value (case-insensitive) as a torch device string: 'auto' -> cuda when a GPU
+    is available, else cpu; cpu; cuda or cuda:N (refused without that GPU); mps (refused
+    where Apple's Metal backend is missing). Anything else is refused."""
+    text = str(device).strip().lower()
+    if text == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError("DEVICE=cuda but no CUDA GPU is available; use DEVICE=cpu or DEVICE=auto")
-    return device
+    if text == "cpu":
+        return text
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if cuda:
+        if not torch.cuda.is_available():
+            raise ModelError(f"DEVICE={device} but no CUDA GPU is available; use DEVICE=cpu or DEVICE=auto")
+        count = torch.cuda.device_count()
+        if cuda.group(1) is not None and int(cuda.group(1)) >= count:
+            raise ModelError(f"DEVICE={device} but this machine has {count} CUDA GPU(s): use cuda:0"
+                             f"{f' to cuda:{count - 1}' if count > 1 else ''}, cuda or auto")
+        return text
+    if text == "mps":
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return text
+        raise ModelError(f"DEVICE={device} but Apple's Metal (MPS) backend is not available here; "
+                         f"use DEVICE=cpu, cuda or auto")
+    raise ModelError(f"DEVICE={device!r} is not a device: use auto, cpu, cuda, cuda:N or mps (any case)")
 
 
 def model_location(spec: ModelSpec, checkpoint: int | None) -> tuple[str, str | None]:
@@ -253,7 +279,7 @@ def _unreachable(spec: ModelSpec, revision: str | None) -> ModelError:
                       f"machine (`huggingface-cli download {spec.source}{at}`) or pass a local folder")
 
 
-def load_tokenizer(model_set: ModelSet, store_root: str | Path = "store"):
+def load_tokenizer(model_set: ModelSet, store_root: str | Path | None = None):
     """The set's tokenizer: the toy zoo's own, or the first model's."""
     from transformers import AutoTokenizer
 
@@ -286,16 +312,94 @@ def check_same_tokenizer(specs: tuple[ModelSpec, ...] | list[ModelSpec]) -> None
                              f"{len(vocabularies[name])} tokens); all models of a set must share one tokenizer")
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The weight files a `save_pretrained` folder holds: one file, or the shards its index
+    (`<name>.index.json`) lists; safetensors preferred, as transformers loads them."""
+    import json
+
+    folder = Path(folder)
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return [folder / name]
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ModelError(f"model weights index {index} is unreadable ({type(exc).__name__}); "
+                                 f"save the model again") from None
+            return [folder / s for s in shards]
+    return []
+
+
+def weights_problem(folder: str | Path) -> str | None:
+    """Why the weights of a local model folder cannot load (naming the file), or None. Cheap:
+    reads the safetensors headers (which must cover each file exactly) and a .bin's zip
+    directory, not the tensors."""
+    files = weight_files(folder)
+    if not files:
+        return (f"model folder {folder} holds no weights ({' or '.join(WEIGHT_FILES)}, or their sharded "
+                f"index); save the model with save_pretrained")
+    for path in files:
+        if not path.is_file():
+            return f"model weights file {path} is missing (listed in the folder's index); save the model again"
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), "pt") as f:
+                    f.keys()
+            else:
+                import zipfile
+
+                if path.stat().st_size == 0:
+                    raise ValueError("the file is empty")
+                with open(path, "rb") as f:
+                    zipped = f.read(2) == b"PK"
+                if zipped:  # torch.save's format since 1.6; older pickles are left to the loader
+                    zipfile.ZipFile(path).close()
+        except Exception as exc:  # safetensors, zipfile and the OS raise their own types
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return (f"model weights file {path} does not load ({reason}); it is truncated or corrupt: "
+                    f"save or download the model again")
+    return None
+
+
+def check_weights(spec: ModelSpec, checkpoint: int | None) -> None:
+    """Refuse a local model folder (not a toy-zoo one, which the pipeline trains and checks)
+    whose weights cannot load, naming the file, before any work starts."""
+    if spec.zoo is not None or not os.path.isdir(spec.source):
+        return
+    location, _ = model_location(spec, checkpoint)
+    problem = weights_problem(location)
+    if problem:
+        raise ModelError(problem)
+
+
 def load_model(spec: ModelSpec, checkpoint: int | None, device: str = "cpu"):
-    """Load a model as a TransformerBridge in eval mode (raw HF weights, hooks on)."""
+    """Load a model as a TransformerBridge in eval mode (raw HF weights, hooks on). A local
+    folder that fails to load is a ModelError naming the weights file at fault."""
     from transformer_lens.model_bridge import TransformerBridge
 
     quiet_transformers()
     location, revision = model_location(spec, checkpoint)
     try:
         model = TransformerBridge.boot_transformers(location, device=device, revision=revision)
-    except OSError as exc:
-        raise _unreachable(spec, revision) from exc
+    except Exception as exc:
+        if os.path.isdir(location):  # a local folder (or a zoo checkpoint): name the file at fault
+            problem = weights_problem(location)
+            if problem:
+                raise ModelError(problem) from exc
+            files = ", ".join(p.name for p in weight_files(location))
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ModelError(f"cannot load model {spec.name} from {location} ({files}): {type(exc).__name__}: "
+                             f"{reason}; save or download the model again") from exc
+        if isinstance(exc, OSError):
+            raise _unreachable(spec, revision) from exc
+        raise
     model.eval()
     return model
 

@@ -18,12 +18,15 @@ def print_summary(console: Console, title: str, layer_summary: pd.DataFrame, uni
                   results_dir: str, top: int = 10) -> None:
     """Neurons analysed, universal count and fraction per layer, and the top neurons."""
     table = Table(title=f"Universal neurons: {title}")
-    for col in ("layer", "neurons", "universal", "fraction"):
+    dead = "n_dead" in layer_summary.columns  # dead: constant over the tokens, never universal
+    for col in ("layer", "neurons", "universal", "fraction") + (("dead",) if dead else ()):
         table.add_column(col, justify="right")
     for row in layer_summary.itertuples():
-        table.add_row(str(row.layer), str(row.n_neurons), str(row.n_universal), f"{row.fraction:.2%}")
+        table.add_row(str(row.layer), str(row.n_neurons), str(row.n_universal), f"{row.fraction:.2%}",
+                      *([str(row.n_dead)] if dead else []))
     total, n_univ = int(layer_summary["n_neurons"].sum()), int(layer_summary["n_universal"].sum())
-    table.add_row("all", str(total), str(n_univ), f"{n_univ / max(total, 1):.2%}", style="bold")
+    table.add_row("all", str(total), str(n_univ), f"{n_univ / max(total, 1):.2%}",
+                  *([str(int(layer_summary["n_dead"].sum()))] if dead else []), style="bold")
     console.print(table)
     if len(universal_df):
         top_table = Table(title=f"Top {min(top, len(universal_df))} universal neurons")
@@ -184,6 +187,17 @@ def paper_comparison_html(run: dict, excess: pd.DataFrame, universal: pd.DataFra
             f'({published["n_universal"]} of {published["n_neurons"]}).</p>{overlap}{recall}')
 
 
+def dead_html(run: dict) -> str:
+    """How many of the reference model's neurons are dead: constant over the analysed tokens."""
+    if run.get("n_dead") is None:  # a run recorded before dead neurons were counted
+        return ""
+    return (f'<p>Dead neurons: <span id="n-dead">{run["n_dead"]}</span> of the reference model\'s neurons are '
+            f"constant over the analysed tokens. Their correlations, baselines and excess correlation are 0, "
+            f"no best match is claimed for them (<code>max_layer</code> and <code>max_neuron</code> are -1) and "
+            f"they are never selected as universal; <code>dead</code> marks them in "
+            f"<code>excess_correlation_scores.csv</code>.</p>")
+
+
 def null_control_html(run: dict, excess: pd.DataFrame) -> str:
     """At random initialisation (step 0) no neuron can be universal: the report says so and
     shows how close to zero the run's excess correlations are."""
@@ -323,6 +337,7 @@ def run_report_html(run: dict, excess: pd.DataFrame, stats: pd.DataFrame, univer
 <p class="big"><span id="n-universal">{n_universal}</span> of <span id="n-neurons">{n_neurons}</span> neurons
 universal (<span id="fraction">{n_universal / max(n_neurons, 1):.2%}</span>)</p>
 {stability}
+{dead_html(run)}
 {null_control_html(run, excess)}
 {paper_comparison_html(run, excess, universal)}
 {table_html(summary, key="layer")}

@@ -17,19 +17,27 @@ class UniversalNeuronAnalyzer:
     def identify_universal_neurons(self, excess_threshold: float = 0.5, top_k: int | None = None,
                                    score: str = "excess_correlation") -> pd.DataFrame:
         """Neurons with `score` (default: excess correlation) >= threshold, or the top_k
-        highest when given; sorted by descending score. Neurons without a score are never
-        selected."""
-        ranked = self.excess_df.dropna(subset=[score]).sort_values(score, ascending=False, kind="stable")
+        highest when given; sorted by descending score. Neurons without a score, and dead
+        neurons (constant over the tokens: no best match, see the `dead` column), are never
+        selected, whatever the threshold."""
+        candidates = self.excess_df
+        if "dead" in candidates.columns:
+            candidates = candidates[~candidates["dead"].astype(bool)]
+        ranked = candidates.dropna(subset=[score]).sort_values(score, ascending=False, kind="stable")
         if top_k is not None:
             return ranked.head(top_k).reset_index(drop=True)
         return ranked[ranked[score] >= excess_threshold].reset_index(drop=True)
 
     def layer_summary(self, universal_df: pd.DataFrame) -> pd.DataFrame:
-        """Per layer: neurons analysed, universal count and fraction."""
+        """Per layer: neurons analysed, universal count and fraction, and (where the table
+        has the `dead` column) the dead neurons, constant over the tokens."""
         total = self.excess_df.groupby("layer").size().rename("n_neurons")
         count = universal_df.groupby("layer").size().reindex(total.index, fill_value=0).rename("n_universal")
         out = pd.concat([total, count], axis=1).reset_index()
         out["fraction"] = out["n_universal"] / out["n_neurons"]
+        if "dead" in self.excess_df.columns:
+            dead = self.excess_df.groupby("layer")["dead"].apply(lambda d: int(d.astype(bool).sum()))
+            out["n_dead"] = out["layer"].map(dead).astype(int)
         return out
 
 

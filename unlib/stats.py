@@ -15,26 +15,44 @@ STATS_COLUMNS = ["layer", "neuron", "w_in_norm", "w_out_norm", "l2_penalty", "in
                  "act_mean", "act_var", "act_skew", "act_kurt", "sparsity"]
 
 
+# Skew and Pearson kurtosis of a constant (zero-variance) series, which has none: those of a
+# symmetric, normal-tailed one (skew 0, kurtosis 3 = excess kurtosis 0), never NaN.
+CONSTANT_SKEW, CONSTANT_KURT = 0.0, 3.0
+
+
+def _standardised(mu3: torch.Tensor, mu4: torch.Tensor, var: torch.Tensor,
+                  constant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Skew mu3/var^1.5 and kurtosis mu4/var^2, CONSTANT_SKEW/KURT where `constant`."""
+    safe = torch.where(constant, torch.ones_like(var), var.clamp_min(1e-150))  # 1e-150 ** 2 is a float64
+    skew = torch.where(constant, torch.full_like(var, CONSTANT_SKEW), mu3 / safe ** 1.5)
+    kurt = torch.where(constant, torch.full_like(var, CONSTANT_KURT), mu4 / safe ** 2)
+    return skew, kurt
+
+
 def _moments(values: torch.Tensor, dim: int) -> tuple[torch.Tensor, ...]:
-    """Mean, variance, skew and (Pearson, normal = 3) kurtosis along `dim`, float64."""
+    """Mean, variance, skew and (Pearson, normal = 3) kurtosis along `dim`, float64; a
+    constant series has variance 0, skew 0 and kurtosis 3."""
     v = values.double()
     mean = v.mean(dim, keepdim=True)
     c = v - mean
-    var = (c ** 2).mean(dim)
-    skew = (c ** 3).mean(dim) / var.clamp_min(1e-300) ** 1.5
-    kurt = (c ** 4).mean(dim) / var.clamp_min(1e-300) ** 2
-    return mean.squeeze(dim), var, skew, kurt
+    constant = v.amax(dim) == v.amin(dim)
+    var = torch.where(constant, torch.zeros((), dtype=v.dtype), (c ** 2).mean(dim))
+    skew, kurt = _standardised((c ** 3).mean(dim), (c ** 4).mean(dim), var, constant)
+    return torch.where(constant, v.amin(dim), mean.squeeze(dim)), var, skew, kurt
 
 
 class MomentAccumulator:
     """Streaming mean, variance, skew, kurtosis and firing rate per neuron: float64 power
-    sums around a shift taken from the first chunk (keeps the sums well conditioned)."""
+    sums around a shift taken from the first chunk (keeps the sums well conditioned). A
+    neuron whose values are all equal (its running min equals its max) gets its value as
+    mean, variance 0, skew 0 and kurtosis 3 exactly, not the power sums' rounding noise."""
 
     def __init__(self):
         self.shift = None
         self.n = 0
         self.sums = None
         self.positive = None
+        self.low = self.high = None
 
     def update(self, x: torch.Tensor) -> None:
         if x.shape[0] == 0:  # a batch whose positions are all excluded
@@ -50,16 +68,20 @@ class MomentAccumulator:
             power = power * c
             self.sums[k] += power.sum(0)
         self.positive += (x > 0).sum(0)
+        low, high = x.amin(0), x.amax(0)
+        self.low = low if self.low is None else torch.minimum(self.low, low)
+        self.high = high if self.high is None else torch.maximum(self.high, high)
         self.n += x.shape[0]
 
     def result(self) -> dict[str, np.ndarray]:
         m1, m2, m3, m4 = (s / self.n for s in self.sums)
-        var = m2 - m1 ** 2
+        constant = self.low == self.high
+        var = torch.where(constant, torch.zeros_like(m2), m2 - m1 ** 2)
         mu3 = m3 - 3 * m1 * m2 + 2 * m1 ** 3
         mu4 = m4 - 4 * m1 * m3 + 6 * m1 ** 2 * m2 - 3 * m1 ** 4
-        safe = var.clamp_min(1e-300)
-        return {"act_mean": (self.shift + m1).numpy(), "act_var": var.numpy(),
-                "act_skew": (mu3 / safe ** 1.5).numpy(), "act_kurt": (mu4 / safe ** 2).numpy(),
+        skew, kurt = _standardised(mu3, mu4, var, constant)
+        return {"act_mean": torch.where(constant, self.low, self.shift + m1).numpy(), "act_var": var.numpy(),
+                "act_skew": skew.numpy(), "act_kurt": kurt.numpy(),
                 "sparsity": (self.positive / self.n).numpy()}
 
 

@@ -3,17 +3,21 @@ so two runs with different parameters never collide and the same run finds its f
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import h5py
+
+logger = logging.getLogger(__name__)
 
 
 def short_hash(value: object, length: int = 8) -> str:
@@ -59,11 +63,28 @@ def checkpoint_label(checkpoint: int | None) -> str:
     return "final" if checkpoint is None else f"checkpoint-{checkpoint}"
 
 
-class Store:
-    """The store/ tree: one method per kind of artefact."""
+CHECKOUT = Path(__file__).resolve().parent.parent  # the source tree, when the code runs from one
 
-    def __init__(self, root: str | Path = "store"):
-        self.root = Path(root)
+
+def default_root() -> Path:
+    """Where the store lives, as an absolute path: $UNLIB_STORE (a relative value is taken
+    from the current directory), else `store/` in the source checkout the code runs from
+    (a clone, or an editable install of one), else, for an installed copy,
+    $XDG_CACHE_HOME/universal-neurons/store (~/.cache/universal-neurons/store)."""
+    configured = os.environ.get("UNLIB_STORE")
+    if configured:
+        return Path(configured).expanduser().absolute()
+    if (CHECKOUT / "pyproject.toml").is_file() and (CHECKOUT / "Makefile").is_file():
+        return CHECKOUT / "store"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser().absolute() / "universal-neurons" / "store"
+
+
+class Store:
+    """The store/ tree: one method per kind of artefact (root: default_root())."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = default_root() if root is None else Path(root)
 
     def zoo_dir(self, zoo_id: str) -> Path:
         return self.root / "zoo" / zoo_id
@@ -179,6 +200,8 @@ class PartialH5:
                 self.file = h5py.File(self.partial, "a")
                 if dict(self.file.attrs).get("provenance") != attrs.get("provenance"):
                     raise ValueError("provenance changed")
+            except BlockingIOError:  # another process writes it: not ours to delete
+                raise
             except (OSError, ValueError, KeyError):
                 if self.file is not None:
                     self.file.close()
@@ -229,10 +252,14 @@ def h5_attrs(values: dict) -> dict:
 
 def h5_problem(path: str | Path, expected_provenance: str | None = None) -> str | None:
     """Why a finished HDF5 target cannot be used (unreadable, truncated, or built from other
-    inputs), or None when it is fine. Only opens the file's metadata."""
+    inputs), or None when it is fine. Only opens the file's metadata. Raises
+    BlockingIOError when another process holds the file open for writing: a lock held is
+    not corruption."""
     try:
         with h5py.File(path, "r") as f:
             recorded = f.attrs.get("provenance")
+    except BlockingIOError:  # HDF5's file lock (errno 11): a writer has it open
+        raise
     except OSError as exc:
         return f"unreadable or truncated HDF5 file ({str(exc).splitlines()[0]})"
     if expected_provenance is not None and recorded != expected_provenance:
@@ -285,6 +312,25 @@ def seal_problem(path: str | Path, expected_provenance: str) -> str | None:
     if record.get("provenance") != expected_provenance:
         return describe_change(record.get("provenance"), expected_provenance)
     return None
+
+
+@contextlib.contextmanager
+def exclusive(paths: Iterable[str | Path], lock_dir: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock for each path while the block runs (flock on a file in
+    lock_dir named by a hash of the path, taken in sorted order), so two processes never
+    write the same output at once: the second waits for the first. Released on exit,
+    also when the process is killed."""
+    lock_dir = Path(lock_dir)
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        for key in sorted({os.path.abspath(p) for p in paths}):
+            lock = stack.enter_context(open(lock_dir / f"{short_hash(key, 16)}.lock", "a"))
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.warning("waiting for another process that is writing %s", key)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def set_aside(path: str | Path) -> Path:
