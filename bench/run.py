@@ -1,12 +1,14 @@
 """`make bench`: the correlation engine's speed and memory, as ratios measured in one run on
 this machine: against its own matrix-multiply rate, against a plain reference
-implementation, across token counts and model counts, and projected to the real job.
-Writes bench/results.json and prints a table."""
+implementation, across token counts and model counts, and projected to the real job; and
+the analysis's wall time with two workers against one. Writes bench/results.json and
+prints a table."""
 from __future__ import annotations
 
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -205,6 +207,36 @@ def _tokenizer_stub(path: str) -> None:
     train_tokenizer(["a b c"], 257, 100, path)
 
 
+WORKERS_ARGS = ["--models", "toy-zoo-mini", "--checkpoint", "300", "--reference", "all", "--device", "cpu",
+                "--scheduler", "local"]
+
+
+def workers() -> dict:
+    """Wall time of one small analysis (toy-zoo-mini, 8192 tokens, REFERENCE=all: three
+    caches and three references' statistics, plots and reports that can run in parallel)
+    with WORKERS=1 and WORKERS=2, each on a store holding only the trained zoo (trained
+    first by a smaller run, not timed)."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def run(store: Path, *args: str) -> float:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "tasks", "analyze", *WORKERS_ARGS, *args], cwd=repo, check=True,
+                       env={**os.environ, "UNLIB_STORE": str(store)}, capture_output=True)
+        return time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trained = Path(tmp) / "trained"
+        train_seconds = run(trained, "--n-tokens", "4096", "--reference", "0", "--workers", "2")
+        seconds = {}
+        for n in (1, 2):
+            store = Path(tmp) / f"workers-{n}"
+            shutil.copytree(trained / "zoo", store / "zoo")
+            seconds[n] = run(store, "--n-tokens", "8192", "--workers", str(n))
+    return {"shape": "toy-zoo-mini, 8192 tokens, REFERENCE=all, from a trained zoo", "cores": os.cpu_count(),
+            "training_run_s": train_seconds, "workers_1_s": seconds[1], "workers_2_s": seconds[2], "ratio_2_over_1": seconds[2] / seconds[1],
+            "goal": "<= 1 (more workers never slower)"}
+
+
 def main() -> int:
     console = Console()
     torch.manual_seed(0)
@@ -212,7 +244,7 @@ def main() -> int:
                f"{torch.get_num_threads()} torch threads", "torch": torch.__version__}
     steps = [("engine_vs_machine", engine_vs_machine), ("vs_reference_2_models", lambda: engine_vs_reference(2)),
              ("vs_reference_5_models", lambda: engine_vs_reference(5)), ("memory", memory),
-             ("scaling", scaling), ("projection", projection)]
+             ("scaling", scaling), ("projection", projection), ("workers", workers)]
     for name, step in steps:
         with console.status(f"bench: {name}"):
             results[name] = step()
@@ -242,6 +274,9 @@ def main() -> int:
                   f"(engine {p['projected_engine_hours']:.1f} h at {p['engine_stream_gflops']:.0f} GFLOP/s, "
                   f"forward {p['projected_forward_hours_cache0']:.1f} h)", "seed document: 2-4 h on a GPU")
     table.add_row("CUDA", p["cuda"], "")
+    w = r["workers"]
+    table.add_row("analysis time WORKERS=2 / WORKERS=1", f"{w['ratio_2_over_1']:.2f} ({w['workers_2_s']:.1f} s / "
+                  f"{w['workers_1_s']:.1f} s, {w['cores']} cores)", "<= 1")
     console.print(table)
     console.print(f"Wrote {OUT}")
     return 0

@@ -19,6 +19,7 @@ import luigi.retcodes
 import luigi.rpc
 import numpy as np
 import pandas as pd
+import torch
 
 from tasks.analysis import UniversalNeuronsAnalysis
 from tasks.common import BATCH_SIZE, DEFAULTS, LUIGI_CFG, store
@@ -197,7 +198,8 @@ def run_analysis(roots: list[luigi.Task], workers: int = 1, local_scheduler: boo
     the build repeated while another worker holds tasks, and after a failure (RETRIES times,
     once the scheduler's retry delay has passed). A central scheduler that goes away
     mid-run is reported in one line and the run finishes with the local scheduler (the
-    tasks' output locks keep it from clashing with other processes on the store)."""
+    tasks' output locks keep it from clashing with other processes on the store). With
+    several workers, each worker process runs torch on its share of the cores."""
     from luigi.execution_summary import _summary_dict
 
     check_workers(workers)
@@ -209,6 +211,9 @@ def run_analysis(roots: list[luigi.Task], workers: int = 1, local_scheduler: boo
     patience = start + 120  # seconds to wait for tasks the scheduler does not grant us
     with tempfile.TemporaryDirectory() as error_dir:
         os.environ["UNLIB_ERROR_DIR"] = error_dir  # forked workers inherit it
+        if workers > 1:
+            os.environ["UNLIB_TORCH_THREADS"] = str(max(1, torch.get_num_threads() // workers))
+            import transformer_lens.model_bridge  # noqa: F401  imported once here, not in every forked task (~5 s)
         try:
             while True:
                 try:
@@ -216,7 +221,7 @@ def run_analysis(roots: list[luigi.Task], workers: int = 1, local_scheduler: boo
                 except luigi.rpc.RPCError:  # only a central scheduler raises it
                     pipeline_logger.warning("the central scheduler on 127.0.0.1:%d went away; finishing with the local "
                                    "scheduler", scheduler_port)
-                    local_scheduler, kwargs = True, {"local_scheduler": True}
+                    kwargs = {"local_scheduler": True}
                     continue
                 summary = _summary_dict(result.worker)
                 ran |= {t.task_id for t in summary["completed"]}
@@ -238,6 +243,7 @@ def run_analysis(roots: list[luigi.Task], workers: int = 1, local_scheduler: boo
                     break
         finally:
             del os.environ["UNLIB_ERROR_DIR"]
+            os.environ.pop("UNLIB_TORCH_THREADS", None)
         user_errors = sorted({p.read_text() for p in Path(error_dir).glob("*.txt")})
     if not all(root.complete() for root in roots):
         if user_errors:

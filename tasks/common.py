@@ -10,6 +10,7 @@ from pathlib import Path
 
 import luigi
 import luigi.rpc
+import torch
 from rich import get_console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -61,9 +62,12 @@ class PipelineTask(luigi.Task):
 def one_writer(run):
     """Wrap a task's run(): hold an exclusive lock on each of its outputs (another process
     running the same task on this store, e.g. a second `make analyze` with the local
-    scheduler, waits), and skip the work when that process has finished it meanwhile."""
+    scheduler, waits), skip the work when that process has finished it meanwhile, and run
+    torch with this worker's share of the cores ($UNLIB_TORCH_THREADS, set by run_analysis)."""
     @functools.wraps(run)
     def locked_run(self):
+        if os.environ.get("UNLIB_TORCH_THREADS"):
+            torch.set_num_threads(int(os.environ["UNLIB_TORCH_THREADS"]))
         with exclusive([t.path for t in luigi.task.flatten(self.output())], store().root / "locks"):
             if not self.complete():
                 return run(self)

@@ -231,7 +231,7 @@ def test_all_references_without_cache_give_the_cached_numbers(run, tmp_path):
     (["--models", MODELS, "--cache", "maybe"], "CACHE='maybe' must be 1"),
     (["--models", MODELS, "--memory", "64K"], "raise CORR_MEMORY"),
     (["--models", MODELS, "--ctx-len", "65"], "longer than model toy-zoo-mini/seed-0 takes (64 tokens)"),
-    (["--models", MODELS, "--scheduler", "central", "--scheduler-port", "1"], "no luigid answers on 127.0.0.1:1"),
+    (["--models", MODELS, "--scheduler", "central", "--scheduler-port", "1"], "no luigid started for this store answers on 127.0.0.1:1"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     proc = analyze(tmp_path, *args)
