@@ -305,8 +305,9 @@ def seal_problem(path: str | Path, expected_provenance: str) -> str | None:
         record = read_json(seal_path(path))
     except (OSError, ValueError):
         return "it has no seal (an interrupted or older run wrote it)"
-    if os.path.getsize(path) != record.get("bytes"):
-        return f"it is truncated or altered ({os.path.getsize(path):,} bytes, written with {record.get('bytes'):,})"
+    written = record.get("bytes", -1)
+    if os.path.getsize(path) != written:
+        return f"it is truncated or altered ({os.path.getsize(path):,} bytes, written with {written:,})"
     if file_fingerprint(path) != record.get("sha256"):
         return "its content changed since it was written"
     if record.get("provenance") != expected_provenance:
