@@ -4,7 +4,7 @@ For every neuron of a reference model it finds, in each other model, the best-co
 neuron (Pearson over the same tokens) and the best correlation after that model's
 activations are rotated within each layer by Haar-random orthogonal matrices.
 
-How it stays fast and exact (DESIGN.md section 3):
+How it stays fast and exact:
 - activations arrive in token chunks; each chunk's centred cross-product is one GEMM,
   merged into the running co-moments with Chan's parallel update (no E[xy]-E[x]E[y]);
 - rotations are applied after the stream: corr with rotated activations needs only
