@@ -1,6 +1,11 @@
 """Luigi tasks of the universal-neurons pipeline: thin wrappers that declare parameters,
 dependencies and file targets, and call the `unlib` library to do the work."""
+import os
 import sys
+
+# Before torch loads OpenMP: idle torch threads sleep instead of spinning, so a run whose threads
+# share the cores with other processes (other workers, other users) is not slowed several-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Top-level modules of requirements.txt (and their pip names where they differ).
 DEPENDENCIES = {"torch": "torch", "transformer_lens": "transformer-lens", "transformers": "transformers",

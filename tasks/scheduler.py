@@ -65,7 +65,7 @@ def not_ours(port: int) -> str | None:
     if record is not None:
         return f"this store's luigid listens on port {record['port']}, not {port}"
     if answers(port):
-        return f"the luigid on 127.0.0.1:{port} was not started for this store ({store().root.resolve()})"
+        return f"the luigid on 127.0.0.1:{port} was not started for this store, {store().root.resolve()}"
     return f"no luigid started for this store answers on 127.0.0.1:{port}"
 
 
@@ -106,9 +106,9 @@ def stop() -> str:
     """Stop this store's luigid (never another process that took over its pid)."""
     record = recorded()
     record_path().unlink(missing_ok=True)
-    (scheduler_dir() / "luigid.pid").unlink(missing_ok=True)
     if record is None:
         return f"no luigid started for this store is running ({scheduler_dir()})"
+    (scheduler_dir() / "luigid.pid").unlink(missing_ok=True)
     try:
         os.kill(record["pid"], signal.SIGTERM)
     except ProcessLookupError:

@@ -324,7 +324,7 @@ def exclusive(paths: Iterable[str | Path], lock_dir: str | Path) -> Iterator[Non
     lock_dir = Path(lock_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        for key in sorted({os.path.abspath(p) for p in paths}):
+        for key in sorted({os.path.realpath(p) for p in paths}):
             lock = stack.enter_context(open(lock_dir / f"{short_hash(key, 16)}.lock", "a"))
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
