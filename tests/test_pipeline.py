@@ -1,9 +1,11 @@
-"""End to end through Luigi and the command line, on the small toy zoo: trains the zoo,
-runs every stage, and checks the values in every output file against independent
-computations (numpy float64, the Hugging Face model run directly)."""
+"""End to end through Luigi and the command line, on the small toy zoo (trained once per
+session by conftest's `mini_zoo`, through the pipeline's training tasks): runs every stage,
+and checks the values in every output file against independent computations (numpy
+float64, the Hugging Face model run directly)."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +35,9 @@ def analyze(store: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, mini_zoo):
     store = tmp_path_factory.mktemp("store")
+    shutil.copytree(mini_zoo, store / "zoo")
     proc = analyze(store, "--models", MODELS, "--checkpoint", "300", "--n-tokens", str(N_TOKENS),
                    "--threshold", str(THRESHOLD), "--device", "cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr

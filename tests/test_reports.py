@@ -71,8 +71,9 @@ def cli(store: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, mini_zoo):
     store = tmp_path_factory.mktemp("store")
+    shutil.copytree(mini_zoo, store / "zoo")
     proc = cli(store, "compare", "--checkpoints", "100 300", *ARGS)
     assert proc.returncode == 0, proc.stderr
     for step in (100, 300):  # the per-checkpoint reports (the comparison reuses their analyses)

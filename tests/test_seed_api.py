@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from unlib.correlation import EXCESS_COLUMNS, SPLIT_HALF_COLUMNS
+from unlib.correlation import DEAD_COLUMN, EXCESS_COLUMNS, SPLIT_HALF_COLUMNS
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS, CHECKPOINT, N_TOKENS, THRESHOLD, BATCH = "toy-zoo-mini", 300, 8192, 0.1, 16
@@ -56,12 +56,13 @@ def python(code: str, cwd: Path, env: dict, timeout: int = 1200) -> subprocess.C
 
 
 @pytest.fixture(scope="module")
-def notebook(tmp_path_factory):
-    """The notebook cell on a fresh store (it trains the mini zoo), run from a folder of its own."""
+def notebook(tmp_path_factory, mini_zoo):
+    """The notebook cell on a store holding only the trained mini zoo, run from a folder of its own."""
     root = tmp_path_factory.mktemp("seed")
     work = root / "notebook"
     work.mkdir()
     store = root / "store"
+    shutil.copytree(mini_zoo, store / "zoo")
     proc = python(NOTEBOOK, work, notebook_env(UNLIB_STORE=str(store)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     tables = {name: pd.read_csv(work / "out" / f"{name}.csv") for name in (*TABLES, "selected")}
@@ -78,7 +79,7 @@ def test_the_notebook_cell_prints_nothing_and_writes_to_its_store(notebook):
     assert (notebook["store"] / RESULTS / "run.json").exists()
     assert not (notebook["work"] / "store").exists(), "the store is where UNLIB_STORE says, not in the cwd"
     tables = notebook["tables"]
-    assert list(tables["excess"].columns) == EXCESS_COLUMNS + SPLIT_HALF_COLUMNS and len(tables["excess"]) == 128
+    assert list(tables["excess"].columns) == EXCESS_COLUMNS + SPLIT_HALF_COLUMNS + [DEAD_COLUMN] and len(tables["excess"]) == 128
     assert 0 < len(tables["universal"]) < 64
     assert_tables_equal(tables["selected"][["layer", "neuron"]], tables["universal"][["layer", "neuron"]])
 
@@ -121,7 +122,7 @@ def test_the_computer_scores_folders_as_it_scores_loaded_models(notebook, heldou
     # the default 100000, for speed)
     computer = MemoryEfficientExcessCorrelationComputer(folders[:2], device="cpu")
     excess = computer.compute_excess_correlations_for_all_neurons(str(heldout_file), n_tokens=N_TOKENS)
-    assert list(excess.columns) == EXCESS_COLUMNS + SPLIT_HALF_COLUMNS and len(excess) == 128
+    assert list(excess.columns) == EXCESS_COLUMNS + SPLIT_HALF_COLUMNS + [DEAD_COLUMN] and len(excess) == 128
     assert np.isfinite(excess[["excess_correlation", "excess_se"]].values).all()
     assert (excess["n_models_compared"] == 1).all() and excess["excess_correlation"].max() > THRESHOLD
 

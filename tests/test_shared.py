@@ -34,9 +34,10 @@ def same_results(store: Path, reference: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def fresh_run(tmp_path_factory):
+def fresh_run(tmp_path_factory, mini_zoo):
     """One uninterrupted run on a fresh store (local scheduler): the results to compare with."""
     store = tmp_path_factory.mktemp("fresh")
+    shutil.copytree(mini_zoo, store / "zoo")
     proc = analyze(store, *ARGS, "--scheduler", "local")
     assert proc.returncode == 0, proc.stderr
     return store
