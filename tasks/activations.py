@@ -8,7 +8,7 @@ import luigi
 from tasks.common import CheckpointParams, H5Target, PipelineTask, TaskProgress, store
 from tasks.data import TokenizeDataset
 from tasks.zoo import model_requirement
-from unlib.activations import cache_activations
+from unlib.activations import CACHE_DTYPE, cache_activations
 from unlib.data import read_tokens
 from unlib.models import load_model, model_location
 
@@ -36,6 +36,7 @@ class CacheActivations(CheckpointParams, PipelineTask):
         return {"model": self.spec.model_id, "revision": revision or "",
                 "checkpoint": -1 if self.checkpoint is None else self.checkpoint,
                 "tokens_file": f"{tokens.parent.name}/{tokens.name}", "hook": "blocks.<layer>.mlp.hook_post",
+                "dtype": CACHE_DTYPE,
                 "inputs": {**self.token_inputs(), **self.model_inputs([self.model])}}
 
     def output(self):

@@ -93,13 +93,12 @@ def test_cached_rows_are_the_kept_positions(run):
         with h5py.File(cache, "r") as f:
             cached = np.concatenate([f[k][:].astype(np.float64) for k in sorted(f)], axis=1)
         assert cached.shape == expected.shape == (N_TOKENS, 2 * 48)
-        # float16 rounding: half an ulp of the value, plus float32 noise before rounding
-        assert np.all(np.abs(cached - expected) <= np.abs(expected) * 2**-11 + 1e-5)
+        # float32 noise (TransformerLens and the direct run sum in different orders)
+        assert np.all(np.abs(cached - expected) <= np.abs(expected) * 1e-5 + 1e-6)
 
 
 def test_correlations_are_numpys_on_the_kept_rows(run):
-    a, b = (direct_activations(run["root"] / n, run["tokens"], run["keep"]).astype(np.float16).astype(np.float64)
-            for n in "ab")
+    a, b = (direct_activations(run["root"] / n, run["tokens"], run["keep"]) for n in "ab")
     corr = np.corrcoef(a.T, b.T)[: a.shape[1], a.shape[1]:]
     corr = np.nan_to_num(corr)  # a constant neuron's correlations are 0
     pairwise = run["pairwise"].sort_values(["layer", "neuron"])

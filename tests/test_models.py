@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from unlib import data, zoo
-from unlib.models import (STANFORD_CHECKPOINTS, ModelError, check_checkpoint, load_model, model_location,
-                          mlp_shape, resolve_model_set)
+from unlib.models import (ModelError, ModelSpec, available_checkpoints, check_checkpoint, load_model,
+                          model_location, mlp_shape, resolve_model_set)
 
 
 def test_stanford_sets_expand_to_five_seeds_with_checkpoint_revisions():
@@ -16,10 +16,29 @@ def test_stanford_sets_expand_to_five_seeds_with_checkpoint_revisions():
     medium = resolve_model_set("stanford-gpt2-medium")
     assert medium.models[4].name == "stanford-crfm/eowyn-gpt2-medium-x777"
     assert model_location(small.models[1], 20000) == ("stanford-crfm/battlestar-gpt2-small-x49", "checkpoint-20000")
-    assert len(STANFORD_CHECKPOINTS) == 10 + 38 + 180 + 381 and STANFORD_CHECKPOINTS[-1] == 400000
+    steps = available_checkpoints(small.models[0])
+    assert len(steps) == 10 + 38 + 180 + 381 and steps[-1] == 400000
     check_checkpoint(small.models[0], 1950)
     with pytest.raises(ModelError, match="nearest: 19900 or 20000"):
         check_checkpoint(small.models[0], 19950)
+
+
+def test_pythia_set_is_the_four_160m_seeds_with_step_revisions():
+    pythia = resolve_model_set("pythia-160m")
+    assert [m.name for m in pythia.models] == ["EleutherAI/pythia-160m"] + [f"EleutherAI/pythia-160m-seed{s}"
+                                                                             for s in (1, 2, 3)]
+    steps = available_checkpoints(pythia.models[2])
+    assert steps[:12] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000] and steps[-1] == 143000
+    assert len(steps) == 11 + 143
+    assert model_location(pythia.models[2], 512) == ("EleutherAI/pythia-160m-seed2", "step512")
+    assert model_location(pythia.models[0], None) == ("EleutherAI/pythia-160m", None)
+    with pytest.raises(ModelError, match="no checkpoint at step 700; nearest: 512 or 1000"):
+        check_checkpoint(pythia.models[0], 700)
+    with pytest.raises(ModelError, match="huggingface-cli download EleutherAI/pythia-160m-seed3 --revision step4000"):
+        mlp_shape(pythia.models[3], 4000)
+    # a hub model outside the checkpointed families has no schedule: CHECKPOINT is refused
+    with pytest.raises(ModelError, match="has no training checkpoints"):
+        check_checkpoint(ModelSpec("gpt2", "gpt2"), 1000)
 
 
 def test_unreachable_hub_model_is_a_clear_error():

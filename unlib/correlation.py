@@ -576,7 +576,7 @@ def run_engine(chunks, layer_sizes: list[list[int]], reference: int = 0, n_rotat
 class MemoryEfficientExcessCorrelationComputer:
     """Excess correlations of a reference model's neurons against the other models, computed
     without an activation cache: every model runs on the same token batch and the
-    activations (rounded to float16, as a cache would store them) feed the engine.
+    activations (float32, as a cache holds them) feed the engine.
 
     model_names: a model set name (`toy-zoo-mini`, `stanford-gpt2-small`; a toy zoo must be
     trained in the store already), a list of Hugging Face names and local model folders (or

@@ -1,15 +1,18 @@
 """Model sets, checkpoints, and loading models through TransformerLens's TransformerBridge.
 
-A model set is a named group of same-architecture, different-seed models: the built-in
-toy zoo, the Stanford CRFM GPT-2 seeds, or any comma-separated list of Hugging Face names
-and local `save_pretrained` folders (optionally holding `checkpoint-<step>` subfolders).
+A model set is a named group of different-seed models: the built-in toy zoo, the Stanford
+CRFM GPT-2 seeds, the Pythia-160m seeds, or any comma-separated list of Hugging Face names
+and local `save_pretrained` folders (optionally holding `checkpoint-<step>` or `step<N>`
+subfolders). Hub sets, checkpoint schedules and revision names are TransformerLens's own.
 """
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import dataclasses
 import functools
+import logging
 import os
 import re
 from pathlib import Path
@@ -19,7 +22,7 @@ import torch
 from unlib import UserError
 from unlib.data import OFFLINE_CORPUS, PILE_SAMPLE
 from unlib.store import file_fingerprint, short_hash, slug
-from unlib.zoo import TRAINING_STATE, ZooConfig, quiet_transformers, saved_steps
+from unlib.zoo import TRAINING_STATE, ZooConfig, quiet_transformers
 
 ZOOS = {
     "toy-zoo": ZooConfig(name="toy-zoo"),
@@ -51,14 +54,20 @@ PAPER_DEFAULTS = SetDefaults(dataset=PILE_SAMPLE, ctx_len=512, exclude_tokens="b
 ZOO_DEFAULTS = {"toy-zoo": SetDefaults(OFFLINE_CORPUS, 64, "bos", 0.3),
                 "toy-zoo-mini": SetDefaults(OFFLINE_CORPUS, 64, "bos", 0.1)}
 
-STANFORD_SEEDS = {
-    "stanford-gpt2-small": [f"stanford-crfm/{n}-gpt2-small-x{s}" for n, s in
-                            zip(["alias", "battlestar", "caprica", "darkmatter", "expanse"], [21, 49, 81, 343, 777])],
-    "stanford-gpt2-medium": [f"stanford-crfm/{n}-gpt2-medium-x{s}" for n, s in
-                             zip(["arwen", "beren", "celebrimbor", "durin", "eowyn"], [21, 49, 81, 343, 777])],
-}
-STANFORD_CHECKPOINTS = (list(range(0, 100, 10)) + list(range(100, 2000, 50))
-                        + list(range(2000, 20000, 100)) + list(range(20000, 400001, 1000)))
+# The paper's seed sets, as patterns over TransformerLens's supported models: five Stanford CRFM
+# GPT-2 seeds of each size (x21 ... x777, in that order), and Pythia-160m with its seed1-3 reruns.
+HUB_SETS = {"stanford-gpt2-small": r"stanford-crfm/\w+-gpt2-small-x\d+",
+            "stanford-gpt2-medium": r"stanford-crfm/\w+-gpt2-medium-x\d+",
+            "pythia-160m": r"EleutherAI/pythia-160m(-seed\d+)?"}
+
+
+def hub_set(name: str) -> list[str]:
+    """The hub models of a HUB_SETS set, from TransformerLens's list of supported models."""
+    from transformer_lens.supported_models import OFFICIAL_MODEL_NAMES
+
+    models = [m for m in OFFICIAL_MODEL_NAMES if re.fullmatch(HUB_SETS[name], m)]
+    seed = lambda m: int(re.search(r"(\d+)$", m).group(1)) if re.search(r"-(x|seed)\d+$", m) else 0  # noqa: E731
+    return sorted(models, key=seed)
 
 
 class ModelError(UserError):
@@ -107,11 +116,11 @@ def resolve_model_set(models: str, store_root: str | Path | None = None) -> Mode
         specs = tuple(ModelSpec(name=f"{models}/seed-{s}", source=str(store.zoo_model_dir(cfg.zoo_id, s)),
                                 zoo=models, seed=s) for s in cfg.seeds)
         return ModelSet(models, specs, ZOO_DEFAULTS[models])
-    if models in STANFORD_SEEDS:
-        return ModelSet(models, tuple(ModelSpec(n, n) for n in STANFORD_SEEDS[models]))
+    if models in HUB_SETS:
+        return ModelSet(models, tuple(ModelSpec(n, n) for n in hub_set(models)))
     names = [m.strip() for m in models.split(",") if m.strip()]
     if len(names) < 2:
-        known = ", ".join(list(ZOOS) + list(STANFORD_SEEDS))
+        known = ", ".join(list(ZOOS) + list(HUB_SETS))
         raise ModelError(f"unknown model set {models!r}: use one of {known}, "
                          f"or a comma-separated list of at least two models")
     specs, seen = [], {}
@@ -148,17 +157,48 @@ def list_name(names: list[str]) -> str:
     return f"{label}-{short_hash(keys, 6)}"
 
 
+# Checkpoint subfolders of a local model: `checkpoint-<step>` (Hugging Face Trainer, Stanford
+# CRFM) or `step<N>` (Pythia's revision names).
+CHECKPOINT_FOLDER = re.compile(r"(?:checkpoint-|step)(\d+)")
+
+
+def local_checkpoints(folder: str | Path) -> dict[int, Path]:
+    """{step: subfolder} of a local model folder's checkpoint subfolders."""
+    found = {}
+    for p in Path(folder).iterdir():
+        match = CHECKPOINT_FOLDER.fullmatch(p.name)
+        if match and p.is_dir():
+            found[int(match.group(1))] = p
+    return dict(sorted(found.items()))
+
+
 def available_checkpoints(spec: ModelSpec) -> list[int] | None:
-    """Training steps a model offers, or None when it has no checkpoint schedule."""
+    """Training steps a model offers, or None when it has no checkpoint schedule: a toy zoo's
+    saved steps, a local folder's checkpoint subfolders, or TransformerLens's schedule for a
+    checkpointed hub family (Stanford CRFM, Pythia)."""
     if spec.zoo is not None:
         return sorted(ZOOS[spec.zoo].save_steps)
-    if spec.source.startswith("stanford-crfm/"):
-        return STANFORD_CHECKPOINTS
     if os.path.isdir(spec.source):
-        steps = [int(p.name.split("-", 1)[1]) for p in Path(spec.source).glob("checkpoint-*")
-                 if p.name.split("-", 1)[1].isdigit()]
-        return sorted(steps) or None
-    return None
+        return list(local_checkpoints(spec.source)) or None
+    from transformer_lens.tools.model_registry.checkpoints import get_checkpoint_labels
+
+    try:
+        with tl_warnings_silenced():
+            labels, kind = get_checkpoint_labels(spec.source)
+    except (ValueError, OSError):  # not checkpointed (or, offline, a family listed only on the hub)
+        return None
+    return sorted(labels) if kind == "step" else None
+
+
+@contextlib.contextmanager
+def tl_warnings_silenced():
+    """TransformerLens's checkpoint schedules log a warning to the root logger on every Pythia
+    lookup (a note on Pythia's 2023 re-upload); we ask often and the note is not the user's."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
@@ -232,17 +272,29 @@ def resolve_device(device: str) -> str:
 
 
 def model_location(spec: ModelSpec, checkpoint: int | None) -> tuple[str, str | None]:
-    """(path or hub name, hub revision) to load `spec` at `checkpoint`."""
+    """(path or hub name, hub revision) to load `spec` at `checkpoint` (None: its final
+    weights; a local folder without its own config.json: its last checkpoint subfolder).
+    A hub revision follows TransformerLens's convention for the family (`checkpoint-<step>`
+    for Stanford CRFM, `step<N>` for Pythia)."""
     if spec.zoo is not None:
         step = checkpoint if checkpoint is not None else max(ZOOS[spec.zoo].save_steps)
         return str(Path(spec.source) / f"checkpoint-{step}"), None
     if os.path.isdir(spec.source):
+        steps = local_checkpoints(spec.source)
         if checkpoint is not None:
-            return str(Path(spec.source) / f"checkpoint-{checkpoint}"), None
-        if not (Path(spec.source) / "config.json").exists() and saved_steps(spec.source):
-            return str(Path(spec.source) / f"checkpoint-{saved_steps(spec.source)[-1]}"), None
+            return str(steps.get(checkpoint, Path(spec.source) / f"checkpoint-{checkpoint}")), None
+        if not (Path(spec.source) / "config.json").exists() and steps:
+            return str(steps[max(steps)]), None
         return spec.source, None
-    return spec.source, (f"checkpoint-{checkpoint}" if checkpoint is not None else None)
+    if checkpoint is None:
+        return spec.source, None
+    from transformer_lens.model_bridge.sources.transformers import _resolve_checkpoint_to_revision
+
+    try:
+        with tl_warnings_silenced():
+            return spec.source, _resolve_checkpoint_to_revision(spec.source, None, checkpoint)
+    except ValueError as exc:
+        raise ModelError(f"model {spec.name} has no checkpoint at step {checkpoint} ({exc})") from exc
 
 
 @functools.lru_cache(maxsize=None)
@@ -404,17 +456,32 @@ def load_model(spec: ModelSpec, checkpoint: int | None, device: str = "cpu"):
     return model
 
 
+def is_gated(model) -> bool:
+    """Whether the model's MLP is gated (Llama-style: down(act(gate(x)) * up(x)))."""
+    return "blocks.0.mlp.hook_pre_linear" in model.hook_dict
+
+
 @torch.no_grad()
 def processed_weights(model) -> dict[str, torch.Tensor]:
     """A bridge's MLP and unembedding weights after HookedTransformer's default processing (fold
     LayerNorm, centre writing weights, centre the unembedding), as float64 CPU tensors: W_in
-    (layers, d_model, d_mlp), b_in (layers, d_mlp), W_out (layers, d_mlp, d_model), W_U (d_model, vocab)."""
+    (layers, d_model, d_mlp), b_in (layers, d_mlp), W_out (layers, d_mlp, d_model), W_U (d_model, vocab).
+    For a gated MLP, W_in is the gate (what `hook_pre` reads) and b_in its bias, zero where the
+    model has none; the up projection (`hook_pre_linear`) only scales the gated output."""
     # A copy is processed so that the caller's bridge keeps its raw weights, hooks and activations.
     processed = copy.deepcopy(model)
     # Not a bare process_weights(): that leaves the b_in alias on the unfolded bias (TransformerLens 4);
     # compatibility mode re-points the aliases at the processed tensors.
     processed.enable_compatibility_mode(disable_warnings=True)
-    return {name: getattr(processed, name).detach().double().cpu() for name in ("W_in", "b_in", "W_out", "W_U")}
+    gated = is_gated(model)
+    w_in = processed.W_gate if gated else processed.W_in
+    try:  # a bias-free projection has no stacked bias (TransformerLens raises AttributeError)
+        b_in = getattr(processed, "b_gate" if gated else "b_in")
+    except AttributeError:
+        b_in = None
+    b_in = torch.zeros(w_in.shape[0], w_in.shape[2]) if b_in is None else b_in
+    return {name: t.detach().double().cpu() for name, t in
+            (("W_in", w_in), ("b_in", b_in), ("W_out", processed.W_out), ("W_U", processed.W_U))}
 
 
 def hook_post(layer: int) -> str:
@@ -432,12 +499,17 @@ def default_keep(tokens: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+class _AllCaptured(Exception):
+    """Raised by the last layer's hook: what follows it (the unembedding) is not needed."""
+
+
 @torch.no_grad()
 def mlp_activations(model, tokens: torch.Tensor, keep: torch.Tensor | None = None,
                     hook: str = "post") -> list[torch.Tensor]:
     """Per-layer MLP activations of a token batch (batch, ctx) at the kept positions (`keep`,
     a boolean (batch, ctx) mask, default every position but BOS at 0), as (kept positions,
-    d_mlp) float32 tensors on the model's device, positions in row-major order."""
+    d_mlp) float32 tensors on the model's device, positions in row-major order. The forward
+    pass stops at the last layer's hook, so its cost does not grow with the vocabulary."""
     n_layers = model.cfg.n_layers
     name = hook_post if hook == "post" else hook_pre
     keep = (default_keep(tokens) if keep is None else keep).to(tokens.device)
@@ -447,8 +519,13 @@ def mlp_activations(model, tokens: torch.Tensor, keep: torch.Tensor | None = Non
         # Bridge hook points may report an aliased name, so the layer comes from the closure.
         def keep_activations(act, hook):
             captured[layer] = act[keep].float()
+            if layer == n_layers - 1:
+                raise _AllCaptured
             return act
         return keep_activations
 
-    model.run_with_hooks(tokens, fwd_hooks=[(name(l), keeper(l)) for l in range(n_layers)], return_type=None)
+    try:
+        model.run_with_hooks(tokens, fwd_hooks=[(name(l), keeper(l)) for l in range(n_layers)], return_type=None)
+    except _AllCaptured:
+        pass
     return captured

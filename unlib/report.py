@@ -63,11 +63,12 @@ def print_comparison(console: Console, compare_dir: Path) -> None:
 # ---- HTML reports ----------------------------------------------------------------------
 REFERENCE_DATA = Path(__file__).resolve().parent / "reference_data"
 # Published universal-neuron tables (Gurnee et al. 2024): the file, the neurons it covers,
-# the model it scores (seed a) and that model's final training step.
+# the model it scores (the set's first seed) and that model's final training step.
 PUBLISHED = {"stanford-gpt2-small": ("gurnee2024_stanford-gpt2-small-a_universal.csv", 12 * 3072,
                                      "stanford-crfm/alias-gpt2-small-x21", 400_000),
              "stanford-gpt2-medium": ("gurnee2024_stanford-gpt2-medium-a_universal.csv", 24 * 4096,
-                                      "stanford-crfm/arwen-gpt2-medium-x21", 400_000)}
+                                      "stanford-crfm/arwen-gpt2-medium-x21", 400_000),
+             "pythia-160m": ("gurnee2024_pythia-160m_universal.csv", 12 * 3072, "EleutherAI/pythia-160m", 143_000)}
 # Below this many analysed tokens a run's universal set is too noisy to set beside the paper's
 # (which used 100 million); the split-half interval shows how noisy.
 PAPER_MIN_TOKENS = 1_000_000
@@ -165,7 +166,7 @@ def paper_comparison_html(run: dict, excess: pd.DataFrame, universal: pd.DataFra
     published = published_reference(run["model_set"])
     if not published:
         return "<p>No published figures exist for this model set.</p>"
-    source = f"Gurnee et al. 2024, seed a, {esc(published['file'])}"
+    source = f"Gurnee et al. 2024, {esc(published['model'])}, {esc(published['file'])}"
     recall = ""
     if run["reference"] == published["model"]:
         value = rank_recall(excess, published["table"])
