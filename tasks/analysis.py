@@ -3,20 +3,26 @@ the root task of one analysis run."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+import luigi
 import numpy as np
 import pandas as pd
 
-from tasks.common import ResultTask, RunParams, TaskProgress
+from tasks.common import CheckpointParams, CorrelationParams, ResultTask, RunParams, TaskProgress, store
 from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
 from unlib.correlation import HALF_BLOCK_ROWS, SPLIT_HALF_COLUMNS, LayerResult, excess_tables
 from unlib.data import DOCUMENT_SEED, read_tokens, token_file_record
-from unlib.models import load_model, model_location
-from unlib.plots import UniversalNeuronVisualizer
+from unlib.models import load_model, model_fingerprint, model_location
+from unlib.plots import UniversalNeuronVisualizer, corr_vs_baseline
 from unlib.selection import UniversalNeuronAnalyzer, jaccard_index, split_half_sets
 from unlib.stats import NeuronStatsGenerator
-from unlib.store import atomic_path, write_json
+from unlib.store import atomic_path, link_file, write_json
+
+# The tables a run's results folder shows beside its own files, linked from where they are
+# kept (keyed by what changes them, so runs differing only in threshold or top-k share them).
+SHARED_TABLES = ("excess_correlation_scores.csv", "pairwise_correlations.csv", "neuron_stats.csv")
 
 
 def write_csv(df: pd.DataFrame, path: str) -> None:
@@ -24,16 +30,18 @@ def write_csv(df: pd.DataFrame, path: str) -> None:
         df.to_csv(tmp, index=False, float_format="%.6g")
 
 
-class ExcessCorrelation(RunParams, ResultTask):
-    """excess_correlation_scores.csv and pairwise_correlations.csv of the reference model."""
+class ExcessCorrelation(CorrelationParams, ResultTask):
+    """excess_correlation_scores.csv and pairwise_correlations.csv of the reference model, kept
+    beside its correlations: the same for every threshold and top-k."""
 
     def requires(self):
         return self.correlations()
 
     def output(self):
-        d = self.results_dir()
-        return {"excess": self.result_target(d / "excess_correlation_scores.csv"),
-                "pairwise": self.result_target(d / "pairwise_correlations.csv")}
+        d = store().correlation_dir(self.correlations().run_key(), self.model_set.models[self.reference].model_id)
+        # all_references only changes how the correlations were scheduled, not these files
+        return {"excess": self.result_target(d / "excess_correlation_scores.csv", ignore=("all_references",)),
+                "pairwise": self.result_target(d / "pairwise_correlations.csv", ignore=("all_references",))}
 
     def write(self):
         targets = self.input()
@@ -43,21 +51,26 @@ class ExcessCorrelation(RunParams, ResultTask):
         write_csv(excess, self.output()["excess"].path)
 
 
-class NeuronStats(RunParams, ResultTask):
-    """neuron_stats.csv: weight and activation statistics of the reference model."""
+class NeuronStats(CheckpointParams, ResultTask):
+    """neuron_stats.csv: weight and activation statistics of the reference model, kept per
+    model, checkpoint and token file (shared by every run on them)."""
+
+    reference = luigi.IntParameter(default=0, description="index of the model in the set")
 
     def requires(self):
         return {"tokens": self.clone(TokenizeDataset),
                 "model": model_requirement(self.model_set.models[self.reference])}
 
     def inputs(self) -> dict[str, str]:
-        """The tokens and the reference model only: the task runs as soon as that model is
-        trained, so sealing the other models' fingerprints ("not trained yet" on a cold run)
-        would make its file stale once they are, and fail the task that reads it."""
-        return {**self.token_inputs(), **self.model_inputs([self.reference])}
+        """The tokens and the reference model only, by content (not by its place or spelling in
+        the set, so every set holding it shares the file)."""
+        return {**self.token_inputs(), "model": model_fingerprint(self.model_set.models[self.reference],
+                                                                   self.checkpoint)}
 
     def output(self):
-        return self.result_target(self.results_dir() / "neuron_stats.csv")
+        spec = self.model_set.models[self.reference]
+        path = store().neuron_stats(spec.model_id, self.checkpoint, Path(self.clone(TokenizeDataset).output().path))
+        return self.result_target(path, ignore=("reference",))
 
     def write(self):
         tokens, keep = read_tokens(self.input()["tokens"].path)
@@ -87,9 +100,10 @@ class SelectUniversal(RunParams, ResultTask):
 
 
 class Plots(RunParams, ResultTask):
-    """The run's three figures."""
+    """The run's figures."""
 
-    NAMES = ("excess_correlation_distribution", "universal_neurons_by_layer", "excess_correlation_vs_properties")
+    NAMES = ("excess_correlation_distribution", "universal_neurons_by_layer", "excess_correlation_vs_properties",
+             "max_correlation_vs_baseline")
 
     def requires(self):
         return {"excess": self.clone(ExcessCorrelation), "stats": self.clone(NeuronStats),
@@ -110,20 +124,28 @@ class Plots(RunParams, ResultTask):
         viz.excess_distribution(out["excess_correlation_distribution"].path)
         viz.universal_by_layer(out["universal_neurons_by_layer"].path, universal)
         viz.excess_vs_properties(out["excess_correlation_vs_properties"].path)
+        corr_vs_baseline(excess, float(cut), out["max_correlation_vs_baseline"].path, title)
 
 
 class UniversalNeuronsAnalysis(RunParams, ResultTask):
     """Root of one analysis run; writes run.json (parameters, provenance, layer summary,
-    split-half stability of the universal set)."""
+    split-half stability of the universal set) and shows the run's shared tables (excess
+    scores, pairwise correlations, neuron statistics) in its results folder."""
 
     def requires(self):
         return {"excess": self.clone(ExcessCorrelation), "universal": self.clone(SelectUniversal),
                 "plots": self.clone(Plots), "stats": self.clone(NeuronStats)}
 
     def output(self):
-        return self.result_target(self.results_dir() / "run.json")
+        d = self.results_dir()
+        return {"run": self.result_target(d / "run.json"),
+                **{name: self.result_target(d / name) for name in SHARED_TABLES}}
 
     def write(self):
+        tables = self.input()
+        sources = (tables["excess"]["excess"], tables["excess"]["pairwise"], tables["stats"])
+        for name, source in zip(SHARED_TABLES, sources):
+            link_file(source.path, self.output()[name].path)
         excess = pd.read_csv(self.input()["excess"]["excess"].path)
         universal = pd.read_csv(self.input()["universal"].path)
         summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)
@@ -132,7 +154,7 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
         correlation = LayerResult.attributes(self.correlations().output()[(self.reference, 0)].path)
         token_file = token_file_record(self.clone(TokenizeDataset).output().path)
         ms = self.model_set
-        write_json(self.output().path, {
+        write_json(self.output()["run"].path, {
             "model_set": ms.name, "models": [m.name for m in ms.models],
             "locations": [model_location(m, self.checkpoint) for m in ms.models],
             "reference": ms.models[self.reference].name, "checkpoint": self.checkpoint,

@@ -192,6 +192,14 @@ class CheckpointParams(TokenParams):
         """Every input whose content the task's outputs depend on, by name."""
         return {**self.token_inputs(), **self.model_inputs()}
 
+    def result_target(self, path, ignore: tuple[str, ...] = ()) -> ResultTarget:
+        """A sealed results file of this task: its provenance is the task's parameters (the model
+        set and dataset by content, not spelling; minus those in `ignore`, which do not change
+        the file) and every input's fingerprint."""
+        params = {k: v for k, v in self.to_str_params(only_significant=True).items()
+                  if k not in ("models", "dataset", *ignore)}
+        return ResultTarget(path, {"task": self.get_task_family(), **params, "inputs": self.inputs()})
+
 
 class CorrelationParams(CheckpointParams):
     reference = luigi.IntParameter(default=DEFAULTS["reference"], description="index of the reference model")
@@ -201,17 +209,17 @@ class CorrelationParams(CheckpointParams):
     cache = luigi.Parameter(default="auto", significant=False, description="activation caches: 1, 0 or auto")
     memory = luigi.Parameter(default="", significant=False, description="correlation memory budget, e.g. 8G")
 
-
-class RunParams(CorrelationParams):
-    threshold = luigi.OptionalFloatParameter(default=None, description="None = the model set's default")
-    top_k = luigi.OptionalIntParameter(default=None)
-
     def correlations(self):
         """The correlation task this run reads. With all_references, every reference's run
         shares one task (reference 0 names it), so the pass over the tokens happens once."""
         from tasks.correlation import Correlations
 
         return self.clone(Correlations, reference=0) if self.all_references else self.clone(Correlations)
+
+
+class RunParams(CorrelationParams):
+    threshold = luigi.OptionalFloatParameter(default=None, description="None = the model set's default")
+    top_k = luigi.OptionalIntParameter(default=None)
 
     @property
     def effective_threshold(self) -> float:
@@ -225,12 +233,6 @@ class RunParams(CorrelationParams):
 
     def results_dir(self):
         return store().results(self.model_set.name, self.checkpoint, self.variant())
-
-    def result_target(self, path) -> ResultTarget:
-        """A sealed results file of this task: its provenance is the task's parameters (the model
-        set and dataset by content, not spelling) and every input's fingerprint."""
-        params = {k: v for k, v in self.to_str_params(only_significant=True).items() if k not in ("models", "dataset")}
-        return ResultTarget(path, {"task": self.get_task_family(), **params, "inputs": self.inputs()})
 
 
 class ResultTask(PipelineTask):

@@ -6,11 +6,13 @@ from pathlib import Path
 import luigi
 import pandas as pd
 
-from tasks.analysis import Plots, UniversalNeuronsAnalysis, write_csv
+from tasks.activations import CacheActivations
+from tasks.analysis import Plots, SelectUniversal, UniversalNeuronsAnalysis, write_csv
 from tasks.common import ResultTask, RunParams, store
 from tasks.data import TokenizeDataset
 from tasks.zoo import model_requirement
 from unlib import compare, plots
+from unlib.activations import ActivationCache
 from unlib.data import read_tokens
 from unlib.models import load_model, load_tokenizer
 from unlib.report import compare_report_html, neuron_cards, run_report_html
@@ -31,28 +33,28 @@ class RunReport(RunParams, ResultTask):
 
     def requires(self):
         return {"analysis": self.clone(UniversalNeuronsAnalysis), "plots": self.clone(Plots),
-                "tokens": self.clone(TokenizeDataset), "model": model_requirement(self.model_set.models[self.reference])}
+                "universal": self.clone(SelectUniversal), "tokens": self.clone(TokenizeDataset),
+                "model": model_requirement(self.model_set.models[self.reference])}
 
     def output(self):
         return self.result_target(self.results_dir() / "report.html")
 
     def write(self):
-        d = self.results_dir()
-        run = read_json(self.input()["analysis"].path)
-        run["run_name"] = d.name
-        excess = pd.read_csv(d / "excess_correlation_scores.csv")
-        universal = pd.read_csv(d / "universal_neurons.csv")
-        pairwise = pd.read_csv(d / "pairwise_correlations.csv")
-        stats = pd.read_csv(d / "neuron_stats.csv")
-        figures = {name: d / "plots" / f"{name}.png" for name in Plots.NAMES}
-        figures["max_correlation_vs_baseline"] = d / "plots" / "max_correlation_vs_baseline.png"
-        plots.corr_vs_baseline(excess, run["threshold"] if self.top_k is None else universal["excess_correlation"].min(),
-                               figures["max_correlation_vs_baseline"], f"({self.model_set.name}, {d.name})")
+        analysis = self.input()["analysis"]
+        run = read_json(analysis["run"].path)
+        run["run_name"] = self.results_dir().name
+        excess = pd.read_csv(analysis["excess_correlation_scores.csv"].path)
+        pairwise = pd.read_csv(analysis["pairwise_correlations.csv"].path)
+        stats = pd.read_csv(analysis["neuron_stats.csv"].path)
+        universal = pd.read_csv(self.input()["universal"].path)
+        figures = {name: Path(target.path) for name, target in self.input()["plots"].items()}
         self.set_status_message("neuron cards: activations and contexts of the top universal neurons")
         model = load_model(self.model_set.models[self.reference], self.checkpoint, self.device)
         tokens, keep = read_tokens(self.input()["tokens"].path)
+        cache = self.clone(CacheActivations, model=self.reference).output()  # the run's, if it cached
         cards = neuron_cards(model, load_tokenizer(self.model_set, store().root), tokens, keep, universal, pairwise,
-                             top=TOP_CARDS, batch_size=self.batch_size)
+                             top=TOP_CARDS, batch_size=self.batch_size,
+                             cache=ActivationCache(cache.path) if cache.exists() else None)
         summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)
         write_text(self.output().path, run_report_html(run, excess, stats, universal, summary, figures, cards))
 
@@ -68,7 +70,8 @@ class CompareCheckpoints(RunParams, ResultTask):
                "excess_correlation_distributions")
 
     def requires(self):
-        return {step: self.clone(UniversalNeuronsAnalysis, checkpoint=step) for step in self.steps}
+        return {step: {"analysis": self.clone(UniversalNeuronsAnalysis, checkpoint=step),
+                       "universal": self.clone(SelectUniversal, checkpoint=step)} for step in self.steps}
 
     @property
     def steps(self) -> list[int]:
@@ -89,9 +92,9 @@ class CompareCheckpoints(RunParams, ResultTask):
 
     def write(self):
         excess, universal = {}, {}
-        for step, task in self.requires().items():
-            excess[step] = pd.read_csv(task.results_dir() / "excess_correlation_scores.csv")
-            universal[step] = pd.read_csv(task.results_dir() / "universal_neurons.csv")
+        for step, tables in self.input().items():
+            excess[step] = pd.read_csv(tables["analysis"]["excess_correlation_scores.csv"].path)
+            universal[step] = pd.read_csv(tables["universal"].path)
         sets = compare.neuron_sets(universal)
         halves = {step: split_half_sets(e, self.effective_threshold, self.top_k) for step, e in excess.items()}
         by_checkpoint = compare.universality_by_checkpoint(excess, universal, halves)

@@ -230,24 +230,32 @@ def property_comparison(stats: pd.DataFrame, universal: pd.DataFrame) -> pd.Data
 
 def neuron_cards(model, tokenizer, tokens: np.ndarray, keep: np.ndarray, universal: pd.DataFrame,
                  pairwise: pd.DataFrame, top: int = 20, contexts: int = 5, window: tuple[int, int] = (10, 4),
-                 n_vocab: int = 8, batch_size: int = 32) -> list[dict]:
+                 n_vocab: int = 8, batch_size: int = 32, cache=None) -> list[dict]:
     """Data for the top universal neurons' cards: per-model matches, activations over the
     dataset's kept positions (histogram, top-activating contexts) and the vocabulary its
     output promotes and suppresses (W_out[n] @ W_U on the processed weights, as the vocab_*
-    statistics)."""
+    statistics). The activations come from the model's activation cache (an
+    unlib.activations.ActivationCache of these tokens) when given, else from running it."""
     from unlib.models import mlp_activations, processed_weights
 
     chosen = universal.head(top)
     if chosen.empty:
         return []
-    device = next(model.parameters()).device
     keys = list(zip(chosen["layer"].astype(int), chosen["neuron"].astype(int)))
     columns = {k: [] for k in keys}
-    for seq in range(0, tokens.shape[0], batch_size):
-        batch = torch.from_numpy(tokens[seq:seq + batch_size].astype(np.int64)).to(device)
-        layers = mlp_activations(model, batch, torch.from_numpy(keep[seq:seq + batch_size]))
-        for layer, neuron in keys:
-            columns[(layer, neuron)].append(layers[layer][:, neuron].cpu().numpy())
+    if cache is not None:
+        for layer in sorted({layer for layer, _ in keys}):
+            values = cache.read(layer)
+            for key in keys:
+                if key[0] == layer:
+                    columns[key].append(values[:, key[1]])
+    else:
+        device = next(model.parameters()).device
+        for seq in range(0, tokens.shape[0], batch_size):
+            batch = torch.from_numpy(tokens[seq:seq + batch_size].astype(np.int64)).to(device)
+            layers = mlp_activations(model, batch, torch.from_numpy(keep[seq:seq + batch_size]))
+            for layer, neuron in keys:
+                columns[(layer, neuron)].append(layers[layer][:, neuron].cpu().numpy())
     positions = np.argwhere(keep)  # (sequence, position) of each activation row, row-major like the mask
     weights = processed_weights(model)
     cards = []

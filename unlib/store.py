@@ -110,7 +110,18 @@ class Store:
         return self.root / "activations" / slug(model_id) / checkpoint_label(checkpoint) / tokens_name
 
     def correlation(self, run_key: str, reference_id: str, layer: int) -> Path:
-        return self.root / "correlation" / run_key / slug(reference_id) / f"layer_{layer:03d}.h5"
+        return self.correlation_dir(run_key, reference_id) / f"layer_{layer:03d}.h5"
+
+    def correlation_dir(self, run_key: str, reference_id: str) -> Path:
+        """A reference model's correlations (and the excess scores made from them) for one
+        set of models, tokens and rotations."""
+        return self.root / "correlation" / run_key / slug(reference_id)
+
+    def neuron_stats(self, model_id: str, checkpoint: int | None, tokens_file: Path) -> Path:
+        """A model's neuron statistics over one token file: shared by every run that analyses
+        that model on those tokens, whatever its threshold, reference set or rotations."""
+        tokens_name = f"{tokens_file.parent.name}__{tokens_file.stem}"
+        return self.root / "stats" / slug(model_id) / checkpoint_label(checkpoint) / tokens_name / "neuron_stats.csv"
 
     def free_disk(self) -> tuple[Path, int]:
         """(the nearest existing folder at or above the store root, its free bytes)."""
@@ -147,6 +158,16 @@ def durable_replace(source: Path, target: Path) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def link_file(source: str | Path, target: str | Path) -> None:
+    """Show `source` at `target` too, atomically: a hard link (no copy, and a results folder
+    copied elsewhere keeps real files), or a copy where the filesystem has no hard links."""
+    with atomic_path(target) as tmp:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
 
 
 @contextlib.contextmanager
