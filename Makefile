@@ -1,24 +1,26 @@
 # Universal neurons pipeline. Every variable is documented in README.md.
 PYTHON ?= .venv/bin/python
-MODELS ?= toy-zoo
+# Empty unless set: `python -m tasks` holds every default (tasks/common.py), so a variable is
+# passed on only when given.
+MODELS ?=
 CHECKPOINT ?=
 DATASET ?=
 N_TOKENS ?=
 CTX_LEN ?=
 EXCLUDE_TOKENS ?=
-REFERENCE ?= 0
-ROTATIONS ?= 5
+REFERENCE ?=
+ROTATIONS ?=
 THRESHOLD ?=
 TOP_K ?=
-DEVICE ?= auto
-WORKERS ?= 1
+DEVICE ?=
+WORKERS ?=
 BATCH_SIZE ?=
 QUICK ?=
-SCHEDULER ?= auto
-SCHEDULER_PORT ?= 8082
-CACHE ?= auto
+SCHEDULER ?=
+SCHEDULER_PORT ?=
+CACHE ?=
 CORR_MEMORY ?=
-CHECKPOINTS ?= 100 250 500 1000
+CHECKPOINTS ?=
 
 # Build .venv only when no other interpreter was given (PYTHON=python3 uses yours as is).
 ifeq ($(PYTHON),.venv/bin/python)
@@ -42,20 +44,23 @@ setup: $(SETUP)
 	.venv/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
 
-RUN_ARGS = --models "$(MODELS)" --dataset "$(DATASET)" --n-tokens "$(N_TOKENS)" --ctx-len "$(CTX_LEN)" \
-	--exclude-tokens "$(EXCLUDE_TOKENS)" \
-	--reference "$(REFERENCE)" --rotations "$(ROTATIONS)" --threshold "$(THRESHOLD)" --top-k "$(TOP_K)" \
-	--device "$(DEVICE)" --workers "$(WORKERS)" --batch-size "$(BATCH_SIZE)" --scheduler "$(SCHEDULER)" --scheduler-port "$(SCHEDULER_PORT)" \
-	--cache "$(CACHE)" --memory "$(CORR_MEMORY)" $(if $(QUICK),--quick)
+# `--option "value"` for each variable that is set (given empty, as `N_TOKENS=`, it stays unset).
+option = $(if $(strip $($(1))),--$(2) "$($(1))")
+RUN_ARGS = $(call option,MODELS,models) $(call option,DATASET,dataset) $(call option,N_TOKENS,n-tokens) \
+	$(call option,CTX_LEN,ctx-len) $(call option,EXCLUDE_TOKENS,exclude-tokens) $(call option,REFERENCE,reference) \
+	$(call option,ROTATIONS,rotations) $(call option,THRESHOLD,threshold) $(call option,TOP_K,top-k) \
+	$(call option,DEVICE,device) $(call option,WORKERS,workers) $(call option,BATCH_SIZE,batch-size) \
+	$(call option,SCHEDULER,scheduler) $(call option,SCHEDULER_PORT,scheduler-port) $(call option,CACHE,cache) \
+	$(call option,CORR_MEMORY,memory) $(if $(QUICK),--quick)
 
 analyze: $(SETUP)
-	$(PYTHON) -m tasks analyze $(RUN_ARGS) --checkpoint "$(CHECKPOINT)"
+	$(PYTHON) -m tasks analyze $(RUN_ARGS) $(call option,CHECKPOINT,checkpoint)
 
 report: $(SETUP)
-	$(PYTHON) -m tasks report $(RUN_ARGS) --checkpoint "$(CHECKPOINT)"
+	$(PYTHON) -m tasks report $(RUN_ARGS) $(call option,CHECKPOINT,checkpoint)
 
 compare: $(SETUP)
-	$(PYTHON) -m tasks compare $(RUN_ARGS) --checkpoints "$(CHECKPOINTS)"
+	$(PYTHON) -m tasks compare $(RUN_ARGS) $(call option,CHECKPOINTS,checkpoints)
 
 test: $(SETUP) browser
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests
@@ -68,10 +73,10 @@ browser:
 bench: $(SETUP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.run
 
-# The Luigi central scheduler (web UI at http://127.0.0.1:$(SCHEDULER_PORT)); state, pid
+# The Luigi central scheduler (web UI at http://127.0.0.1:8082, or SCHEDULER_PORT); state, pid
 # file and logs under store/scheduler/.
 scheduler: $(SETUP)
-	$(PYTHON) -m tasks scheduler start --scheduler-port $(SCHEDULER_PORT)
+	$(PYTHON) -m tasks scheduler start $(call option,SCHEDULER_PORT,scheduler-port)
 
 scheduler-stop: $(SETUP)
 	$(PYTHON) -m tasks scheduler stop

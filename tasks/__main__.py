@@ -12,7 +12,7 @@ from rich.console import Console
 
 from tasks import scheduler
 from tasks.api import AnalysisFailed, build_analyses, check_workers, read_results, run_analysis
-from tasks.common import BATCH_SIZE, DEFAULTS
+from tasks.common import BATCH_SIZE, DEFAULTS, EXECUTION_DEFAULTS
 from unlib import UserError
 from tasks.report import CompareCheckpoints, RunReport
 from unlib.report import print_comparison, print_summary
@@ -54,19 +54,20 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--n-tokens", type=number(int, "N_TOKENS", optional=True), default=None)
     common.add_argument("--ctx-len", type=number(int, "CTX_LEN", optional=True), default=None)
     common.add_argument("--exclude-tokens", default="", help="EXCLUDE_TOKENS; empty: the model set's default")
-    common.add_argument("--reference", default="0")
+    common.add_argument("--reference", default=str(DEFAULTS["reference"]))
     common.add_argument("--rotations", type=number(int, "ROTATIONS"), default=DEFAULTS["rotations"])
     common.add_argument("--threshold", type=number(float, "THRESHOLD", optional=True), default=None)
     common.add_argument("--top-k", type=number(int, "TOP_K", optional=True), default=None)
-    common.add_argument("--device", default="auto")
-    common.add_argument("--cache", default="auto")
+    common.add_argument("--device", default=EXECUTION_DEFAULTS["device"])
+    common.add_argument("--cache", default=EXECUTION_DEFAULTS["cache"])
     common.add_argument("--memory", default="", help="correlation memory budget (CORR_MEMORY), e.g. 8G")
-    common.add_argument("--workers", type=number(int, "WORKERS"), default=1)
+    common.add_argument("--workers", type=number(int, "WORKERS"), default=EXECUTION_DEFAULTS["workers"])
     common.add_argument("--batch-size", type=number(int, "BATCH_SIZE", optional=True), default=None,
                         help=f"sequences per forward pass (default {BATCH_SIZE})")
     common.add_argument("--quick", action="store_true", help=f"smoke run on {QUICK_TOKENS} tokens")
-    common.add_argument("--scheduler", choices=["auto", "local", "central"], default="auto")
-    common.add_argument("--scheduler-port", type=number(int, "SCHEDULER_PORT"), default=8082)
+    common.add_argument("--scheduler", choices=["auto", "local", "central"], default=EXECUTION_DEFAULTS["scheduler"])
+    common.add_argument("--scheduler-port", type=number(int, "SCHEDULER_PORT"),
+                        default=EXECUTION_DEFAULTS["scheduler_port"])
     common.add_argument("--report-tasks", help="write a JSON record of which tasks this process ran")
     p = OneLineParser(prog="python -m tasks", description="Universal neurons analysis", epilog=SEED_USAGE,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,10 +77,11 @@ def parser() -> argparse.ArgumentParser:
         sub.add_parser(name, parents=[common], help=text).add_argument(
             "--checkpoint", type=number(int, "CHECKPOINT", optional=True), default=None)
     c = sub.add_parser("compare", parents=[common], help="analyse several checkpoints and compare them")
-    c.add_argument("--checkpoints", required=True, help='training steps, e.g. "100 250 500 1000"')
+    c.add_argument("--checkpoints", default=EXECUTION_DEFAULTS["checkpoints"],
+                   help=f'training steps (default "{EXECUTION_DEFAULTS["checkpoints"]}")')
     s = sub.add_parser("scheduler", help="start or stop the central scheduler (luigid)")
     s.add_argument("action", choices=["start", "stop"])
-    s.add_argument("--scheduler-port", type=number(int, "SCHEDULER_PORT"), default=8082)
+    s.add_argument("--scheduler-port", type=number(int, "SCHEDULER_PORT"), default=EXECUTION_DEFAULTS["scheduler_port"])
     return p
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from tasks.analysis import UniversalNeuronsAnalysis
-from tasks.common import BATCH_SIZE, DEFAULTS, LUIGI_CFG, store
+from tasks.common import BATCH_SIZE, DEFAULTS, EXECUTION_DEFAULTS, LUIGI_CFG, store
 from tasks.common import logger as pipeline_logger
 from unlib import UserError
 from unlib.activations import cache_bytes
@@ -52,10 +52,11 @@ class AnalysisFailed(RuntimeError):
 
 def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = None,
                    dataset: str | None = None, n_tokens: int = DEFAULTS["n_tokens"],
-                   ctx_len: int | None = None, reference: str | int = 0,
+                   ctx_len: int | None = None, reference: str | int = DEFAULTS["reference"],
                    rotations: int = DEFAULTS["rotations"], rotation_seed: int = DEFAULTS["rotation_seed"],
-                   threshold: float | None = None, top_k: int | None = None, device: str = "auto",
-                   cache: str = "auto", memory: str = "", exclude_tokens: str | None = None,
+                   threshold: float | None = None, top_k: int | None = None,
+                   device: str = EXECUTION_DEFAULTS["device"], cache: str = EXECUTION_DEFAULTS["cache"],
+                   memory: str = "", exclude_tokens: str | None = None,
                    batch_size: int = BATCH_SIZE) -> list[UniversalNeuronsAnalysis]:
     """Validate the parameters (raising ValueError with a one-line message) and return the
     root task of the analysis: one per reference model ("all" scores every model of the
@@ -187,8 +188,8 @@ class RunReport:
 RETRIES = 2
 
 
-def run_analysis(roots: list[luigi.Task], workers: int = 1, local_scheduler: bool = True,
-                 scheduler_port: int = 8082, wait_seconds: float = 2.0) -> RunReport:
+def run_analysis(roots: list[luigi.Task], workers: int = EXECUTION_DEFAULTS["workers"], local_scheduler: bool = True,
+                 scheduler_port: int = EXECUTION_DEFAULTS["scheduler_port"], wait_seconds: float = 2.0) -> RunReport:
     """Run the graph until the roots are complete. Raises the task's UserError when a user
     mistake stopped it (e.g. a dataset too small), AnalysisFailed for anything else.
 
@@ -314,12 +315,13 @@ def _log_warning(message, category, filename, lineno, file=None, line=None) -> N
     logger.warning("%s", warnings.formatwarning(message, category, filename, lineno, line).rstrip())
 
 
-def run_universal_neurons_analysis(model_names: str | list[str] = "toy-zoo", dataset_path=None,
+def run_universal_neurons_analysis(model_names: str | list[str] = DEFAULTS["models"], dataset_path=None,
                                    checkpoint_value: int | None = None, excess_threshold: float | None = None,
-                                   top_k: int | None = None, n_rotation_samples: int = 5,
+                                   top_k: int | None = None, n_rotation_samples: int = DEFAULTS["rotations"],
                                    n_tokens: int = DEFAULTS["n_tokens"], ctx_len: int | None = None,
-                                   reference: str | int = 0, device: str = "auto", batch_size: int = BATCH_SIZE,
-                                   workers: int = 1, store_dir: str | None = None,
+                                   reference: str | int = DEFAULTS["reference"],
+                                   device: str = EXECUTION_DEFAULTS["device"], batch_size: int = BATCH_SIZE,
+                                   workers: int = EXECUTION_DEFAULTS["workers"], store_dir: str | None = None,
                                    exclude_tokens: str | None = None) -> dict:
     """Build and run the analysis graph (Luigi, local scheduler) and return its tables as
     DataFrames: excess, pairwise, stats, universal, layer_summary. With reference="all",

@@ -29,6 +29,11 @@ LUIGI_CFG = Path(__file__).with_name("luigi.cfg")
 DEFAULTS = {"models": "toy-zoo", "n_tokens": DEFAULT_N_TOKENS, "reference": 0, "rotations": 5, "rotation_seed": 0,
             "threshold": None, "top_k": None}
 SET_DEFAULTS = ("dataset", "ctx_len", "exclude_tokens")
+# Defaults of how a run executes (they change no result, so they name no folder). These two
+# dicts are the only place defaults are written: the command line, the Python API and the
+# Makefile (whose variables are empty unless set) take them from here.
+EXECUTION_DEFAULTS = {"device": "auto", "cache": "auto", "workers": 1, "scheduler": "auto", "scheduler_port": 8082,
+                      "checkpoints": "100 250 500 1000"}
 # Sequences per forward pass (BATCH_SIZE): it changes speed and memory, not results, so it
 # names no file.
 BATCH_SIZE = 32
