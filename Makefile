@@ -10,6 +10,9 @@ REFERENCE ?= 0
 ROTATIONS ?= 5
 THRESHOLD ?=
 TOP_K ?=
+ABLATION ?= mean
+ABLATION_TOKENS ?=
+ABLATION_SAMPLES ?= 20
 DEVICE ?= auto
 WORKERS ?= 1
 BATCH_SIZE ?=
@@ -45,6 +48,7 @@ setup: $(SETUP)
 RUN_ARGS = --models "$(MODELS)" --dataset "$(DATASET)" --n-tokens "$(N_TOKENS)" --ctx-len "$(CTX_LEN)" \
 	--exclude-tokens "$(EXCLUDE_TOKENS)" \
 	--reference "$(REFERENCE)" --rotations "$(ROTATIONS)" --threshold "$(THRESHOLD)" --top-k "$(TOP_K)" \
+	--ablation "$(ABLATION)" --ablation-tokens "$(ABLATION_TOKENS)" --ablation-samples "$(ABLATION_SAMPLES)" \
 	--device "$(DEVICE)" --workers "$(WORKERS)" --batch-size "$(BATCH_SIZE)" --scheduler "$(SCHEDULER)" --scheduler-port "$(SCHEDULER_PORT)" \
 	--cache "$(CACHE)" --memory "$(CORR_MEMORY)" $(if $(QUICK),--quick)
 

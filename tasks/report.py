@@ -6,6 +6,7 @@ from pathlib import Path
 import luigi
 import pandas as pd
 
+from tasks.ablation import Ablation
 from tasks.analysis import Plots, UniversalNeuronsAnalysis, write_csv
 from tasks.common import ResultTask, RunParams, store
 from tasks.data import TokenizeDataset
@@ -30,8 +31,11 @@ class RunReport(RunParams, ResultTask):
     published figures), plots, universal-neuron properties and neuron cards."""
 
     def requires(self):
+        # with TOP_K the page says why there is no ablation instead of running one
+        ablation = {"ablation": self.clone(Ablation)} if self.top_k is None else {}
         return {"analysis": self.clone(UniversalNeuronsAnalysis), "plots": self.clone(Plots),
-                "tokens": self.clone(TokenizeDataset), "model": model_requirement(self.model_set.models[self.reference])}
+                "tokens": self.clone(TokenizeDataset), "model": model_requirement(self.model_set.models[self.reference]),
+                **ablation}
 
     def output(self):
         return self.result_target(self.results_dir() / "report.html")
@@ -54,7 +58,13 @@ class RunReport(RunParams, ResultTask):
         cards = neuron_cards(model, load_tokenizer(self.model_set, store().root), tokens, keep, universal, pairwise,
                              top=TOP_CARDS, batch_size=self.batch_size)
         summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)
-        write_text(self.output().path, run_report_html(run, excess, stats, universal, summary, figures, cards))
+        ablation = None
+        if "ablation" in self.input():
+            targets = self.input()["ablation"]
+            ablation = {"table": pd.read_csv(targets["table"].path), "summary": pd.read_csv(targets["summary"].path),
+                        "plot": Path(targets["plot"].path)}
+        write_text(self.output().path, run_report_html(run, excess, stats, universal, summary, figures, cards,
+                                                       ablation))
 
 
 class CompareCheckpoints(RunParams, ResultTask):
@@ -66,9 +76,13 @@ class CompareCheckpoints(RunParams, ResultTask):
               "neuron_trajectories")
     FIGURES = ("universality_by_checkpoint", "persistence", "jaccard", "neuron_trajectories",
                "excess_correlation_distributions")
+    ABLATION = "ablation_by_checkpoint"  # its table and figure, unless TOP_K (then no ablation runs)
 
     def requires(self):
-        return {step: self.clone(UniversalNeuronsAnalysis, checkpoint=step) for step in self.steps}
+        ablation = {"ablation": {step: self.clone(Ablation, checkpoint=step) for step in self.steps}} \
+            if self.top_k is None else {}
+        return {"analysis": {step: self.clone(UniversalNeuronsAnalysis, checkpoint=step) for step in self.steps},
+                **ablation}
 
     @property
     def steps(self) -> list[int]:
@@ -83,13 +97,15 @@ class CompareCheckpoints(RunParams, ResultTask):
 
     def output(self):
         out = self.output_dir()
+        ablation = {f"{self.ABLATION}.{ext}": self.result_target(out / f"{self.ABLATION}.{ext}")
+                    for ext in ("csv", "png")} if self.top_k is None else {}
         return {"report": self.result_target(out / "compare.html"),
                 **{f"{name}.csv": self.result_target(out / f"{name}.csv") for name in self.TABLES},
-                **{f"{name}.png": self.result_target(out / f"{name}.png") for name in self.FIGURES}}
+                **{f"{name}.png": self.result_target(out / f"{name}.png") for name in self.FIGURES}, **ablation}
 
     def write(self):
         excess, universal = {}, {}
-        for step, task in self.requires().items():
+        for step, task in self.requires()["analysis"].items():
             excess[step] = pd.read_csv(task.results_dir() / "excess_correlation_scores.csv")
             universal[step] = pd.read_csv(task.results_dir() / "universal_neurons.csv")
         sets = compare.neuron_sets(universal)
@@ -113,5 +129,12 @@ class CompareCheckpoints(RunParams, ResultTask):
         plots.matrix_heatmap(jaccard, figures["jaccard"], f"Jaccard overlap of universal sets {title}", "Jaccard")
         plots.trajectories_plot(trajectories, figures["neuron_trajectories"], title=title)
         plots.distributions_plot(excess, figures["excess_correlation_distributions"], title)
+        ablation = None
+        if "ablation" in self.input():
+            ablation = compare.ablation_by_checkpoint({step: pd.read_csv(targets["summary"].path)
+                                                       for step, targets in self.input()["ablation"].items()})
+            write_csv(ablation, out[f"{self.ABLATION}.csv"])
+            figures[self.ABLATION] = out[f"{self.ABLATION}.png"]
+            plots.ablation_by_checkpoint_plot(ablation, figures[self.ABLATION], title)
         write_text(out["report"], compare_report_html(self.model_set.name, self.steps, by_checkpoint, persistence,
-                                                      jaccard, trajectories, figures, persistence_halves))
+                                                      jaccard, trajectories, figures, persistence_halves, ablation))
