@@ -41,7 +41,7 @@ class Ablation(RunParams, ResultTask):
         means = None
         if self.ablation == "mean":  # from the statistics pass over the analysed tokens: no pass of its own
             stats = pd.read_csv(self.input()["stats"].path).sort_values(["layer", "neuron"])
-            means = torch.from_numpy(stats["post_mean"].to_numpy().reshape(-1, d_mlp))
+            means = torch.tensor(stats["post_mean"].to_numpy().reshape(-1, d_mlp))
         tokens, keep = read_tokens(self.input()["tokens"].path)
         model = load_model(spec, self.checkpoint, self.device)
         distinct = len({tuple(s) for s in sets.values()})

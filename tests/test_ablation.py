@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from test_weight_stats import LAYOUTS, save_random_model
-from unlib.ablation import (SUMMARY_COLUMNS, TABLE_COLUMNS, ablate, ablation_metrics, ablation_sets, layer_counts,
-                            mean_activations, random_sets)
+from unlib.ablation import (SUMMARY_COLUMNS, TABLE_COLUMNS, ablate, ablation_metrics, ablation_sets, ablation_summary,
+                            ablation_table, layer_counts, mean_activations, random_sets)
 from unlib.data import kept_positions
 from unlib.models import ModelSpec, load_model
 
@@ -157,3 +157,156 @@ def test_random_sets_match_the_layer_counts_and_follow_the_seed():
     assert conditions[("layer 2", "random-1")] == [p for p in sets[1] if p[0] == 2]
     assert conditions[("all", "random-3")] == sets[3]
     assert ablation_sets([], 16, 4, seed=11) == {}
+
+
+def test_nothing_to_ablate_is_said_not_failed(toy, tmp_path):
+    """An empty universal set measures the original model alone; the summary is empty and the
+    report says there is nothing to ablate; without an ablation (TOP_K) it says why."""
+    from unlib import plots, report
+
+    base, results = ablation_metrics(toy["model"], toy["tokens"], toy["keep"], ablation_sets([], 64, 20, 0), None)
+    table = ablation_table(base, results)
+    assert list(table.columns) == TABLE_COLUMNS and table[["scope", "condition"]].values.tolist() == [["all", "none"]]
+    summary = ablation_summary(table)
+    assert summary.empty and list(summary.columns) == SUMMARY_COLUMNS
+    plots.ablation_impact_plot(table, summary, tmp_path / "empty.png")
+    run = {"ablation": "mean", "ablation_tokens": 100, "ablation_seed": 0}
+    html = report.ablation_html(run, {"table": table, "summary": summary, "plot": tmp_path / "empty.png"})
+    assert 'id="ablation-empty"' in html and f'id="ablation-loss">{base["loss"]:.4g}<' in html
+    assert 'id="ablation-not-run"' in report.ablation_html(run, None)
+
+
+def test_top_k_runs_no_ablation():
+    """TOP_K picks neurons by rank, not a universal set: the report and the comparison do not
+    ask for the ablation (their pages say so, ablation_html above)."""
+    from tasks.ablation import Ablation
+    from tasks.report import CompareCheckpoints, RunReport
+
+    task = RunReport(models="toy-zoo-mini", checkpoint=300, top_k=5)
+    assert "ablation" not in task.requires() and isinstance(task.clone(top_k=None).requires()["ablation"], Ablation)
+    compare = task.clone(CompareCheckpoints, checkpoints=[100, 300])
+    assert "ablation" not in compare.requires() and "ablation_by_checkpoint.csv" not in compare.output()
+    assert set(compare.clone(top_k=None).requires()["ablation"]) == {100, 300}
+
+
+MODELS, STEP, N_TOKENS = "toy-zoo-mini", 300, 8192
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, mini_zoo):
+    """`python -m tasks analyze` on the mini zoo with the default ablation."""
+    store = tmp_path_factory.mktemp("store")
+    shutil.copytree(mini_zoo, store / "zoo")
+    proc = subprocess.run([sys.executable, "-m", "tasks", "analyze", "--models", MODELS, "--checkpoint", str(STEP),
+                           "--n-tokens", str(N_TOKENS), "--device", "cpu", "--scheduler", "local"], cwd=REPO,
+                          env={**os.environ, "UNLIB_STORE": str(store), "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    print(proc.stdout)  # the terminal summary, ablation table included (pytest -s shows it)
+    d = store / "results" / MODELS / f"checkpoint-{STEP}_n_tokens-{N_TOKENS}"
+    return {"store": store, "dir": d, "stdout": proc.stdout, "table": pd.read_csv(d / "ablation.csv"),
+            "summary": pd.read_csv(d / "ablation_summary.csv"), "universal": pd.read_csv(d / "universal_neurons.csv"),
+            "stats": pd.read_csv(d / "neuron_stats.csv")}
+
+
+def test_held_out_tokens_follow_the_analysed_ones(run):
+    """The ablation's tokens are the sequences after the analysed ones in the same stream: both
+    files together are what tokenizing both budgets at once gives."""
+    from unlib.data import load_texts, read_tokens, token_sequences
+    from unlib.models import ZOOS, load_tokenizer, resolve_model_set
+
+    (analysed,) = run["store"].glob("tokens/*/*.h5")
+    (held_out,) = run["store"].glob("tokens/*/held-out/*.h5")
+    tokens, _ = read_tokens(analysed)
+    held, held_keep = read_tokens(held_out)
+    assert int(held_keep.sum()) == N_TOKENS // 5 and held_out.name.endswith(f"_skip{N_TOKENS}.h5")
+    tokenizer = load_tokenizer(resolve_model_set(MODELS, run["store"]), run["store"])
+    both, _, _ = token_sequences(load_texts("python-stdlib"), tokenizer, tokenizer.bos_token_id,
+                                 N_TOKENS + N_TOKENS // 5, ZOOS[MODELS].ctx_len, [tokenizer.bos_token_id])
+    assert np.array_equal(np.concatenate([tokens, held]), both)
+
+
+def test_ablation_csv_equals_the_edited_hugging_face_model(run):
+    """The table's shape and invariants, its loss for the universal set against the Hugging
+    Face model with that set's mean ablation written into its weights, on the held-out tokens,
+    and the means (neuron_stats.csv's post_mean) against the activation cache."""
+    import h5py
+    from transformers import GPT2LMHeadModel
+    from unlib.data import read_tokens
+
+    table, universal, stats = run["table"], run["universal"], run["stats"]
+    assert list(table.columns) == TABLE_COLUMNS
+    layers = sorted(universal["layer"].unique())
+    assert list(dict.fromkeys(table["scope"])) == ["all"] + [f"layer {l}" for l in layers]
+    for scope, group in table.groupby("scope"):
+        assert list(group["condition"]) == ["none", "universal"] + [f"random-{k}" for k in range(20)]
+        count = len(universal) if scope == "all" else int((universal["layer"] == int(scope.split()[1])).sum())
+        assert (group["n_neurons"].iloc[1:] == count).all() and group["n_neurons"].iloc[0] == 0
+    np.testing.assert_allclose(table["delta_loss"], table["loss"] - table["loss"].iloc[0], atol=2e-5)
+    assert (table["kl"] >= 0).all() and table["top1_agreement"].between(0, 1).all()
+    none = table[table["condition"] == "none"]
+    assert (none["delta_loss"] == 0).all() and (none["kl"] == 0).all() and (none["top1_agreement"] == 1).all()
+    # the means: neuron_stats.csv's post_mean is the mean of the cached hook_post activations
+    (cache,) = run["store"].glob(f"activations/*seed-0/checkpoint-{STEP}/*.h5")
+    with h5py.File(cache, "r") as f:
+        for layer in range(2):
+            np.testing.assert_allclose(stats.loc[stats.layer == layer, "post_mean"],
+                                       f[f"layer_{layer:03d}"][:].astype(np.float64).mean(0), rtol=1e-5, atol=1e-6)
+    means = torch.tensor(stats.sort_values(["layer", "neuron"])["post_mean"].to_numpy().reshape(2, -1))
+    tokens, keep = read_tokens(next(run["store"].glob("tokens/*/held-out/*.h5")))
+    model_dir = next(run["store"].glob(f"zoo/{MODELS}-*/seed-0/checkpoint-{STEP}"))
+    original = GPT2LMHeadModel.from_pretrained(str(model_dir)).eval()
+    assert none["loss"].iloc[0] == pytest.approx(hf_loss(original, tokens, keep), abs=2e-5)
+    for scope in ("all", f"layer {layers[0]}"):
+        chosen = [(l, n) for l, n in zip(universal["layer"], universal["neuron"])
+                  if scope == "all" or f"layer {l}" == scope]
+        expected = hf_loss(edited_model(model_dir, chosen, means), tokens, keep)
+        row = table[(table["scope"] == scope) & (table["condition"] == "universal")].iloc[0]
+        assert row["loss"] == pytest.approx(expected, abs=2e-5), scope
+
+
+def test_summary_follows_from_the_table(run):
+    table, summary = run["table"], run["summary"]
+    assert list(summary.columns) == SUMMARY_COLUMNS and list(summary["scope"]) == list(dict.fromkeys(table["scope"]))
+    for row in summary.itertuples(index=False):
+        group = table[table["scope"] == row.scope]
+        randoms = group[group["condition"].str.startswith("random-")]
+        assert row.n_random == 20 == len(randoms)
+        for metric in ("delta_loss", "kl"):
+            value = group.loc[group["condition"] == "universal", metric].item()
+            sample = randoms[metric].to_numpy()
+            expected = {f"universal_{metric}": value, f"random_{metric}_mean": sample.mean(),
+                        f"random_{metric}_std": sample.std(ddof=1), f"random_{metric}_q05": np.quantile(sample, 0.05),
+                        f"random_{metric}_q95": np.quantile(sample, 0.95),
+                        f"{metric}_z": (value - sample.mean()) / sample.std(ddof=1),
+                        f"{metric}_p": (sample >= value).mean()}
+            for column, want in expected.items():
+                assert getattr(row, column) == pytest.approx(want, rel=1e-4, abs=1e-6), (row.scope, column)
+
+
+def test_report_section_shows_the_csv_numbers(run):
+    from PIL import Image
+    from test_reports import rows, text_of
+
+    html = (run["dir"] / "report.html").read_text()
+    summary, table = run["summary"], run["table"]
+    overall = summary[summary["scope"] == "all"].iloc[0]
+    assert int(text_of(html, "ablation-n-neurons")) == overall["n_neurons"] == len(run["universal"])
+    assert int(text_of(html, "ablation-tokens")) == N_TOKENS // 5
+    assert float(text_of(html, "ablation-loss")) == pytest.approx(table["loss"].iloc[0], rel=1e-3)
+    for element, column in [("universal-delta-loss", "universal_delta_loss"), ("universal-kl", "universal_kl"),
+                            ("random-delta-loss-mean", "random_delta_loss_mean"),
+                            ("random-delta-loss-q05", "random_delta_loss_q05"),
+                            ("random-delta-loss-q95", "random_delta_loss_q95"), ("random-kl-mean", "random_kl_mean"),
+                            ("random-kl-q05", "random_kl_q05"), ("random-kl-q95", "random_kl_q95")]:
+        assert float(text_of(html, f"ablation-{element}")) == pytest.approx(overall[column], rel=1e-3), element
+    shown = rows(html, "scope")
+    assert set(shown) == set(summary["scope"])
+    for row in summary.itertuples(index=False):
+        for column in ("universal_delta_loss", "random_delta_loss_mean", "delta_loss_p", "universal_kl", "kl_p"):
+            assert float(shown[row.scope][column]) == pytest.approx(getattr(row, column), rel=1e-3, abs=1e-9)
+    sentence = re.sub(r"<[^>]+>", "", re.search(r'id="ablation-sentence">(.*?)</p>', html).group(1))
+    assert "more harmful" in sentence and "held-out tokens" in sentence
+    image = np.asarray(Image.open(run["dir"] / "plots" / "ablation_impact.png").convert("L"), dtype=float)
+    assert image.shape[0] > 200 and image.std() > 10
+    assert "Ablation: universal neurons against matched random sets" in run["stdout"]
