@@ -12,6 +12,9 @@ REFERENCE ?=
 ROTATIONS ?=
 THRESHOLD ?=
 TOP_K ?=
+ABLATION ?=
+ABLATION_TOKENS ?=
+ABLATION_SAMPLES ?=
 DEVICE ?=
 WORKERS ?=
 BATCH_SIZE ?=
@@ -49,6 +52,8 @@ option = $(if $(strip $($(1))),--$(2) "$($(1))")
 RUN_ARGS = $(call option,MODELS,models) $(call option,DATASET,dataset) $(call option,N_TOKENS,n-tokens) \
 	$(call option,CTX_LEN,ctx-len) $(call option,EXCLUDE_TOKENS,exclude-tokens) $(call option,REFERENCE,reference) \
 	$(call option,ROTATIONS,rotations) $(call option,THRESHOLD,threshold) $(call option,TOP_K,top-k) \
+	$(call option,ABLATION,ablation) $(call option,ABLATION_TOKENS,ablation-tokens) \
+	$(call option,ABLATION_SAMPLES,ablation-samples) \
 	$(call option,DEVICE,device) $(call option,WORKERS,workers) $(call option,BATCH_SIZE,batch-size) \
 	$(call option,SCHEDULER,scheduler) $(call option,SCHEDULER_PORT,scheduler-port) $(call option,CACHE,cache) \
 	$(call option,CORR_MEMORY,memory) $(if $(QUICK),--quick)

@@ -20,6 +20,7 @@ try:
     from tasks.correlation import Correlations  # noqa: F401
     from tasks.analysis import (ExcessCorrelation, NeuronStats, SelectUniversal, Plots,  # noqa: F401
                                 UniversalNeuronsAnalysis)
+    from tasks.ablation import Ablation  # noqa: F401
     from tasks.report import RunReport, CompareCheckpoints  # noqa: F401
 except ModuleNotFoundError as exc:
     # `python -m tasks` (what make runs; sys.argv[0] is "-m" while the package is imported) with

@@ -15,7 +15,7 @@ from tasks.api import AnalysisFailed, build_analyses, check_workers, read_result
 from tasks.common import BATCH_SIZE, DEFAULTS, EXECUTION_DEFAULTS
 from unlib import UserError
 from tasks.report import CompareCheckpoints, RunReport
-from unlib.report import print_comparison, print_summary
+from unlib.report import print_ablation, print_comparison, print_summary
 
 QUICK_TOKENS = 4096
 COMMANDS = ("analyze", "report", "compare", "scheduler")
@@ -58,6 +58,11 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--rotations", type=number(int, "ROTATIONS"), default=DEFAULTS["rotations"])
     common.add_argument("--threshold", type=number(float, "THRESHOLD", optional=True), default=None)
     common.add_argument("--top-k", type=number(int, "TOP_K", optional=True), default=None)
+    common.add_argument("--ablation", default=DEFAULTS["ablation"], help="ABLATION: mean (default) or zero")
+    common.add_argument("--ablation-tokens", type=number(int, "ABLATION_TOKENS", optional=True), default=None,
+                        help="held-out tokens of the ablation (default: a fifth of N_TOKENS)")
+    common.add_argument("--ablation-samples", type=number(int, "ABLATION_SAMPLES", optional=True), default=None,
+                        help=f"matched random neuron sets (default {DEFAULTS['ablation_samples']})")
     common.add_argument("--device", default=EXECUTION_DEFAULTS["device"])
     common.add_argument("--cache", default=EXECUTION_DEFAULTS["cache"])
     common.add_argument("--memory", default="", help="correlation memory budget (CORR_MEMORY), e.g. 8G")
@@ -132,7 +137,9 @@ def build(args) -> list:
         args.models, step, dataset=args.dataset, n_tokens=n_tokens, ctx_len=args.ctx_len, reference=args.reference,
         rotations=args.rotations, threshold=args.threshold, top_k=args.top_k, device=args.device, cache=args.cache,
         memory=args.memory, exclude_tokens=args.exclude_tokens,
-        batch_size=BATCH_SIZE if args.batch_size is None else args.batch_size)]
+        batch_size=BATCH_SIZE if args.batch_size is None else args.batch_size, ablation=args.ablation,
+        ablation_tokens=args.ablation_tokens,
+        ablation_samples=DEFAULTS["ablation_samples"] if args.ablation_samples is None else args.ablation_samples)]
     if args.command == "compare":
         return [root.clone(CompareCheckpoints, checkpoints=steps) for root in roots if root.checkpoint == steps[0]]
     reports = [root.clone(RunReport) for root in roots]
@@ -183,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(roots) > 1:
             title += f" (reference {root.model_set.models[root.reference].name})"
         print_summary(console, title, tables["layer_summary"], tables["universal"], str(root.results_dir()))
+        print_ablation(console, root.results_dir())
         console.print(f"Report: [bold]{root.output().path}[/bold]")
     console.print(f"Finished in {report.seconds:.1f} s: {len(report.ran_here)} tasks run here, "
                   f"{len(report.already_done)} already complete, {len(report.run_by_other_worker)} run by other workers")

@@ -25,6 +25,7 @@ from tasks.analysis import UniversalNeuronsAnalysis
 from tasks.common import BATCH_SIZE, DEFAULTS, EXECUTION_DEFAULTS, LUIGI_CFG, store
 from tasks.common import logger as pipeline_logger
 from unlib import UserError
+from unlib.ablation import ABLATIONS
 from unlib.activations import cache_bytes
 from tasks.correlation import CHUNK_TOKENS
 from unlib.correlation import HALF_BLOCK_ROWS, ExcessCorrelationEngine, parse_bytes
@@ -57,11 +58,15 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
                    threshold: float | None = None, top_k: int | None = None,
                    device: str = EXECUTION_DEFAULTS["device"], cache: str = EXECUTION_DEFAULTS["cache"],
                    memory: str = "", exclude_tokens: str | None = None,
-                   batch_size: int = BATCH_SIZE) -> list[UniversalNeuronsAnalysis]:
+                   batch_size: int = BATCH_SIZE, ablation: str = DEFAULTS["ablation"],
+                   ablation_tokens: int | None = None,
+                   ablation_samples: int = DEFAULTS["ablation_samples"]) -> list[UniversalNeuronsAnalysis]:
     """Validate the parameters (raising ValueError with a one-line message) and return the
     root task of the analysis: one per reference model ("all" scores every model of the
     set in the same correlation pass). dataset, ctx_len and exclude_tokens default to the
-    model set's own (ctx_len capped at the models' maximum context)."""
+    model set's own (ctx_len capped at the models' maximum context); ablation_tokens to a
+    fifth of n_tokens. The ablation parameters name the run (they are run parameters) and
+    are used by the report's ablation (tasks.ablation.Ablation)."""
     check_store(store().root)
     model_set = resolve_model_set(models, store().root)
     defaults = model_set.defaults
@@ -108,6 +113,17 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
                 raise ValueError(f"TOP_K={top_k} is more than the {n_layers * d_mlp} neurons of the reference model "
                                  f"{names[ref]} ({n_layers} layer{'s' if n_layers != 1 else ''} of {d_mlp}); use at most {n_layers * d_mlp}, "
                                  f"or THRESHOLD instead")
+    ablation = (ablation or DEFAULTS["ablation"]).strip().lower()  # ABLATION= (empty) is the default, as in make
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ABLATION={ablation!r} must be mean (an ablated neuron's activation becomes its mean) or "
+                         f"zero (it becomes 0)")
+    if ablation_tokens is not None and ablation_tokens < 1:
+        raise ValueError(f"ABLATION_TOKENS={ablation_tokens} must be a positive number of held-out tokens "
+                         f"(leave it unset for a fifth of N_TOKENS)")
+    if (n_tokens // 5 if ablation_tokens is None else ablation_tokens) < 1:
+        raise ValueError(f"N_TOKENS={n_tokens} leaves no held-out tokens for the ablation: set ABLATION_TOKENS")
+    if ablation_samples < 1:
+        raise ValueError(f"ABLATION_SAMPLES={ablation_samples} must be at least 1 random neuron set")
     if batch_size < 1:
         raise ValueError(f"BATCH_SIZE={batch_size} must be a positive number of sequences")
     if cache not in ("auto", "0", "1"):
@@ -128,7 +144,8 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
     return [UniversalNeuronsAnalysis(models=models, checkpoint=checkpoint, dataset=dataset, n_tokens=n_tokens,
                                      ctx_len=ctx_len, exclude_tokens=exclude_tokens, reference=ref, rotations=rotations, rotation_seed=rotation_seed,
                                      threshold=threshold, top_k=top_k, device=device, cache=cache, memory=memory,
-                                     batch_size=batch_size, all_references=len(references) > 1)
+                                     batch_size=batch_size, all_references=len(references) > 1, ablation=ablation,
+                                     ablation_tokens=ablation_tokens, ablation_samples=ablation_samples)
             for ref in references]
 
 

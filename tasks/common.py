@@ -15,6 +15,7 @@ from rich import get_console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from unlib import UserError
+from unlib.ablation import ABLATIONS
 from unlib.data import DEFAULT_N_TOKENS, OFFLINE_CORPUS, dataset_inputs
 from unlib.models import ZOOS, ModelSet, model_fingerprint, resolve_model_set
 from unlib.store import Store, exclusive, h5_problem, provenance, seal, seal_problem, set_aside
@@ -27,7 +28,8 @@ LUIGI_CFG = Path(__file__).with_name("luigi.cfg")
 # Defaults of the run parameters; dataset, ctx_len, exclude_tokens and threshold default to the
 # model set's own (unlib.models.SetDefaults).
 DEFAULTS = {"models": "toy-zoo", "n_tokens": DEFAULT_N_TOKENS, "reference": 0, "rotations": 5, "rotation_seed": 0,
-            "threshold": None, "top_k": None}
+            "threshold": None, "top_k": None, "ablation": "mean", "ablation_tokens": None, "ablation_samples": 20,
+            "ablation_seed": 0}
 SET_DEFAULTS = ("dataset", "ctx_len", "exclude_tokens")
 # Defaults of how a run executes (they change no result, so they name no folder). These two
 # dicts are the only place defaults are written: the command line, the Python API and the
@@ -225,6 +227,16 @@ class CorrelationParams(CheckpointParams):
 class RunParams(CorrelationParams):
     threshold = luigi.OptionalFloatParameter(default=None, description="None = the model set's default")
     top_k = luigi.OptionalIntParameter(default=None)
+    ablation = luigi.ChoiceParameter(default=DEFAULTS["ablation"], choices=ABLATIONS,
+                                     description="ABLATION: an ablated neuron's activation becomes its mean or 0")
+    ablation_tokens = luigi.OptionalIntParameter(default=None, description="held-out tokens; None = n_tokens // 5")
+    ablation_samples = luigi.IntParameter(default=DEFAULTS["ablation_samples"], description="random neuron sets")
+    ablation_seed = luigi.IntParameter(default=DEFAULTS["ablation_seed"], description="seed of the random sets")
+
+    @property
+    def ablation_n_tokens(self) -> int:
+        """The held-out tokens the ablation is measured on: ABLATION_TOKENS, or a fifth of N_TOKENS."""
+        return self.n_tokens // 5 if self.ablation_tokens is None else self.ablation_tokens
 
     @property
     def effective_threshold(self) -> float:

@@ -1,6 +1,8 @@
 """Tokenized analysis data."""
 from __future__ import annotations
 
+import luigi
+
 from tasks.common import H5Target, PipelineTask, TokenParams, store
 from tasks.zoo import ZooTokenizer
 from unlib import data
@@ -16,7 +18,10 @@ def dataset_id(dataset: str) -> str:
 class TokenizeDataset(TokenParams, PipelineTask):
     """n_tokens analysed positions of the dataset (documents in a seeded random order), as
     BOS-led sequences of ctx_len tokens with a mask of the positions kept (not BOS, not an
-    excluded token)."""
+    excluded token). With skip_tokens, the held-out tokens that follow the file of that many
+    tokens in the same document stream (the ablation's, disjoint from the analysed ones)."""
+
+    skip_tokens = luigi.IntParameter(default=0, description="kept positions of the file these tokens follow")
 
     def tokenizer_id(self) -> str:
         ms = self.model_set
@@ -31,11 +36,14 @@ class TokenizeDataset(TokenParams, PipelineTask):
         """What the token file is made from: recorded in it and checked before it is reused."""
         return {"dataset": dataset_id(self.dataset), "tokenizer": self.tokenizer_id(), "n_tokens": self.n_tokens,
                 "ctx_len": self.ctx_len, "exclude_tokens": self.exclude_tokens, "document_seed": data.DOCUMENT_SEED,
-                "inputs": self.token_inputs()}
+                "inputs": self.token_inputs(),
+                # only held-out files record it, so analysis token files written before it stay valid
+                **({"skip_tokens": self.skip_tokens} if self.skip_tokens else {})}
 
     def output(self):
         return H5Target(store().tokens(dataset_id(self.dataset), self.tokenizer_id(), self.n_tokens, self.ctx_len,
-                                       self.exclude_tokens, data.DOCUMENT_SEED), self.token_attrs())
+                                       self.exclude_tokens, data.DOCUMENT_SEED, self.skip_tokens),
+                        self.token_attrs())
 
     def run(self):
         tokenizer = load_tokenizer(self.model_set, store().root)
@@ -43,4 +51,4 @@ class TokenizeDataset(TokenParams, PipelineTask):
         self.set_status_message(f"tokenizing {self.dataset}")
         data.write_token_sequences(self.output().path, data.load_texts(self.dataset), tokenizer, bos,
                                    self.n_tokens, self.ctx_len, data.exclusion_ids(self.exclude_tokens, tokenizer),
-                                   h5_attrs(self.token_attrs()))
+                                   h5_attrs(self.token_attrs()), self.skip_tokens)

@@ -6,6 +6,7 @@ from pathlib import Path
 import luigi
 import pandas as pd
 
+from tasks.ablation import Ablation
 from tasks.activations import CacheActivations
 from tasks.analysis import Plots, SelectUniversal, UniversalNeuronsAnalysis, write_csv
 from tasks.common import ResultTask, RunParams, store
@@ -32,9 +33,11 @@ class RunReport(RunParams, ResultTask):
     published figures), plots, universal-neuron properties and neuron cards."""
 
     def requires(self):
+        # with TOP_K the page says why there is no ablation instead of running one
+        ablation = {"ablation": self.clone(Ablation)} if self.top_k is None else {}
         return {"analysis": self.clone(UniversalNeuronsAnalysis), "plots": self.clone(Plots),
                 "universal": self.clone(SelectUniversal), "tokens": self.clone(TokenizeDataset),
-                "model": model_requirement(self.model_set.models[self.reference])}
+                "model": model_requirement(self.model_set.models[self.reference]), **ablation}
 
     def output(self):
         return self.result_target(self.results_dir() / "report.html")
@@ -56,7 +59,13 @@ class RunReport(RunParams, ResultTask):
                              top=TOP_CARDS, batch_size=self.batch_size,
                              cache=ActivationCache(cache.path) if cache.exists() else None)
         summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)
-        write_text(self.output().path, run_report_html(run, excess, stats, universal, summary, figures, cards))
+        ablation = None
+        if "ablation" in self.input():
+            targets = self.input()["ablation"]
+            ablation = {"table": pd.read_csv(targets["table"].path), "summary": pd.read_csv(targets["summary"].path),
+                        "plot": Path(targets["plot"].path)}
+        write_text(self.output().path, run_report_html(run, excess, stats, universal, summary, figures, cards,
+                                                       ablation))
 
 
 class CompareCheckpoints(RunParams, ResultTask):
@@ -68,10 +77,14 @@ class CompareCheckpoints(RunParams, ResultTask):
               "neuron_trajectories")
     FIGURES = ("universality_by_checkpoint", "persistence", "jaccard", "neuron_trajectories",
                "excess_correlation_distributions")
+    ABLATION = "ablation_by_checkpoint"  # its table and figure, unless TOP_K (then no ablation runs)
 
     def requires(self):
-        return {step: {"analysis": self.clone(UniversalNeuronsAnalysis, checkpoint=step),
-                       "universal": self.clone(SelectUniversal, checkpoint=step)} for step in self.steps}
+        ablation = {"ablation": {step: self.clone(Ablation, checkpoint=step) for step in self.steps}} \
+            if self.top_k is None else {}
+        return {"analysis": {step: self.clone(UniversalNeuronsAnalysis, checkpoint=step) for step in self.steps},
+                "universal": {step: self.clone(SelectUniversal, checkpoint=step) for step in self.steps},
+                **ablation}
 
     @property
     def steps(self) -> list[int]:
@@ -86,15 +99,17 @@ class CompareCheckpoints(RunParams, ResultTask):
 
     def output(self):
         out = self.output_dir()
+        ablation = {f"{self.ABLATION}.{ext}": self.result_target(out / f"{self.ABLATION}.{ext}")
+                    for ext in ("csv", "png")} if self.top_k is None else {}
         return {"report": self.result_target(out / "compare.html"),
                 **{f"{name}.csv": self.result_target(out / f"{name}.csv") for name in self.TABLES},
-                **{f"{name}.png": self.result_target(out / f"{name}.png") for name in self.FIGURES}}
+                **{f"{name}.png": self.result_target(out / f"{name}.png") for name in self.FIGURES}, **ablation}
 
     def write(self):
         excess, universal = {}, {}
-        for step, tables in self.input().items():
-            excess[step] = pd.read_csv(tables["analysis"]["excess_correlation_scores.csv"].path)
-            universal[step] = pd.read_csv(tables["universal"].path)
+        for step, tables in self.input()["analysis"].items():
+            excess[step] = pd.read_csv(tables["excess_correlation_scores.csv"].path)
+            universal[step] = pd.read_csv(self.input()["universal"][step].path)
         sets = compare.neuron_sets(universal)
         halves = {step: split_half_sets(e, self.effective_threshold, self.top_k) for step, e in excess.items()}
         by_checkpoint = compare.universality_by_checkpoint(excess, universal, halves)
@@ -116,5 +131,12 @@ class CompareCheckpoints(RunParams, ResultTask):
         plots.matrix_heatmap(jaccard, figures["jaccard"], f"Jaccard overlap of universal sets {title}", "Jaccard")
         plots.trajectories_plot(trajectories, figures["neuron_trajectories"], title=title)
         plots.distributions_plot(excess, figures["excess_correlation_distributions"], title)
+        ablation = None
+        if "ablation" in self.input():
+            ablation = compare.ablation_by_checkpoint({step: pd.read_csv(targets["summary"].path)
+                                                       for step, targets in self.input()["ablation"].items()})
+            write_csv(ablation, out[f"{self.ABLATION}.csv"])
+            figures[self.ABLATION] = out[f"{self.ABLATION}.png"]
+            plots.ablation_by_checkpoint_plot(ablation, figures[self.ABLATION], title)
         write_text(out["report"], compare_report_html(self.model_set.name, self.steps, by_checkpoint, persistence,
-                                                      jaccard, trajectories, figures, persistence_halves))
+                                                      jaccard, trajectories, figures, persistence_halves, ablation))

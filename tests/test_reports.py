@@ -126,7 +126,7 @@ def test_run_report_numbers_equal_the_csvs(store):
     assert int(text_of(html, "n-universal-half-a")) == record["n_universal_half_a"]
     assert float(text_of(html, "median-excess-se")) == pytest.approx(excess["excess_se"].median(), abs=6e-5)
     assert html.count("<mark>") == 5 * len(cards)
-    assert html.count("data:image/png;base64,") == 4 + len(cards)
+    assert html.count("data:image/png;base64,") == 5 + len(cards)  # the ablation plot among them
     assert "final weights" not in html and "<td data-col=\"value\">300</td>" in html
 
 
@@ -170,8 +170,18 @@ def test_compare_outputs_match_the_per_checkpoint_runs(store):
                  "excess_correlation_distributions"):
         assert (out / f"{name}.png").stat().st_size > 5000
     html = (out / "compare.html").read_text()
-    assert html.count("data:image/png;base64,") == 5
+    assert html.count("data:image/png;base64,") == 6
     assert rows(html, "checkpoint")["300"]["n_universal"] == str(len(universal[300]))
+    # the ablation impact per checkpoint is each run's ablation summary
+    ablation = pd.read_csv(out / "ablation_by_checkpoint.csv")
+    assert (out / "ablation_by_checkpoint.png").stat().st_size > 5000
+    for s in (100, 300):
+        summary = pd.read_csv(run_dir(store, s) / "ablation_summary.csv")
+        at_step = ablation[ablation.checkpoint == s].drop(columns="checkpoint").reset_index(drop=True)
+        assert list(at_step.columns) == list(summary.columns) and len(at_step) == len(summary)
+        if len(summary):  # a step without universal neurons has no rows
+            pd.testing.assert_frame_equal(at_step, summary, check_dtype=False)
+    assert "Functional impact across training" in html
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

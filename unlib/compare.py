@@ -1,12 +1,14 @@
 """How universality develops across training checkpoints (Nandan et al. 2025): per-checkpoint
 summaries, persistence and Jaccard overlap of universal sets, and neuron trajectories. The
 universal fraction and persistence are also given on the sets selected on each half of the
-tokens: their spread is the split-half range."""
+tokens: their spread is the split-half range. The universal set's ablation impact at each
+checkpoint is gathered from the runs' ablation summaries."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
+from unlib.ablation import SUMMARY_COLUMNS
 from unlib.selection import jaccard_index, neuron_keys
 
 QUANTILES = (0.5, 0.9, 0.99)
@@ -79,3 +81,12 @@ def trajectories(excess: dict[int, pd.DataFrame], sets: dict[int, set]) -> pd.Da
     table["last_excess"] = table[f"checkpoint_{steps[-1]}"]
     return table.sort_values("last_excess", ascending=False, kind="stable").drop(columns="last_excess") \
         .reset_index(drop=True)
+
+
+def ablation_by_checkpoint(summaries: dict[int, pd.DataFrame]) -> pd.DataFrame:
+    """The ablation summaries (unlib.ablation.ablation_summary) of every checkpoint in one table,
+    `checkpoint` first; a checkpoint without universal neurons has no rows."""
+    frames = [summary.assign(checkpoint=step) for step, summary in sorted(summaries.items()) if len(summary)]
+    if not frames:
+        return pd.DataFrame(columns=["checkpoint", *SUMMARY_COLUMNS])
+    return pd.concat(frames, ignore_index=True)[["checkpoint", *SUMMARY_COLUMNS]]

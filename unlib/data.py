@@ -432,23 +432,31 @@ def write_tokens(path: str | Path, tokens: np.ndarray, attrs: dict, keep: np.nda
 
 
 def token_sequences(texts: Iterable[str | np.ndarray], tokenizer, bos_id: int, n_tokens: int, ctx_len: int,
-                    exclude_ids: list[int]) -> tuple[np.ndarray, np.ndarray, dict]:
+                    exclude_ids: list[int], skip_tokens: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
     """Tokenize `texts` into BOS-led sequences of `ctx_len` tokens holding exactly `n_tokens`
-    kept (analysed) positions: (tokens, keep mask, position counts)."""
+    kept (analysed) positions: (tokens, keep mask, position counts). With `skip_tokens`, the
+    sequences that a file of `skip_tokens` kept positions holds are skipped first, so the
+    result continues the same stream with none of that file's positions (held-out tokens)."""
     per_seq = ctx_len - 1
     stream = token_stream(texts, tokenizer, bos_id)
-    buffer, rows, kept = np.zeros(0, dtype=np.int32), [], 0
+    buffer, rows, kept, skipped = np.zeros(0, dtype=np.int32), [], 0, 0
     while kept < n_tokens:
         while len(buffer) < per_seq:
             ids = next(stream, None)
             if ids is None:
-                raise DatasetError(f"dataset yields only {kept} analysed tokens, fewer than the {n_tokens} asked for; "
-                                   f"lower N_TOKENS or use a larger dataset")
+                after = f" after the {skip_tokens} analysed before them" if skip_tokens else ""
+                raise DatasetError(f"dataset yields only {kept} analysed tokens{after}, fewer than the {n_tokens} asked "
+                                   f"for; lower N_TOKENS{' or ABLATION_TOKENS' if skip_tokens else ''} or use a larger "
+                                   f"dataset")
             buffer = np.concatenate([buffer, ids])
         row = np.concatenate([[bos_id], buffer[:per_seq]]).astype(np.int32)
         buffer = buffer[per_seq:]
+        in_row = int(kept_positions(row[None], exclude_ids).sum())
+        if skipped < skip_tokens:  # a sequence of the file being skipped
+            skipped += in_row
+            continue
         rows.append(row)
-        kept += int(kept_positions(row[None], exclude_ids).sum())
+        kept += in_row
     tokens = np.stack(rows)
     keep = kept_positions(tokens, exclude_ids)
     excluded = int((~keep[:, 1:]).sum())
@@ -462,10 +470,11 @@ def token_sequences(texts: Iterable[str | np.ndarray], tokenizer, bos_id: int, n
 
 
 def write_token_sequences(path: str | Path, texts: Iterable[str | np.ndarray], tokenizer, bos_id: int,
-                          n_tokens: int, ctx_len: int, exclude_ids: list[int], attrs: dict) -> dict:
+                          n_tokens: int, ctx_len: int, exclude_ids: list[int], attrs: dict,
+                          skip_tokens: int = 0) -> dict:
     """The token_sequences of `texts`, written with their `keep` mask to an HDF5 file.
     Returns the position counts recorded in the file."""
-    tokens, keep, counts = token_sequences(texts, tokenizer, bos_id, n_tokens, ctx_len, exclude_ids)
+    tokens, keep, counts = token_sequences(texts, tokenizer, bos_id, n_tokens, ctx_len, exclude_ids, skip_tokens)
     write_tokens(path, tokens, {**attrs, **counts, "bos_id": bos_id, "exclude_ids": exclude_ids}, keep)
     return counts
 

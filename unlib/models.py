@@ -510,22 +510,32 @@ def mlp_activations(model, tokens: torch.Tensor, keep: torch.Tensor | None = Non
     a boolean (batch, ctx) mask, default every position but BOS at 0), as (kept positions,
     d_mlp) float32 tensors on the model's device, positions in row-major order. The forward
     pass stops at the last layer's hook, so its cost does not grow with the vocabulary."""
-    n_layers = model.cfg.n_layers
-    name = hook_post if hook == "post" else hook_pre
-    keep = (default_keep(tokens) if keep is None else keep).to(tokens.device)
-    captured: list[torch.Tensor | None] = [None] * n_layers
+    return mlp_captures(model, tokens, keep, (hook,))[hook]
 
-    def keeper(layer: int):
+
+@torch.no_grad()
+def mlp_captures(model, tokens: torch.Tensor, keep: torch.Tensor | None = None,
+                 hooks: tuple[str, ...] = ("pre", "post")) -> dict[str, list[torch.Tensor]]:
+    """mlp_activations for several hook points ("pre", "post") in one forward pass:
+    {hook: per-layer activations}. The pass stops at the last layer's last of them."""
+    n_layers = model.cfg.n_layers
+    names = {"pre": hook_pre, "post": hook_post}
+    last = "post" if "post" in hooks else "pre"  # hook_post runs after hook_pre in a block
+    keep = (default_keep(tokens) if keep is None else keep).to(tokens.device)
+    captured: dict[str, list[torch.Tensor | None]] = {h: [None] * n_layers for h in hooks}
+
+    def keeper(kind: str, layer: int):
         # Bridge hook points may report an aliased name, so the layer comes from the closure.
         def keep_activations(act, hook):
-            captured[layer] = act[keep].float()
-            if layer == n_layers - 1:
+            captured[kind][layer] = act[keep].float()
+            if layer == n_layers - 1 and kind == last:
                 raise _AllCaptured
             return act
         return keep_activations
 
     try:
-        model.run_with_hooks(tokens, fwd_hooks=[(name(l), keeper(l)) for l in range(n_layers)], return_type=None)
+        model.run_with_hooks(tokens, fwd_hooks=[(names[h](l), keeper(h, l)) for h in hooks for l in range(n_layers)],
+                             return_type=None)
     except _AllCaptured:
         pass
     return captured

@@ -193,3 +193,58 @@ def distributions_plot(excess: dict[int, pd.DataFrame], path: str | Path, title:
     ax.set_title(f"Excess correlation distribution per checkpoint {title}")
     ax.legend(fontsize=8)
     _save(fig, Path(path))
+
+
+ABLATION_METRICS = [("delta_loss", "loss change (nats)"), ("kl", "KL(original || ablated) per token (nats)")]
+
+
+def ablation_impact_plot(table: pd.DataFrame, summary: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """Per scope, the universal set's loss change and KL (red) against those of the matched
+    random sets (grey dots, the bar their 5-95 % range)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    scopes = list(summary["scope"])
+    for ax, (metric, label) in zip(axes, ABLATION_METRICS):
+        for x, row in enumerate(summary.itertuples(index=False)):
+            values = table[(table["scope"] == row.scope) & table["condition"].str.startswith("random-")][metric]
+            jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(len(values))
+            ax.scatter(x + jitter, values, s=10, color="#8c8c8c", label="random sets" if x == 0 else None)
+            ax.vlines(x + 0.25, getattr(row, f"random_{metric}_q05"), getattr(row, f"random_{metric}_q95"),
+                      color="#4c72b0", lw=3, label="random 5-95 %" if x == 0 else None)
+            ax.scatter([x], [getattr(row, f"universal_{metric}")], s=60, marker="D", color="#c44e52", zorder=3,
+                       label="universal" if x == 0 else None)
+        ax.set_xticks(range(len(scopes)), scopes)
+        ax.set_xlim(-0.6, max(len(scopes), 1) - 0.4)
+        ax.set_ylabel(label)
+        ax.axhline(0, color="black", lw=0.5)
+        if scopes:
+            ax.legend(fontsize=8)
+    if not scopes:
+        axes[0].text(0.5, 0.5, "no universal neurons:\nnothing to ablate", ha="center", va="center",
+                     transform=axes[0].transAxes)
+    fig.suptitle(f"Ablation of universal neurons against matched random neurons {title}")
+    fig.tight_layout()
+    _save(fig, Path(path))
+
+
+def ablation_by_checkpoint_plot(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """Per scope across checkpoints, the universal set's loss change and KL (solid) against the
+    matched random sets' mean (dashed) and 5-95 % range (shaded)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (metric, label) in zip(axes, ABLATION_METRICS):
+        for scope, d in table.groupby("scope", sort=False):
+            line, = ax.plot(d["checkpoint"], d[f"universal_{metric}"], marker="o", lw=2.5 if scope == "all" else 1.2,
+                            color="black" if scope == "all" else None, label=f"{scope}: universal")
+            ax.plot(d["checkpoint"], d[f"random_{metric}_mean"], ls="--", color=line.get_color(), lw=1,
+                    label=f"{scope}: random mean, 5-95 %")
+            ax.fill_between(d["checkpoint"], d[f"random_{metric}_q05"], d[f"random_{metric}_q95"],
+                            color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+        if len(table):
+            ax.legend(fontsize=7)
+    if table.empty:
+        axes[0].text(0.5, 0.5, "no universal neurons at any checkpoint:\nnothing to ablate", ha="center", va="center",
+                     transform=axes[0].transAxes)
+    fig.suptitle(f"Ablation of universal neurons across training {title}")
+    fig.tight_layout()
+    _save(fig, Path(path))

@@ -39,6 +39,33 @@ def print_summary(console: Console, title: str, layer_summary: pd.DataFrame, uni
     console.print(f"Results: [bold]{results_dir}[/bold]")
 
 
+def print_ablation(console: Console, results_dir: Path) -> None:
+    """The ablation summary of a run (ablation_summary.csv): per scope, the universal set's loss
+    change and KL against the matched random sets' mean and 5-95 % range."""
+    path = results_dir / "ablation_summary.csv"
+    if not path.exists():  # TOP_K: no ablation is run
+        console.print("Ablation: not run with TOP_K (see the report)")
+        return
+    summary = pd.read_csv(path)
+    if summary.empty:
+        console.print("Ablation: no universal neurons, nothing to ablate")
+        return
+    table = Table(title="Ablation: universal neurons against matched random sets (nats)")
+    for col in ("scope", "neurons", "measure", "universal", "random mean", "random 5-95 %", "z", "p"):
+        table.add_column(col, justify="right")
+    for row in summary.itertuples(index=False):
+        for metric, name in (("delta_loss", "Δloss"), ("kl", "KL")):
+            table.add_row(row.scope, str(row.n_neurons), name, f"{getattr(row, f'universal_{metric}'):.4g}",
+                          f"{getattr(row, f'random_{metric}_mean'):.4g}", _random_range(row, metric),
+                          f"{getattr(row, f'{metric}_z'):.2f}", f"{getattr(row, f'{metric}_p'):.2f}")
+    console.print(table)
+
+
+def _random_range(row, metric: str) -> str:
+    """'q05 to q95' of the random sets' metric in an ablation summary row."""
+    return f"{getattr(row, f'random_{metric}_q05'):.4g} to {getattr(row, f'random_{metric}_q95'):.4g}"
+
+
 def print_comparison(console: Console, compare_dir: Path) -> None:
     """Universal fraction per checkpoint and the persistence matrix, from compare's CSVs."""
     by_checkpoint = pd.read_csv(compare_dir / "universality_by_checkpoint.csv")
@@ -57,6 +84,17 @@ def print_comparison(console: Console, compare_dir: Path) -> None:
     for step, row in persistence.iterrows():
         matrix.add_row(str(step), *("" if pd.isna(v) else f"{v:.2f}" for v in row))
     console.print(matrix)
+    ablation_path = compare_dir / "ablation_by_checkpoint.csv"
+    if ablation_path.exists():
+        ablation = pd.read_csv(ablation_path)
+        table = Table(title="Ablation of the universal set across training (all layers, nats)")
+        for col in ("checkpoint", "neurons", "measure", "universal", "random mean", "random 5-95 %"):
+            table.add_column(col, justify="right")
+        for row in ablation[ablation["scope"] == "all"].itertuples(index=False):
+            for metric, name in (("delta_loss", "Δloss"), ("kl", "KL")):
+                table.add_row(str(row.checkpoint), str(row.n_neurons), name, f"{getattr(row, f'universal_{metric}'):.4g}",
+                              f"{getattr(row, f'random_{metric}_mean'):.4g}", _random_range(row, metric))
+        console.print(table)
     console.print(f"Comparison: [bold]{compare_dir}[/bold] (compare.html)")
 
 
@@ -211,6 +249,72 @@ def null_control_html(run: dict, excess: pd.DataFrame) -> str:
             f"{values.max():.3f}, and {above} neurons reach the threshold {run['threshold']}.</p>")
 
 
+def _g(value: float) -> str:
+    """An ablation figure as the report shows it (4 significant digits)."""
+    return "—" if value is None or np.isnan(value) else f"{value:.4g}"
+
+
+def _harm(p: float, n_random: int) -> str:
+    """In words, how the universal set's harm ranks among the random sets' (p: the fraction of
+    random sets at least as harmful)."""
+    if p == 0:
+        return f"more harmful than every one of the {n_random} random sets"
+    if p <= 0.05:
+        return f"more harmful than {1 - p:.0%} of the random sets"
+    return f"not clearly more harmful than random neurons ({p:.0%} of the random sets are at least as harmful)"
+
+
+def ablation_html(run: dict, ablation: dict | None) -> str:
+    """The report's ablation section: what ablating the universal set does to the reference
+    model's predictions on held-out tokens, against matched random sets (the CSVs' numbers);
+    with TOP_K (no ablation run) or no universal neuron, why there is none."""
+    if ablation is None:
+        return ('<p id="ablation-not-run">Not measured: with <code>TOP_K</code> the selected neurons are the k highest '
+                "excess correlations, however low, not the universal set a threshold defines, so their ablation "
+                "says nothing about universal neurons. Run with <code>THRESHOLD</code> to measure it (from Python, "
+                "<code>unlib.ablation.ablate</code> ablates any set).</p>")
+    table, summary = ablation["table"], ablation["summary"]
+    base = float(table.loc[table["condition"] == "none", "loss"].iloc[0])
+    how = ("replaced by its mean over the analysed tokens" if run.get("ablation", "mean") == "mean"
+           else "set to 0")
+    held_out = (f'<span id="ablation-tokens">{run.get("ablation_tokens")}</span> held-out tokens (the tokens after '
+                f"the analysed ones in the document stream, with the same exclusions)")
+    if summary.empty:
+        return (f'<p id="ablation-empty">No universal neurons at this threshold: nothing to ablate. The reference '
+                f'model\'s loss on the {held_out} is <span id="ablation-loss">{_g(base)}</span> nats.</p>')
+    overall = summary[summary["scope"] == "all"].iloc[0]
+    n_random = int(overall["n_random"])
+    sentence = (
+        f'<p id="ablation-sentence">Ablating the <span id="ablation-n-neurons">{int(overall["n_neurons"])}</span> '
+        f"universal neurons (each post-activation {how}) changes the reference model's loss on the {held_out} by "
+        f'<span id="ablation-universal-delta-loss">{_g(overall["universal_delta_loss"])}</span> nats (from '
+        f'<span id="ablation-loss">{_g(base)}</span>), and its next-token distribution by a KL divergence of '
+        f'<span id="ablation-universal-kl">{_g(overall["universal_kl"])}</span> nats per token. '
+        f"{n_random} random sets with as many neurons in each layer change the loss by "
+        f'<span id="ablation-random-delta-loss-mean">{_g(overall["random_delta_loss_mean"])}</span> on average '
+        f'(5-95 %: <span id="ablation-random-delta-loss-q05">{_g(overall["random_delta_loss_q05"])}</span> to '
+        f'<span id="ablation-random-delta-loss-q95">{_g(overall["random_delta_loss_q95"])}</span>) and the '
+        f'distribution by a KL of <span id="ablation-random-kl-mean">{_g(overall["random_kl_mean"])}</span> '
+        f'(5-95 %: <span id="ablation-random-kl-q05">{_g(overall["random_kl_q05"])}</span> to '
+        f'<span id="ablation-random-kl-q95">{_g(overall["random_kl_q95"])}</span>). So, by the loss, the universal '
+        f'neurons are {_harm(overall["delta_loss_p"], n_random)} (z = {_g(overall["delta_loss_z"])}); by the KL, '
+        f'{_harm(overall["kl_p"], n_random)} (z = {_g(overall["kl_z"])}).</p>')
+    layers = summary[summary["scope"] != "all"]
+    if len(layers):
+        stronger = [s.removeprefix("layer ") for s, p in zip(layers["scope"], layers["delta_loss_p"]) if p <= 0.05]
+        weaker = [s.removeprefix("layer ") for s, p in zip(layers["scope"], layers["delta_loss_p"]) if p > 0.05]
+        most = layers.loc[layers["universal_delta_loss"].idxmax()]
+        not_in = f" and not in layer(s) {', '.join(weaker)}" if weaker else ""
+        sentence += (f"<p>Layer by layer, the universal neurons' loss change exceeds that of 95 % of the matched random "
+                     f"sets in layer(s) {', '.join(stronger) or 'none'}{not_in}; ablating those of "
+                     f"{esc(most['scope'])} alone changes the loss most ({_g(most['universal_delta_loss'])} nats).</p>")
+    seed = (f"<p>Random sets: drawn uniformly from each layer's neurons outside the universal set, set k from the "
+            f"generator seeded ({run.get('ablation_seed')}, k). <code>p</code>: the fraction of random sets at least "
+            f"as harmful; <code>z</code>: (universal − random mean) / random standard deviation.</p>")
+    return (sentence + table_html(summary, "{:.4g}", key="scope") + seed
+            + image_tag(ablation["plot"], "ablation_impact"))
+
+
 def property_comparison(stats: pd.DataFrame, universal: pd.DataFrame) -> pd.DataFrame:
     """For each neuron statistic: the universal neurons' median next to the population's, and
     a z-score (universal median minus population mean, over the population's std)."""
@@ -306,8 +410,10 @@ def _card_html(card: dict) -> str:
 
 
 def run_report_html(run: dict, excess: pd.DataFrame, stats: pd.DataFrame, universal: pd.DataFrame,
-                    layer_summary: pd.DataFrame, plots: dict[str, Path], cards: list[dict]) -> str:
-    """The self-contained per-run report (images embedded as data URIs)."""
+                    layer_summary: pd.DataFrame, plots: dict[str, Path], cards: list[dict],
+                    ablation: dict | None = None) -> str:
+    """The self-contained per-run report (images embedded as data URIs); `ablation`: the run's
+    ablation table, summary and plot ({"table", "summary", "plot"}), None when not run (TOP_K)."""
     n_neurons, n_universal = len(excess), len(universal)
     shown = {"checkpoint": run.get("checkpoint") if run.get("checkpoint") is not None else "final weights",
              "top_k": run.get("top_k") if run.get("top_k") is not None else "none (threshold)"}
@@ -318,7 +424,8 @@ def run_report_html(run: dict, excess: pd.DataFrame, stats: pd.DataFrame, univer
                               f"{p['dropped_past_budget']:,} past the budget")
     keys = ("model_set", "models", "reference", "checkpoint", "dataset", "dataset_id", "document_seed", "n_tokens",
             "ctx_len", "exclude_tokens", "exclude_ids", "positions", "rotations", "rotation_seed", "threshold", "top_k",
-            "device", "correlation_seconds", "finished")
+            "ablation", "ablation_tokens", "ablation_samples", "ablation_seed", "device", "correlation_seconds",
+            "finished")
     params = pd.DataFrame([(k, shown.get(k, run[k])) for k in keys if k in run], columns=["parameter", "value"])
     params["value"] = params["value"].map(lambda v: ", ".join(map(str, v)) if isinstance(v, list) else str(v))
     published = published_reference(run["model_set"])
@@ -352,6 +459,8 @@ universal (<span id="fraction">{n_universal / max(n_neurons, 1):.2%}</span>)</p>
 {table_html(summary, key="layer")}
 <h2>Parameters and provenance</h2>{table_html(params, key="parameter")}
 <h2>Figures</h2>{figures}
+<h2>Functional impact: ablation against matched random neurons</h2>
+{ablation_html(run, ablation)}
 <h2>Universal neurons against all neurons</h2>
 <p>Median of each statistic (definitions in the README) over the universal neurons and over all neurons,
 and the universal median's z-score in the population.</p>{properties}
@@ -367,8 +476,10 @@ def range_matrix(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
 
 def compare_report_html(model_set: str, steps: list[int], by_checkpoint: pd.DataFrame, persistence: pd.DataFrame,
                         jaccard: pd.DataFrame, trajectories: pd.DataFrame, plots: dict[str, Path],
-                        persistence_halves: tuple[pd.DataFrame, pd.DataFrame]) -> str:
-    """The self-contained report across checkpoints."""
+                        persistence_halves: tuple[pd.DataFrame, pd.DataFrame],
+                        ablation: pd.DataFrame | None = None) -> str:
+    """The self-contained report across checkpoints; `ablation`: the universal set's ablation
+    impact per checkpoint (compare.ablation_by_checkpoint), None when not run (TOP_K)."""
     overall = by_checkpoint[by_checkpoint["layer"].astype(str) == "all"]
     figures = "".join(image_tag(path, name) for name, path in plots.items())
     matrix = lambda m: table_html(m.reset_index().rename(columns=str), "{:.3f}", key=m.index.name)  # noqa: E731
@@ -384,7 +495,32 @@ of the tokens; <code>split_half_jaccard</code>: the overlap of those two sets.</
 <p>The same computed on the universal sets selected on each half of the tokens (half A, half B): their range.</p>
 {matrix(range_matrix(*persistence_halves))}
 <h2>Jaccard overlap of universal sets</h2>{matrix(jaccard)}
+<h2>Functional impact across training</h2>{ablation_by_checkpoint_html(steps, ablation)}
 <h2>Figures</h2>{figures}
 <h2>Neurons universal at any checkpoint</h2><p>{len(trajectories)} neurons; the top 30 by excess correlation at the last step:</p>
 {table_html(trajectories.head(30), "{:.3f}")}
 </body></html>"""
+
+
+def ablation_by_checkpoint_html(steps: list[int], ablation: pd.DataFrame | None) -> str:
+    """The comparison's ablation section: per checkpoint, the universal set's loss change and KL
+    against the matched random sets' (all layers; the CSV and figure have every layer)."""
+    if ablation is None:
+        return ('<p id="ablation-not-run">Not measured: with <code>TOP_K</code> the selected neurons are not a '
+                "universal set defined by a threshold (see a run's report).</p>")
+    overall = ablation[ablation["scope"] == "all"]
+    empty = [str(s) for s in steps if s not in set(overall["checkpoint"])]
+    missing = f" No universal neurons, nothing to ablate, at step(s) {', '.join(empty)}." if empty else ""
+    if overall.empty:
+        return f'<p id="ablation-empty">{missing.strip()}</p>'
+    last = overall.iloc[-1]
+    sentence = (f'<p id="ablation-sentence">At step {int(last["checkpoint"])}, ablating the '
+                f'{int(last["n_neurons"])} universal neurons changes the loss on held-out tokens by '
+                f'{_g(last["universal_delta_loss"])} nats against {_g(last["random_delta_loss_mean"])} for matched '
+                f'random sets (5-95 %: {_g(last["random_delta_loss_q05"])} to {_g(last["random_delta_loss_q95"])}); '
+                f"the table gives every checkpoint, all layers together (<code>ablation_by_checkpoint.csv</code> "
+                f"has each layer).{missing}</p>")
+    columns = ["checkpoint", "n_neurons", "universal_delta_loss", "random_delta_loss_mean", "random_delta_loss_q05",
+               "random_delta_loss_q95", "delta_loss_p", "universal_kl", "random_kl_mean", "random_kl_q05",
+               "random_kl_q95", "kl_p"]
+    return sentence + table_html(overall[columns], "{:.4g}", key="checkpoint")

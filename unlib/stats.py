@@ -1,18 +1,19 @@
 """Per-neuron statistics of a model (definitions: README, "The method"; as in Gurnee et al.
 2024): weight norms and composition with the unembedding on the processed weights (LayerNorm
 folded, writing weights and unembedding centred), and moments of the MLP pre-activation over
-the dataset (sparsity: fraction of tokens where it is > 0)."""
+the dataset (sparsity: fraction of tokens where it is > 0), and the mean MLP post-activation
+(what mean ablation substitutes, unlib.ablation)."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import torch
 
-from unlib.models import mlp_activations, processed_weights
+from unlib.models import mlp_captures, processed_weights
 
 STATS_COLUMNS = ["layer", "neuron", "w_in_norm", "w_out_norm", "l2_penalty", "input_bias", "in_out_sim",
                  "vocab_mean", "vocab_var", "vocab_skew", "vocab_kurt",
-                 "act_mean", "act_var", "act_skew", "act_kurt", "sparsity"]
+                 "act_mean", "act_var", "act_skew", "act_kurt", "sparsity", "post_mean"]
 
 
 # Skew and Pearson kurtosis of a constant (zero-variance) series, which has none: those of a
@@ -115,17 +116,23 @@ class NeuronStatsGenerator:
 
     def activation_stats(self, tokens: np.ndarray, keep: np.ndarray, batch_size: int = 32,
                          progress=None) -> pd.DataFrame:
-        """Moments of the MLP pre-activation over the kept positions of the tokens."""
+        """Moments of the MLP pre-activation over the kept positions of the tokens, and the mean
+        post-activation, taken in the same forward pass (mean ablation reads it from here)."""
         device = next(self.model.parameters()).device
         accs = [MomentAccumulator() for _ in range(self.model.cfg.n_layers)]
+        post_sums = torch.zeros(self.model.cfg.n_layers, self.model.cfg.d_mlp, dtype=torch.float64)
         for seq in range(0, tokens.shape[0], batch_size):
             batch = torch.from_numpy(tokens[seq:seq + batch_size].astype(np.int64)).to(device)
             mask = torch.from_numpy(keep[seq:seq + batch_size])
-            for acc, pre in zip(accs, mlp_activations(self.model, batch, mask, hook="pre")):
+            captured = mlp_captures(self.model, batch, mask, ("pre", "post"))
+            for layer, (acc, pre, post) in enumerate(zip(accs, captured["pre"], captured["post"])):
                 acc.update(pre.cpu())
+                post_sums[layer] += post.double().sum(0).cpu()
             if progress is not None:
                 progress(min(tokens.shape[0], seq + batch_size), tokens.shape[0])
-        frames = [pd.DataFrame({"layer": l, "neuron": np.arange(self.model.cfg.d_mlp), **acc.result()})
+        post_means = (post_sums / max(int(keep.sum()), 1)).numpy()
+        frames = [pd.DataFrame({"layer": l, "neuron": np.arange(self.model.cfg.d_mlp), **acc.result(),
+                                "post_mean": post_means[l]})
                   for l, acc in enumerate(accs)]
         return pd.concat(frames, ignore_index=True)
 

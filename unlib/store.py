@@ -99,11 +99,14 @@ class Store:
         return self.zoo_dir(zoo_id) / f"seed-{seed}"
 
     def tokens(self, dataset_id: str, tokenizer_id: str, n_tokens: int, ctx_len: int, exclude_tokens: str,
-               document_seed: int) -> Path:
+               document_seed: int, skip_tokens: int = 0) -> Path:
+        """A token file; with `skip_tokens`, the held-out tokens after the file of that many, in a
+        `held-out/` subfolder (`..._skip<S>.h5`), apart from the analysed token files."""
         plain = re.fullmatch(r"[A-Za-z0-9_,]{1,32}", exclude_tokens)
         excluded = exclude_tokens.replace(",", "-") if plain else short_hash(exclude_tokens)
-        return (self.root / "tokens" / slug(dataset_id)
-                / f"{slug(tokenizer_id)}_ctx{ctx_len}_n{n_tokens}_excl-{excluded}_seed{document_seed}.h5")
+        name = f"{slug(tokenizer_id)}_ctx{ctx_len}_n{n_tokens}_excl-{excluded}_seed{document_seed}"
+        folder = self.root / "tokens" / slug(dataset_id)
+        return folder / "held-out" / f"{name}_skip{skip_tokens}.h5" if skip_tokens else folder / f"{name}.h5"
 
     def activations(self, model_id: str, checkpoint: int | None, tokens_file: Path) -> Path:
         tokens_name = f"{tokens_file.parent.name}__{tokens_file.name}"
