@@ -12,6 +12,7 @@ THRESHOLD ?=
 TOP_K ?=
 DEVICE ?= auto
 WORKERS ?= 1
+PARALLEL ?=
 BATCH_SIZE ?=
 QUICK ?=
 SCHEDULER ?= auto
@@ -45,7 +46,7 @@ setup: $(SETUP)
 RUN_ARGS = --models "$(MODELS)" --dataset "$(DATASET)" --n-tokens "$(N_TOKENS)" --ctx-len "$(CTX_LEN)" \
 	--exclude-tokens "$(EXCLUDE_TOKENS)" \
 	--reference "$(REFERENCE)" --rotations "$(ROTATIONS)" --threshold "$(THRESHOLD)" --top-k "$(TOP_K)" \
-	--device "$(DEVICE)" --workers "$(WORKERS)" --batch-size "$(BATCH_SIZE)" --scheduler "$(SCHEDULER)" --scheduler-port "$(SCHEDULER_PORT)" \
+	--device "$(DEVICE)" --workers "$(WORKERS)" --parallel "$(PARALLEL)" --batch-size "$(BATCH_SIZE)" --scheduler "$(SCHEDULER)" --scheduler-port "$(SCHEDULER_PORT)" \
 	--cache "$(CACHE)" --memory "$(CORR_MEMORY)" $(if $(QUICK),--quick)
 
 analyze: $(SETUP)

@@ -553,11 +553,12 @@ class PassResult:
 
     entries: dict[tuple[int, int, int], dict[str, np.ndarray]]
     half_rows: list[int]
+    attrs: dict = dataclasses.field(default_factory=dict)  # what load() found saved with it
 
     FIELDS = ("max", "layer", "neuron", "base", "dead")
 
     def save(self, path, attrs: dict) -> None:
-        """Write atomically to an HDF5 file, one group per entry, with `attrs`."""
+        """Write atomically to an HDF5 file, one group per entry, with `attrs` (and half_rows)."""
         write_small_h5(path, {f"{ref}/{layer}/{other}/{name}": entry[name]
                               for (ref, layer, other), entry in self.entries.items() for name in self.FIELDS},
                        {**attrs, "half_rows": self.half_rows})
@@ -567,7 +568,7 @@ class PassResult:
         with h5py.File(path, "r") as f:
             entries = {(int(ref), int(layer), int(other)): {name: f[ref][layer][other][name][:] for name in cls.FIELDS}
                        for ref in f for layer in f[ref] for other in f[ref][layer]}
-            return cls(entries, [int(n) for n in f.attrs["half_rows"]])
+            return cls(entries, [int(n) for n in f.attrs["half_rows"]], dict(f.attrs))
 
 
 def merge_partials(best: dict, entries: dict) -> None:

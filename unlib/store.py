@@ -112,6 +112,10 @@ class Store:
     def correlation(self, run_key: str, reference_id: str, layer: int) -> Path:
         return self.root / "correlation" / run_key / slug(reference_id) / f"layer_{layer:03d}.h5"
 
+    def correlation_block(self, run_key: str, references: str, units: str) -> Path:
+        """A correlation block's partial results: named by its references and a hash of its units."""
+        return self.root / "correlation" / run_key / "blocks" / f"ref-{references}_units-{short_hash(units, 16)}.h5"
+
     def free_disk(self) -> tuple[Path, int]:
         """(the nearest existing folder at or above the store root, its free bytes)."""
         existing = next(p for p in [self.root, *self.root.resolve().parents] if p.exists())
