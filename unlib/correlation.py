@@ -134,7 +134,7 @@ def parse_bytes(text: str) -> int:
 
 
 def default_memory_budget(device: str | torch.device, engines: int = 1) -> int:
-    """Bytes one engine may use: 80 % of the free memory of the fullest GPU (read with
+    """Bytes one engine may use: 80 % of the free memory of the GPU with the least (read with
     nvidia-smi, so that planning creates no CUDA context in a process that forks workers
     afterwards), or on the CPU half the available RAM shared by `engines` running at once."""
     if torch.device(device).type == "cuda":
