@@ -17,6 +17,7 @@ ABLATION_TOKENS ?=
 ABLATION_SAMPLES ?=
 DEVICE ?=
 WORKERS ?=
+PARALLEL ?=
 BATCH_SIZE ?=
 QUICK ?=
 SCHEDULER ?=
@@ -54,9 +55,9 @@ RUN_ARGS = $(call option,MODELS,models) $(call option,DATASET,dataset) $(call op
 	$(call option,ROTATIONS,rotations) $(call option,THRESHOLD,threshold) $(call option,TOP_K,top-k) \
 	$(call option,ABLATION,ablation) $(call option,ABLATION_TOKENS,ablation-tokens) \
 	$(call option,ABLATION_SAMPLES,ablation-samples) \
-	$(call option,DEVICE,device) $(call option,WORKERS,workers) $(call option,BATCH_SIZE,batch-size) \
-	$(call option,SCHEDULER,scheduler) $(call option,SCHEDULER_PORT,scheduler-port) $(call option,CACHE,cache) \
-	$(call option,CORR_MEMORY,memory) $(if $(QUICK),--quick)
+	$(call option,DEVICE,device) $(call option,WORKERS,workers) $(call option,PARALLEL,parallel) \
+	$(call option,BATCH_SIZE,batch-size) $(call option,SCHEDULER,scheduler) $(call option,SCHEDULER_PORT,scheduler-port) \
+	$(call option,CACHE,cache) $(call option,CORR_MEMORY,memory) $(if $(QUICK),--quick)
 
 analyze: $(SETUP)
 	$(PYTHON) -m tasks analyze $(RUN_ARGS) $(call option,CHECKPOINT,checkpoint)

@@ -67,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--cache", default=EXECUTION_DEFAULTS["cache"])
     common.add_argument("--memory", default="", help="correlation memory budget (CORR_MEMORY), e.g. 8G")
     common.add_argument("--workers", type=number(int, "WORKERS"), default=EXECUTION_DEFAULTS["workers"])
+    common.add_argument("--parallel", type=number(int, "PARALLEL", optional=True), default=None,
+                        help="correlation blocks to split the work into, at least (default: WORKERS)")
     common.add_argument("--batch-size", type=number(int, "BATCH_SIZE", optional=True), default=None,
                         help=f"sequences per forward pass (default {BATCH_SIZE})")
     common.add_argument("--quick", action="store_true", help=f"smoke run on {QUICK_TOKENS} tokens")
@@ -139,7 +141,8 @@ def build(args) -> list:
         memory=args.memory, exclude_tokens=args.exclude_tokens,
         batch_size=BATCH_SIZE if args.batch_size is None else args.batch_size, ablation=args.ablation,
         ablation_tokens=args.ablation_tokens,
-        ablation_samples=DEFAULTS["ablation_samples"] if args.ablation_samples is None else args.ablation_samples)]
+        ablation_samples=DEFAULTS["ablation_samples"] if args.ablation_samples is None else args.ablation_samples,
+        workers=args.workers, parallel=args.parallel)]
     if args.command == "compare":
         return [root.clone(CompareCheckpoints, checkpoints=steps) for root in roots if root.checkpoint == steps[0]]
     reports = [root.clone(RunReport) for root in roots]

@@ -166,6 +166,7 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
             "ablation_tokens": self.ablation_n_tokens, "ablation_samples": self.ablation_samples,
             "ablation_seed": self.ablation_seed, "device": self.device,
             "correlation_seconds": round(float(correlation["seconds"]), 2), "correlation_feed": correlation["feed"],
+            "cache_bytes_read": int(correlation["cache_bytes_read"]),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "n_neurons": int(summary["n_neurons"].sum()), "n_universal": int(summary["n_universal"].sum()),
             "n_dead": int(summary["n_dead"].sum()) if "n_dead" in summary else None,

@@ -28,7 +28,7 @@ from unlib import UserError
 from unlib.ablation import ABLATIONS
 from unlib.activations import cache_bytes
 from tasks.correlation import CHUNK_TOKENS
-from unlib.correlation import HALF_BLOCK_ROWS, ExcessCorrelationEngine, parse_bytes
+from unlib.correlation import HALF_BLOCK_ROWS, ExcessCorrelationEngine, default_memory_budget, parse_bytes
 from unlib.data import TOKEN_IDS, check_dataset, check_token_ids, exclusion_ids, parse_exclusion
 from unlib.models import (ModelError, check_checkpoint, check_same_tokenizer, check_weights, load_tokenizer,
                           max_context, mlp_shape, resolve_device, resolve_model_set)
@@ -36,6 +36,9 @@ from unlib.selection import UniversalNeuronAnalyzer
 from unlib.store import atomic_path
 
 luigi.configuration.add_config_path(str(LUIGI_CFG))
+# torch.cuda.is_available() (resolve_device) asks NVML instead of initialising CUDA in this
+# process, which Luigi forks into workers afterwards (a forked child cannot use CUDA then).
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 # Luigi reads [core] rpc_* (luigi.cfg) in its RemoteScheduler but warns that its `core` task does not.
 warnings.filterwarnings("ignore", "The configuration contains the parameter 'rpc_",
                         luigi.parameter.UnconsumedParameterWarning)
@@ -59,14 +62,18 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
                    device: str = EXECUTION_DEFAULTS["device"], cache: str = EXECUTION_DEFAULTS["cache"],
                    memory: str = "", exclude_tokens: str | None = None,
                    batch_size: int = BATCH_SIZE, ablation: str = DEFAULTS["ablation"],
-                   ablation_tokens: int | None = None,
-                   ablation_samples: int = DEFAULTS["ablation_samples"]) -> list[UniversalNeuronsAnalysis]:
+                   ablation_tokens: int | None = None, ablation_samples: int = DEFAULTS["ablation_samples"],
+                   workers: int = EXECUTION_DEFAULTS["workers"],
+                   parallel: int | None = None) -> list[UniversalNeuronsAnalysis]:
     """Validate the parameters (raising ValueError with a one-line message) and return the
     root task of the analysis: one per reference model ("all" scores every model of the
     set in the same correlation pass). dataset, ctx_len and exclude_tokens default to the
     model set's own (ctx_len capped at the models' maximum context); ablation_tokens to a
     fifth of n_tokens. The ablation parameters name the run (they are run parameters) and
-    are used by the report's ablation (tasks.ablation.Ablation)."""
+    are used by the report's ablation (tasks.ablation.Ablation). The correlation is split
+    into at least `parallel` blocks (default `workers`); an empty `memory` becomes the
+    default budget of one block (on the CPU, the RAM's share of each of `workers`), resolved
+    here once so that every worker and process plans the same blocks."""
     check_store(store().root)
     model_set = resolve_model_set(models, store().root)
     defaults = model_set.defaults
@@ -128,24 +135,28 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
         raise ValueError(f"BATCH_SIZE={batch_size} must be a positive number of sequences")
     if cache not in ("auto", "0", "1"):
         raise ValueError(f"CACHE={cache!r} must be 1 (cache activations), 0 (run the models instead) or auto")
-    if memory:
-        try:
-            budget = parse_bytes(memory)
-        except (ValueError, OverflowError):
-            raise ValueError(f"CORR_MEMORY={memory!r} is not a size: use e.g. 8G, 512M or a number of bytes") from None
-        sizes = [[d] * n for n, d in (mlp_shape(m, checkpoint) for m in model_set.models)]
-        ExcessCorrelationEngine(sizes, references, rotations, rotation_seed, "cpu", budget, CHUNK_TOKENS)  # plans
+    parallel = workers if parallel is None else parallel
+    if parallel < 1:
+        raise ValueError(f"PARALLEL={parallel} must be at least 1 (the correlation blocks to split the work into)")
+    device = resolve_device(device)
+    try:
+        budget = parse_bytes(memory) if memory else default_memory_budget(device, workers)
+    except (ValueError, OverflowError):
+        raise ValueError(f"CORR_MEMORY={memory!r} is not a size: use e.g. 8G, 512M or a number of bytes") from None
+    memory = str(budget)
+    sizes = [[d] * n for n, d in (mlp_shape(m, checkpoint) for m in model_set.models)]
+    ExcessCorrelationEngine(sizes, references, rotations, rotation_seed, "cpu", budget, CHUNK_TOKENS)  # plans
     if model_set.zoo is None:  # the models first: a set's default dataset may be a hub one
         check_same_tokenizer(model_set.models)
         exclusion_ids(exclude_tokens, load_tokenizer(model_set, store().root))  # a bad token string fails now
     check_dataset(dataset)
-    device = resolve_device(device)
     check_disk(model_set, checkpoint, n_tokens, cache)
     return [UniversalNeuronsAnalysis(models=models, checkpoint=checkpoint, dataset=dataset, n_tokens=n_tokens,
                                      ctx_len=ctx_len, exclude_tokens=exclude_tokens, reference=ref, rotations=rotations, rotation_seed=rotation_seed,
                                      threshold=threshold, top_k=top_k, device=device, cache=cache, memory=memory,
                                      batch_size=batch_size, all_references=len(references) > 1, ablation=ablation,
-                                     ablation_tokens=ablation_tokens, ablation_samples=ablation_samples)
+                                     ablation_tokens=ablation_tokens, ablation_samples=ablation_samples,
+                                     parallel=parallel)
             for ref in references]
 
 
@@ -357,7 +368,7 @@ def run_universal_neurons_analysis(model_names: str | list[str] = DEFAULTS["mode
         roots = build_analyses(models, checkpoint_value, dataset=dataset_value(dataset_path), n_tokens=n_tokens,
                                ctx_len=ctx_len, reference=reference, rotations=n_rotation_samples,
                                threshold=excess_threshold, top_k=top_k, device=device, exclude_tokens=exclude_tokens,
-                               batch_size=batch_size)
+                               batch_size=batch_size, workers=workers)
         run_analysis(roots, workers=workers)
     if str(reference) == "all":
         return {root.model_set.models[root.reference].name: read_results(root) for root in roots}

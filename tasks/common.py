@@ -2,9 +2,12 @@
 reporting to both the terminal (rich) and the Luigi scheduler's web UI."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from unlib import UserError
 from unlib.ablation import ABLATIONS
 from unlib.data import DEFAULT_N_TOKENS, OFFLINE_CORPUS, dataset_inputs
 from unlib.models import ZOOS, ModelSet, model_fingerprint, resolve_model_set
-from unlib.store import Store, exclusive, h5_problem, provenance, seal, seal_problem, set_aside
+from unlib.store import Store, exclusive, h5_problem, provenance, seal, seal_problem, set_aside, slug
 
 logger = logging.getLogger("luigi-interface")
 # The pipeline's Luigi settings: luigi.cfg at the top of the checkout, linked into this package
@@ -36,6 +39,9 @@ SET_DEFAULTS = ("dataset", "ctx_len", "exclude_tokens")
 # Makefile (whose variables are empty unless set) take them from here.
 EXECUTION_DEFAULTS = {"device": "auto", "cache": "auto", "workers": 1, "scheduler": "auto", "scheduler_port": 8082,
                       "checkpoints": "100 250 500 1000"}
+# The tasks whose run() computes on DEVICE (models and correlations): only they take a `gpu`
+# resource and a GPU of their own; the others (tokens, merges, tables, plots) run on the CPU.
+DEVICE_TASKS = ("CacheActivations", "CorrelationBlock", "NeuronStats", "Ablation", "RunReport")
 # Sequences per forward pass (BATCH_SIZE): it changes speed and memory, not results, so it
 # names no file.
 BATCH_SIZE = 32
@@ -77,8 +83,34 @@ def one_writer(run):
             torch.set_num_threads(int(os.environ["UNLIB_TORCH_THREADS"]))
         with exclusive([t.path for t in luigi.task.flatten(self.output())], store().root / "locks"):
             if not self.complete():
-                return run(self)
+                with own_gpu(self.device if getattr(self, "uses_device", False) else "cpu"):
+                    return run(self)
     return locked_run
+
+
+@contextlib.contextmanager
+def own_gpu(device: str):
+    """With DEVICE=cuda (no index) and several GPUs, run on a GPU that no other task on this
+    host holds (a lock file per host and GPU, taken in turn, waiting while all are held), made
+    the current device so that `cuda` means it. Called only inside a task's run(): CUDA is
+    never touched before Luigi forks its workers."""
+    count = torch.cuda.device_count() if device == "cuda" else 0
+    if count < 2:
+        yield
+        return
+    lock_dir = store().root / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        for index in range(count):
+            with open(lock_dir / f"gpu-{slug(socket.gethostname())}-{index}.lock", "a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                torch.cuda.set_device(index)
+                yield
+                return
+        time.sleep(1)
 
 
 class HideReportedTracebacks(logging.Filter):
@@ -170,10 +202,15 @@ class TokenParams:
                                     description="BATCH_SIZE: sequences per forward pass")
 
     @property
+    def uses_device(self) -> bool:
+        """Whether run() computes on `device` (DEVICE_TASKS), not only on the CPU."""
+        return self.get_task_family() in DEVICE_TASKS
+
+    @property
     def resources(self) -> dict:
-        """Tasks on a GPU hold one unit of the scheduler's `gpu` resource (luigi.cfg
-        [resources]), so several workers never overload a card."""
-        return {"gpu": 1} if str(self.device).startswith("cuda") else {}
+        """Tasks that compute on a GPU hold one unit of the scheduler's `gpu` resource
+        (luigi.cfg [resources]: the number of GPUs), so several workers never overload a card."""
+        return {"gpu": 1} if self.uses_device and str(self.device).startswith("cuda") else {}
 
     @property
     def model_set(self) -> ModelSet:
@@ -215,6 +252,8 @@ class CorrelationParams(CheckpointParams):
     all_references = luigi.BoolParameter(default=False, description="score every model in the same pass")
     cache = luigi.Parameter(default="auto", significant=False, description="activation caches: 1, 0 or auto")
     memory = luigi.Parameter(default="", significant=False, description="correlation memory budget, e.g. 8G")
+    parallel = luigi.IntParameter(default=1, significant=False,
+                                  description="PARALLEL: correlation blocks to split the work into, at least")
 
     def correlations(self):
         """The correlation task this run reads. With all_references, every reference's run

@@ -1,5 +1,8 @@
-"""The correlation step: the engine over the activation caches (or, when they do not fit
-the disk, over the models run batch by batch), writing one target per reference layer."""
+"""The correlation step, split along the engine's seams so that several workers, GPUs or
+hosts share it: `CorrelationBlock` tasks each stream the activation caches (or, when they do
+not fit the disk, the models run batch by batch) once for a group of the engine's units and
+save their partial best matches; `Correlations` merges them, in plan order, into one target
+per reference layer. The results are bitwise the same whatever the number of blocks."""
 from __future__ import annotations
 
 import functools
@@ -7,12 +10,15 @@ import logging
 import os
 import time
 
+import luigi
+
 from tasks.activations import CacheActivations
 from tasks.common import CorrelationParams, H5Target, PipelineTask, TaskProgress, store
 from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
 from unlib.activations import ActivationCache, cache_bytes, cached_chunks, choose_feed, model_chunks
-from unlib.correlation import DEAD_MATCH, HALF_BLOCK_ROWS, ExcessCorrelationEngine, parse_bytes
+from unlib.correlation import (DEAD_MATCH, HALF_BLOCK_ROWS, ExcessCorrelationEngine, PassResult, Unit, collect,
+                               merge_partials, parse_bytes)
 from unlib.data import read_tokens
 from unlib.models import load_model, mlp_shape
 from unlib.store import checkpoint_label, partial_path, provenance, short_hash
@@ -21,13 +27,54 @@ logger = logging.getLogger("luigi-interface")
 CHUNK_TOKENS = 4096
 
 
-class Correlations(CorrelationParams, PipelineTask):
-    """For each neuron of the reference model (of every model with all_references), per
-    other model: max correlation, where it is, and the max against each rotated baseline."""
+class CorrelationTask(CorrelationParams, PipelineTask):
+    """What the correlation tasks share: the references, the models' layer sizes, the plan,
+    and the parameters that name their folder."""
 
     @property
     def references(self) -> list[int]:
         return list(range(len(self.model_set.models))) if self.all_references else [self.reference]
+
+    @property
+    def layer_sizes(self) -> list[list[int]]:
+        return [[d] * n for n, d in (mlp_shape(m, self.checkpoint) for m in self.model_set.models)]
+
+    def engine(self) -> ExcessCorrelationEngine:
+        """The engine, planned for CORR_MEMORY: build_analyses resolves its default once, so that
+        every process plans the same blocks (planning touches no device)."""
+        return ExcessCorrelationEngine(self.layer_sizes, self.references, self.rotations, self.rotation_seed,
+                                       self.device, parse_bytes(self.memory), CHUNK_TOKENS)
+
+    def run_params(self) -> dict:
+        """The parameters that name the correlation folder (inputs' content is checked, not named)."""
+        return {"models": [m.model_id for m in self.model_set.models], "checkpoint": self.checkpoint,
+                "dataset": dataset_id(self.dataset), "n_tokens": self.n_tokens, "ctx_len": self.ctx_len,
+                "exclude_tokens": self.exclude_tokens, "rotations": self.rotations, "rotation_seed": self.rotation_seed,
+                "half_block_rows": HALF_BLOCK_ROWS}
+
+    def run_key(self) -> str:
+        return f"{self.model_set.name}_{checkpoint_label(self.checkpoint)}_{short_hash(self.run_params())}"
+
+
+def units_text(units: list[Unit]) -> str:
+    """A group of units as a parameter: `row:first-last:col` per unit, comma-separated."""
+    return ",".join(f"{u.row_model}:{u.row_layers[0]}-{u.row_layers[-1]}:{u.col_model}" for u in units)
+
+
+def parse_units(text: str) -> list[Unit]:
+    units = []
+    for item in text.split(","):
+        row, layers, col = item.split(":")
+        first, last = map(int, layers.split("-"))
+        units.append(Unit(int(row), tuple(range(first, last + 1)), int(col)))
+    return units
+
+
+class CorrelationBlock(CorrelationTask):
+    """One pass over the tokens for a group of the engine's units (model pairs x blocks of
+    row layers): the partial max and rotated-baseline correlations of the references' neurons."""
+
+    units = luigi.Parameter(description="the group's units, row:first-last:col, comma-separated")
 
     @functools.cached_property
     def feed(self) -> tuple[bool, str]:
@@ -48,15 +95,54 @@ class Correlations(CorrelationParams, PipelineTask):
             return [self.clone(CacheActivations, model=i) for i in range(len(self.model_set.models))]
         return [self.clone(TokenizeDataset)] + [t for m in self.model_set.models for t in model_requirement(m)]
 
-    def run_params(self) -> dict:
-        """The parameters that name the correlation folder (inputs' content is checked, not named)."""
-        return {"models": [m.model_id for m in self.model_set.models], "checkpoint": self.checkpoint,
-                "dataset": dataset_id(self.dataset), "n_tokens": self.n_tokens, "ctx_len": self.ctx_len,
-                "exclude_tokens": self.exclude_tokens, "rotations": self.rotations, "rotation_seed": self.rotation_seed,
-                "half_block_rows": HALF_BLOCK_ROWS}
+    def output(self):
+        path = store().correlation_block(self.run_key(), "-".join(map(str, self.references)), self.units)
+        return H5Target(path, {**self.run_params(), "references": self.references, "units": self.units,
+                               "inputs": self.inputs()})
 
-    def run_key(self) -> str:
-        return f"{self.model_set.name}_{checkpoint_label(self.checkpoint)}_{short_hash(self.run_params())}"
+    def run(self):
+        use_cache, why = self.feed
+        models = self.model_set.models
+        units = parse_units(self.units)
+        engine = self.engine()
+        needed = engine.needed_layers(units)
+        if use_cache:
+            caches = [ActivationCache(t.path) for t in self.input()]
+            n_tokens = caches[0].n_tokens
+            chunks = lambda needed: cached_chunks(caches, CHUNK_TOKENS, self.device, needed)  # noqa: E731
+            read = sum(4 * c.n_tokens * c.d_mlp * len(layers) for c, layers in zip(caches, needed))
+        else:
+            loaded = [load_model(m, self.checkpoint, self.device) for m in models]
+            tokens, keep = read_tokens(self.input()[0].path)
+            n_tokens = int(keep.sum())
+            chunks = lambda needed: model_chunks(loaded, tokens, keep, self.batch_size, self.device)  # noqa: E731
+            read = 0
+        path = "activation caches" if use_cache else "models run batch by batch (no cache)"
+        logger.warning("correlation block %s: %s, because %s", self.units, path, why)
+        start = time.monotonic()
+        with TaskProgress(self, f"correlate {self.units} ({path})", n_tokens) as progress:
+            def report(streamed: int, eng: ExcessCorrelationEngine) -> None:
+                rate = eng.flops / max(time.monotonic() - start, 1e-9) / 1e9
+                progress(streamed, extra=f", {rate:,.1f} GFLOP/s")
+            result = engine.run_pass(chunks, units, report)
+        seconds = time.monotonic() - start
+        logger.warning("correlation block %s: %d tokens in %.1f s: %.0f tokens/s, %.1f GFLOP/s", self.units,
+                       n_tokens, seconds, n_tokens / seconds, engine.flops / seconds / 1e9)
+        result.save(self.output().path, {
+            "provenance": self.output().expected, "n_tokens": n_tokens, "feed": path, "feed_reason": why,
+            "seconds": seconds, "flops": engine.flops, "cache_bytes_read": read, "device": str(self.device)})
+
+
+class Correlations(CorrelationTask):
+    """For each neuron of the reference model (of every model with all_references), per
+    other model: max correlation, where it is, and the max against each rotated baseline;
+    merged from the blocks, `parallel` or as many as the memory plan needs passes."""
+
+    def blocks(self) -> list[CorrelationBlock]:
+        return [self.clone(CorrelationBlock, units=units_text(g)) for g in self.engine().groups(self.parallel)]
+
+    def requires(self):
+        return self.blocks()
 
     def layer_provenance(self, ref: int, layer: int) -> dict:
         # dead_match: how a dead reference neuron's best match is recorded; files from before it
@@ -70,42 +156,23 @@ class Correlations(CorrelationParams, PipelineTask):
                 for ref in self.references for layer in range(mlp_shape(models[ref], self.checkpoint)[0])}
 
     def run(self):
-        use_cache, why = self.feed
-        models = self.model_set.models
+        best: dict = {}
+        attrs = []
+        for target in self.input():  # in plan order: ties go to the earlier match, as in one engine
+            result = PassResult.load(target.path)
+            merge_partials(best, result.entries)
+            attrs.append(result.attrs)
+        seconds = sum(a["seconds"] for a in attrs)
+        gflops = sum(a["flops"] for a in attrs) / max(seconds, 1e-9) / 1e9
+        self.set_status_message(f"merged {len(attrs)} block(s): {seconds:.1f} s, {gflops:,.1f} GFLOP/s")
         targets = self.output()
-        sizes = [[d] * n for n, d in (mlp_shape(m, self.checkpoint) for m in models)]
-        if not use_cache:  # models first, so the engine's budget is what they leave free
-            loaded = [load_model(m, self.checkpoint, self.device) for m in models]
-        budget = parse_bytes(self.memory) if self.memory else None
-        engine = ExcessCorrelationEngine(sizes, self.references, self.rotations, self.rotation_seed, self.device,
-                                         budget, CHUNK_TOKENS)
-        if use_cache:
-            caches = [ActivationCache(t.path) for t in self.input()]
-            n_tokens = caches[0].n_tokens
-            chunks = lambda needed: cached_chunks(caches, CHUNK_TOKENS, self.device, needed)  # noqa: E731
-        else:
-            tokens, keep = read_tokens(self.input()[0].path)
-            n_tokens = int(keep.sum())
-            chunks = lambda needed: model_chunks(loaded, tokens, keep, self.batch_size, self.device)  # noqa: E731
-        path = "activation caches" if use_cache else "models run batch by batch (no cache)"
-        plan = f"{len(engine.passes)} pass(es), {sum(map(len, engine.passes))} accumulators"
-        logger.warning("correlation feed: %s, because %s; plan: %s", path, why, plan)
-        start = time.monotonic()
-        total = n_tokens * len(engine.passes)
-        with TaskProgress(self, f"correlate ({path})", total) as progress:
-            def report(streamed: int, eng: ExcessCorrelationEngine) -> None:
-                rate = eng.flops / max(time.monotonic() - start, 1e-9) / 1e9
-                progress(streamed, extra=f", {rate:,.1f} GFLOP/s")
-            results = engine.run(chunks, report)
-        seconds = time.monotonic() - start
-        logger.warning("correlation: %d tokens x %d pass(es) in %.1f s: %.0f tokens/s, %.1f GFLOP/s",
-                       n_tokens, len(engine.passes), seconds, total / seconds, engine.flops / seconds / 1e9)
-        names = [m.name for m in models]
-        for ref, layers in results.items():
-            for result in layers:
-                result.save(targets[(ref, result.layer)].path, {
-                    "provenance": provenance(self.layer_provenance(ref, result.layer)),
-                    "reference": names[ref], "others": [names[m] for m in result.others],
-                    "n_tokens": n_tokens, "rotations": self.rotations, "rotation_seed": self.rotation_seed,
-                    "feed": path, "feed_reason": why, "seconds": seconds, "gflops": engine.flops / seconds / 1e9,
-                    "device": str(self.device), "passes": len(engine.passes), "half_rows": engine.half_rows})
+        names = [m.name for m in self.model_set.models]
+        for ref, layers in collect(best, self.layer_sizes, self.references, result.half_rows).items():
+            for layer in layers:
+                layer.save(targets[(ref, layer.layer)].path, {
+                    "provenance": provenance(self.layer_provenance(ref, layer.layer)),
+                    "reference": names[ref], "others": [names[m] for m in layer.others],
+                    "n_tokens": attrs[0]["n_tokens"], "rotations": self.rotations, "rotation_seed": self.rotation_seed,
+                    "feed": attrs[0]["feed"], "feed_reason": attrs[0]["feed_reason"], "seconds": seconds,
+                    "gflops": gflops, "device": str(self.device), "passes": len(attrs), "half_rows": result.half_rows,
+                    "cache_bytes_read": sum(int(a["cache_bytes_read"]) for a in attrs)})

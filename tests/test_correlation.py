@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from unlib.correlation import HALF_BLOCK_ROWS, ExcessCorrelationEngine, MemoryBudgetError, haar_orthogonal
+from unlib.correlation import (HALF_BLOCK_ROWS, ExcessCorrelationEngine, LayerResult, MemoryBudgetError, PassResult,
+                              collect, haar_orthogonal, merge_partials)
 
 LAYERS = [[12, 20], [12, 20], [16, 8, 8]]
 
@@ -209,3 +210,50 @@ def test_haar_matrices_have_haar_trace_moments():
     traces = np.array([np.trace(haar_orthogonal(6, [s]).numpy()) for s in range(3000)])
     assert abs(traces.mean()) < 0.08
     assert abs((traces ** 2).mean() - 1) < 0.12
+
+
+def same_results(a: dict, b: dict) -> bool:
+    """Whether two engines' {reference: [LayerResult]} are bitwise equal (NaN equal to NaN)."""
+    return a.keys() == b.keys() and all(
+        x.layer == y.layer and x.others == y.others
+        and all(np.array_equal(getattr(x, n), getattr(y, n), equal_nan=True) for n in LayerResult.ARRAYS)
+        for ref in a for x, y in zip(a[ref], b[ref], strict=True))
+
+
+@pytest.mark.parametrize("references", [[0], [0, 1, 2]])
+def test_groups_run_apart_and_merged_in_plan_order_equal_one_engine_bitwise(references, tmp_path):
+    """Each group is one task's pass (saved and loaded as a file); merged in plan order they give
+    exactly the one-engine result, whatever the number of groups, also with a dead reference
+    neuron and exact ties (copied neurons)."""
+    data = make_data("structured", n=2 * HALF_BLOCK_ROWS + 500, seed=3)
+    data[0][1][:, 2] = 1.5
+    one = ExcessCorrelationEngine(LAYERS, references, n_rotations=2, rotation_seed=5).run(chunks(data, 700))
+    plan = ExcessCorrelationEngine(LAYERS, references, n_rotations=2, rotation_seed=5)
+    rows = [(u.row_model, l, u.col_model) for p in plan.passes for u in p for l in u.row_layers]
+    for parallel in (1, 2, 3, len(rows) + 5):
+        groups = plan.groups(parallel)
+        assert len(groups) == min(parallel, len(rows))
+        assert [(u.row_model, l, u.col_model) for g in groups for u in g for l in u.row_layers] == rows
+        best: dict = {}
+        for number, units in enumerate(groups):
+            engine = ExcessCorrelationEngine(LAYERS, references, n_rotations=2, rotation_seed=5)
+            engine.run_pass(chunks(data, 700), units).save(tmp_path / f"{number}.h5", {})
+            merge_partials(best, PassResult.load(tmp_path / f"{number}.h5").entries)
+        assert same_results(one, collect(best, LAYERS, references, engine.half_rows)), parallel
+
+
+def test_several_passes_equal_one_pass_bitwise():
+    data = make_data("structured")
+    roomy = ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=2)
+    tight = ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=2, memory_budget=roomy.fixed_bytes() + 2 * 4 * 20 * 32)
+    assert len(roomy.passes) == 1 and len(tight.passes) > 3
+    assert same_results(roomy.run(chunks(data, 500)), tight.run(chunks(data, 500)))
+
+
+def test_one_group_per_pass_for_one_task_and_no_more_groups_than_row_layers():
+    roomy = ExcessCorrelationEngine(LAYERS, 0, n_rotations=1)
+    assert roomy.groups(1) == roomy.passes and len(roomy.passes) == 1
+    tight = ExcessCorrelationEngine(LAYERS, 0, n_rotations=1, memory_budget=roomy.fixed_bytes() + 2 * 4 * 20 * 32)
+    assert tight.groups(1) == tight.passes and tight.groups(2) == tight.passes  # already 4 passes
+    assert len(roomy.groups(100)) == 4  # two pairs x two row layers: the finest split
+    assert [len(g) for g in roomy.groups(2)] == [1, 1]  # one pair each

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import subprocess
 import time
 from typing import Iterable, Iterator
 
@@ -132,15 +133,20 @@ def parse_bytes(text: str) -> int:
     return int(number * scale)
 
 
-def default_memory_budget(device: str | torch.device) -> int:
-    """Bytes the engine may use: 80 % of a GPU's free memory, half the available RAM on CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(0.8 * free)
+def default_memory_budget(device: str | torch.device, engines: int = 1) -> int:
+    """Bytes one engine may use: 80 % of the free memory of the GPU with the least (read with
+    nvidia-smi, so that planning creates no CUDA context in a process that forks workers
+    afterwards), or on the CPU half the available RAM shared by `engines` running at once."""
+    if torch.device(device).type == "cuda":
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, check=True, timeout=60).stdout
+            return int(0.8 * min(int(mib) for mib in out.split()) * 2**20)
+        except (OSError, subprocess.SubprocessError, ValueError):
+            raise UserError("cannot read the GPUs' free memory with nvidia-smi: set CORR_MEMORY (e.g. 40G)") from None
     import psutil
 
-    return int(0.5 * psutil.virtual_memory().available)
+    return int(0.5 * psutil.virtual_memory().available) // engines
 
 
 class ExcessCorrelationEngine:
@@ -150,7 +156,10 @@ class ExcessCorrelationEngine:
 
     Planning: one accumulator (both halves' co-moments) per unordered model pair (split into
     blocks of the row model's layers when the memory budget demands), as many as fit the budget per pass
-    over the tokens. Feeding: `run(chunks)` calls `chunks(needed)` once per pass; it must
+    over the tokens; `groups(n)` splits the passes further for n tasks. Each pass (`run_pass`)
+    takes the statistics of the layers it reads itself, so passes are independent and
+    `merge_partials` + `collect` combine them, in plan order, into exactly the one-engine
+    result. Feeding: `run(chunks)` calls `chunks(needed)` once per pass; it must
     yield chunk[model] -> (tokens, all of the model's neurons, layer after layer) float32
     tensors on the engine's device, or None for a model with no layer in needed[model];
     the columns of layers not in needed[model] are ignored. The engine never writes to them.
@@ -233,9 +242,41 @@ class ExcessCorrelationEngine:
         rows = sum(self.layer_sizes[unit.row_model][l] for l in unit.row_layers)
         return HALVES * self.BYTES * rows * sum(self.layer_sizes[unit.col_model])
 
-    def needed_layers(self, units: list[Unit], first_pass: bool) -> list[set[int]]:
-        if first_pass:  # the within-layer co-moments need every layer of every model
-            return [set(range(len(sizes))) for sizes in self.layer_sizes]
+    def groups(self, parallel: int = 1) -> list[list[Unit]]:
+        """The passes, split further until there are `parallel` groups (or the heaviest group
+        is one row layer of one pair): each group is one pass over the tokens of its own, so
+        separate tasks (workers, GPUs, hosts) can stream them at once, at the cost of one more
+        read of the activations per extra group. The heaviest group is halved by work, keeping
+        the order of (pair, row layer): the results do not depend on the grouping."""
+        groups = [list(p) for p in self.passes]
+        while len(groups) < parallel:
+            heaviest = max(range(len(groups)), key=lambda i: sum(map(self.unit_bytes, groups[i])))
+            rows = [(u.row_model, l, u.col_model) for u in groups[heaviest] for l in u.row_layers]
+            if len(rows) < 2:
+                break
+            work = np.cumsum([self.unit_bytes(Unit(r, (l,), c)) for r, l, c in rows])
+            half = work[-1] / 2
+            i = int(np.searchsorted(work, half))  # the first i + 1 rows hold half the work or more
+            cut = i + 1 if i == 0 or work[i] - half <= half - work[i - 1] else i
+            cut = min(max(cut, 1), len(rows) - 1)
+            groups[heaviest:heaviest + 1] = [self._units(rows[:cut]), self._units(rows[cut:])]
+        return groups
+
+    @staticmethod
+    def _units(rows: list[tuple[int, int, int]]) -> list[Unit]:
+        """(row model, row layer, col model) triples, in order, as units of consecutive layers."""
+        units: list[Unit] = []
+        for r, l, c in rows:
+            last = units[-1] if units else None
+            if last and (last.row_model, last.col_model) == (r, c) and last.row_layers[-1] == l - 1:
+                units[-1] = Unit(r, (*last.row_layers, l), c)
+            else:
+                units.append(Unit(r, (l,), c))
+        return units
+
+    def needed_layers(self, units: list[Unit]) -> list[set[int]]:
+        """The layers a pass over `units` reads: each unit's row layers and every layer of its
+        column model."""
         needed = [set() for _ in self.layer_sizes]
         for u in units:
             needed[u.row_model].update(u.row_layers)
@@ -245,32 +286,42 @@ class ExcessCorrelationEngine:
     # ---- streaming ------------------------------------------------------------------
     def run(self, chunks, progress=None) -> dict[int, list[LayerResult]]:
         """All passes; returns {reference model: [LayerResult per layer]}."""
-        self.within = [[torch.zeros(HALVES, d, d, device=self.device) for d in sizes] for sizes in self.layer_sizes]
+        best: dict = {}
+        for units in self.passes:
+            merge_partials(best, self.run_pass(chunks, units, progress).entries)
+        return collect(best, self.layer_sizes, self.references, self.half_rows)
+
+    def run_pass(self, chunks, units: list[Unit], progress=None) -> "PassResult":
+        """One pass over the tokens for `units`, with the statistics of every layer it reads
+        (within-layer co-moments, means, constant neurons) taken in the same pass: its
+        partial best matches, which merge_partials combines with other passes' exactly."""
+        needed = self.needed_layers(units)
+        self.within = [[torch.zeros(HALVES, d, d, device=self.device) if l in needed[m] else None
+                        for l, d in enumerate(sizes)] for m, sizes in enumerate(self.layer_sizes)]
         self.best: dict = {}
-        self._inv_std: dict[tuple[int, int], torch.Tensor] = {}  # filled once the first pass has the variances
+        self._inv_std: dict[tuple[int, int], torch.Tensor] = {}  # filled once the pass has the variances
         n_models = len(self.layer_sizes)
-        # per half and model, each neuron's smallest and largest value (first pass): equal = constant
+        # per half and model, each neuron's smallest and largest value: equal = constant
         self.low: list[list[torch.Tensor | None]] = [[None] * n_models for _ in range(HALVES)]
         self.high: list[list[torch.Tensor | None]] = [[None] * n_models for _ in range(HALVES)]
-        for number, units in enumerate(self.passes):
-            start = time.perf_counter()
-            cross, shift = self.stream(chunks, units, first_pass=number == 0, progress=progress)
-            if number == 0:
-                self.within_shift = shift
-                self._clear_constant()
-            middle = time.perf_counter()
-            self.reduce(units, cross, shift)
-            del cross
-            self.stream_seconds += middle - start
-            self.reduce_seconds += time.perf_counter() - middle
-        return self.collect()
+        start = time.perf_counter()
+        cross, shift = self.stream(chunks, units, needed, progress=progress)
+        self.within_shift = shift
+        self._clear_constant(needed)
+        middle = time.perf_counter()
+        self.reduce(units, cross, shift)
+        del cross
+        self.stream_seconds += middle - start
+        self.reduce_seconds += time.perf_counter() - middle
+        for (ref, layer, _), entry in self.best.items():
+            entry["dead"] = self.dead(ref, layer)
+        return PassResult(self.best, list(self.half_rows))
 
-    def stream(self, chunks, units: list[Unit], first_pass: bool,
+    def stream(self, chunks, units: list[Unit], needed: list[set[int]],
                progress=None) -> tuple[dict[Unit, torch.Tensor], list[torch.Tensor]]:
-        """One pass over the tokens: Chan-merged co-moments of every unit (and, in the
-        first pass, every model's within-layer co-moments), per half. Returns them
+        """One pass over the tokens: Chan-merged co-moments of every unit and the
+        within-layer co-moments of every `needed` layer, per half. Returns the units'
         ([half, rows, cols] per unit) and per model mean(half B) - mean(half A)."""
-        needed = self.needed_layers(units, first_pass)
         cross = {u: torch.zeros(self.unit_bytes(u) // self.BYTES, device=self.device).view(
             HALVES, sum(self.layer_sizes[u.row_model][l] for l in u.row_layers), -1) for u in units}
         means = [[torch.zeros(int(off[-1]), device=self.device) for off in self.offsets] for _ in range(HALVES)]
@@ -280,7 +331,7 @@ class ExcessCorrelationEngine:
             t = next(a.shape[0] for a, layers in zip(chunk, needed) if layers)
             for half, lo, hi in block_segments(row, t):
                 self._accumulate([None if a is None else a[lo:hi] for a in chunk], needed, cross, half,
-                                 means[half], counts[half], first_pass)
+                                 means[half], counts[half])
                 counts[half] += hi - lo
             row += t
             self.tokens_streamed += t
@@ -290,7 +341,7 @@ class ExcessCorrelationEngine:
         return cross, [b - a for a, b in zip(*means)]
 
     def _accumulate(self, part: list, needed: list[set[int]], cross: dict[Unit, torch.Tensor], half: int,
-                    means: list[torch.Tensor], n: int, first_pass: bool) -> None:
+                    means: list[torch.Tensor], n: int) -> None:
         """Merge rows of one block into half `half`'s co-moments and means (n rows so far)."""
         t = next(a.shape[0] for a, layers in zip(part, needed) if layers)
         scale = math.sqrt(n * t / (n + t))
@@ -299,11 +350,10 @@ class ExcessCorrelationEngine:
             if not layers:
                 centred.append(None)
                 continue
-            if first_pass:
-                low, high = part[m].amin(0), part[m].amax(0)
-                if self.low[half][m] is not None:
-                    low, high = torch.minimum(self.low[half][m], low), torch.maximum(self.high[half][m], high)
-                self.low[half][m], self.high[half][m] = low, high
+            low, high = part[m].amin(0), part[m].amax(0)
+            if self.low[half][m] is not None:
+                low, high = torch.minimum(self.low[half][m], low), torch.maximum(self.high[half][m], high)
+            self.low[half][m], self.high[half][m] = low, high
             mean = part[m].mean(0)
             delta = mean - means[m]
             # The centred rows plus one row sqrt(n t / (n + t)) * delta: one GEMM then also adds
@@ -314,19 +364,25 @@ class ExcessCorrelationEngine:
             torch.mul(delta, scale, out=x[t])
             centred.append(x)
             means[m] += delta * (t / (n + t))
+        # One GEMM per row layer, whatever the unit's block of layers: every product then has
+        # the same shape however the work is split into units, passes and tasks, so the
+        # results are bitwise the same.
         for u, acc in cross.items():
-            acc[half].addmm_(centred[u.row_model][:, self.row_slice(u)].T, centred[u.col_model])
+            base = int(self.offsets[u.row_model][u.row_layers[0]])
+            for l in u.row_layers:
+                rows = self.layer_slice(u.row_model, l)
+                acc[half][rows.start - base:rows.stop - base].addmm_(centred[u.row_model][:, rows].T,
+                                                                     centred[u.col_model])
             self.flops += 2.0 * t * acc[half].numel()
-        if first_pass:
-            for m, sizes in enumerate(self.layer_sizes):
-                for l, d in enumerate(sizes):
-                    cols = slice(self.offsets[m][l], self.offsets[m][l + 1])
-                    self.within[m][l][half].addmm_(centred[m][:, cols].T, centred[m][:, cols])
-                    self.flops += 2.0 * t * d * d
+        for m, layers in enumerate(needed):
+            for l in sorted(layers):
+                cols = self.layer_slice(m, l)
+                self.within[m][l][half].addmm_(centred[m][:, cols].T, centred[m][:, cols])
+                self.flops += 2.0 * t * self.layer_sizes[m][l] ** 2
 
-    def row_slice(self, unit: Unit) -> slice:
-        off = self.offsets[unit.row_model]
-        return slice(int(off[unit.row_layers[0]]), int(off[unit.row_layers[-1] + 1]))
+    def layer_slice(self, model: int, layer: int) -> slice:
+        """The columns of `model`'s `layer` among all of the model's neurons."""
+        return slice(int(self.offsets[model][layer]), int(self.offsets[model][layer + 1]))
 
     # ---- results --------------------------------------------------------------------
     def rotation(self, model: int, layer: int, sample: int) -> torch.Tensor:
@@ -354,14 +410,16 @@ class ExcessCorrelationEngine:
         high = torch.stack([self.high[h][model] for h in halves]).amax(0)
         return low == high
 
-    def _clear_constant(self) -> None:
+    def _clear_constant(self, needed: list[set[int]]) -> None:
         """Zero the within-layer co-moments and mean shifts of constant neurons (rounding
         noise), so that the rotated baselines' variances hold none of it either."""
-        for m, sizes in enumerate(self.layer_sizes):
+        for m, layers in enumerate(needed):
+            if not layers:
+                continue
             flat = [self.constant(m, h) for h in range(HALVES)]
             self.within_shift[m][self.constant(m, FULL)] = 0
-            for l in range(len(sizes)):
-                cols = slice(int(self.offsets[m][l]), int(self.offsets[m][l + 1]))
+            for l in layers:
+                cols = self.layer_slice(m, l)
                 for h in range(HALVES):
                     dead = flat[h][cols]
                     self.within[m][l][h][dead, :] = 0
@@ -372,7 +430,10 @@ class ExcessCorrelationEngine:
         for a constant neuron."""
         key = (model, variant)
         if key not in self._inv_std:
-            halves = torch.cat([torch.diagonal(s, dim1=-2, dim2=-1) for s in self.within[model]], dim=1)
+            # layers this pass does not read have no co-moments: variance 0 (never used)
+            halves = torch.cat([torch.zeros(HALVES, d, device=self.device) if s is None else
+                                torch.diagonal(s, dim1=-2, dim2=-1)
+                                for s, d in zip(self.within[model], self.layer_sizes[model])], dim=1)
             var = halves[variant] if variant < HALVES else \
                 halves.sum(0) + self.merge_weight * self.within_shift[model] ** 2
             self._inv_std[key] = inverse_std(torch.where(self.constant(model, variant), 0.0, var))
@@ -453,16 +514,17 @@ class ExcessCorrelationEngine:
         base = int(self.offsets[row][u.row_layers[0]])
         weight = self.merge_weight
         if m == col and row in self.references:  # the row model's neurons against rotated layer k of col
-            cols = slice(int(self.offsets[col][k]), int(self.offsets[col][k + 1]))
-            rows = self.row_slice(u)
-            blocks = [acc[h][:, cols] @ q for h in range(HALVES)]
-            blocks.append(blocks[0] + blocks[1])
-            blocks[FULL].addr_(shift[row][rows], shift[col][cols] @ q, alpha=weight)
-            for variant, block in enumerate(blocks):
-                rot = block.mul_(self.inv_std(row, variant)[rows, None]).mul_(rotated_inv_std[variant]).max(dim=1).values
-                for l in u.row_layers:
-                    local = slice(int(self.offsets[row][l]) - base, int(self.offsets[row][l + 1]) - base)
-                    self._merge_base(row, l, col, variant, r, rot[local])
+            cols = self.layer_slice(col, k)
+            rotated_shift = shift[col][cols] @ q
+            for l in u.row_layers:  # one row layer at a time, as in the stream (bitwise the same in any split)
+                rows = self.layer_slice(row, l)
+                local = slice(rows.start - base, rows.stop - base)
+                blocks = [acc[h][local, cols] @ q for h in range(HALVES)]
+                blocks.append(blocks[0] + blocks[1])
+                blocks[FULL].addr_(shift[row][rows], rotated_shift, alpha=weight)
+                for variant, block in enumerate(blocks):
+                    rot = block.mul_(self.inv_std(row, variant)[rows, None]).mul_(rotated_inv_std[variant])
+                    self._merge_base(row, l, col, variant, r, rot.max(dim=1).values)
         if m == row and k in u.row_layers and col in self.references:  # col's neurons against rotated row layer k
             rows = slice(int(self.offsets[row][k]), int(self.offsets[row][k + 1]))
             local = slice(rows.start - base, rows.stop - base)
@@ -475,39 +537,83 @@ class ExcessCorrelationEngine:
                 for j in range(len(self.layer_sizes[col])):
                     self._merge_base(col, j, row, variant, r, rot[int(col_off[j]):int(col_off[j + 1])])
 
-    @property
-    def halves_defined(self) -> bool:
-        """Whether the rows fill two blocks, so that both halves hold one at least."""
-        return min(self.half_rows) >= HALF_BLOCK_ROWS
-
     def dead(self, model: int, layer: int) -> np.ndarray:
         """Which neurons of `model`'s `layer` are constant over all the rows (dead)."""
         cols = slice(int(self.offsets[model][layer]), int(self.offsets[model][layer + 1]))
         return self.constant(model, FULL)[cols].cpu().numpy()
 
-    def collect(self) -> dict[int, list[LayerResult]]:
-        out = {}
-        for ref in self.references:
-            others = [m for m in range(len(self.layer_sizes)) if m != ref]
-            layers = []
-            for l in range(len(self.layer_sizes[ref])):
-                entries = [self.best[(ref, l, m)] for m in others]
-                halves = np.stack([e["max"][:HALVES] for e in entries], axis=1)
-                base_halves = np.stack([e["base"][:HALVES] for e in entries], axis=1)
-                if not self.halves_defined:
-                    halves[:], base_halves[:] = np.nan, np.nan
-                # A dead (constant) reference neuron correlates 0 with everything: no best match
-                # is claimed for it (DEAD_MATCH), rather than the first neuron the argmax meets.
-                dead = self.dead(ref, l)
-                max_layer = np.stack([np.where(dead, DEAD_MATCH, e["layer"]) for e in entries])
-                max_neuron = np.stack([np.where(dead, DEAD_MATCH, e["neuron"]) for e in entries])
-                layers.append(LayerResult(layer=l, others=others,
-                                          max_corr=np.stack([e["max"][FULL] for e in entries]),
-                                          max_layer=max_layer, max_neuron=max_neuron,
-                                          baseline_max_corr=np.stack([e["base"][FULL] for e in entries]),
-                                          max_corr_halves=halves, baseline_max_corr_halves=base_halves))
-            out[ref] = layers
-        return out
+
+
+@dataclasses.dataclass
+class PassResult:
+    """One pass's partial best matches, {(reference, reference layer, other model): entry},
+    each entry holding per variant (half A, half B, all rows) the max correlation ("max"),
+    the max against each rotation ("base"), where the all-rows max is ("layer", "neuron"),
+    and which reference neurons are constant ("dead"); and the rows in each half."""
+
+    entries: dict[tuple[int, int, int], dict[str, np.ndarray]]
+    half_rows: list[int]
+    attrs: dict = dataclasses.field(default_factory=dict)  # what load() found saved with it
+
+    FIELDS = ("max", "layer", "neuron", "base", "dead")
+
+    def save(self, path, attrs: dict) -> None:
+        """Write atomically to an HDF5 file, one group per entry, with `attrs` (and half_rows)."""
+        write_small_h5(path, {f"{ref}/{layer}/{other}/{name}": entry[name]
+                              for (ref, layer, other), entry in self.entries.items() for name in self.FIELDS},
+                       {**attrs, "half_rows": self.half_rows})
+
+    @classmethod
+    def load(cls, path) -> "PassResult":
+        with h5py.File(path, "r") as f:
+            entries = {(int(ref), int(layer), int(other)): {name: f[ref][layer][other][name][:] for name in cls.FIELDS}
+                       for ref in f for layer in f[ref] for other in f[ref][layer]}
+            return cls(entries, [int(n) for n in f.attrs["half_rows"]], dict(f.attrs))
+
+
+def merge_partials(best: dict, entries: dict) -> None:
+    """Merge a pass's entries into `best` in place, exactly as if its units had come after
+    those already merged: maxima are kept, and where the all-rows max ties, the earlier
+    match. Merging the passes (or groups) in plan order therefore gives the one-engine result."""
+    for key, entry in entries.items():
+        if key not in best:
+            best[key] = {name: value.copy() for name, value in entry.items()}
+            continue
+        into = best[key]
+        np.maximum(into["max"][:HALVES], entry["max"][:HALVES], out=into["max"][:HALVES])
+        np.maximum(into["base"], entry["base"], out=into["base"])
+        better = entry["max"][FULL] > into["max"][FULL]
+        into["max"][FULL][better] = entry["max"][FULL][better]
+        into["layer"][better] = entry["layer"][better]
+        into["neuron"][better] = entry["neuron"][better]
+
+
+def collect(best: dict, layer_sizes: list[list[int]], references: list[int],
+            half_rows: list[int]) -> dict[int, list[LayerResult]]:
+    """{reference: [LayerResult per layer]} from the merged entries of every pass; the
+    halves' arrays are NaN unless the rows fill two blocks (both halves hold one at least)."""
+    out = {}
+    for ref in references:
+        others = [m for m in range(len(layer_sizes)) if m != ref]
+        layers = []
+        for l in range(len(layer_sizes[ref])):
+            entries = [best[(ref, l, m)] for m in others]
+            halves = np.stack([e["max"][:HALVES] for e in entries], axis=1)
+            base_halves = np.stack([e["base"][:HALVES] for e in entries], axis=1)
+            if min(half_rows) < HALF_BLOCK_ROWS:
+                halves[:], base_halves[:] = np.nan, np.nan
+            # A dead (constant) reference neuron correlates 0 with everything: no best match
+            # is claimed for it (DEAD_MATCH), rather than the first neuron the argmax meets.
+            dead = entries[0]["dead"]
+            max_layer = np.stack([np.where(dead, DEAD_MATCH, e["layer"]) for e in entries])
+            max_neuron = np.stack([np.where(dead, DEAD_MATCH, e["neuron"]) for e in entries])
+            layers.append(LayerResult(layer=l, others=others,
+                                      max_corr=np.stack([e["max"][FULL] for e in entries]),
+                                      max_layer=max_layer, max_neuron=max_neuron,
+                                      baseline_max_corr=np.stack([e["base"][FULL] for e in entries]),
+                                      max_corr_halves=halves, baseline_max_corr_halves=base_halves))
+        out[ref] = layers
+    return out
 
 
 EXCESS_COLUMNS = ["layer", "neuron", "excess_correlation", "n_models_compared",

@@ -126,6 +126,10 @@ class Store:
         tokens_name = f"{tokens_file.parent.name}__{tokens_file.stem}"
         return self.root / "stats" / slug(model_id) / checkpoint_label(checkpoint) / tokens_name / "neuron_stats.csv"
 
+    def correlation_block(self, run_key: str, references: str, units: str) -> Path:
+        """A correlation block's partial results: named by its references and a hash of its units."""
+        return self.root / "correlation" / run_key / "blocks" / f"ref-{references}_units-{short_hash(units, 16)}.h5"
+
     def free_disk(self) -> tuple[Path, int]:
         """(the nearest existing folder at or above the store root, its free bytes)."""
         existing = next(p for p in [self.root, *self.root.resolve().parents] if p.exists())

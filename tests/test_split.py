@@ -1,0 +1,126 @@
+"""The correlation split into blocks: one worker, three workers, two processes sharing one
+luigid and a forced multi-pass plan give the same CSVs byte for byte; every correlation task
+runs once, and one worker reads the caches no more often than the memory plan needs."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_production import REPO, env_for, luigid  # noqa: F401  (luigid: a real central scheduler)
+from tasks.correlation import CHUNK_TOKENS
+from unlib.correlation import ExcessCorrelationEngine
+from unlib.models import ZOOS
+
+MODELS = "toy-zoo-mini"
+ARGS = ["--models", MODELS, "--checkpoint", "300", "--n-tokens", "8192", "--device", "cpu"]
+RESULTS = Path("results") / MODELS / "checkpoint-300_n_tokens-8192"
+CSVS = ["excess_correlation_scores.csv", "pairwise_correlations.csv", "neuron_stats.csv", "universal_neurons.csv"]
+ZOO = ZOOS[MODELS]
+CACHES_ONCE = 4 * 8192 * len(ZOO.seeds) * ZOO.n_layers * ZOO.d_mlp  # every layer of every cache, read once
+# Runs the command line in-process, each process's first correlation block waiting (up to two
+# minutes) until the other process has started one too: blocks of the mini zoo take well
+# under a second, so without it one process may run them all before the other asks for work.
+RENDEZVOUS = """
+import os, sys, time
+from pathlib import Path
+from tasks.correlation import CorrelationBlock
+from tasks.__main__ import main
+locked_run = CorrelationBlock.run
+def meeting_run(self):
+    here = Path(os.environ["RENDEZVOUS"])
+    (here / str(os.getpid())).touch()
+    end = time.monotonic() + 120
+    while len(list(here.iterdir())) < 2 and time.monotonic() < end:
+        time.sleep(0.2)
+    return locked_run(self)
+CorrelationBlock.run = meeting_run
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def analyze(store: Path, *args: str, code: str | None = None, env: dict | None = None) -> subprocess.Popen:
+    command = [sys.executable, "-c", code, "analyze"] if code else [sys.executable, "-m", "tasks", "analyze"]
+    return subprocess.Popen([*command, *ARGS, *args], cwd=REPO, env={**env_for(store), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> None:
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out + err
+
+
+def correlation_tasks(report: Path) -> list[str]:
+    return [t for t in json.loads(report.read_text())["ran_here"] if t.startswith(("CorrelationBlock", "Correlations"))]
+
+
+def run_record(store: Path) -> dict:
+    return json.loads((store / RESULTS / "run.json").read_text())
+
+
+def same_csvs(store: Path, reference: Path) -> bool:
+    return all((store / RESULTS / n).read_bytes() == (reference / RESULTS / n).read_bytes() for n in CSVS)
+
+
+def inputs_of(store: Path, into: Path) -> None:
+    """A store holding `store`'s zoo, tokens and activation caches, but no correlation or results."""
+    for name in ("zoo", "tokens", "activations"):
+        shutil.copytree(store / name, into / name)
+
+
+@pytest.fixture(scope="module")
+def one_worker(tmp_path_factory, mini_zoo):
+    store = tmp_path_factory.mktemp("one-worker")
+    shutil.copytree(mini_zoo, store / "zoo")
+    finish(analyze(store, "--scheduler", "local", "--workers", "1", "--report-tasks", str(store / "report.json")))
+    return store
+
+
+def test_one_worker_runs_one_block_and_reads_each_cache_once(one_worker):
+    ran = correlation_tasks(one_worker / "report.json")
+    assert len(ran) == 2 and sum(t.startswith("CorrelationBlock") for t in ran) == 1
+    assert run_record(one_worker)["cache_bytes_read"] == CACHES_ONCE
+
+
+def test_three_workers_split_the_correlation_with_the_same_results(one_worker, tmp_path):
+    store = tmp_path / "store"
+    inputs_of(one_worker, store)
+    finish(analyze(store, "--scheduler", "local", "--workers", "3", "--report-tasks", str(tmp_path / "report.json")))
+    ran = correlation_tasks(tmp_path / "report.json")
+    assert sum(t.startswith("CorrelationBlock") for t in ran) == 3 and len(set(ran)) == len(ran) == 4
+    assert same_csvs(store, one_worker)
+    # each extra block reads the layers it needs once more: here 3 + 3 + 4 of the 6 layers
+    assert run_record(store)["cache_bytes_read"] == CACHES_ONCE * 10 // 6
+
+
+def test_two_processes_on_one_luigid_share_the_blocks(one_worker, luigid, tmp_path):  # noqa: F811
+    store = tmp_path / "store"
+    inputs_of(one_worker, store)
+    (tmp_path / "rendezvous").mkdir()
+    procs = [analyze(store, "--scheduler", "central", "--scheduler-port", str(luigid), "--workers", "1",
+                     "--parallel", "4", "--report-tasks", str(tmp_path / f"p{i}.json"), code=RENDEZVOUS,
+                     env={"RENDEZVOUS": str(tmp_path / "rendezvous")})
+             for i in range(2)]
+    for proc in procs:
+        finish(proc)
+    ran = [correlation_tasks(tmp_path / f"p{i}.json") for i in range(2)]
+    assert all(ran), f"a process ran no correlation task: {ran}"
+    every = ran[0] + ran[1]
+    assert len(every) == len(set(every)) == 5, every  # four blocks and the merge, each once
+    assert same_csvs(store, one_worker)
+
+
+def test_a_multi_pass_plan_gives_the_single_pass_results(one_worker, tmp_path):
+    store = tmp_path / "store"
+    inputs_of(one_worker, store)
+    sizes = [[ZOO.d_mlp] * ZOO.n_layers] * len(ZOO.seeds)
+    roomy = ExcessCorrelationEngine(sizes, [0], 5, 0, "cpu", 2**30, CHUNK_TOKENS)
+    budget = roomy.fixed_bytes() + roomy.unit_bytes(roomy.passes[0][0]) // ZOO.n_layers  # one row layer a pass
+    assert len(ExcessCorrelationEngine(sizes, [0], 5, 0, "cpu", budget, CHUNK_TOKENS).passes) == 4
+    finish(analyze(store, "--scheduler", "local", "--workers", "1", "--memory", str(budget),
+                   "--report-tasks", str(tmp_path / "report.json")))
+    assert sum(t.startswith("CorrelationBlock") for t in correlation_tasks(tmp_path / "report.json")) == 4
+    assert same_csvs(store, one_worker)
+    assert run_record(store)["cache_bytes_read"] == CACHES_ONCE * 12 // 6  # 4 passes x 3 layers
