@@ -191,12 +191,13 @@ def test_run_record(run):
 
 def test_a_new_threshold_reruns_only_selection_plots_and_report(run, tmp_path):
     """Statistics and excess scores are keyed by what changes them, not by THRESHOLD: a new
-    threshold runs no model forward pass and no correlation, and shares their tables."""
+    threshold caches nothing, computes no statistics and no correlation, and shares their
+    tables; only what depends on the universal set runs (its ablation included)."""
     proc = analyze(run["store"], "--models", MODELS, "--checkpoint", "300", "--n-tokens", str(N_TOKENS),
                    "--threshold", "0.25", "--device", "cpu", "--report-tasks", str(tmp_path / "tasks.json"))
     assert proc.returncode == 0, proc.stderr
     ran = {task.split("_")[0] for task in json.loads((tmp_path / "tasks.json").read_text())["ran_here"]}
-    assert ran == {"SelectUniversal", "Plots", "UniversalNeuronsAnalysis", "RunReport"}
+    assert ran == {"SelectUniversal", "Plots", "UniversalNeuronsAnalysis", "Ablation", "RunReport"}
     other = run["store"] / "results" / MODELS / f"checkpoint-300_n_tokens-{N_TOKENS}_threshold-0.25"
     for name in ("neuron_stats.csv", "excess_correlation_scores.csv", "pairwise_correlations.csv"):
         assert (other / name).read_bytes() == (run["dir"] / name).read_bytes()
