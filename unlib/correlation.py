@@ -300,7 +300,7 @@ class ExcessCorrelationEngine:
                 centred.append(None)
                 continue
             if first_pass:
-                low, high = part[m].amin(0), part[m].amax(0)
+                low, high = torch.aminmax(part[m], dim=0)  # one read of the rows
                 if self.low[half][m] is not None:
                     low, high = torch.minimum(self.low[half][m], low), torch.maximum(self.high[half][m], high)
                 self.low[half][m], self.high[half][m] = low, high
@@ -319,10 +319,21 @@ class ExcessCorrelationEngine:
             self.flops += 2.0 * t * acc[half].numel()
         if first_pass:
             for m, sizes in enumerate(self.layer_sizes):
+                rotated = self.rotated(m)
                 for l, d in enumerate(sizes):
                     cols = slice(self.offsets[m][l], self.offsets[m][l + 1])
-                    self.within[m][l][half].addmm_(centred[m][:, cols].T, centred[m][:, cols])
-                    self.flops += 2.0 * t * d * d
+                    x = centred[m][:, cols]
+                    if rotated:
+                        self.within[m][l][half].addmm_(x.T, x)
+                        self.flops += 2.0 * t * d * d
+                    else:  # only the variances are used: the diagonal
+                        torch.diagonal(self.within[m][l][half]).add_((x * x).sum(0))
+
+    def rotated(self, model: int) -> bool:
+        """Whether some rotated baseline rotates `model`'s layers (another model is a
+        reference), so that its full within-layer co-moments are needed, not only their
+        diagonal (the variances)."""
+        return any(ref != model for ref in self.references)
 
     def row_slice(self, unit: Unit) -> slice:
         off = self.offsets[unit.row_model]
