@@ -155,13 +155,16 @@ def cached_chunks(caches: list[ActivationCache], chunk_tokens: int, device: str 
                     if not want:
                         out.append(None)
                         continue
-                    block = torch.zeros(stop - start, c.n_layers * c.d_mlp)
-                    for l in want:  # straight into place
+                    # every column written below, or zeros: no pass to clear what is overwritten
+                    make = torch.empty if len(want) == c.n_layers else torch.zeros
+                    block = make(stop - start, c.n_layers * c.d_mlp)
+                    target = block.numpy()
+                    for l in want:  # straight into place, no intermediate array
                         try:
-                            values = f[c.layers[l]][start:stop]
+                            f[c.layers[l]].read_direct(target, np.s_[start:stop],
+                                                       np.s_[:, l * c.d_mlp:(l + 1) * c.d_mlp])
                         except OSError as exc:  # a fletcher32 checksum mismatch, a bad block
                             raise CorruptCache(c.path, f"{c.layers[l]} rows {start}-{stop}: {exc}") from exc
-                        block[:, l * c.d_mlp:(l + 1) * c.d_mlp] = torch.from_numpy(values)
                     out.append(block)
                 yield out
         finally:

@@ -350,7 +350,7 @@ class ExcessCorrelationEngine:
             if not layers:
                 centred.append(None)
                 continue
-            low, high = part[m].amin(0), part[m].amax(0)
+            low, high = torch.aminmax(part[m], dim=0)  # one read of the rows
             if self.low[half][m] is not None:
                 low, high = torch.minimum(self.low[half][m], low), torch.maximum(self.high[half][m], high)
             self.low[half][m], self.high[half][m] = low, high
@@ -375,10 +375,21 @@ class ExcessCorrelationEngine:
                                                                      centred[u.col_model])
             self.flops += 2.0 * t * acc[half].numel()
         for m, layers in enumerate(needed):
+            rotated = self.rotated(m)
             for l in sorted(layers):
                 cols = self.layer_slice(m, l)
-                self.within[m][l][half].addmm_(centred[m][:, cols].T, centred[m][:, cols])
-                self.flops += 2.0 * t * self.layer_sizes[m][l] ** 2
+                x = centred[m][:, cols]
+                if rotated:
+                    self.within[m][l][half].addmm_(x.T, x)
+                    self.flops += 2.0 * t * self.layer_sizes[m][l] ** 2
+                else:  # only the variances are used: the diagonal
+                    torch.diagonal(self.within[m][l][half]).add_((x * x).sum(0))
+
+    def rotated(self, model: int) -> bool:
+        """Whether some rotated baseline rotates `model`'s layers (another model is a
+        reference), so that its full within-layer co-moments are needed, not only their
+        diagonal (the variances)."""
+        return any(ref != model for ref in self.references)
 
     def layer_slice(self, model: int, layer: int) -> slice:
         """The columns of `model`'s `layer` among all of the model's neurons."""

@@ -1,0 +1,35 @@
+"""bench/'s reference, the paper's streaming Pearson algorithm, against numpy float64, so
+that `make bench` compares the engine with a correct implementation of it."""
+import numpy as np
+import torch
+
+from bench.reference import paper_max_correlations
+from unlib.correlation import haar_orthogonal
+
+SIZES = [[6, 10], [8, 8], [5, 7]]
+
+
+def test_paper_algorithm_matches_numpy_with_and_without_rotation():
+    rng = np.random.default_rng(3)
+    n = 1000
+    latent = rng.normal(size=(n, 4))
+    data = [np.maximum(latent @ rng.normal(size=(4, sum(s))) + rng.normal(size=(n, sum(s))) + 5.0, 0)
+            .astype(np.float32) for s in SIZES]
+
+    def batches():
+        for start in range(0, n, 300):  # uneven last batch
+            yield [torch.from_numpy(a[start:start + 300]) for a in data]
+
+    rotations = [{(m, l): haar_orthogonal(d, [m, l, r]).float() for m, s in enumerate(SIZES) for l, d in enumerate(s)}
+                 for r in range(2)]
+    result = paper_max_correlations(batches, SIZES, rotations, reference=1)
+    assert sorted(result) == [0, 2]
+    x = data[1].astype(np.float64)
+    for other, (plain, rotated) in result.items():
+        y = data[other].astype(np.float64)
+        versions = [y] + [np.concatenate([layer @ rotations[r][(other, l)].double().numpy() for l, layer in
+                                          enumerate(np.split(y, np.cumsum(SIZES[other])[:-1], axis=1))], axis=1)
+                          for r in range(2)]
+        for got, y_version in zip([plain, *rotated], versions):
+            expected = np.corrcoef(x.T, y_version.T)[:x.shape[1], x.shape[1]:].max(axis=1)
+            assert np.abs(got.numpy() - expected).max() < 1e-5
