@@ -14,9 +14,10 @@ import torch
 from unlib.models import default_keep, hook_post, mlp_activations
 
 ABLATIONS = ("mean", "zero")
-# Logits one forward pass may hold: conditions are stacked into a pass up to this size (at least one),
-# so a small model runs all its conditions at once and a large one one at a time.
-LOGITS_BYTES = 2**28
+# Logits one forward pass may hold, by device type: conditions are stacked into a pass up to this
+# size (at least one). A GPU is filled by large passes; on a CPU a pass of one condition keeps the
+# activations in cache (3x faster than all conditions at once on the toy zoo, measured).
+LOGITS_BYTES = {"cuda": 2**28, "cpu": 2**20}
 TABLE_COLUMNS = ["scope", "condition", "n_neurons", "loss", "delta_loss", "kl", "top1_agreement"]
 METRICS = ("delta_loss", "kl")
 SUMMARY_COLUMNS = ["scope", "n_neurons", "n_random"] + [
@@ -135,7 +136,7 @@ def ablation_metrics(model, tokens: np.ndarray, keep: np.ndarray | None, sets: d
         batch = torch.from_numpy(tokens[seq:seq + batch_size].astype(np.int64)).to(device)
         scored = torch.from_numpy(keep[seq:seq + batch_size, 1:]).to(device)  # targets: the kept tokens
         targets = batch[:, 1:][scored]
-        group = max(1, LOGITS_BYTES // (4 * batch.numel() * vocab))
+        group = max(1, LOGITS_BYTES.get(device.type, LOGITS_BYTES["cpu"]) // (4 * batch.numel() * vocab))
         original = None
         for start in range(0, len(conditions), group):
             chosen = list(range(start, min(len(conditions), start + group)))
