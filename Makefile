@@ -35,7 +35,7 @@ endif
 
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup analyze report compare test browser bench scheduler scheduler-stop
+.PHONY: setup analyze report compare plan test browser bench scheduler scheduler-stop
 
 setup: $(SETUP)
 
@@ -64,6 +64,10 @@ analyze: $(SETUP)
 
 report: $(SETUP)
 	$(PYTHON) -m tasks report $(RUN_ARGS) $(call option,CHECKPOINT,checkpoint)
+
+# The correlation's plan for the same variables as analyze: nothing loaded, nothing written.
+plan: $(SETUP)
+	$(PYTHON) -m tasks plan $(RUN_ARGS) $(call option,CHECKPOINT,checkpoint)
 
 compare: $(SETUP)
 	$(PYTHON) -m tasks compare $(RUN_ARGS) $(call option,CHECKPOINTS,checkpoints)

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from bench.reference import PAPER_BATCH_TOKENS, paper_max_correlations
 from unlib.correlation import HALVES, ExcessCorrelationEngine
+from unlib.plan import matmul_rate
 
 OUT = Path(__file__).resolve().parent / "results.json"
 CHUNK = 4096
@@ -73,16 +74,6 @@ def time_engine(layer_sizes, chunks, references, rotations: int = 5, memory: int
         return engine, engine.run(chunks)
     seconds, (engine, results) = best_of(repeats, run)
     return seconds, engine, results
-
-
-def matmul_rate(t: int, rows: int, cols: int, repeats: int = 5) -> float:
-    """This machine's fp32 FLOP/s for the engine's GEMM shape (T x rows)^T (T x cols), from
-    the fastest of `repeats` GEMMs after a warm-up."""
-    a, b = torch.randn(t, rows), torch.randn(t, cols)
-    acc = torch.zeros(rows, cols)
-    acc.addmm_(a.T, b)
-    seconds, _ = best_of(repeats, lambda: acc.addmm_(a.T, b))
-    return 2.0 * t * rows * cols / seconds
 
 
 def write_caches(root: Path, n_models: int, n_layers: int, d_mlp: int, n_tokens: int) -> list:
@@ -174,6 +165,7 @@ PROBE = """
 import re, sys
 import bench.run as b
 from unlib.correlation import HALVES, ExcessCorrelationEngine
+from unlib.plan import matmul_rate
 def rss(key):
     return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 n_tokens, budget, chunk = map(int, sys.argv[1:])

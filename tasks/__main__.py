@@ -11,14 +11,15 @@ from pathlib import Path
 from rich.console import Console
 
 from tasks import scheduler
-from tasks.api import AnalysisFailed, build_analyses, check_workers, read_results, run_analysis
+from tasks.api import AnalysisFailed, build_analyses, check_workers, plan_correlation, read_results, run_analysis
 from tasks.common import BATCH_SIZE, DEFAULTS, EXECUTION_DEFAULTS
 from unlib import UserError
 from tasks.report import CompareCheckpoints, RunReport
+from unlib.plan import describe, measured_rates
 from unlib.report import print_ablation, print_comparison, print_summary
 
 QUICK_TOKENS = 4096
-COMMANDS = ("analyze", "report", "compare", "scheduler")
+COMMANDS = ("analyze", "report", "compare", "plan", "scheduler")
 TEST_MODELS = "toy-zoo-mini"  # --test: a smoke run on the mini zoo (unless --models says otherwise)
 SEED_USAGE = f"""The seed document's flags, without a command:
   --test                          a smoke run: analyze --quick --models {TEST_MODELS} (trains the mini zoo once)
@@ -80,7 +81,8 @@ def parser() -> argparse.ArgumentParser:
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for name, text in [("analyze", "analyse one checkpoint and write its report"),
-                       ("report", "rebuild the report of an analysis (running what is missing)")]:
+                       ("report", "rebuild the report of an analysis (running what is missing)"),
+                       ("plan", "print the correlation's plan (passes, memory, bytes, FLOPs, time); run nothing")]:
         sub.add_parser(name, parents=[common], help=text).add_argument(
             "--checkpoint", type=number(int, "CHECKPOINT", optional=True), default=None)
     c = sub.add_parser("compare", parents=[common], help="analyse several checkpoints and compare them")
@@ -152,6 +154,20 @@ def build(args) -> list:
     return reports
 
 
+def print_plan(console: Console, args) -> int:
+    """`make plan`: the correlation's plan for the analysis these arguments describe."""
+    n_tokens = args.n_tokens if args.n_tokens is not None else (QUICK_TOKENS if args.quick else DEFAULTS["n_tokens"])
+    try:
+        names, plan = plan_correlation(args.models, args.checkpoint, n_tokens, args.reference, args.rotations,
+                                       args.device, args.memory, args.workers, args.parallel)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in describe(plan, names, measured_rates(plan)):
+        console.print(line, highlight=False, soft_wrap=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=False)
     args = parser().parse_args(seed_argv(sys.argv[1:] if argv is None else argv))
@@ -159,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         code, line = scheduler.start(args.scheduler_port) if args.action == "start" else (0, scheduler.stop())
         print(line, file=sys.stderr if code else sys.stdout)
         return code
+    if args.command == "plan":
+        return print_plan(console, args)
     try:
         roots = build(args)
     except ValueError as exc:  # UserError and the parameter checks

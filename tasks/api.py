@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -27,11 +28,11 @@ from tasks.common import logger as pipeline_logger
 from unlib import UserError
 from unlib.ablation import ABLATIONS
 from unlib.activations import cache_bytes
-from tasks.correlation import CHUNK_TOKENS
 from unlib.correlation import HALF_BLOCK_ROWS, ExcessCorrelationEngine, default_memory_budget, parse_bytes
 from unlib.data import TOKEN_IDS, check_dataset, check_token_ids, exclusion_ids, parse_exclusion
 from unlib.models import (ModelError, check_checkpoint, check_same_tokenizer, check_weights, load_tokenizer,
-                          max_context, mlp_shape, resolve_device, resolve_model_set)
+                          max_context, mlp_shape, planned_shape, resolve_device, resolve_model_set)
+from unlib.plan import CorrelationPlan
 from unlib.selection import UniversalNeuronAnalyzer
 from unlib.store import atomic_path
 
@@ -81,16 +82,7 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
     exclude_tokens = ",".join(parse_exclusion(defaults.exclude_tokens if exclude_tokens in (None, "")
                                               else exclude_tokens)) or "none"
     names = [m.name for m in model_set.models]
-    if str(reference) == "all":
-        references = list(range(len(names)))
-    elif isinstance(reference, str) and not reference.isdigit():
-        if reference not in names:
-            raise ModelError(f"REFERENCE={reference!r} is not one of the models: {', '.join(names)}, or 'all'")
-        references = [names.index(reference)]
-    else:
-        references = [int(reference)]
-    if not 0 <= references[0] < len(names):
-        raise ModelError(f"REFERENCE={reference} is out of range: the set has {len(names)} models (0-{len(names) - 1})")
+    references = parse_references(reference, names)
     for spec in model_set.models:
         check_checkpoint(spec, checkpoint)
         mlp_shape(spec, checkpoint)  # reads each config now, so an unreachable model fails before any work
@@ -145,7 +137,7 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
         raise ValueError(f"CORR_MEMORY={memory!r} is not a size: use e.g. 8G, 512M or a number of bytes") from None
     memory = str(budget)
     sizes = [[d] * n for n, d in (mlp_shape(m, checkpoint) for m in model_set.models)]
-    ExcessCorrelationEngine(sizes, references, rotations, rotation_seed, "cpu", budget, CHUNK_TOKENS)  # plans
+    ExcessCorrelationEngine(sizes, references, rotations, rotation_seed, device, budget)  # plans
     if model_set.zoo is None:  # the models first: a set's default dataset may be a hub one
         check_same_tokenizer(model_set.models)
         exclusion_ids(exclude_tokens, load_tokenizer(model_set, store().root))  # a bad token string fails now
@@ -158,6 +150,46 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
                                      ablation_tokens=ablation_tokens, ablation_samples=ablation_samples,
                                      parallel=parallel)
             for ref in references]
+
+
+def parse_references(reference: str | int, names: list[str]) -> list[int]:
+    """REFERENCE (an index, a model name or 'all') as the indices of the reference models."""
+    if str(reference) == "all":
+        return list(range(len(names)))
+    if isinstance(reference, str) and not reference.isdigit():
+        if reference not in names:
+            raise ModelError(f"REFERENCE={reference!r} is not one of the models: {', '.join(names)}, or 'all'")
+        return [names.index(reference)]
+    if not 0 <= int(reference) < len(names):
+        raise ModelError(f"REFERENCE={reference} is out of range: the set has {len(names)} models (0-{len(names) - 1})")
+    return [int(reference)]
+
+
+def plan_correlation(models: str = DEFAULTS["models"], checkpoint: int | None = None,
+                     n_tokens: int = DEFAULTS["n_tokens"], reference: str | int = DEFAULTS["reference"],
+                     rotations: int = DEFAULTS["rotations"], device: str = EXECUTION_DEFAULTS["device"],
+                     memory: str = "", workers: int = EXECUTION_DEFAULTS["workers"],
+                     parallel: int | None = None) -> tuple[list[str], CorrelationPlan]:
+    """(the model names, the plan of their correlation) as `analyze` with these parameters would
+    run it, from the models' shapes alone: no weights are loaded and the store is neither read
+    nor written. The device need not be here: DEVICE=cuda plans for a GPU (then give its
+    budget, CORR_MEMORY, unless nvidia-smi can read it)."""
+    check_workers(workers)
+    model_set = resolve_model_set(models, store().root)
+    names = [m.name for m in model_set.models]
+    references = parse_references(reference, names)
+    if n_tokens < 2 * HALF_BLOCK_ROWS or rotations < 1 or (parallel is not None and parallel < 1):
+        raise ValueError(f"N_TOKENS={n_tokens} (at least {2 * HALF_BLOCK_ROWS}), ROTATIONS={rotations} and "
+                         f"PARALLEL={parallel} (at least 1) cannot be planned")
+    text = str(device).strip().lower()
+    device = text if re.fullmatch(r"cuda(:\d+)?", text) else resolve_device(device)  # a GPU elsewhere is fine
+    try:
+        budget = parse_bytes(memory) if memory else default_memory_budget(device, workers)
+    except (ValueError, OverflowError):
+        raise ValueError(f"CORR_MEMORY={memory!r} is not a size: use e.g. 8G, 512M or a number of bytes") from None
+    sizes = [[d] * n for n, d in (planned_shape(model_set, m, checkpoint) for m in model_set.models)]
+    engine = ExcessCorrelationEngine(sizes, references, rotations, 0, device, budget)
+    return names, CorrelationPlan(engine, n_tokens, workers if parallel is None else parallel)
 
 
 def check_store(root: str | Path) -> None:

@@ -24,7 +24,6 @@ from unlib.models import load_model, mlp_shape
 from unlib.store import checkpoint_label, partial_path, provenance, short_hash
 
 logger = logging.getLogger("luigi-interface")
-CHUNK_TOKENS = 4096
 
 
 class CorrelationTask(CorrelationParams, PipelineTask):
@@ -43,7 +42,7 @@ class CorrelationTask(CorrelationParams, PipelineTask):
         """The engine, planned for CORR_MEMORY: build_analyses resolves its default once, so that
         every process plans the same blocks (planning touches no device)."""
         return ExcessCorrelationEngine(self.layer_sizes, self.references, self.rotations, self.rotation_seed,
-                                       self.device, parse_bytes(self.memory), CHUNK_TOKENS)
+                                       self.device, parse_bytes(self.memory))
 
     def run_params(self) -> dict:
         """The parameters that name the correlation folder (inputs' content is checked, not named)."""
@@ -109,7 +108,7 @@ class CorrelationBlock(CorrelationTask):
         if use_cache:
             caches = [ActivationCache(t.path) for t in self.input()]
             n_tokens = caches[0].n_tokens
-            chunks = lambda needed: cached_chunks(caches, CHUNK_TOKENS, self.device, needed)  # noqa: E731
+            chunks = lambda needed: cached_chunks(caches, engine.chunk_tokens, self.device, needed)  # noqa: E731
             read = sum(4 * c.n_tokens * c.d_mlp * len(layers) for c, layers in zip(caches, needed))
         else:
             loaded = [load_model(m, self.checkpoint, self.device) for m in models]

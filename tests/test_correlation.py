@@ -104,7 +104,7 @@ def test_each_half_matches_numpy_on_its_blocks(kind, chunk, passes):
     # see only some layers of their row model (the others are not read)
     budget = None
     if passes == "several":
-        budget = ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=2).fixed_bytes() + 2 * 4 * 20 * 32 + 16
+        budget = ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=2).least_memory()
     engine = ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=2, rotation_seed=4, memory_budget=budget)
     assert (len(engine.passes) > 1) == (passes == "several")
     results = engine.run(chunks(data, chunk))  # chunk sizes that do not align with the blocks
@@ -182,11 +182,11 @@ def test_a_small_memory_budget_splits_the_work_into_passes_with_the_same_numbers
     data = make_data("random")
     roomy = ExcessCorrelationEngine(LAYERS, [0, 1, 2], n_rotations=2)
     assert len(roomy.passes) == 1
-    # room for one unit only: two halves' float32 co-moments of the widest layer (20) with a model (32)
-    tight_budget = roomy.fixed_bytes() + 2 * 4 * 20 * 32 + 16
+    # room for one row layer of the widest pair a pass
+    tight_budget = roomy.least_memory()
     tight = ExcessCorrelationEngine(LAYERS, [0, 1, 2], n_rotations=2, memory_budget=tight_budget)
     assert len(tight.passes) > 3
-    assert all(sum(tight.unit_bytes(u) for u in p) + tight.fixed_bytes() <= tight_budget for p in tight.passes)
+    assert all(tight.pass_bytes(p) <= tight_budget for p in tight.passes)
     a, b = roomy.run(chunks(data, 500)), tight.run(chunks(data, 500))
     for ref in range(3):
         for x, y in zip(a[ref], b[ref]):
@@ -194,7 +194,7 @@ def test_a_small_memory_budget_splits_the_work_into_passes_with_the_same_numbers
             np.testing.assert_allclose(x.baseline_max_corr, y.baseline_max_corr, atol=1e-5)
             assert np.array_equal(x.max_neuron, y.max_neuron)
     with pytest.raises(MemoryBudgetError, match="CORR_MEMORY"):
-        ExcessCorrelationEngine(LAYERS, 0, memory_budget=roomy.fixed_bytes() + 10)
+        ExcessCorrelationEngine(LAYERS, 0, memory_budget=ExcessCorrelationEngine(LAYERS, 0).least_memory() - 1)
 
 
 def test_haar_matrices_are_orthogonal_and_reproducible():
@@ -245,7 +245,7 @@ def test_groups_run_apart_and_merged_in_plan_order_equal_one_engine_bitwise(refe
 def test_several_passes_equal_one_pass_bitwise():
     data = make_data("structured")
     roomy = ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=2)
-    tight = ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=2, memory_budget=roomy.fixed_bytes() + 2 * 4 * 20 * 32)
+    tight = ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=2, memory_budget=roomy.least_memory())
     assert len(roomy.passes) == 1 and len(tight.passes) > 3
     assert same_results(roomy.run(chunks(data, 500)), tight.run(chunks(data, 500)))
 
@@ -253,7 +253,7 @@ def test_several_passes_equal_one_pass_bitwise():
 def test_one_group_per_pass_for_one_task_and_no_more_groups_than_row_layers():
     roomy = ExcessCorrelationEngine(LAYERS, 0, n_rotations=1)
     assert roomy.groups(1) == roomy.passes and len(roomy.passes) == 1
-    tight = ExcessCorrelationEngine(LAYERS, 0, n_rotations=1, memory_budget=roomy.fixed_bytes() + 2 * 4 * 20 * 32)
+    tight = ExcessCorrelationEngine(LAYERS, 0, n_rotations=1, memory_budget=roomy.least_memory())
     assert tight.groups(1) == tight.passes and tight.groups(2) == tight.passes  # already 4 passes
     assert len(roomy.groups(100)) == 4  # two pairs x two row layers: the finest split
     assert [len(g) for g in roomy.groups(2)] == [1, 1]  # one pair each

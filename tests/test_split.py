@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from test_production import REPO, env_for, luigid  # noqa: F401  (luigid: a real central scheduler)
-from tasks.correlation import CHUNK_TOKENS
 from unlib.correlation import ExcessCorrelationEngine
 from unlib.models import ZOOS
 
@@ -116,9 +115,9 @@ def test_a_multi_pass_plan_gives_the_single_pass_results(one_worker, tmp_path):
     store = tmp_path / "store"
     inputs_of(one_worker, store)
     sizes = [[ZOO.d_mlp] * ZOO.n_layers] * len(ZOO.seeds)
-    roomy = ExcessCorrelationEngine(sizes, [0], 5, 0, "cpu", 2**30, CHUNK_TOKENS)
-    budget = roomy.fixed_bytes() + roomy.unit_bytes(roomy.passes[0][0]) // ZOO.n_layers  # one row layer a pass
-    assert len(ExcessCorrelationEngine(sizes, [0], 5, 0, "cpu", budget, CHUNK_TOKENS).passes) == 4
+    roomy = ExcessCorrelationEngine(sizes, [0], 5, 0, "cpu", 2**30)
+    budget = roomy.least_memory()  # one row layer a pass
+    assert len(ExcessCorrelationEngine(sizes, [0], 5, 0, "cpu", budget).passes) == 4
     finish(analyze(store, "--scheduler", "local", "--workers", "1", "--memory", str(budget),
                    "--report-tasks", str(tmp_path / "report.json")))
     assert sum(t.startswith("CorrelationBlock") for t in correlation_tasks(tmp_path / "report.json")) == 4

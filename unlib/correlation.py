@@ -36,6 +36,8 @@ from unlib.store import write_small_h5
 # it has no best match. Its correlations, baselines and excess are 0.
 DEAD_MATCH = -1
 HALF_BLOCK_ROWS = 2048  # rows per block: even blocks form half A, odd blocks half B
+MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS, CHUNK_BYTES = 4096, 256, 2**30
+READ_AHEAD_CHUNKS = 3  # chunks of the feed on the host at once: two queued, one being read
 HALVES = 2
 FULL = HALVES  # index of the full sample next to the halves (0: A, 1: B)
 
@@ -151,6 +153,15 @@ def default_memory_budget(device: str | torch.device, engines: int = 1) -> int:
     return int(0.5 * psutil.virtual_memory().available) // engines
 
 
+def chunk_tokens_for(width: int) -> int:
+    """Token rows per chunk for `width` neurons a row: MAX_CHUNK_TOKENS, or fewer (a power of
+    two, at least MIN_CHUNK_TOKENS) so that a chunk holds at most CHUNK_BYTES. It follows the
+    width alone (not the memory budget), so the results do not depend on the budget either;
+    five GPT-2-medium seeds (491,520 neurons, 2 MB a row) read 512 rows a chunk."""
+    rows = max(1, CHUNK_BYTES // (ExcessCorrelationEngine.BYTES * width))
+    return int(min(MAX_CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, 2 ** int(math.log2(rows)))))
+
+
 class ExcessCorrelationEngine:
     """Max and rotated-baseline correlations of the neurons of each reference model
     against every other model, from activations streamed in token chunks, on all rows
@@ -171,14 +182,14 @@ class ExcessCorrelationEngine:
 
     def __init__(self, layer_sizes: list[list[int]], references: list[int] | int = 0, n_rotations: int = 5,
                  rotation_seed: int = 0, device: str | torch.device = "cpu", memory_budget: int | None = None,
-                 chunk_tokens: int = 4096):
+                 chunk_tokens: int | None = None):
         self.layer_sizes = layer_sizes
         self.references = [references] if isinstance(references, int) else sorted(references)
         self.n_rotations = n_rotations
         self.rotation_seed = rotation_seed
         self.device = torch.device(device)
         self.memory_budget = memory_budget or default_memory_budget(self.device)
-        self.chunk_tokens = chunk_tokens
+        self.chunk_tokens = chunk_tokens or chunk_tokens_for(self.width())
         self.offsets = [np.concatenate([[0], np.cumsum(sizes)]).astype(int) for sizes in layer_sizes]
         self.passes = self.plan()
         self.flops = 0.0  # co-moment GEMM work streamed so far
@@ -200,43 +211,63 @@ class ExcessCorrelationEngine:
                     out.append((b, a))
         return out
 
-    def fixed_bytes(self) -> int:
-        """Memory the engine needs besides its accumulators: within-layer co-moments of both
-        halves; four chunk-sized buffers (two read ahead, one being read, the chunk) and the
-        centred copy of one block-bounded run of it; and the result step's scratch (three
-        correlation blocks: both halves' and their merge, and a Haar rotation drawn in float64)."""
-        within = HALVES * sum(d * d for sizes in self.layer_sizes for d in sizes)
-        width = sum(sum(sizes) for sizes in self.layer_sizes)
+    def width(self, needed: list[set[int]] | None = None) -> int:
+        """Neurons in a row of a chunk: every layer of each model with a layer in `needed`
+        (default all models), since a chunk holds whole models."""
+        needed = needed or self.all_layers()
+        return sum(sum(sizes) for sizes, layers in zip(self.layer_sizes, needed) if layers)
+
+    def all_layers(self) -> list[set[int]]:
+        return [set(range(len(sizes))) for sizes in self.layer_sizes]
+
+    def fixed_bytes(self, needed: list[set[int]] | None = None) -> int:
+        """Device memory a pass reading `needed` (default every layer) takes besides its
+        accumulators: within-layer co-moments of both halves (only their diagonal for a model
+        no baseline rotates); the chunk in use and the centred copy of one block-bounded run
+        of it; the result step's scratch (three correlation blocks, both halves' and their
+        merge, and a Haar rotation drawn in float64); and on the CPU the feed's host_bytes."""
+        needed = needed or self.all_layers()
+        within = HALVES * sum(d * d if self.rotated(m) else d
+                              for m, layers in enumerate(needed) for d in (self.layer_sizes[m][l] for l in layers))
+        width = self.width(needed)
         d_max = max(max(s) for s in self.layer_sizes)
         centred = (min(self.chunk_tokens, HALF_BLOCK_ROWS) + 1) * width
         scratch = 3 * d_max * max(sum(s) for s in self.layer_sizes) + 6 * d_max * d_max
-        return self.BYTES * (within + 4 * self.chunk_tokens * width + centred + scratch)
+        on_host = self.host_bytes(needed) if self.device.type == "cpu" else 0
+        return self.BYTES * (within + self.chunk_tokens * width + centred + scratch) + on_host
+
+    def host_bytes(self, needed: list[set[int]] | None = None) -> int:
+        """Host memory of the feed: the chunks read ahead (READ_AHEAD_CHUNKS)."""
+        return self.BYTES * READ_AHEAD_CHUNKS * self.chunk_tokens * self.width(needed)
+
+    def pass_bytes(self, units: list[Unit]) -> int:
+        """Memory of one pass over `units` on the engine's device: their accumulators and the
+        fixed part."""
+        return sum(map(self.unit_bytes, units)) + self.fixed_bytes(self.needed_layers(units))
+
+    def least_memory(self) -> int:
+        """The smallest memory budget the work can be planned for: a pass holding one row layer
+        of a pair, the largest such."""
+        return max(self.pass_bytes([Unit(row, (layer,), col)])
+                   for row, col in self.pairs() for layer in range(len(self.layer_sizes[row])))
 
     def plan(self) -> list[list[Unit]]:
-        """Group the units into passes that each fit the memory budget."""
-        room = self.memory_budget - self.fixed_bytes()
-        units = []
+        """Group the work into passes that each fit the memory budget: the row layers of every
+        pair, in order, join the current pass while it fits (consecutive row layers of a pair
+        forming one unit), so no pass is left part empty where a pair ends."""
+        need = self.least_memory()
+        if need > self.memory_budget:
+            raise MemoryBudgetError(f"the correlation engine needs at least {need / 2**30:.2f} GiB but "
+                                    f"CORR_MEMORY allows {self.memory_budget / 2**30:.2f} GiB; raise CORR_MEMORY")
+        passes: list[list[Unit]] = []
+        current: list[tuple[int, int, int]] = []
         for row, col in self.pairs():
-            block: list[int] = []
             for layer in range(len(self.layer_sizes[row])):
-                if block and self.unit_bytes(Unit(row, (*block, layer), col)) > room:
-                    units.append(Unit(row, tuple(block), col))
-                    block = []
-                block.append(layer)
-            units.append(Unit(row, tuple(block), col))
-        need = max(self.unit_bytes(u) for u in units)
-        if need > room:
-            raise MemoryBudgetError(f"the correlation engine needs at least {(need + self.fixed_bytes()) / 2**30:.2f} GiB "
-                              f"but CORR_MEMORY allows {self.memory_budget / 2**30:.2f} GiB; raise CORR_MEMORY")
-        passes, current, used = [], [], 0
-        for unit in units:
-            size = self.unit_bytes(unit)
-            if current and used + size > room:
-                passes.append(current)
-                current, used = [], 0
-            current.append(unit)
-            used += size
-        passes.append(current)
+                if current and self.pass_bytes(self._units(current + [(row, layer, col)])) > self.memory_budget:
+                    passes.append(self._units(current))
+                    current = []
+                current.append((row, layer, col))
+        passes.append(self._units(current))
         return passes
 
     def unit_bytes(self, unit: Unit) -> int:
@@ -298,7 +329,9 @@ class ExcessCorrelationEngine:
         (within-layer co-moments, means, constant neurons) taken in the same pass: its
         partial best matches, which merge_partials combines with other passes' exactly."""
         needed = self.needed_layers(units)
-        self.within = [[torch.zeros(HALVES, d, d, device=self.device) if l in needed[m] else None
+        # the full co-moment where a baseline rotates the model, else only its diagonal
+        self.within = [[torch.zeros(HALVES, *((d, d) if self.rotated(m) else (d,)), device=self.device)
+                        if l in needed[m] else None
                         for l, d in enumerate(sizes)] for m, sizes in enumerate(self.layer_sizes)]
         self.best: dict = {}
         self._inv_std: dict[tuple[int, int], torch.Tensor] = {}  # filled once the pass has the variances
@@ -385,7 +418,7 @@ class ExcessCorrelationEngine:
                     self.within[m][l][half].addmm_(x.T, x)
                     self.flops += 2.0 * t * self.layer_sizes[m][l] ** 2
                 else:  # only the variances are used: the diagonal
-                    torch.diagonal(self.within[m][l][half]).add_((x * x).sum(0))
+                    self.within[m][l][half].add_((x * x).sum(0))
 
     def rotated(self, model: int) -> bool:
         """Whether some rotated baseline rotates `model`'s layers (another model is a
@@ -435,8 +468,9 @@ class ExcessCorrelationEngine:
                 cols = self.layer_slice(m, l)
                 for h in range(HALVES):
                     dead = flat[h][cols]
-                    self.within[m][l][h][dead, :] = 0
-                    self.within[m][l][h][:, dead] = 0
+                    self.within[m][l][h][dead] = 0
+                    if self.rotated(m):
+                        self.within[m][l][h][:, dead] = 0
 
     def inv_std(self, model: int, variant: int) -> torch.Tensor:
         """1/std of every neuron of `model` on half A (0), half B (1) or all rows (FULL); 0
@@ -445,7 +479,7 @@ class ExcessCorrelationEngine:
         if key not in self._inv_std:
             # layers this pass does not read have no co-moments: variance 0 (never used)
             halves = torch.cat([torch.zeros(HALVES, d, device=self.device) if s is None else
-                                torch.diagonal(s, dim1=-2, dim2=-1)
+                                torch.diagonal(s, dim1=-2, dim2=-1) if self.rotated(model) else s
                                 for s, d in zip(self.within[model], self.layer_sizes[model])], dim=1)
             var = halves[variant] if variant < HALVES else \
                 halves.sum(0) + self.merge_weight * self.within_shift[model] ** 2
@@ -502,21 +536,52 @@ class ExcessCorrelationEngine:
                             self._merge(col, row, k, variant, best[cols], l, where[cols].cpu().numpy())
                     del corr
         for r in range(self.n_rotations):
-            for m, sizes in enumerate(self.layer_sizes):
-                for k in range(len(sizes)):
-                    users = [u for u in units if (u.col_model == m and u.row_model in self.references)
-                             or (u.row_model == m and k in u.row_layers and u.col_model in self.references)]
-                    if not users:
-                        continue
-                    q = self.rotation(m, k, r)
-                    s = self.within[m][k]
-                    # diag(Q^T S Q) per half; the full sample's follows from the Chan merge
-                    var = [((s[h] @ q) * q).sum(0) for h in range(HALVES)]
-                    cols = slice(int(self.offsets[m][k]), int(self.offsets[m][k + 1]))
-                    var.append(var[0] + var[1] + weight * (self.within_shift[m][cols] @ q) ** 2)
-                    rotated_inv_std = [inverse_std(v) for v in var]
-                    for u in users:
-                        self._reduce_rotated(u, cross[u], shift, m, k, r, q, rotated_inv_std)
+            for m, k in self.rotated_layers(units):
+                users = self.rotation_users(units, m, k)
+                q = self.rotation(m, k, r)
+                s = self.within[m][k]
+                # diag(Q^T S Q) per half; the full sample's follows from the Chan merge
+                var = [((s[h] @ q) * q).sum(0) for h in range(HALVES)]
+                cols = slice(int(self.offsets[m][k]), int(self.offsets[m][k + 1]))
+                var.append(var[0] + var[1] + weight * (self.within_shift[m][cols] @ q) ** 2)
+                rotated_inv_std = [inverse_std(v) for v in var]
+                for u in users:
+                    self._reduce_rotated(u, cross[u], shift, m, k, r, q, rotated_inv_std)
+
+    def rotation_users(self, units: list[Unit], model: int, layer: int) -> list[Unit]:
+        """The units whose baselines rotate `model`'s `layer`: a reference's rows against it
+        (it is in the column model), or a reference column model against it (a row layer)."""
+        return [u for u in units if (u.col_model == model and u.row_model in self.references)
+                or (u.row_model == model and layer in u.row_layers and u.col_model in self.references)]
+
+    def rotated_layers(self, units: list[Unit]) -> list[tuple[int, int]]:
+        """(model, layer) of every layer a pass over `units` rotates, once per baseline sample."""
+        return [(m, k) for m, sizes in enumerate(self.layer_sizes) for k in range(len(sizes))
+                if self.rotation_users(units, m, k)]
+
+    def stream_flops(self, units: list[Unit], n_tokens: int) -> float:
+        """GEMM work of streaming `n_tokens` rows for `units`: their co-moments, and the full
+        within-layer co-moments of the rotated models' layers they read (as the stream counts it)."""
+        cross = sum(self.unit_bytes(u) // (HALVES * self.BYTES) for u in units)  # rows x cols
+        within = sum(self.layer_sizes[m][l] ** 2 for m, layers in enumerate(self.needed_layers(units))
+                     if self.rotated(m) for l in layers)
+        return 2.0 * n_tokens * (cross + within)
+
+    def reduce_flops(self, units: list[Unit]) -> float:
+        """GEMM work of the result step for `units`: per baseline sample and rotated layer,
+        the rotated variances diag(Q^T S Q) of both halves and the co-moment blocks times Q.
+        The Haar draws themselves (QR factorisations) are counted by rotated_layers."""
+        total = 0.0
+        for m, k in self.rotated_layers(units):
+            d = self.layer_sizes[m][k]
+            total += HALVES * 2.0 * d ** 3
+            for u in self.rotation_users(units, m, k):
+                if u.col_model == m and u.row_model in self.references:
+                    rows = sum(self.layer_sizes[u.row_model][l] for l in u.row_layers)
+                    total += HALVES * 2.0 * rows * d * d
+                if u.row_model == m and k in u.row_layers and u.col_model in self.references:
+                    total += HALVES * 2.0 * sum(self.layer_sizes[u.col_model]) * d * d
+        return self.n_rotations * total
 
     def _reduce_rotated(self, u: Unit, acc: torch.Tensor, shift: list[torch.Tensor], m: int, k: int, r: int,
                         q: torch.Tensor, rotated_inv_std: list[torch.Tensor]) -> None:

@@ -59,6 +59,9 @@ ZOO_DEFAULTS = {"toy-zoo": SetDefaults(OFFLINE_CORPUS, 64, "bos", 0.3),
 HUB_SETS = {"stanford-gpt2-small": r"stanford-crfm/\w+-gpt2-small-x\d+",
             "stanford-gpt2-medium": r"stanford-crfm/\w+-gpt2-medium-x\d+",
             "pythia-160m": r"EleutherAI/pythia-160m(-seed\d+)?"}
+# (n_layers, d_mlp) of each HUB_SETS set, from the models' published configs: `make plan`
+# sizes a run of them without the configs at hand.
+HUB_SHAPES = {"stanford-gpt2-small": (12, 3072), "stanford-gpt2-medium": (24, 4096), "pythia-160m": (12, 3072)}
 
 
 def hub_set(name: str) -> list[str]:
@@ -311,6 +314,17 @@ def mlp_shape(spec: ModelSpec, checkpoint: int | None) -> tuple[int, int]:
         raise _unreachable(spec, revision) from exc
     d_mlp = getattr(config, "n_inner", None) or getattr(config, "intermediate_size", None) or 4 * config.hidden_size
     return config.num_hidden_layers, d_mlp
+
+
+def planned_shape(model_set: ModelSet, spec: ModelSpec, checkpoint: int | None) -> tuple[int, int]:
+    """mlp_shape, or for a model of a HUB_SETS set whose config is not at hand (offline) the
+    set's published shape (HUB_SHAPES): enough to plan a run, not to start one."""
+    try:
+        return mlp_shape(spec, checkpoint)
+    except ModelError:
+        if model_set.name in HUB_SHAPES:
+            return HUB_SHAPES[model_set.name]
+        raise
 
 
 def max_context(spec: ModelSpec) -> int | None:

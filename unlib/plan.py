@@ -1,0 +1,153 @@
+"""What a correlation will cost before it runs (`make plan`): tasks, passes over the tokens,
+memory on the device and the host, bytes read from the activation caches, FLOPs, and a time
+estimated from this machine's measured matmul and QR rates on the chosen device. Nothing is
+loaded but the models' shapes; nothing is written."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+
+from unlib.correlation import ExcessCorrelationEngine
+
+GiB = 2**30
+
+
+@dataclasses.dataclass
+class CorrelationPlan:
+    """The figures of one correlation (one engine: its references, rotations and budget),
+    split into `parallel` or more tasks, over `n_tokens` tokens."""
+
+    engine: ExcessCorrelationEngine
+    n_tokens: int
+    parallel: int = 1
+
+    def __post_init__(self):
+        self.groups = self.engine.groups(self.parallel)
+
+    @property
+    def accumulator_bytes(self) -> int:
+        """Every unit's co-moments (both halves), summed over the whole plan."""
+        return sum(self.engine.unit_bytes(u) for units in self.groups for u in units)
+
+    @property
+    def floor_passes(self) -> int:
+        """Passes no plan can beat: the accumulators over the budget."""
+        return math.ceil(self.accumulator_bytes / self.engine.memory_budget)
+
+    @property
+    def peak_device_bytes(self) -> int:
+        return max(self.engine.pass_bytes(units) for units in self.groups)
+
+    @property
+    def peak_host_bytes(self) -> int:
+        """The feed's read-ahead chunks of the widest task (on the CPU, part of the device bytes)."""
+        return max(self.engine.host_bytes(self.engine.needed_layers(units)) for units in self.groups)
+
+    @property
+    def bytes_read(self) -> int:
+        """Activation-cache bytes the tasks read: each reads its layers' columns of every token."""
+        neurons = sum(self.engine.layer_sizes[m][l] for units in self.groups
+                      for m, layers in enumerate(self.engine.needed_layers(units)) for l in layers)
+        return self.engine.BYTES * self.n_tokens * neurons
+
+    @property
+    def stream_flops(self) -> float:
+        return sum(self.engine.stream_flops(units, self.n_tokens) for units in self.groups)
+
+    @property
+    def reduce_flops(self) -> float:
+        return sum(self.engine.reduce_flops(units) for units in self.groups)
+
+    @property
+    def rotation_draws(self) -> list[int]:
+        """The size of every Haar rotation drawn (one QR each), over all tasks."""
+        engine = self.engine
+        return [engine.layer_sizes[m][k] for units in self.groups for m, k in engine.rotated_layers(units)
+                for _ in range(engine.n_rotations)]
+
+    def seconds(self, matmul_flops_per_s: float, qr_seconds_per_cube: float) -> float:
+        """Estimated compute time: the GEMM work at the measured matmul rate and each QR at the
+        measured seconds per n^3. The HDF5 feed overlaps the arithmetic (read-ahead) and is
+        not counted."""
+        qr = qr_seconds_per_cube * sum(d ** 3 for d in self.rotation_draws)
+        return (self.stream_flops + self.reduce_flops) / matmul_flops_per_s + qr
+
+
+def _best_seconds(fn, device: torch.device, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of fn, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_rate(t: int, rows: int, cols: int, device: str | torch.device = "cpu", repeats: int = 5) -> float:
+    """Float32 FLOP/s of the engine's GEMM shape (t x rows)^T (t x cols) on `device`, from the
+    fastest of `repeats` products (a busy machine slows some, never speeds one up)."""
+    device = torch.device(device)
+    a, b = torch.randn(t, rows, device=device), torch.randn(t, cols, device=device)
+    acc = torch.zeros(rows, cols, device=device)
+    return 2.0 * t * rows * cols / _best_seconds(lambda: acc.addmm_(a.T, b), device, repeats)
+
+
+def qr_seconds_per_cube(device: str | torch.device = "cpu", n: int = 512, repeats: int = 3) -> float:
+    """Seconds per n^3 of a float64 QR factorisation (a Haar draw) on `device`."""
+    device = torch.device(device)
+    x = torch.randn(n, n, dtype=torch.float64, device=device)
+    return _best_seconds(lambda: torch.linalg.qr(x), device, repeats) / n ** 3
+
+
+def measured_rates(plan: CorrelationPlan) -> tuple[float, float] | None:
+    """(float32 matmul FLOP/s in the plan's GEMM shape, seconds per n^3 of a QR) measured on the
+    plan's device, or None when that device is not on this machine."""
+    device = plan.engine.device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return None
+    sizes = plan.engine.layer_sizes
+    d = max(max(s) for s in sizes)
+    t = min(plan.engine.chunk_tokens, 2048)  # a block-bounded run of a chunk, one GEMM
+    return matmul_rate(t, d, min(4 * d, max(sum(s) for s in sizes)), device), qr_seconds_per_cube(device)
+
+
+def describe(plan: CorrelationPlan, names: list[str], rates: tuple[float, float] | None) -> list[str]:
+    """The plan as the lines `make plan` prints."""
+    engine = plan.engine
+    shapes = sorted({(len(s), s[0]) for s in engine.layer_sizes})
+    shape = ", ".join(f"{n} layers x {d}" for n, d in shapes)
+    refs = ", ".join(names[r] for r in engine.references)
+    passes = len(engine.passes)
+    chunk = engine.chunk_tokens
+    lines = [
+        f"models          {len(names)} ({shape} neurons), {plan.n_tokens:,} tokens, reference {refs}, "
+        f"{engine.n_rotations} rotations, on {engine.device}",
+        f"memory budget   {engine.memory_budget / GiB:,.2f} GiB a task on {engine.device.type} (CORR_MEMORY)",
+        f"accumulators    {plan.accumulator_bytes / GiB:,.2f} GiB: {passes} pass{'es' if passes != 1 else ''} over "
+        f"the tokens (the floor, accumulators / budget: {plan.floor_passes})",
+        f"tasks           {len(plan.groups)} CorrelationBlock (PARALLEL {plan.parallel}) and 1 Correlations merge; "
+        f"{len(names)} CacheActivations",
+        f"chunk           {chunk:,} tokens ({engine.BYTES * chunk * engine.width() / GiB:,.2f} GiB for all models)",
+        f"peak memory     {plan.peak_device_bytes / GiB:,.2f} GiB on {engine.device.type} a task"
+        + ("" if engine.device.type == "cpu" else f", {plan.peak_host_bytes / GiB:,.2f} GiB on the host (read-ahead)"),
+        f"bytes read      {plan.bytes_read / GiB:,.2f} GiB of activation caches "
+        f"({plan.bytes_read / (engine.BYTES * plan.n_tokens * engine.width()):.2f} x the caches)",
+        f"FLOPs           {plan.stream_flops:.3g} streaming, {plan.reduce_flops:.3g} reducing, "
+        f"{len(plan.rotation_draws):,} Haar rotations drawn (QR)",
+    ]
+    if rates is None:
+        lines.append(f"estimated time  no {engine.device.type} device here to measure: run `make plan` on it")
+    else:
+        matmul, qr = rates
+        lines.append(f"estimated time  {plan.seconds(matmul, qr):,.0f} s of compute on {engine.device} "
+                     f"(measured here: {matmul / 1e9:,.1f} GFLOP/s float32 matmul, "
+                     f"QR {qr * 1e9:.2f} s per 1000^3)")
+    return lines
