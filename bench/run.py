@@ -165,7 +165,6 @@ PROBE = """
 import re, sys
 import bench.run as b
 from unlib.correlation import HALVES, ExcessCorrelationEngine
-from unlib.plan import matmul_rate
 def rss(key):
     return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 n_tokens, budget, chunk = map(int, sys.argv[1:])
