@@ -212,8 +212,10 @@ class TokenParams:
         (luigi.cfg [resources]: the number of GPUs), so several workers never overload a card."""
         return {"gpu": 1} if self.uses_device and str(self.device).startswith("cuda") else {}
 
-    @property
+    @functools.cached_property
     def model_set(self) -> ModelSet:
+        """The models (resolved once per task instance: Luigi asks for them on every
+        completeness check)."""
         return resolve_model_set(self.models, store().root)
 
     def token_inputs(self) -> dict[str, str]:

@@ -2,6 +2,7 @@
 against the CSVs, `make compare` across checkpoints, and both pages rendered in headless
 Chromium."""
 import json
+import math
 import os
 import re
 import shutil
@@ -12,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from PIL import Image
 
 from unlib import compare, report
+from unlib.plots import activation_histogram_svg
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = "toy-zoo-mini"
@@ -126,7 +129,8 @@ def test_run_report_numbers_equal_the_csvs(store):
     assert int(text_of(html, "n-universal-half-a")) == record["n_universal_half_a"]
     assert float(text_of(html, "median-excess-se")) == pytest.approx(excess["excess_se"].median(), abs=6e-5)
     assert html.count("<mark>") == 5 * len(cards)
-    assert html.count("data:image/png;base64,") == 5 + len(cards)  # the ablation plot among them
+    assert html.count("data:image/png;base64,") == 5  # the run's plots, the ablation plot among them
+    assert html.count("data:image/svg+xml;base64,") == len(cards)  # a histogram per card
     assert "final weights" not in html and "<td data-col=\"value\">300</td>" in html
 
 
@@ -257,3 +261,11 @@ def test_comparison_with_the_paper_is_gated_on_its_setup():
                                         universal)
     assert "rank-recall" not in html and 'id="overlap"' not in html  # the paper scored seed a only
     assert "No published figures" in report.paper_comparison_html(paper_run(model_set="toy-zoo"), excess, universal)
+
+
+def test_activation_histogram_bars_are_log_counts():
+    svg = activation_histogram_svg([0.0] * 100 + [1.0] * 10, "L0.1 activations", bins=4)
+    heights = [float(h) for h in re.findall(r'<rect [^>]*height="([0-9.]+)"', svg)]
+    assert len(heights) == 2  # two bins hold tokens
+    assert heights[0] / heights[1] == pytest.approx(math.log10(100) / math.log10(10), rel=1e-3)
+    assert "<title>L0.1 activations</title>" in svg and ">0<" in svg and ">1<" in svg

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import platform
 import re
 import sysconfig
@@ -39,18 +40,24 @@ def _is_held_out(relative_path: str) -> bool:
     return int(hashlib.sha1(relative_path.encode()).hexdigest(), 16) % HELD_OUT_FRACTION == 0
 
 
+@functools.lru_cache(maxsize=2)
 def offline_corpus(split: str) -> datasets.Dataset:
-    """The standard-library corpus as a `datasets.Dataset` with a `text` column.
+    """The standard-library corpus as a `datasets.Dataset` with a `text` column (read once
+    per process).
 
     split: "train" or "heldout".
     """
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
     root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d != "site-packages"]  # installed packages are not the stdlib
+        files += [Path(folder, n) for n in names if n.endswith(".py")]
     texts, names = [], []
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(files):
         rel = path.relative_to(root).as_posix()
-        if "site-packages" in path.parts or _is_held_out(rel) != (split == "heldout"):
+        if _is_held_out(rel) != (split == "heldout"):
             continue
         try:
             texts.append(path.read_text(encoding="utf-8"))

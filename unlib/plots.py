@@ -1,6 +1,8 @@
 """The run's figures (matplotlib, Agg backend: no display needed)."""
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import matplotlib
@@ -111,21 +113,35 @@ def corr_vs_baseline(excess_df: pd.DataFrame, threshold: float, path: str | Path
     _save(fig, Path(path))
 
 
-def activation_histogram_png(values, title: str) -> bytes:
-    """A small histogram (log counts) of one neuron's activations, as PNG bytes."""
-    import io
+def activation_histogram_svg(values, title: str, bins: int = 50) -> str:
+    """A small histogram (log counts) of one neuron's activations, as an SVG document: drawn
+    directly rather than by matplotlib, which took half a second per card."""
+    from html import escape
 
-    fig, ax = plt.subplots(figsize=(3.4, 1.9))
-    ax.hist(values, bins=50, color="#4c72b0")
-    ax.set_yscale("log")
-    ax.set_xlabel("activation", fontsize=8)
-    ax.set_ylabel("tokens", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.set_title(title, fontsize=8)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
+    values = np.asarray(values, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    high = high if high > low else low + 1.0
+    counts, _ = np.histogram(values, bins=bins, range=(low, high))
+    width, height, left, right, top, bottom = 306, 171, 44, 8, 18, 30
+    plot_w, plot_h = width - left - right, height - top - bottom
+    top_log = math.log10(max(int(counts.max(initial=0)), 1)) + 0.1  # log scale from 1 token (height 0)
+    bar_w = plot_w / bins
+    bars = "".join(
+        f'<rect x="{left + i * bar_w:.1f}" y="{top + plot_h - h:.1f}" width="{bar_w:.2f}" height="{h:.1f}"/>'
+        for i, c in enumerate(counts) if c > 0 for h in [plot_h * max(math.log10(c), 0.02 * top_log) / top_log])
+    text = 'font-family="sans-serif" font-size="9" fill="#333"'
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}"><title>{escape(title)}</title>'
+            f'<text x="{left + plot_w / 2}" y="12" text-anchor="middle" {text}>{escape(title)}</text>'
+            f'<g fill="#4c72b0">{bars}</g>'
+            f'<path d="M{left} {top}V{top + plot_h}H{left + plot_w}" stroke="#333" fill="none"/>'
+            f'<text x="{left}" y="{top + plot_h + 11}" text-anchor="middle" {text}>{low:.3g}</text>'
+            f'<text x="{left + plot_w}" y="{top + plot_h + 11}" text-anchor="middle" {text}>{high:.3g}</text>'
+            f'<text x="{left + plot_w / 2}" y="{height - 4}" text-anchor="middle" {text}>activation</text>'
+            f'<text x="{left - 4}" y="{top + 4}" text-anchor="end" {text}>{10 ** top_log:.3g}</text>'
+            f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end" {text}>1</text>'
+            f'<text x="10" y="{top + plot_h / 2}" text-anchor="middle" transform="rotate(-90 10 {top + plot_h / 2})" '
+            f'{text}>tokens (log)</text></svg>')
 
 
 def universality_by_checkpoint_plot(table: pd.DataFrame, path: str | Path, title: str = "") -> None:

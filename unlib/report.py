@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from unlib.plots import activation_histogram_png, value_range
+from unlib.plots import activation_histogram_svg, value_range
 
 
 def print_summary(console: Console, title: str, layer_summary: pd.DataFrame, universal_df: pd.DataFrame,
@@ -134,6 +134,10 @@ def esc(value) -> str:
 def image_tag(png: bytes | Path, alt: str) -> str:
     data = png.read_bytes() if isinstance(png, Path) else png
     return f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def svg_tag(svg: str, alt: str) -> str:
+    return f'<img alt="{esc(alt)}" src="data:image/svg+xml;base64,{base64.b64encode(svg.encode()).decode()}">'
 
 
 def table_html(df: pd.DataFrame, float_format: str = "{:.3f}", key: str | None = None) -> str:
@@ -387,7 +391,7 @@ def neuron_cards(model, tokenizer, tokens: np.ndarray, keep: np.ndarray, univers
                       "ci": (float(row.excess_ci_low), float(row.excess_ci_high)),
                       "halves": (float(row.excess_half_a), float(row.excess_half_b)),
                       "matches": matches[["other_model", "max_corr", "max_layer", "max_neuron", "baseline_max_corr"]],
-                      "histogram": activation_histogram_png(acts, f"L{layer}.{neuron} activations"),
+                      "histogram": activation_histogram_svg(acts, f"L{layer}.{neuron} activations"),
                       "contexts": shown, "promoted": promoted, "suppressed": suppressed})
     return cards
 
@@ -404,7 +408,7 @@ def _card_html(card: dict) -> str:
             f' (95 % interval <span class="ci-low">{number(low)}</span> to <span class="ci-high">{number(high)}</span>;'
             f' half A <span class="half-a">{number(half_a)}</span>, half B <span class="half-b">{number(half_b)}</span>)'
             f'</small></h3>'
-            f'{table_html(card["matches"], key="other_model")}{image_tag(card["histogram"], "activation histogram")}'
+            f'{table_html(card["matches"], key="other_model")}{svg_tag(card["histogram"], "activation histogram")}'
             f"<p><b>Top-activating contexts</b></p>{contexts}"
             f"<p><b>Promotes</b> {tokens(card['promoted'])}<br><b>Suppresses</b> {tokens(card['suppressed'])}</p></div>")
 
