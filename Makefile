@@ -35,7 +35,7 @@ endif
 
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup analyze report compare plan test browser bench scheduler scheduler-stop
+.PHONY: setup analyze report compare plan test test-all browser bench scheduler scheduler-stop
 
 setup: $(SETUP)
 
@@ -72,7 +72,11 @@ plan: $(SETUP)
 compare: $(SETUP)
 	$(PYTHON) -m tasks compare $(RUN_ARGS) $(call option,CHECKPOINTS,checkpoints)
 
+# The suite without the slow end-to-end scenarios (under 10 minutes on 2 cores); test-all runs them too.
 test: $(SETUP) browser
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not slow" tests
+
+test-all: $(SETUP) browser
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests
 
 # Debian's Chromium renders the HTML reports in the tests (skipped where it cannot be installed).

@@ -219,6 +219,7 @@ def test_other_parameters_do_not_overwrite_and_nothing_is_recomputed(run):
     assert (run["dir"] / "universal_neurons.csv").exists()
 
 
+@pytest.mark.slow
 def test_all_references_without_cache_give_the_cached_numbers(run, tmp_path):
     proc = analyze(tmp_path, "--models", MODELS, "--checkpoint", "300", "--n-tokens", str(N_TOKENS),
                    "--threshold", str(THRESHOLD), "--device", "cpu", "--reference", "all", "--cache", "0")

@@ -72,6 +72,7 @@ def reference_run(tmp_path_factory, mini_zoo):
     return store
 
 
+@pytest.mark.slow
 def test_run_against_luigid_reports_progress(luigid, reference_run, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(reference_run / "zoo", store / "zoo")  # training is tested elsewhere; keep this fast
@@ -104,6 +105,7 @@ def wait_for(proc: subprocess.Popen, condition, timeout: float = 300) -> bool:
     raise TimeoutError
 
 
+@pytest.mark.slow
 def test_sigkill_at_several_points_then_resume_gives_identical_results(luigid, reference_run, tmp_path):
     store = tmp_path / "store"
     zoo = lambda: list(store.glob("zoo/*/seed-*/checkpoint-*"))  # noqa: E731
@@ -140,6 +142,7 @@ def test_sigkill_at_several_points_then_resume_gives_identical_results(luigid, r
     print(f"kills landed while {caught}; partial caches resumed: {len(partial_rows)}")
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_scheduler_without_running_a_task_twice(luigid, reference_run, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(reference_run / "zoo", store / "zoo")
@@ -179,6 +182,7 @@ def test_truncated_or_corrupted_store_files_are_refused_and_rebuilt(reference_ru
         assert (store / RESULTS / name).read_bytes() == (reference_run / RESULTS / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_a_damaged_zoo_checkpoint_is_retrained(reference_run, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(reference_run, store)

@@ -246,6 +246,7 @@ WHERE = "import tasks.common as c, unlib.report as r; print(c.LUIGI_CFG, r.REFER
 
 
 @needs_setuptools
+@pytest.mark.slow
 def test_the_installed_wheel_works_from_any_directory(notebook, tmp_path):
     src = source_copy(tmp_path)
     pip("wheel", "--no-deps", "--no-build-isolation", "--quiet", "--wheel-dir", str(tmp_path / "dist"), ".", cwd=src)

@@ -43,6 +43,7 @@ def fresh_run(tmp_path_factory, mini_zoo):
     return store
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_on_a_fresh_store_set_nothing_aside(fresh_run, tmp_path):
     store = tmp_path / "store"
     procs = [start_analyze(store, *ARGS, "--scheduler", "local") for _ in range(2)]
@@ -122,6 +123,7 @@ def test_a_task_waits_for_another_writer_then_reuses_its_output_with_its_share_o
         pass
 
 
+@pytest.mark.slow
 def test_a_luigid_not_started_for_this_store_is_never_used(fresh_run, tmp_path):
     store, other = tmp_path / "store", tmp_path / "other"
     shutil.copytree(fresh_run / "zoo", store / "zoo")
@@ -147,6 +149,7 @@ def test_a_luigid_not_started_for_this_store_is_never_used(fresh_run, tmp_path):
         assert scheduler(other, "stop").returncode == 0
 
 
+@pytest.mark.slow
 def test_a_scheduler_that_goes_away_mid_run_leaves_a_finished_run_and_one_line(fresh_run, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(fresh_run / "zoo", store / "zoo")

@@ -102,6 +102,7 @@ def test_lists_whose_folders_share_names_get_their_own_results(root, exp1_store,
     assert (one / "excess_correlation_scores.csv").read_bytes() != (two / "excess_correlation_scores.csv").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_model_retrained_into_its_folder_is_recomputed(root, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(root / "exp1", work / "exp1")
@@ -119,6 +120,7 @@ def test_a_model_retrained_into_its_folder_is_recomputed(root, tmp_path):
     assert tables(results_dir(fresh)) == after
 
 
+@pytest.mark.slow
 def test_a_dataset_edited_in_place_is_tokenized_again(root, tmp_path):
     dataset = tmp_path / "docs.jsonl"
     write_dataset(dataset, 0)
