@@ -124,7 +124,7 @@ def describe(plan: CorrelationPlan, names: list[str], rates: tuple[float, float]
     engine = plan.engine
     shapes = sorted({(len(s), s[0]) for s in engine.layer_sizes})
     shape = ", ".join(f"{n} layers x {d}" for n, d in shapes)
-    refs = ", ".join(names[r] for r in engine.references)
+    refs = "all" if len(engine.references) == len(names) > 1 else ", ".join(names[r] for r in engine.references)
     passes = len(engine.passes)
     chunk = engine.chunk_tokens
     lines = [
