@@ -31,3 +31,29 @@ def mini_zoo(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return store / "zoo"
 
+
+
+def cli_in_process(store: Path, *argv: str) -> subprocess.CompletedProcess:
+    """`python -m tasks <argv>` with UNLIB_STORE=store, run in this process (no interpreter
+    start, five seconds less per case): its exit status, stdout and stderr, for refusals that
+    stop before any task runs. Tests that start work run the real command line instead."""
+    import contextlib
+    import io
+
+    from tasks.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    before = os.environ.get("UNLIB_STORE")
+    os.environ["UNLIB_STORE"] = str(store)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(argv))
+            except SystemExit as exc:  # argparse's refusals
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        if before is None:
+            del os.environ["UNLIB_STORE"]
+        else:
+            os.environ["UNLIB_STORE"] = before
+    return subprocess.CompletedProcess(["python", "-m", "tasks", *argv], code, out.getvalue(), err.getvalue())

@@ -22,7 +22,7 @@ from test_weight_stats import TOLERANCE, WEIGHT_COLUMNS, reference_weight_stats
 from unlib.correlation import EXCESS_COLUMNS, HALF_BLOCK_ROWS, PAIRWISE_COLUMNS, SPLIT_HALF_COLUMNS, haar_orthogonal
 from unlib.stats import STATS_COLUMNS
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, cli_in_process
 MODELS = "toy-zoo-mini"
 N_TOKENS = 6000
 THRESHOLD = 0.1
@@ -258,7 +258,9 @@ def test_all_references_without_cache_give_the_cached_numbers(run, tmp_path):
     (["--models", MODELS, "--scheduler", "central", "--scheduler-port", "1"], "no luigid started for this store answers on 127.0.0.1:1"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
-    proc = analyze(tmp_path, *args)
+    # in this process, but the first case from a fresh interpreter: the command line as typed
+    fresh = args == ["--models", "no-such-set"]
+    proc = analyze(tmp_path, *args) if fresh else cli_in_process(tmp_path, "analyze", "--scheduler", "local", *args)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr

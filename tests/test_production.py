@@ -16,10 +16,13 @@ import pytest
 
 from unlib.store import seal_path
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, cli_in_process
 MODELS = "toy-zoo-mini"
 ARGS = ["--models", MODELS, "--checkpoint", "300", "--n-tokens", "40000", "--device", "cpu"]
 RESULTS = Path("results") / MODELS / "checkpoint-300_n_tokens-40000"
+# A shorter run for the checks that need no time to interrupt it
+SMALL_ARGS = ["--models", MODELS, "--checkpoint", "300", "--n-tokens", "8192", "--device", "cpu"]
+SMALL_RESULTS = Path("results") / MODELS / "checkpoint-300_n_tokens-8192"
 CSVS = ["excess_correlation_scores.csv", "pairwise_correlations.csv", "neuron_stats.csv", "universal_neurons.csv"]
 
 
@@ -68,6 +71,16 @@ def reference_run(tmp_path_factory, mini_zoo):
     store = tmp_path_factory.mktemp("reference")
     shutil.copytree(mini_zoo, store / "zoo")
     proc = analyze(store, *ARGS, "--scheduler", "local")
+    assert proc.returncode == 0, proc.stderr
+    return store
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, mini_zoo):
+    """An uninterrupted run of SMALL_ARGS."""
+    store = tmp_path_factory.mktemp("small")
+    shutil.copytree(mini_zoo, store / "zoo")
+    proc = analyze(store, *SMALL_ARGS, "--scheduler", "local")
     assert proc.returncode == 0, proc.stderr
     return store
 
@@ -159,27 +172,27 @@ def test_two_workers_share_one_scheduler_without_running_a_task_twice(luigid, re
         assert (store / RESULTS / name).read_bytes() == (reference_run / RESULTS / name).read_bytes()
 
 
-def test_truncated_or_corrupted_store_files_are_refused_and_rebuilt(reference_run, tmp_path):
+def test_truncated_or_corrupted_store_files_are_refused_and_rebuilt(small_run, tmp_path):
     store = tmp_path / "store"
-    shutil.copytree(reference_run, store)
+    shutil.copytree(small_run, store)
     tokens = next(store.glob("tokens/*/*.h5"))
     tokens.write_bytes(tokens.read_bytes()[: tokens.stat().st_size // 2])
     cache = sorted(store.glob("activations/*/*/*.h5"))[1]
     raw = bytearray(cache.read_bytes())
     raw[len(raw) // 2: len(raw) // 2 + 4096] = os.urandom(4096)  # garbage inside the data blocks
     cache.write_bytes(bytes(raw))
-    shutil.rmtree(store / RESULTS)
+    shutil.rmtree(store / SMALL_RESULTS)
     shutil.rmtree(store / "correlation")
-    proc = analyze(store, *ARGS, "--scheduler", "local")
+    proc = analyze(store, *SMALL_ARGS, "--scheduler", "local")
     assert "refusing" in proc.stderr and "truncated" in proc.stderr
     if proc.returncode != 0:  # the corrupted cache block is found when read: one line, set aside
         lines = proc.stderr.strip().splitlines()
         assert "is corrupted" in lines[-1] and "run the same command again" in lines[-1], proc.stderr
         assert "Traceback" not in proc.stderr
-        proc = analyze(store, *ARGS, "--scheduler", "local")
+        proc = analyze(store, *SMALL_ARGS, "--scheduler", "local")
     assert proc.returncode == 0, proc.stderr
     for name in CSVS:
-        assert (store / RESULTS / name).read_bytes() == (reference_run / RESULTS / name).read_bytes()
+        assert (store / SMALL_RESULTS / name).read_bytes() == (small_run / SMALL_RESULTS / name).read_bytes()
 
 
 @pytest.mark.slow
@@ -210,9 +223,9 @@ def save_tiny_model(path: Path, text: str) -> None:
 
 @pytest.mark.parametrize("case", ["tokenizers", "too_few_tokens", "no_gpu", "no_disk", "no_dataset",
                                   "hub_model", "rotations", "top_k"])
-def test_bad_input_one_line_nonzero_exit_store_untouched(case, reference_run, tmp_path):
+def test_bad_input_one_line_nonzero_exit_store_untouched(case, mini_zoo, tmp_path):
     store = tmp_path / "store"
-    shutil.copytree(reference_run / "zoo", store / "zoo")
+    shutil.copytree(mini_zoo, store / "zoo")
     args, message = {
         "tokenizers": (["--models", f"{tmp_path}/a,{tmp_path}/b"], "different tokenizers"),
         "too_few_tokens": (["--models", MODELS, "--dataset", str(tmp_path / "tiny.txt")], "fewer than the"),
@@ -231,7 +244,9 @@ def test_bad_input_one_line_nonzero_exit_store_untouched(case, reference_run, tm
         return sorted((p.relative_to(store), p.stat().st_size) for p in store.rglob("*")
                       if p.relative_to(store).parts[0] != "locks")
     before = contents()
-    proc = analyze(store, *args, "--scheduler", "local")
+    # in this process, but one case from a fresh interpreter: the command line as typed
+    run = analyze if case == "hub_model" else lambda store, *argv: cli_in_process(store, "analyze", *argv)
+    proc = run(store, *args, "--scheduler", "local")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2
     assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr
