@@ -73,11 +73,12 @@ compare: $(SETUP)
 	$(PYTHON) -m tasks compare $(RUN_ARGS) $(call option,CHECKPOINTS,checkpoints)
 
 # The suite without the slow end-to-end scenarios (under 10 minutes on 2 cores); test-all runs them too.
+# Test modules are spread over one pytest-xdist worker per core (a module's tests stay together).
 test: $(SETUP) browser
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not slow" tests
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -n auto --dist loadfile -m "not slow" tests
 
 test-all: $(SETUP) browser
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -n auto --dist loadfile tests
 
 # Debian's Chromium renders the HTML reports in the tests (skipped where it cannot be installed).
 browser:

@@ -21,14 +21,21 @@ raise SystemExit(0 if ok else 1)
 
 
 @pytest.fixture(scope="session")
-def mini_zoo(tmp_path_factory) -> Path:
+def mini_zoo(tmp_path_factory, worker_id) -> Path:
     """The mini zoo's `zoo/` folder, trained once per test session through the pipeline's own
-    training tasks; tests copy it into their stores (copies: some damage weights) instead of
-    training again."""
-    store = tmp_path_factory.mktemp("mini-zoo")
-    proc = subprocess.run([sys.executable, "-c", TRAIN_MINI_ZOO], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "UNLIB_STORE": str(store)}, timeout=1800)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    training tasks (once for all pytest-xdist workers: the first trains it under a file lock);
+    tests copy it into their stores (copies: some damage weights) instead of training again."""
+    from filelock import FileLock
+
+    # the session's folder, which every xdist worker's own temporary folder sits in
+    root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    store = root / "mini-zoo"
+    with FileLock(str(root / "mini-zoo.lock")):
+        if not (store / "trained").exists():
+            proc = subprocess.run([sys.executable, "-c", TRAIN_MINI_ZOO], cwd=REPO, capture_output=True, text=True,
+                                  env={**os.environ, "UNLIB_STORE": str(store)}, timeout=1800)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            (store / "trained").touch()
     return store / "zoo"
 
 
