@@ -127,10 +127,10 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
         raise ValueError(f"BATCH_SIZE={batch_size} must be a positive number of sequences")
     if cache not in ("auto", "0", "1"):
         raise ValueError(f"CACHE={cache!r} must be 1 (cache activations), 0 (run the models instead) or auto")
-    parallel = workers if parallel is None else parallel
+    device = resolve_device(device)
+    parallel = default_parallel(device, workers) if parallel is None else parallel
     if parallel < 1:
         raise ValueError(f"PARALLEL={parallel} must be at least 1 (the correlation blocks to split the work into)")
-    device = resolve_device(device)
     try:
         budget = parse_bytes(memory) if memory else default_memory_budget(device, workers)
     except (ValueError, OverflowError):
@@ -150,6 +150,15 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
                                      ablation_tokens=ablation_tokens, ablation_samples=ablation_samples,
                                      parallel=parallel)
             for ref in references]
+
+
+def default_parallel(device: str, workers: int) -> int:
+    """PARALLEL's default: one correlation block per worker that can run one at the same time,
+    on the CPU every worker, on CUDA as many as there are GPUs (blocks that would wait for the
+    same GPU would only read the activations more often)."""
+    if device == "cuda":
+        return max(1, min(workers, torch.cuda.device_count()))  # NVML: no CUDA context before the fork
+    return 1 if device.startswith("cuda:") else workers
 
 
 def parse_references(reference: str | int, names: list[str]) -> list[int]:
@@ -189,7 +198,7 @@ def plan_correlation(models: str = DEFAULTS["models"], checkpoint: int | None = 
         raise ValueError(f"CORR_MEMORY={memory!r} is not a size: use e.g. 8G, 512M or a number of bytes") from None
     sizes = [[d] * n for n, d in (planned_shape(model_set, m, checkpoint) for m in model_set.models)]
     engine = ExcessCorrelationEngine(sizes, references, rotations, 0, device, budget)
-    return names, CorrelationPlan(engine, n_tokens, workers if parallel is None else parallel)
+    return names, CorrelationPlan(engine, n_tokens, default_parallel(device, workers) if parallel is None else parallel)
 
 
 def check_store(root: str | Path) -> None:

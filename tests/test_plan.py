@@ -19,7 +19,7 @@ ROTATIONS = 5
 
 
 def test_plan_figures_equal_a_hand_computation():
-    names, plan = plan_correlation("toy-zoo-mini", n_tokens=N, memory="1G")
+    names, plan = plan_correlation("toy-zoo-mini", n_tokens=N, memory="1G", workers=1)
     width = LAYERS * D
     assert names == ["toy-zoo-mini/seed-0", "toy-zoo-mini/seed-1", "toy-zoo-mini/seed-2"]
     # reference 0 against seeds 1 and 2: two halves of float32 co-moments, 128 x 128 each
@@ -40,7 +40,7 @@ def test_plan_figures_equal_a_hand_computation():
 
     # room for one row layer of a pair a pass: four passes, and each task reads its row layer
     # of the reference and the whole other model
-    tight = plan_correlation("toy-zoo-mini", n_tokens=N, memory=str(plan.engine.least_memory()))[1]
+    tight = plan_correlation("toy-zoo-mini", n_tokens=N, memory=str(plan.engine.least_memory()), workers=1)[1]
     assert len(tight.engine.passes) == 4
     assert tight.floor_passes == math.ceil(262_144 / plan.engine.least_memory())
     assert tight.bytes_read == 4 * N * 4 * (D + width)
@@ -75,7 +75,7 @@ def test_make_plan_prints_the_five_gpt2_medium_seeds_without_weights_or_store(tm
     assert "no cuda device here" in lines["estimated"]
     assert not store.exists()
     proc = subprocess.run(["make", "-s", "plan", f"PYTHON={sys.executable}", "MODELS=toy-zoo-mini",
-                           "N_TOKENS=8192", "CORR_MEMORY=1G", "DEVICE=cpu"],
+                           "N_TOKENS=8192", "CORR_MEMORY=1G", "DEVICE=cpu", "WORKERS=1"],
                           cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "8.05e+08 streaming, 6.29e+07 reducing, 20 Haar rotations" in proc.stdout

@@ -178,7 +178,19 @@ def discard_from(model_dir: str | Path, step: int) -> None:
 def train_model(config: ZooConfig, seed: int, tokenizer_dir: str | Path, tokens_file: str | Path,
                 model_dir: str | Path, progress: Callable[[int, float], None] | None = None) -> float:
     """Train one zoo model, saving `checkpoint-<step>` folders; resume from the last saved
-    step if there is one. Returns the final training loss."""
+    step if there is one. Returns the final training loss. Trains on one CPU thread: the
+    weights then do not depend on the core count or WORKERS (a matrix product split over
+    threads sums in another order), and several seeds train at once with WORKERS > 1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(config, seed, tokenizer_dir, tokens_file, model_dir, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: ZooConfig, seed: int, tokenizer_dir: str | Path, tokens_file: str | Path,
+           model_dir: str | Path, progress: Callable[[int, float], None] | None) -> float:
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
     quiet_transformers()
