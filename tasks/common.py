@@ -123,7 +123,14 @@ class HideReportedTracebacks(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.getMessage() == "Failed pinging scheduler":
             return False
-        return not (record.exc_info and isinstance(record.exc_info[1], (UserError, luigi.rpc.RPCError)))
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, RuntimeError) and str(error).startswith("Unfulfilled"):
+            # with several workers: an input another worker found damaged and set aside after
+            # this task was scheduled; that worker reports the damage in one line
+            record.msg, record.args, record.exc_info = "%s: %s (set aside by another task)", (record.getMessage(),
+                                                                                            error), None
+            return True
+        return not isinstance(error, (UserError, luigi.rpc.RPCError))
 
 
 logger.addFilter(HideReportedTracebacks())

@@ -252,3 +252,20 @@ def test_bad_input_one_line_nonzero_exit_store_untouched(case, mini_zoo, tmp_pat
     assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert contents() == before
+
+
+def test_a_dependency_set_aside_by_another_worker_is_one_line_not_a_traceback():
+    import logging
+
+    from tasks.common import HideReportedTracebacks
+
+    try:
+        raise RuntimeError("Unfulfilled dependency at run time: CacheActivations_x")
+    except RuntimeError:
+        record = logging.LogRecord("luigi-interface", logging.ERROR, __file__, 1, "[pid %s] Worker %s failed    %s",
+                                   (1, "w", "CorrelationBlock_y"), sys.exc_info())
+    assert HideReportedTracebacks().filter(record)
+    assert record.exc_info is None
+    line = logging.Formatter().format(record)
+    assert "\n" not in line and "Traceback" not in line
+    assert "CorrelationBlock_y" in line and "CacheActivations_x" in line and "set aside" in line
