@@ -218,6 +218,7 @@ class ExcessCorrelationEngine:
         return sum(sum(sizes) for sizes, layers in zip(self.layer_sizes, needed) if layers)
 
     def all_layers(self) -> list[set[int]]:
+        """Every layer of every model, as `needed` sets."""
         return [set(range(len(sizes))) for sizes in self.layer_sizes]
 
     def fixed_bytes(self, needed: list[set[int]] | None = None) -> int:
