@@ -44,6 +44,9 @@ class ZooConfig:
     weight_decay: float = 0.1
     tokenizer_train_chars: int = 4_000_000
     training_tokens: int = 2_000_000
+    # CPU threads a seed trains on: the weights depend on it (a product split over threads sums
+    # in another order), so it is part of the zoo's name, and a zoo trained otherwise is not reused
+    training_threads: int = 1
 
     @property
     def zoo_id(self) -> str:
@@ -178,11 +181,11 @@ def discard_from(model_dir: str | Path, step: int) -> None:
 def train_model(config: ZooConfig, seed: int, tokenizer_dir: str | Path, tokens_file: str | Path,
                 model_dir: str | Path, progress: Callable[[int, float], None] | None = None) -> float:
     """Train one zoo model, saving `checkpoint-<step>` folders; resume from the last saved
-    step if there is one. Returns the final training loss. Trains on one CPU thread: the
-    weights then do not depend on the core count or WORKERS (a matrix product split over
-    threads sums in another order), and several seeds train at once with WORKERS > 1."""
+    step if there is one. Returns the final training loss. Trains on config.training_threads
+    CPU threads (one): the weights then do not depend on the core count or WORKERS, and
+    several seeds train at once with WORKERS > 1."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(config.training_threads)
     try:
         return _train(config, seed, tokenizer_dir, tokens_file, model_dir, progress)
     finally:
