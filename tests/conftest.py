@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,18 @@ def mini_zoo(tmp_path_factory, worker_id) -> Path:
             (store / "trained").touch()
     return store / "zoo"
 
+
+
+def analyzed_store(tmp_path_factory, mini_zoo: Path, name: str, *args: str) -> Path:
+    """A new store holding a copy of the mini zoo and one finished, uninterrupted
+    `python -m tasks analyze <args>` (local scheduler): the results to compare other runs with."""
+    store = tmp_path_factory.mktemp(name)
+    shutil.copytree(mini_zoo, store / "zoo")
+    proc = subprocess.run([sys.executable, "-m", "tasks", "analyze", *args, "--scheduler", "local"], cwd=REPO,
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "UNLIB_STORE": str(store), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    return store
 
 
 def cli_in_process(store: Path, *argv: str) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ import pytest
 
 from unlib.store import seal_path
 
-from conftest import REPO, cli_in_process
+from conftest import REPO, analyzed_store, cli_in_process
 MODELS = "toy-zoo-mini"
 ARGS = ["--models", MODELS, "--checkpoint", "300", "--n-tokens", "40000", "--device", "cpu"]
 RESULTS = Path("results") / MODELS / "checkpoint-300_n_tokens-40000"
@@ -68,21 +68,13 @@ def luigid(tmp_path):
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, mini_zoo):
     """An uninterrupted run (local scheduler) to compare interrupted ones against."""
-    store = tmp_path_factory.mktemp("reference")
-    shutil.copytree(mini_zoo, store / "zoo")
-    proc = analyze(store, *ARGS, "--scheduler", "local")
-    assert proc.returncode == 0, proc.stderr
-    return store
+    return analyzed_store(tmp_path_factory, mini_zoo, "reference", *ARGS)
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, mini_zoo):
     """An uninterrupted run of SMALL_ARGS."""
-    store = tmp_path_factory.mktemp("small")
-    shutil.copytree(mini_zoo, store / "zoo")
-    proc = analyze(store, *SMALL_ARGS, "--scheduler", "local")
-    assert proc.returncode == 0, proc.stderr
-    return store
+    return analyzed_store(tmp_path_factory, mini_zoo, "small", *SMALL_ARGS)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import analyzed_store
 from test_production import REPO, analyze, api, env_for, free_port, start_analyze, wait_for
 
 MODELS = "toy-zoo-mini"
@@ -36,11 +37,7 @@ def same_results(store: Path, reference: Path) -> bool:
 @pytest.fixture(scope="module")
 def fresh_run(tmp_path_factory, mini_zoo):
     """One uninterrupted run on a fresh store (local scheduler): the results to compare with."""
-    store = tmp_path_factory.mktemp("fresh")
-    shutil.copytree(mini_zoo, store / "zoo")
-    proc = analyze(store, *ARGS, "--scheduler", "local")
-    assert proc.returncode == 0, proc.stderr
-    return store
+    return analyzed_store(tmp_path_factory, mini_zoo, "fresh", *ARGS)
 
 
 @pytest.mark.slow
