@@ -22,6 +22,8 @@ BATCH_SIZE ?=
 QUICK ?=
 SCHEDULER ?=
 SCHEDULER_PORT ?=
+SCHEDULER_HOST ?=
+SCHEDULER_GPUS ?=
 CACHE ?=
 CORR_MEMORY ?=
 CHECKPOINTS ?=
@@ -88,10 +90,11 @@ browser:
 bench: $(SETUP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.run
 
-# The Luigi central scheduler (web UI at http://127.0.0.1:8082, or SCHEDULER_PORT); state, pid
-# file and logs under store/scheduler/.
+# The Luigi central scheduler (web UI at http://127.0.0.1:8082, or SCHEDULER_HOST:SCHEDULER_PORT);
+# state, pid file and logs under store/scheduler/.
 scheduler: $(SETUP)
-	$(PYTHON) -m tasks scheduler start $(call option,SCHEDULER_PORT,scheduler-port)
+	$(PYTHON) -m tasks scheduler start $(call option,SCHEDULER_PORT,scheduler-port) \
+		$(call option,SCHEDULER_HOST,scheduler-host) $(call option,SCHEDULER_GPUS,gpus)
 
 scheduler-stop: $(SETUP)
 	$(PYTHON) -m tasks scheduler stop

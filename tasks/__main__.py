@@ -91,6 +91,10 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("scheduler", help="start or stop the central scheduler (luigid)")
     s.add_argument("action", choices=["start", "stop"])
     s.add_argument("--scheduler-port", type=number(int, "SCHEDULER_PORT"), default=EXECUTION_DEFAULTS["scheduler_port"])
+    s.add_argument("--scheduler-host", default=scheduler.LOCAL,
+                   help="SCHEDULER_HOST: the address luigid listens on; one other hosts reach to share it")
+    s.add_argument("--gpus", type=number(int, "SCHEDULER_GPUS", optional=True), default=None,
+                   help="SCHEDULER_GPUS: GPUs all hosts' workers share (default: this host's, at least 1)")
     return p
 
 
@@ -172,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=False)
     args = parser().parse_args(seed_argv(sys.argv[1:] if argv is None else argv))
     if args.command == "scheduler":
-        code, line = scheduler.start(args.scheduler_port) if args.action == "start" else (0, scheduler.stop())
+        code, line = scheduler.start(args.scheduler_port, args.scheduler_host, args.gpus) \
+            if args.action == "start" else scheduler.stop()
         print(line, file=sys.stderr if code else sys.stdout)
         return code
     if args.command == "plan":
@@ -187,12 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: SCHEDULER=central but {why_not}; start this store's with `make scheduler` "
               f"(another SCHEDULER_PORT if that one is taken) or use SCHEDULER=auto", file=sys.stderr)
         return 2
-    local = args.scheduler == "local" or why_not is not None
+    central = None if args.scheduler == "local" or why_not is not None else scheduler.recorded()
     why = f" ({why_not})" if why_not else ""
-    where = "local" if local else f"central luigid on 127.0.0.1:{args.scheduler_port}"
+    where = f"central luigid on {central['host']}:{central['port']}" if central else "local"
     console.print(f"Scheduler: {where}{why}; device: {roots[0].device}", highlight=False)
     try:
-        report = run_analysis(roots, workers=args.workers, local_scheduler=local, scheduler_port=args.scheduler_port)
+        report = run_analysis(roots, workers=args.workers,
+                              central=(central["host"], central["port"]) if central else None)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -257,10 +257,12 @@ class RunReport:
 RETRIES = 2
 
 
-def run_analysis(roots: list[luigi.Task], workers: int = EXECUTION_DEFAULTS["workers"], local_scheduler: bool = True,
-                 scheduler_port: int = EXECUTION_DEFAULTS["scheduler_port"], wait_seconds: float = 2.0) -> RunReport:
+def run_analysis(roots: list[luigi.Task], workers: int = EXECUTION_DEFAULTS["workers"],
+                 central: tuple[str, int] | None = None, wait_seconds: float = 2.0) -> RunReport:
     """Run the graph until the roots are complete. Raises the task's UserError when a user
     mistake stopped it (e.g. a dataset too small), AnalysisFailed for anything else.
+    `central` is the (host, port) of a central scheduler to share the work through; None
+    runs Luigi's local scheduler, with one unit of `gpu` per GPU of this host.
 
     A Luigi worker exits once nothing is left that it can run, also while another worker
     (another process sharing the central scheduler) still runs part of the graph, or a
@@ -274,8 +276,10 @@ def run_analysis(roots: list[luigi.Task], workers: int = EXECUTION_DEFAULTS["wor
 
     check_workers(workers)
     start = time.monotonic()
-    kwargs = {"local_scheduler": True} if local_scheduler else {"scheduler_host": "127.0.0.1",
-                                                                 "scheduler_port": scheduler_port}
+    # the local scheduler reads its resources from the configuration (luigid gets them at start)
+    luigi.configuration.get_config().set("resources", "gpu", str(max(1, torch.cuda.device_count())))
+    kwargs = {"local_scheduler": True} if central is None else {"scheduler_host": central[0],
+                                                                "scheduler_port": central[1]}
     retry_delay = luigi.configuration.get_config().getfloat("scheduler", "retry_delay", 3.0)
     ran, seen_done, elsewhere, retries = set(), set(), set(), RETRIES
     patience = start + 120  # seconds to wait for tasks the scheduler does not grant us
@@ -289,8 +293,8 @@ def run_analysis(roots: list[luigi.Task], workers: int = EXECUTION_DEFAULTS["wor
                 try:
                     result = luigi.build(roots, workers=workers, detailed_summary=True, **kwargs)
                 except luigi.rpc.RPCError:  # only a central scheduler raises it
-                    pipeline_logger.warning("the central scheduler on 127.0.0.1:%d went away; finishing with the local "
-                                   "scheduler", scheduler_port)
+                    pipeline_logger.warning("the central scheduler on %s:%d went away; finishing with the local "
+                                            "scheduler", *central)
                     kwargs = {"local_scheduler": True}
                     continue
                 summary = _summary_dict(result.worker)

@@ -218,8 +218,8 @@ class TokenParams:
 
     @property
     def resources(self) -> dict:
-        """Tasks that compute on a GPU hold one unit of the scheduler's `gpu` resource
-        (luigi.cfg [resources]: the number of GPUs), so several workers never overload a card."""
+        """Tasks that compute on a GPU hold one unit of the scheduler's `gpu` resource (the
+        local scheduler: this host's GPUs; luigid: SCHEDULER_GPUS), so workers never overload a card."""
         return {"gpu": 1} if self.uses_device and str(self.device).startswith("cuda") else {}
 
     @functools.cached_property

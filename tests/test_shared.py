@@ -120,6 +120,26 @@ def test_a_task_waits_for_another_writer_then_reuses_its_output_with_its_share_o
         pass
 
 
+def test_a_lock_taken_on_another_host_through_another_mount_holds_here(other_host, tmp_path):
+    store, target = tmp_path / "store", tmp_path / "store" / "results" / "table.csv"
+    target.parent.mkdir(parents=True)
+    mount = tmp_path / "mounted-elsewhere"
+    locker = subprocess.Popen(other_host(store, mount, [sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from unlib.store import exclusive
+        with exclusive([{str(mount / "results" / "table.csv")!r}], {str(mount / "locks")!r}):
+            print("locked", flush=True)
+            time.sleep(1)
+            Path({str(mount / "results" / "table.csv")!r}).write_text("theirs")""")]),
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert locker.stdout.readline() == "locked\n"
+    from unlib.store import exclusive
+    with exclusive([target], store / "locks"):  # waits for the other host's lock
+        assert target.read_text() == "theirs"
+    assert locker.wait() == 0
+
+
 @pytest.mark.slow
 def test_a_luigid_not_started_for_this_store_is_never_used(fresh_run, tmp_path):
     store, other = tmp_path / "store", tmp_path / "other"

@@ -1,15 +1,17 @@
-"""The correlation split into blocks: one worker, three workers, two processes sharing one
-luigid and a forced multi-pass plan give the same CSVs byte for byte; every correlation task
+"""The correlation split into blocks: one worker, three workers, two processes (on this host
+and as another host) sharing one luigid and a forced multi-pass plan give the same CSVs byte for byte; every correlation task
 runs once, and one worker reads the caches no more often than the memory plan needs."""
 import json
 import shutil
+import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from test_production import REPO, env_for, luigid  # noqa: F401  (luigid: a real central scheduler)
+from test_production import REPO, env_for, free_port, luigid  # noqa: F401  (luigid: a real central scheduler)
 from unlib.correlation import ExcessCorrelationEngine
 from unlib.models import ZOOS
 
@@ -109,6 +111,58 @@ def test_two_processes_on_one_luigid_share_the_blocks(one_worker, luigid, tmp_pa
     every = ran[0] + ran[1]
     assert len(every) == len(set(every)) == 5, every  # four blocks and the merge, each once
     assert same_csvs(store, one_worker)
+
+
+def this_hosts_address() -> str:
+    """An address of this machine other hosts would use (not loopback where it has one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 9))  # UDP: picks the outgoing interface, sends nothing
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def test_two_hosts_on_one_luigid_share_the_blocks(one_worker, other_host, tmp_path):
+    store, mount = tmp_path / "store", tmp_path / "mounted-elsewhere"
+    inputs_of(one_worker, store)
+    address, port = this_hosts_address(), free_port()
+    started = scheduler(store, "start", "--scheduler-port", str(port), "--scheduler-host", address)
+    assert started.returncode == 0 and f"luigid on http://{address}:{port}" in started.stdout, started.stderr
+    try:
+        (tmp_path / "rendezvous").mkdir()
+        args = ["--scheduler", "central", "--scheduler-port", str(port), "--workers", "1", "--parallel", "4"]
+        here = analyze(store, *args, "--report-tasks", str(tmp_path / "here.json"), code=RENDEZVOUS,
+                       env={"RENDEZVOUS": str(tmp_path / "rendezvous")})
+        there = subprocess.Popen(
+            other_host(store, mount, [sys.executable, "-c", RENDEZVOUS, "analyze", *ARGS, *args,
+                                         "--report-tasks", str(mount / "there.json")]),
+            cwd=REPO, env={**env_for(mount), "RENDEZVOUS": str(tmp_path / "rendezvous")},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for proc in (here, there):
+            out, err = proc.communicate(timeout=900)
+            assert proc.returncode == 0, out + err
+            assert f"Scheduler: central luigid on {address}:{port}" in out
+        ran = [correlation_tasks(tmp_path / "here.json"), correlation_tasks(store / "there.json")]
+        assert all(ran), f"a host ran no correlation task: {ran}"
+        assert len(ran[0] + ran[1]) == len(set(ran[0] + ran[1])) == 5  # four blocks and the merge, each once
+        assert same_csvs(store, one_worker)
+        with urllib.request.urlopen(f"http://{address}:{port}/api/worker_list?data={{}}", timeout=5) as answer:
+            hosts = {w.get("host") for w in json.loads(answer.read())["response"]}
+        assert {socket.gethostname(), "other-host"} <= hosts
+        elsewhere = subprocess.run(other_host(store, mount, [sys.executable, "-m", "tasks", "scheduler", "stop"]),
+                                   cwd=REPO, env=env_for(mount), capture_output=True, text=True)
+        assert elsewhere.returncode == 2 and elsewhere.stderr.strip() == \
+            f"error: this store's luigid runs on host {socket.gethostname()} " \
+            f"(pid {json.loads((store / 'scheduler' / 'scheduler.json').read_text())['pid']}); " \
+            f"run `make scheduler-stop` there"
+    finally:
+        assert scheduler(store, "stop").returncode == 0
+
+
+def scheduler(store: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tasks", "scheduler", *args], cwd=REPO, env=env_for(store),
+                          capture_output=True, text=True, timeout=60)
 
 
 def test_a_multi_pass_plan_gives_the_single_pass_results(one_worker, tmp_path):

@@ -348,11 +348,13 @@ def exclusive(paths: Iterable[str | Path], lock_dir: str | Path) -> Iterator[Non
     """Hold an exclusive lock for each path while the block runs (flock on a file in
     lock_dir named by a hash of the path, taken in sorted order), so two processes never
     write the same output at once: the second waits for the first. Released on exit,
-    also when the process is killed."""
+    also when the process is killed. The path is taken relative to lock_dir's parent (the
+    store), so hosts that mount the store at different paths take the same lock."""
     lock_dir = Path(lock_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
+    base = os.path.realpath(lock_dir.parent)
     with contextlib.ExitStack() as stack:
-        for key in sorted({os.path.realpath(p) for p in paths}):
+        for key in sorted({os.path.relpath(os.path.realpath(p), base) for p in paths}):
             lock = stack.enter_context(open(lock_dir / f"{short_hash(key, 16)}.lock", "a"))
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
