@@ -386,7 +386,8 @@ class ExcessCorrelationEngine:
             if not layers:
                 centred.append(None)
                 continue
-            low, high = torch.aminmax(part[m], dim=0)  # one read of the rows
+            # two reads, yet 5x faster than torch.aminmax along dim 0 on the CPU (torch 2.13)
+            low, high = part[m].amin(0), part[m].amax(0)
             if self.low[half][m] is not None:
                 low, high = torch.minimum(self.low[half][m], low), torch.maximum(self.high[half][m], high)
             self.low[half][m], self.high[half][m] = low, high
@@ -603,7 +604,7 @@ class ExcessCorrelationEngine:
                 blocks[FULL].addr_(shift[row][rows], rotated_shift, alpha=weight)
                 for variant, block in enumerate(blocks):
                     rot = block.mul_(self.inv_std(row, variant)[rows, None]).mul_(rotated_inv_std[variant])
-                    self._merge_base(row, l, col, variant, r, rot.max(dim=1).values)
+                    self._merge_base(row, l, col, variant, r, rot.amax(dim=1))
         if m == row and k in u.row_layers and col in self.references:  # col's neurons against rotated row layer k
             rows = slice(int(self.offsets[row][k]), int(self.offsets[row][k + 1]))
             local = slice(rows.start - base, rows.stop - base)
@@ -612,7 +613,7 @@ class ExcessCorrelationEngine:
             blocks[FULL].addr_(shift[col], shift[row][rows] @ q, alpha=weight)
             col_off = self.offsets[col]
             for variant, block in enumerate(blocks):
-                rot = block.mul_(self.inv_std(col, variant)[:, None]).mul_(rotated_inv_std[variant]).max(dim=1).values
+                rot = block.mul_(self.inv_std(col, variant)[:, None]).mul_(rotated_inv_std[variant]).amax(dim=1)
                 for j in range(len(self.layer_sizes[col])):
                     self._merge_base(col, j, row, variant, r, rot[int(col_off[j]):int(col_off[j + 1])])
 

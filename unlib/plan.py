@@ -91,13 +91,26 @@ def _best_seconds(fn, device: torch.device, repeats: int) -> float:
     return best
 
 
-def matmul_rate(t: int, rows: int, cols: int, device: str | torch.device = "cpu", repeats: int = 5) -> float:
-    """Float32 FLOP/s of the engine's GEMM shape (t x rows)^T (t x cols) on `device`, from the
-    fastest of `repeats` products (a busy machine slows some, never speeds one up)."""
+def matmul_rate(t: int, rows: int, cols: int, device: str | torch.device = "cpu", seconds: float = 1.0) -> float:
+    """Float32 FLOP/s of the engine's GEMM shape (t x rows)^T (t x cols) on `device`, sustained
+    over at least `seconds` of back-to-back products: a single product of a few milliseconds
+    catches a CPU's short bursts (on a shared 2-core VM one shape read 77 to 160 GFLOP/s),
+    which a long run does not keep up."""
     device = torch.device(device)
     a, b = torch.randn(t, rows, device=device), torch.randn(t, cols, device=device)
     acc = torch.zeros(rows, cols, device=device)
-    return 2.0 * t * rows * cols / _best_seconds(lambda: acc.addmm_(a.T, b), device, repeats)
+    _best_seconds(lambda: acc.addmm_(a.T, b), device, 1)  # warm-up: allocation, kernel choice
+    calls, batch, start = 0, 1, time.perf_counter()
+    while True:
+        for _ in range(batch):
+            acc.addmm_(a.T, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        calls += batch
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2.0 * t * rows * cols * calls / elapsed
+        batch = calls  # double the products before the next look at the clock (no sync per product)
 
 
 def qr_seconds_per_cube(device: str | torch.device = "cpu", n: int = 512, repeats: int = 3) -> float:
