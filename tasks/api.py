@@ -94,13 +94,8 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
         if longest is not None and ctx_len > longest:
             raise ValueError(f"CTX_LEN={ctx_len} is longer than model {spec.name} takes ({longest} tokens); "
                              f"use CTX_LEN={longest} or less")
-    if n_tokens < 2 * HALF_BLOCK_ROWS:  # the split-half error needs a block of tokens in each half
-        raise ValueError(f"N_TOKENS={n_tokens} is too small: use at least {2 * HALF_BLOCK_ROWS} tokens, two blocks of "
-                         f"{HALF_BLOCK_ROWS} for the split-half error (the default is {DEFAULTS['n_tokens']})")
     if ctx_len < 2:
         raise ValueError(f"CTX_LEN={ctx_len} is too small: sequences need BOS plus at least one token")
-    if rotations < 1:
-        raise ValueError(f"ROTATIONS={rotations} must be at least 1")
     if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise ValueError(f"THRESHOLD={threshold} is outside [-1, 1]: excess correlations are differences of correlations")
     if top_k is not None and top_k < 1:
@@ -128,13 +123,7 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
     if cache not in ("auto", "0", "1"):
         raise ValueError(f"CACHE={cache!r} must be 1 (cache activations), 0 (run the models instead) or auto")
     device = resolve_device(device)
-    parallel = default_parallel(device, workers) if parallel is None else parallel
-    if parallel < 1:
-        raise ValueError(f"PARALLEL={parallel} must be at least 1 (the correlation blocks to split the work into)")
-    try:
-        budget = parse_bytes(memory) if memory else default_memory_budget(device, workers)
-    except (ValueError, OverflowError):
-        raise ValueError(f"CORR_MEMORY={memory!r} is not a size: use e.g. 8G, 512M or a number of bytes") from None
+    parallel, budget = correlation_settings(n_tokens, rotations, parallel, memory, device, workers)
     memory = str(budget)
     sizes = [[d] * n for n, d in (mlp_shape(m, checkpoint) for m in model_set.models)]
     ExcessCorrelationEngine(sizes, references, rotations, rotation_seed, device, budget)  # plans
@@ -187,18 +176,32 @@ def plan_correlation(models: str = DEFAULTS["models"], checkpoint: int | None = 
     model_set = resolve_model_set(models, store().root)
     names = [m.name for m in model_set.models]
     references = parse_references(reference, names)
-    if n_tokens < 2 * HALF_BLOCK_ROWS or rotations < 1 or (parallel is not None and parallel < 1):
-        raise ValueError(f"N_TOKENS={n_tokens} (at least {2 * HALF_BLOCK_ROWS}), ROTATIONS={rotations} and "
-                         f"PARALLEL={parallel} (at least 1) cannot be planned")
     text = str(device).strip().lower()
     device = text if re.fullmatch(r"cuda(:\d+)?", text) else resolve_device(device)  # a GPU elsewhere is fine
+    parallel, budget = correlation_settings(n_tokens, rotations, parallel, memory, device, workers)
+    sizes = [[d] * n for n, d in (planned_shape(model_set, m, checkpoint) for m in model_set.models)]
+    engine = ExcessCorrelationEngine(sizes, references, rotations, 0, device, budget)
+    return names, CorrelationPlan(engine, n_tokens, parallel)
+
+
+def correlation_settings(n_tokens: int, rotations: int, parallel: int | None, memory: str, device: str,
+                         workers: int) -> tuple[int, int]:
+    """N_TOKENS, ROTATIONS, PARALLEL and CORR_MEMORY checked (a ValueError of one line for a
+    bad one): (the correlation blocks, default_parallel; the budget of one in bytes, default
+    default_memory_budget)."""
+    if n_tokens < 2 * HALF_BLOCK_ROWS:  # the split-half error needs a block of tokens in each half
+        raise ValueError(f"N_TOKENS={n_tokens} is too small: use at least {2 * HALF_BLOCK_ROWS} tokens, two blocks of "
+                         f"{HALF_BLOCK_ROWS} for the split-half error (the default is {DEFAULTS['n_tokens']})")
+    if rotations < 1:
+        raise ValueError(f"ROTATIONS={rotations} must be at least 1")
+    parallel = default_parallel(device, workers) if parallel is None else parallel
+    if parallel < 1:
+        raise ValueError(f"PARALLEL={parallel} must be at least 1 (the correlation blocks to split the work into)")
     try:
         budget = parse_bytes(memory) if memory else default_memory_budget(device, workers)
     except (ValueError, OverflowError):
         raise ValueError(f"CORR_MEMORY={memory!r} is not a size: use e.g. 8G, 512M or a number of bytes") from None
-    sizes = [[d] * n for n, d in (planned_shape(model_set, m, checkpoint) for m in model_set.models)]
-    engine = ExcessCorrelationEngine(sizes, references, rotations, 0, device, budget)
-    return names, CorrelationPlan(engine, n_tokens, default_parallel(device, workers) if parallel is None else parallel)
+    return parallel, budget
 
 
 def check_store(root: str | Path) -> None:

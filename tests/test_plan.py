@@ -6,12 +6,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from tasks.api import plan_correlation
 from unlib.correlation import ExcessCorrelationEngine
 
-from conftest import REPO
+from conftest import REPO, cli_in_process
 
 N = 8192  # tokens
 D, LAYERS, MODELS = 64, 2, 3  # toy-zoo-mini: 3 seeds of 2 layers x 64 neurons
@@ -81,3 +82,16 @@ def test_make_plan_prints_the_five_gpt2_medium_seeds_without_weights_or_store(tm
     assert "8.05e+08 streaming, 6.29e+07 reducing, 20 Haar rotations" in proc.stdout
     assert "GFLOP/s float32 matmul" in proc.stdout and not store.exists()
     assert np.isfinite(float(proc.stdout.split("estimated time")[1].split()[0].replace(",", "")))
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--n-tokens", "4000"], "N_TOKENS=4000 is too small: use at least 4096 tokens"),
+    (["--rotations", "0"], "ROTATIONS=0 must be at least 1"),
+    (["--parallel", "0"], "PARALLEL=0 must be at least 1"),
+    (["--memory", "lots"], "CORR_MEMORY='lots' is not a size"),
+])
+def test_plan_refuses_what_analyze_refuses_in_the_same_words(tmp_path, args, error):
+    for command in ("plan", "analyze"):
+        proc = cli_in_process(tmp_path / "store", command, "--models", "toy-zoo-mini", "--device", "cpu", *args)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: {error}"), (command, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import h5py
 import luigi
-import numpy as np
 import pytest
 import torch
 
