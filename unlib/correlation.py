@@ -17,11 +17,14 @@ How it stays fast and exact:
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import math
 import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
 import h5py
@@ -38,6 +41,11 @@ DEAD_MATCH = -1
 HALF_BLOCK_ROWS = 2048  # rows per block: even blocks form half A, odd blocks half B
 MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS, CHUNK_BYTES = 4096, 256, 2**30
 READ_AHEAD_CHUNKS = 3  # chunks of the feed on the host at once: two queued, one being read
+# Haar draws whose Gaussians are drawn ahead on the host, one thread each, while the device
+# factors the current one: the host's float64 Gaussian, not the device's QR, is most of a draw
+# (0.3 s for 3072 x 3072 on one core of a 2-core CI CPU, about what a whole draw took on an
+# H200). A constant, so plans do not depend on the machine.
+ROTATION_LOOKAHEAD = 4
 HALVES = 2
 FULL = HALVES  # index of the full sample next to the halves (0: A, 1: B)
 
@@ -55,13 +63,22 @@ def block_segments(start: int, rows: int, block: int = HALF_BLOCK_ROWS) -> Itera
 
 def haar_orthogonal(n: int, seed: Iterable[int] | int, device: str | torch.device = "cpu") -> torch.Tensor:
     """A Haar-distributed n x n orthogonal matrix (QR of a Gaussian matrix with the signs
-    of R's diagonal moved into Q), float64 on `device`, reproducible from `seed`: the Gaussian
-    is drawn on the CPU whatever the device, the QR runs on the device (on an H200, 60 QRs of
-    3072 x 3072 took 34 s on the host's CPU, most of a 43 s correlation)."""
+    of R's diagonal moved into Q), float64 on `device`, reproducible from `seed`."""
+    return orthogonal_from(gaussian(n, seed), device)
+
+
+def gaussian(n: int, seed: Iterable[int] | int) -> torch.Tensor:
+    """An n x n standard Gaussian float64 matrix drawn on the CPU from `seed`, whatever the
+    device, so every device draws the same rotations."""
     state = np.random.SeedSequence(seed).generate_state(2)
     gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    gaussian = torch.randn(n, n, generator=gen, dtype=torch.float64).to(device)
-    q, r = torch.linalg.qr(gaussian)
+    return torch.randn(n, n, generator=gen, dtype=torch.float64)
+
+
+def orthogonal_from(gaussian: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """The Haar rotation of a Gaussian matrix, factored on `device` (on an H200, 60 QRs of
+    3072 x 3072 took 34 s on the host's CPU, most of a 43 s correlation)."""
+    q, r = torch.linalg.qr(gaussian.to(device))
     return q * torch.sign(torch.diagonal(r))
 
 
@@ -238,8 +255,11 @@ class ExcessCorrelationEngine:
         return self.BYTES * (within + self.chunk_tokens * width + centred + scratch) + on_host
 
     def host_bytes(self, needed: list[set[int]] | None = None) -> int:
-        """Host memory of the feed: the chunks read ahead (READ_AHEAD_CHUNKS)."""
-        return self.BYTES * READ_AHEAD_CHUNKS * self.chunk_tokens * self.width(needed)
+        """Host memory besides the device's: the feed's chunks read ahead (READ_AHEAD_CHUNKS)
+        and the float64 Gaussians of the Haar draws ahead (ROTATION_LOOKAHEAD)."""
+        rotated = [d for m, sizes in enumerate(self.layer_sizes) if self.rotated(m) for d in sizes]
+        return (self.BYTES * READ_AHEAD_CHUNKS * self.chunk_tokens * self.width(needed)
+                + 8 * ROTATION_LOOKAHEAD * max(rotated, default=0) ** 2)
 
     def pass_bytes(self, units: list[Unit]) -> int:
         """Memory of one pass over `units` on the engine's device: their accumulators and the
@@ -435,10 +455,29 @@ class ExcessCorrelationEngine:
     # ---- results --------------------------------------------------------------------
     def rotation(self, model: int, layer: int, sample: int) -> torch.Tensor:
         """The recorded-seed rotation of `model`'s `layer` for baseline sample `sample`."""
-        start = time.perf_counter()
-        q = haar_orthogonal(self.layer_sizes[model][layer], [self.rotation_seed, model, layer, sample], self.device)
-        self.rotation_seconds += time.perf_counter() - start
-        return q.to(torch.float32)
+        return next(self.rotations([(model, layer, sample)]))
+
+    def rotations(self, draws: list[tuple[int, int, int]]) -> Iterator[torch.Tensor]:
+        """The recorded-seed rotation of each (model, layer, sample) in `draws`, float32 on
+        the device, in order: the Gaussians are drawn on the host ROTATION_LOOKAHEAD ahead, in
+        as many threads, while the device factors the current one (the same numbers)."""
+        todo = iter(draws)
+        with ThreadPoolExecutor(ROTATION_LOOKAHEAD) as pool:
+            ahead: collections.deque = collections.deque()
+
+            def draw_next() -> None:
+                for model, layer, sample in itertools.islice(todo, 1):
+                    ahead.append(pool.submit(gaussian, self.layer_sizes[model][layer],
+                                             [self.rotation_seed, model, layer, sample]))
+            for _ in range(ROTATION_LOOKAHEAD):
+                draw_next()
+            while ahead:
+                start = time.perf_counter()
+                drawn = ahead.popleft().result()
+                draw_next()
+                q = orthogonal_from(drawn, self.device).to(torch.float32)
+                self.rotation_seconds += time.perf_counter() - start
+                yield q
 
     @property
     def merge_weight(self) -> float:
@@ -537,18 +576,17 @@ class ExcessCorrelationEngine:
                             cols = slice(int(col_off[k]), int(col_off[k + 1]))
                             self._merge(col, row, k, variant, best[cols], l, where[cols].cpu().numpy())
                     del corr
-        for r in range(self.n_rotations):
-            for m, k in self.rotated_layers(units):
-                users = self.rotation_users(units, m, k)
-                q = self.rotation(m, k, r)
-                s = self.within[m][k]
-                # diag(Q^T S Q) per half; the full sample's follows from the Chan merge
-                var = [((s[h] @ q) * q).sum(0) for h in range(HALVES)]
-                cols = slice(int(self.offsets[m][k]), int(self.offsets[m][k + 1]))
-                var.append(var[0] + var[1] + weight * (self.within_shift[m][cols] @ q) ** 2)
-                rotated_inv_std = [inverse_std(v) for v in var]
-                for u in users:
-                    self._reduce_rotated(u, cross[u], shift, m, k, r, q, rotated_inv_std)
+        draws = [(m, k, r) for r in range(self.n_rotations) for m, k in self.rotated_layers(units)]
+        for (m, k, r), q in zip(draws, self.rotations(draws)):
+            users = self.rotation_users(units, m, k)
+            s = self.within[m][k]
+            # diag(Q^T S Q) per half; the full sample's follows from the Chan merge
+            var = [((s[h] @ q) * q).sum(0) for h in range(HALVES)]
+            cols = slice(int(self.offsets[m][k]), int(self.offsets[m][k + 1]))
+            var.append(var[0] + var[1] + weight * (self.within_shift[m][cols] @ q) ** 2)
+            rotated_inv_std = [inverse_std(v) for v in var]
+            for u in users:
+                self._reduce_rotated(u, cross[u], shift, m, k, r, q, rotated_inv_std)
 
     def rotation_users(self, units: list[Unit], model: int, layer: int) -> list[Unit]:
         """The units whose baselines rotate `model`'s `layer`: a reference's rows against it
