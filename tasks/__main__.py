@@ -187,12 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # UserError and the parameter checks
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    why_not = None if args.scheduler == "local" else scheduler.not_ours(args.scheduler_port)
+    central, why_not = (None, None) if args.scheduler == "local" else scheduler.find(args.scheduler_port)
     if args.scheduler == "central" and why_not:
         print(f"error: SCHEDULER=central but {why_not}; start this store's with `make scheduler` "
               f"(another SCHEDULER_PORT if that one is taken) or use SCHEDULER=auto", file=sys.stderr)
         return 2
-    central = None if args.scheduler == "local" or why_not is not None else scheduler.recorded()
     why = f" ({why_not})" if why_not else ""
     where = f"central luigid on {central['host']}:{central['port']}" if central else "local"
     console.print(f"Scheduler: {where}{why}; device: {roots[0].device}", highlight=False)

@@ -197,11 +197,12 @@ def correlation_settings(n_tokens: int, rotations: int, parallel: int | None, me
     parallel = default_parallel(device, workers) if parallel is None else parallel
     if parallel < 1:
         raise ValueError(f"PARALLEL={parallel} must be at least 1 (the correlation blocks to split the work into)")
+    if not memory:
+        return parallel, default_memory_budget(device, workers)
     try:
-        budget = parse_bytes(memory) if memory else default_memory_budget(device, workers)
+        return parallel, parse_bytes(memory)
     except (ValueError, OverflowError):
         raise ValueError(f"CORR_MEMORY={memory!r} is not a size: use e.g. 8G, 512M or a number of bytes") from None
-    return parallel, budget
 
 
 def check_store(root: str | Path) -> None:

@@ -93,24 +93,26 @@ def one_writer(run):
 
 @contextlib.contextmanager
 def own_gpu(device: str):
-    """With DEVICE=cuda (no index) and several GPUs, run on a GPU that no other task on this
-    host holds (a lock file per host and GPU, taken in turn, waiting while all are held), made
-    the current device so that `cuda` means it. Called only inside a task's run(): CUDA is
-    never touched before Luigi forks its workers."""
-    count = torch.cuda.device_count() if device == "cuda" else 0
-    if count < 2:
+    """On CUDA, run on a GPU that no other task on this host holds (a lock file per host and
+    GPU, waiting while it is held): DEVICE=cuda:N on GPU N; DEVICE=cuda on the first free one
+    of this host's GPUs, made the current device so that `cuda` means it. The scheduler's
+    `gpu` units count GPUs over all hosts, so on its own it could give two tasks one card.
+    Called only inside a task's run(): CUDA is never touched before Luigi forks its workers."""
+    if not device.startswith("cuda"):
         yield
         return
+    indices = [int(device.split(":")[1])] if ":" in device else list(range(max(1, torch.cuda.device_count())))
     lock_dir = store().root / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
     while True:
-        for index in range(count):
+        for index in indices:
             with open(lock_dir / f"gpu-{slug(socket.gethostname())}-{index}.lock", "a") as lock:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue
-                torch.cuda.set_device(index)
+                if len(indices) > 1:
+                    torch.cuda.set_device(index)
                 yield
                 return
         time.sleep(1)

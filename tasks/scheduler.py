@@ -9,6 +9,7 @@ time of its process. A luigid counts as this store's only while it answers at th
 address with the recorded token; only the host that started it can stop it."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -27,6 +28,7 @@ from tasks.common import LUIGI_CFG, store
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = "127.0.0.1"
+WILDCARDS = ("0.0.0.0", "::")
 
 
 def scheduler_dir() -> Path:
@@ -39,11 +41,12 @@ def record_path() -> Path:
     return scheduler_dir() / "scheduler.json"
 
 
-def api(host: str, port: int, method: str, timeout: float = 2) -> dict | None:
+def api(host: str, port: int, method: str, timeout: float = 5) -> list | dict | None:
     """A luigid's answer to a read-only API call (`task_list`, `resource_list`), or None
     where none answers on host:port."""
+    netloc = f"[{host}]" if ":" in host else host
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}/api/{method}?data={{}}", timeout=timeout) as answer:
+        with urllib.request.urlopen(f"http://{netloc}:{port}/api/{method}?data={{}}", timeout=timeout) as answer:
             return json.loads(answer.read())["response"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -59,45 +62,59 @@ def reports_token(host: str, port: int, token: str) -> bool:
     return bool(resources) and any(r.get("name") == token_resource(token) for r in resources)
 
 
-def read_record() -> dict | None:
+def read_record() -> dict:
+    """The record as written (an empty dict when there is none or it does not parse; a
+    record from before tokens has no host or token)."""
     try:
         record = json.loads(record_path().read_text())
-        return record if {"host", "port", "token"} <= record.keys() else None
-    except (OSError, ValueError, AttributeError):
-        return None
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def find(port: int) -> tuple[dict | None, str | None]:
+    """(this store's luigid's record, None) when it answers on `port` at its recorded address
+    with its token; else (None, why the central scheduler on `port` must not be used)."""
+    record = read_record()
+    alive = "token" in record and reports_token(record["host"], record["port"], record["token"])
+    if alive and record["port"] == port:
+        return record, None
+    if alive:
+        return None, f"this store's luigid listens on port {record['port']}, not {port}"
+    if "token" in record and record["port"] == port:
+        if is_loopback(record["host"]) and record.get("hostname") != socket.gethostname():
+            return None, (f"this store's luigid was started on host {record.get('hostname')} for that host only; "
+                          f"start it there with SCHEDULER_HOST=<an address every host reaches> to share it")
+        host = record["host"]
+    else:
+        host = LOCAL
+    if api(host, port, "task_list") is not None:
+        return None, f"the luigid on {host}:{port} was not started for this store, {store().root.resolve()}"
+    return None, f"no luigid started for this store answers on {host}:{port}"
 
 
 def recorded() -> dict | None:
-    """This store's luigid as recorded by `start`, if it answers at the recorded address
-    with the recorded token; else None."""
+    """This store's luigid's record, if it answers at the recorded address with its token."""
     record = read_record()
-    if record is not None and reports_token(record["host"], record["port"], record["token"]):
-        return record
-    return None
+    return find(record["port"])[0] if "token" in record else None
 
 
-def not_ours(port: int) -> str | None:
-    """Why the central scheduler on port must not be used for this store (no luigid
-    answers, or it is not the one `make scheduler` started for this store), or None."""
-    record = recorded()
-    if record is not None and record["port"] == port:
-        return None
-    if record is not None:
-        return f"this store's luigid listens on port {record['port']}, not {port}"
-    written = read_record()
-    if written is not None and written["port"] == port and written["host"] == LOCAL \
-            and written.get("hostname") != socket.gethostname():
-        return (f"this store's luigid was started on host {written.get('hostname')} for that host only; "
-                f"start it there with SCHEDULER_HOST=<an address every host reaches> to share it")
-    host = written["host"] if written is not None and written["port"] == port else LOCAL
-    if api(host, port, "task_list") is not None:
-        return f"the luigid on {host}:{port} was not started for this store, {store().root.resolve()}"
-    return f"no luigid started for this store answers on {host}:{port}"
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) means this host only."""
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
 
 
-def client_address(listen: str) -> str:
-    """The address other hosts reach a luigid on that listens on `listen`."""
-    return socket.getfqdn() if listen in ("", "0.0.0.0", "::") else listen
+def outbound_address() -> str:
+    """This host's address on its outgoing interface, or its name where it has none."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 9))  # UDP: picks the interface, sends nothing
+            return s.getsockname()[0]
+        except OSError:
+            return socket.gethostname()
 
 
 def start(port: int, host: str = LOCAL, gpus: int | None = None) -> tuple[int, str]:
@@ -110,9 +127,24 @@ def start(port: int, host: str = LOCAL, gpus: int | None = None) -> tuple[int, s
             return 0, f"this store's luigid already answers on http://{where} (pid {record['pid']} on {record['hostname']})"
         return 2, (f"error: this store's luigid already runs on {where} (pid {record['pid']} on {record['hostname']}); "
                    f"use SCHEDULER_PORT={record['port']}, or `make scheduler-stop` on {record['hostname']} first")
-    address = client_address(host)
-    if api(address, port, "task_list") is not None:
-        return 2, f"error: port {port} is taken by a luigid not started for this store; choose another SCHEDULER_PORT"
+    written = read_record()
+    if written.get("hostname", socket.gethostname()) != socket.gethostname():
+        return 2, (f"error: this store's record names a luigid on host {written['hostname']} "
+                   f"({written.get('host')}:{written.get('port')}) that does not answer from here; run "
+                   f"`make scheduler-stop` there, or delete {record_path()} if that host is gone")
+    if gpus is not None and gpus < 1:
+        return 2, f"error: SCHEDULER_GPUS={gpus} must be at least 1 (GPU tasks would never run)"
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tornado does
+            probe.bind((host, port))
+    except OSError as exc:
+        taken = api(LOCAL if host in WILDCARDS else host, port, "task_list") is not None
+        if taken:
+            return 2, f"error: port {port} is taken by a luigid not started for this store; choose another SCHEDULER_PORT"
+        return 2, (f"error: luigid cannot listen on {host}:{port} ({exc.strerror}); use SCHEDULER_HOST=<a name or "
+                   f"address of this host> (0.0.0.0: every interface) and a free SCHEDULER_PORT")
+    address = outbound_address() if host in WILDCARDS else host
     gpus = max(1, torch.cuda.device_count()) if gpus is None else gpus  # NVML: no CUDA context
     d = scheduler_dir().resolve()
     (d / "logs").mkdir(parents=True, exist_ok=True)
@@ -129,32 +161,41 @@ def start(port: int, host: str = LOCAL, gpus: int | None = None) -> tuple[int, s
     subprocess.run([sys.executable, "-c", code, "--background", "--address", host, "--port", str(port),
                     "--pidfile", str(pid_file), "--logdir", str(d / "logs"), "--state-path", str(d / "state.pickle")],
                    check=True, cwd=REPO, env=env)
-    for _ in range(100):
-        if reports_token(address, port, token) and pid_file.exists():
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if pid_file.exists() and reports_token(LOCAL if host in WILDCARDS else host, port, token):
             pid = int(pid_file.read_text().strip())
             record_path().write_text(json.dumps({"host": address, "port": port, "token": token,
                                                  "hostname": socket.gethostname(), "pid": pid,
                                                  "started": psutil.Process(pid).create_time()}))
-            return 0, (f"luigid on http://{address}:{port} (pid {pid}, {gpus} gpu, logs in {d / 'logs'})")
+            line = f"luigid on http://{address}:{port} (pid {pid}, {gpus} gpu, logs in {d / 'logs'})"
+            if host not in WILDCARDS and is_loopback(host) and host != LOCAL:
+                line += (f"; note: {host} means this host only here ({socket.gethostbyname(host)}), so other hosts "
+                         f"cannot reach it: use an address of this host they reach")
+            return 0, line
         time.sleep(0.1)
-    raise RuntimeError(f"luigid did not answer on {address}:{port}; see {d / 'logs'}")
+    if pid_file.exists():
+        os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+    return 2, f"error: luigid did not answer on {address}:{port} within 20 s; see {d / 'logs'}"
 
 
 def stop() -> tuple[int, str]:
     """Stop this store's luigid from the host that started it (never another process that
     took over its pid); returns (exit status, a line)."""
-    record = recorded()
-    if record is None:
-        record_path().unlink(missing_ok=True)
+    record = read_record()
+    if not record:
         return 0, f"no luigid started for this store is running ({scheduler_dir()})"
-    if record["hostname"] != socket.gethostname():
-        return 2, (f"error: this store's luigid runs on host {record['hostname']} (pid {record['pid']}); "
+    if record.get("hostname", socket.gethostname()) != socket.gethostname():
+        return 2, (f"error: this store's luigid runs on host {record['hostname']} (pid {record.get('pid')}); "
                    f"run `make scheduler-stop` there")
+    try:
+        process = psutil.Process(record["pid"])
+        ours = abs(process.create_time() - record["started"]) <= 1
+    except (psutil.Error, KeyError, TypeError):
+        ours = False
     record_path().unlink(missing_ok=True)
     (scheduler_dir() / "luigid.pid").unlink(missing_ok=True)
-    try:
-        if abs(psutil.Process(record["pid"]).create_time() - record["started"]) <= 1:
-            os.kill(record["pid"], signal.SIGTERM)
-    except (psutil.Error, ProcessLookupError):
-        pass
+    if not ours:
+        return 0, f"no luigid started for this store is running ({scheduler_dir()})"
+    process.terminate()
     return 0, f"luigid (pid {record['pid']}) stopped"

@@ -44,20 +44,26 @@ def mini_zoo(tmp_path_factory, worker_id) -> Path:
 # Runs a command as if on another host: its own hostname, its own process ids (it cannot see
 # this host's processes), and a folder mounted at another path, sharing only the file system
 # and the network with this host.
-OTHER_HOST = ["unshare", "--uts", "--mount", "--pid", "--fork", "--mount-proc", "sh", "-c",
+OTHER_HOST = ["--uts", "--mount", "--pid", "--fork", "--mount-proc", "sh", "-c",
               'hostname other-host && mkdir -p "$2" && mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh"]
 
 
 @pytest.fixture
 def other_host(tmp_path):
-    """as_other_host(folder, mount, command): the argv that runs command as another host
-    seeing `folder` at `mount`. Skips where namespaces cannot be made (unshare)."""
-    def as_other_host(folder: Path, mount: Path, command: list[str]) -> list[str]:
-        return [*OTHER_HOST, str(folder), str(mount), *command]
-    probe = subprocess.run(as_other_host(tmp_path, tmp_path / "probe", ["hostname"]), capture_output=True, text=True)
-    if probe.stdout.strip() != "other-host":
-        pytest.skip(f"cannot run a process as another host here (unshare): {probe.stderr.strip()}")
-    return as_other_host
+    """as_other_host(folder, mount, command, own_network=False): the argv that runs command as
+    another host seeing `folder` at `mount` (as root, or in a user namespace where that is
+    allowed), on this host's network or, with own_network, on none (so not this host's loopback).
+    Skips where namespaces cannot be made (unshare)."""
+    errors = []
+    for unshare in (["unshare"], ["unshare", "--user", "--map-root-user"]):
+        def as_other_host(folder: Path, mount: Path, command: list[str], own_network: bool = False,
+                          unshare=unshare) -> list[str]:
+            return [*unshare, *(["--net"] if own_network else []), *OTHER_HOST, str(folder), str(mount), *command]
+        probe = subprocess.run(as_other_host(tmp_path, tmp_path / "probe", ["hostname"]), capture_output=True, text=True)
+        if probe.stdout.strip() == "other-host":
+            return as_other_host
+        errors.append(probe.stderr.strip())
+    pytest.skip(f"cannot run a process as another host here (unshare): {'; '.join(errors)}")
 
 
 def analyzed_store(tmp_path_factory, mini_zoo: Path, name: str, *args: str) -> Path:

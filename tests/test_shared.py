@@ -4,6 +4,7 @@ set aside each other's files, and WORKERS=N gives each worker its share of the c
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -137,6 +138,39 @@ def test_a_lock_taken_on_another_host_through_another_mount_holds_here(other_hos
     with exclusive([target], store / "locks"):  # waits for the other host's lock
         assert target.read_text() == "theirs"
     assert locker.wait() == 0
+
+
+def test_another_host_is_told_in_one_line_of_a_luigid_that_listens_for_its_own_host_only(other_host, tmp_path):
+    store, mount, port = tmp_path / "store", tmp_path / "mounted-elsewhere", free_port()
+    assert scheduler(store, "start", port).returncode == 0  # 127.0.0.1: this host only
+    try:
+        host = socket.gethostname()
+        there = {name: subprocess.run(other_host(store, mount, [sys.executable, "-m", "tasks", *args], own_network=True),
+                                      cwd=REPO, env=env_for(mount), capture_output=True, text=True, timeout=120)
+                 for name, args in [("analyze", ["analyze", *ARGS, "--scheduler", "central", "--scheduler-port", str(port)]),
+                                    ("start", ["scheduler", "start", "--scheduler-port", str(port)]),
+                                    ("stop", ["scheduler", "stop"])]}
+        for proc in there.values():
+            assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert there["analyze"].stderr.startswith(
+            f"error: SCHEDULER=central but this store's luigid was started on host {host} for that host only; "
+            f"start it there with SCHEDULER_HOST=<an address every host reaches> to share it")
+        assert there["start"].stderr.startswith(f"error: this store's record names a luigid on host {host} "
+                                                f"(127.0.0.1:{port}) that does not answer from here")
+        assert there["stop"].stderr.startswith(f"error: this store's luigid runs on host {host} ")
+        assert not (store / "activations").exists()
+    finally:
+        assert scheduler(store, "stop").stdout.startswith("luigid (pid")
+
+
+def test_a_scheduler_address_or_gpu_count_that_cannot_work_is_one_line(tmp_path):
+    store, port = tmp_path / "store", free_port()
+    for args, error in [(["--scheduler-host", "192.0.2.123"], f"error: luigid cannot listen on 192.0.2.123:{port} ("),
+                        (["--gpus", "0"], "error: SCHEDULER_GPUS=0 must be at least 1")]:
+        proc = subprocess.run([sys.executable, "-m", "tasks", "scheduler", "start", "--scheduler-port", str(port), *args],
+                              cwd=REPO, env=env_for(store), capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.startswith(error) and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert not (store / "scheduler" / "scheduler.json").exists()
 
 
 @pytest.mark.slow

@@ -256,10 +256,11 @@ class ExcessCorrelationEngine:
 
     def host_bytes(self, needed: list[set[int]] | None = None) -> int:
         """Host memory besides the device's: the feed's chunks read ahead (READ_AHEAD_CHUNKS)
-        and the float64 Gaussians of the Haar draws ahead (ROTATION_LOOKAHEAD)."""
+        and the float64 Gaussians of the Haar draws, the one being factored and those drawn
+        ahead (ROTATION_LOOKAHEAD)."""
         rotated = [d for m, sizes in enumerate(self.layer_sizes) if self.rotated(m) for d in sizes]
         return (self.BYTES * READ_AHEAD_CHUNKS * self.chunk_tokens * self.width(needed)
-                + 8 * ROTATION_LOOKAHEAD * max(rotated, default=0) ** 2)
+                + 8 * (ROTATION_LOOKAHEAD + 1) * max(rotated, default=0) ** 2)
 
     def pass_bytes(self, units: list[Unit]) -> int:
         """Memory of one pass over `units` on the engine's device: their accumulators and the
@@ -462,13 +463,14 @@ class ExcessCorrelationEngine:
         the device, in order: the Gaussians are drawn on the host ROTATION_LOOKAHEAD ahead, in
         as many threads, while the device factors the current one (the same numbers)."""
         todo = iter(draws)
-        with ThreadPoolExecutor(ROTATION_LOOKAHEAD) as pool:
-            ahead: collections.deque = collections.deque()
+        pool = ThreadPoolExecutor(ROTATION_LOOKAHEAD)
+        ahead: collections.deque = collections.deque()
 
-            def draw_next() -> None:
-                for model, layer, sample in itertools.islice(todo, 1):
-                    ahead.append(pool.submit(gaussian, self.layer_sizes[model][layer],
-                                             [self.rotation_seed, model, layer, sample]))
+        def draw_next() -> None:
+            for model, layer, sample in itertools.islice(todo, 1):
+                ahead.append(pool.submit(gaussian, self.layer_sizes[model][layer],
+                                         [self.rotation_seed, model, layer, sample]))
+        try:
             for _ in range(ROTATION_LOOKAHEAD):
                 draw_next()
             while ahead:
@@ -476,8 +478,11 @@ class ExcessCorrelationEngine:
                 drawn = ahead.popleft().result()
                 draw_next()
                 q = orthogonal_from(drawn, self.device).to(torch.float32)
+                del drawn
                 self.rotation_seconds += time.perf_counter() - start
                 yield q
+        finally:  # also when the caller stops early or fails: no draw left running
+            pool.shutdown(wait=True, cancel_futures=True)
 
     @property
     def merge_weight(self) -> float:

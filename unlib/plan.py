@@ -43,7 +43,8 @@ class CorrelationPlan:
 
     @property
     def peak_host_bytes(self) -> int:
-        """The feed's read-ahead chunks of the widest task (on the CPU, part of the device bytes)."""
+        """Host memory of the widest task: the feed's read-ahead chunks and the Gaussians of the
+        Haar draws (on the CPU, part of the device bytes)."""
         return max(self.engine.host_bytes(self.engine.needed_layers(units)) for units in self.groups)
 
     @property
@@ -150,7 +151,7 @@ def describe(plan: CorrelationPlan, names: list[str], rates: tuple[float, float]
         f"{len(names)} CacheActivations",
         f"chunk           {chunk:,} tokens ({engine.BYTES * chunk * engine.width() / GiB:,.2f} GiB for all models)",
         f"peak memory     {plan.peak_device_bytes / GiB:,.2f} GiB on {engine.device.type} a task"
-        + ("" if engine.device.type == "cpu" else f", {plan.peak_host_bytes / GiB:,.2f} GiB on the host (read-ahead)"),
+        + ("" if engine.device.type == "cpu" else f", {plan.peak_host_bytes / GiB:,.2f} GiB on the host (read-ahead, rotation draws)"),
         f"bytes read      {plan.bytes_read / GiB:,.2f} GiB of activation caches "
         f"({plan.bytes_read / (engine.BYTES * plan.n_tokens * engine.width()):.2f} x the caches)",
         f"FLOPs           {plan.stream_flops:.3g} streaming, {plan.reduce_flops:.3g} reducing, "
