@@ -275,7 +275,7 @@ def run_analysis(roots: list[luigi.Task], workers: int = EXECUTION_DEFAULTS["wor
     once the scheduler's retry delay has passed). A central scheduler that goes away
     mid-run is reported in one line and the run finishes with the local scheduler (the
     tasks' output locks keep it from clashing with other processes on the store). With
-    several workers, each task runs torch on its share of the cores (core_share)."""
+    several workers, each worker process runs torch on its share of the cores."""
     from luigi.execution_summary import _summary_dict
 
     check_workers(workers)
@@ -287,12 +287,10 @@ def run_analysis(roots: list[luigi.Task], workers: int = EXECUTION_DEFAULTS["wor
     retry_delay = luigi.configuration.get_config().getfloat("scheduler", "retry_delay", 3.0)
     ran, seen_done, elsewhere, retries = set(), set(), set(), RETRIES
     patience = start + 120  # seconds to wait for tasks the scheduler does not grant us
-    with tempfile.TemporaryDirectory() as error_dir, tempfile.TemporaryDirectory() as slots:
+    with tempfile.TemporaryDirectory() as error_dir:
         os.environ["UNLIB_ERROR_DIR"] = error_dir  # forked workers inherit it
-        if workers > 1:  # a slot per worker: tasks share the cores among those running (tasks.common.core_share)
-            for i in range(workers):
-                (Path(slots) / f"slot-{i}").touch()
-            os.environ["UNLIB_CORE_SLOTS"], os.environ["UNLIB_CORES"] = slots, str(torch.get_num_threads())
+        if workers > 1:
+            os.environ["UNLIB_TORCH_THREADS"] = str(max(1, torch.get_num_threads() // workers))
             import transformer_lens.model_bridge  # noqa: F401  imported once here, not in every forked task (~5 s)
         try:
             while True:
@@ -323,8 +321,7 @@ def run_analysis(roots: list[luigi.Task], workers: int = EXECUTION_DEFAULTS["wor
                     break
         finally:
             del os.environ["UNLIB_ERROR_DIR"]
-            os.environ.pop("UNLIB_CORE_SLOTS", None)
-            os.environ.pop("UNLIB_CORES", None)
+            os.environ.pop("UNLIB_TORCH_THREADS", None)
         user_errors = sorted({p.read_text() for p in Path(error_dir).glob("*.txt")})
     if not all(root.complete() for root in roots):
         if user_errors:

@@ -79,53 +79,16 @@ def one_writer(run):
     """Wrap a task's run(): hold an exclusive lock on each of its outputs (another process
     running the same task on this store, e.g. a second `make analyze` with the local
     scheduler, waits), skip the work when that process has finished it meanwhile, and run
-    torch on the task's share of the cores (core_share)."""
+    torch with this worker's share of the cores ($UNLIB_TORCH_THREADS, set by run_analysis)."""
     @functools.wraps(run)
     def locked_run(self):
+        if os.environ.get("UNLIB_TORCH_THREADS"):
+            torch.set_num_threads(int(os.environ["UNLIB_TORCH_THREADS"]))
         with exclusive([t.path for t in luigi.task.flatten(self.output())], store().root / "locks"):
             if not self.complete():
-                with own_gpu(self.device if getattr(self, "uses_device", False) else "cpu"), core_share():
+                with own_gpu(self.device if getattr(self, "uses_device", False) else "cpu"):
                     return run(self)
     return locked_run
-
-
-@contextlib.contextmanager
-def core_share():
-    """With several workers (run_analysis sets $UNLIB_CORE_SLOTS, a lock file per worker, and
-    $UNLIB_CORES), run torch on the cores divided among this run's tasks running now: a task
-    that runs alone (the ablation, the report) gets them all, two at once half each."""
-    slots = sorted(Path(os.environ["UNLIB_CORE_SLOTS"]).iterdir()) if os.environ.get("UNLIB_CORE_SLOTS") else []
-    if not slots:
-        yield
-        return
-    mine = None
-    while mine is None:  # a slot is free whenever a worker asks: one per worker
-        for path in slots:
-            handle = open(path, "a")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                mine = handle
-                break
-            except BlockingIOError:
-                handle.close()
-        else:
-            time.sleep(0.1)
-    running = 1 + sum(held_elsewhere(path) for path in slots if path.name != Path(mine.name).name)
-    torch.set_num_threads(max(1, int(os.environ["UNLIB_CORES"]) // running))
-    try:
-        yield
-    finally:
-        mine.close()
-
-
-def held_elsewhere(path: Path) -> bool:
-    """Whether another open file holds path's flock."""
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        return False
 
 
 @contextlib.contextmanager
