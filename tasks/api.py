@@ -107,6 +107,9 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
                 raise ValueError(f"TOP_K={top_k} is more than the {n_layers * d_mlp} neurons of the reference model "
                                  f"{names[ref]} ({n_layers} layer{'s' if n_layers != 1 else ''} of {d_mlp}); use at most {n_layers * d_mlp}, "
                                  f"or THRESHOLD instead")
+    device = resolve_device(device)
+    parallel, budget = correlation_settings(n_tokens, rotations, parallel, memory, device, workers)
+    memory = str(budget)
     ablation = (ablation or DEFAULTS["ablation"]).strip().lower()  # ABLATION= (empty) is the default, as in make
     if ablation not in ABLATIONS:
         raise ValueError(f"ABLATION={ablation!r} must be mean (an ablated neuron's activation becomes its mean) or "
@@ -122,9 +125,6 @@ def build_analyses(models: str = DEFAULTS["models"], checkpoint: int | None = No
         raise ValueError(f"BATCH_SIZE={batch_size} must be a positive number of sequences")
     if cache not in ("auto", "0", "1"):
         raise ValueError(f"CACHE={cache!r} must be 1 (cache activations), 0 (run the models instead) or auto")
-    device = resolve_device(device)
-    parallel, budget = correlation_settings(n_tokens, rotations, parallel, memory, device, workers)
-    memory = str(budget)
     sizes = [[d] * n for n, d in (mlp_shape(m, checkpoint) for m in model_set.models)]
     ExcessCorrelationEngine(sizes, references, rotations, rotation_seed, device, budget)  # plans
     if model_set.zoo is None:  # the models first: a set's default dataset may be a hub one
