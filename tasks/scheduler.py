@@ -134,12 +134,13 @@ def start(port: int, host: str = LOCAL, gpus: int | None = None) -> tuple[int, s
                    f"`make scheduler-stop` there, or delete {record_path()} if that host is gone")
     if gpus is not None and gpus < 1:
         return 2, f"error: SCHEDULER_GPUS={gpus} must be at least 1 (GPU tasks would never run)"
+    here = LOCAL if host in WILDCARDS else host  # where this host reaches the luigid
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tornado does
             probe.bind((host, port))
     except OSError as exc:
-        taken = api(LOCAL if host in WILDCARDS else host, port, "task_list") is not None
+        taken = api(here, port, "task_list") is not None
         if taken:
             return 2, f"error: port {port} is taken by a luigid not started for this store; choose another SCHEDULER_PORT"
         return 2, (f"error: luigid cannot listen on {host}:{port} ({exc.strerror}); use SCHEDULER_HOST=<a name or "
@@ -163,7 +164,7 @@ def start(port: int, host: str = LOCAL, gpus: int | None = None) -> tuple[int, s
                    check=True, cwd=REPO, env=env)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if pid_file.exists() and reports_token(LOCAL if host in WILDCARDS else host, port, token):
+        if pid_file.exists() and reports_token(here, port, token):
             pid = int(pid_file.read_text().strip())
             record_path().write_text(json.dumps({"host": address, "port": port, "token": token,
                                                  "hostname": socket.gethostname(), "pid": pid,

@@ -24,9 +24,10 @@ RESULTS = Path("results") / MODELS / "checkpoint-300_n_tokens-8192"
 CSVS = ["excess_correlation_scores.csv", "pairwise_correlations.csv", "neuron_stats.csv", "universal_neurons.csv"]
 
 
-def scheduler(store: Path, action: str, port: int | None = None) -> subprocess.CompletedProcess:
+def scheduler(store: Path, action: str, port: int | None = None, *options: str) -> subprocess.CompletedProcess:
+    """`python -m tasks scheduler <action>` for the store, on `port`, with further options."""
     port_args = [] if port is None else ["--scheduler-port", str(port)]
-    return subprocess.run([sys.executable, "-m", "tasks", "scheduler", action, *port_args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "tasks", "scheduler", action, *port_args, *options], cwd=REPO,
                           env=env_for(store), capture_output=True, text=True, timeout=60)
 
 
@@ -167,8 +168,7 @@ def test_a_scheduler_address_or_gpu_count_that_cannot_work_is_one_line(tmp_path)
     store, port = tmp_path / "store", free_port()
     for args, error in [(["--scheduler-host", "192.0.2.123"], f"error: luigid cannot listen on 192.0.2.123:{port} ("),
                         (["--gpus", "0"], "error: SCHEDULER_GPUS=0 must be at least 1")]:
-        proc = subprocess.run([sys.executable, "-m", "tasks", "scheduler", "start", "--scheduler-port", str(port), *args],
-                              cwd=REPO, env=env_for(store), capture_output=True, text=True, timeout=60)
+        proc = scheduler(store, "start", port, *args)
         assert proc.returncode == 2 and proc.stderr.startswith(error) and len(proc.stderr.splitlines()) == 1, proc.stderr
         assert not (store / "scheduler" / "scheduler.json").exists()
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tasks.scheduler import outbound_address
 from test_production import REPO, env_for, free_port, luigid  # noqa: F401  (luigid: a real central scheduler)
+from test_shared import scheduler
 from unlib.correlation import ExcessCorrelationEngine
 from unlib.models import ZOOS
 
@@ -113,22 +115,12 @@ def test_two_processes_on_one_luigid_share_the_blocks(one_worker, luigid, tmp_pa
     assert same_csvs(store, one_worker)
 
 
-def this_hosts_address() -> str:
-    """An address of this machine other hosts would use (not loopback where it has one)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("10.255.255.255", 9))  # UDP: picks the outgoing interface, sends nothing
-            return s.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"
-
-
 def test_two_hosts_on_one_luigid_share_the_blocks(one_worker, other_host, tmp_path):
     store, mount = tmp_path / "store", tmp_path / "mounted-elsewhere"
     inputs_of(one_worker, store)
     port = free_port()
-    started = scheduler(store, "start", "--scheduler-port", str(port), "--scheduler-host", "0.0.0.0")
-    address = this_hosts_address()  # every interface: the record names the one other hosts use
+    started = scheduler(store, "start", port, "--scheduler-host", "0.0.0.0")
+    address = outbound_address()  # every interface: the record names the one other hosts use
     try:
         assert started.returncode == 0 and f"luigid on http://{address}:{port}" in started.stdout, started.stderr
         (tmp_path / "rendezvous").mkdir()
@@ -159,11 +151,6 @@ def test_two_hosts_on_one_luigid_share_the_blocks(one_worker, other_host, tmp_pa
             f"run `make scheduler-stop` there"
     finally:
         assert scheduler(store, "stop").returncode == 0
-
-
-def scheduler(store: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tasks", "scheduler", *args], cwd=REPO, env=env_for(store),
-                          capture_output=True, text=True, timeout=60)
 
 
 def test_a_multi_pass_plan_gives_the_single_pass_results(one_worker, tmp_path):
