@@ -2,7 +2,8 @@
 hosts share it: `CorrelationBlock` tasks each stream the activation caches (or, when they do
 not fit the disk, the models run batch by batch) once for a group of the engine's units and
 save their partial best matches; `Correlations` merges them, in plan order, into one target
-per reference layer. The results are bitwise the same whatever the number of blocks."""
+per reference layer. The results are the same whatever the number of blocks (to float32
+rounding: a reduction's order can follow the width of the tensor it reduces)."""
 from __future__ import annotations
 
 import functools
