@@ -198,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run_analysis(roots, workers=args.workers,
                               central=(central["host"], central["port"]) if central else None)
+    except KeyboardInterrupt:
+        print("interrupted: finished files are kept and nothing unfinished counts as done; run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

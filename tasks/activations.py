@@ -5,7 +5,7 @@ from pathlib import Path
 
 import luigi
 
-from tasks.common import CheckpointParams, H5Target, PipelineTask, TaskProgress, store
+from tasks.common import CheckpointParams, H5Target, PipelineTask, TaskProgress, made_from, store
 from tasks.data import TokenizeDataset
 from tasks.zoo import model_requirement
 from unlib.activations import CACHE_DTYPE, cache_activations
@@ -48,4 +48,4 @@ class CacheActivations(CheckpointParams, PipelineTask):
         model = load_model(self.spec, self.checkpoint, self.device)
         with TaskProgress(self, f"cache {self.spec.name}", int(keep.sum())) as progress:
             cache_activations(model, tokens, keep, self.output().path, self.cache_attrs(), self.batch_size,
-                              progress=progress)
+                              progress=progress, made_from=made_from(self))

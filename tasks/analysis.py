@@ -133,8 +133,11 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
     scores, pairwise correlations, neuron statistics) in its results folder."""
 
     def requires(self):
+        # the correlations' and the token file's records go into run.json: required, so that
+        # one found damaged (and set aside) is rebuilt rather than read
         return {"excess": self.clone(ExcessCorrelation), "universal": self.clone(SelectUniversal),
-                "plots": self.clone(Plots), "stats": self.clone(NeuronStats)}
+                "plots": self.clone(Plots), "stats": self.clone(NeuronStats), "correlations": self.correlations(),
+                "tokens": self.clone(TokenizeDataset)}
 
     def output(self):
         d = self.results_dir()
@@ -151,8 +154,8 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
         summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)
         half_a, half_b = split_half_sets(excess, self.effective_threshold, self.top_k)
         jaccard = jaccard_index(half_a, half_b)
-        correlation = LayerResult.attributes(self.correlations().output()[(self.reference, 0)].path)
-        token_file = token_file_record(self.clone(TokenizeDataset).output().path)
+        correlation = LayerResult.attributes(self.input()["correlations"][(self.reference, 0)].path)
+        token_file = token_file_record(self.input()["tokens"].path)
         ms = self.model_set
         write_json(self.output()["run"].path, {
             "model_set": ms.name, "models": [m.name for m in ms.models],

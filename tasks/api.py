@@ -261,8 +261,37 @@ class RunReport:
 RETRIES = 2
 
 
+def token_tasks(roots: list[luigi.Task]) -> list[luigi.Task]:
+    """The token files the graph under `roots` reads (the analysed tokens and the ablation's
+    held-out ones), found by walking its requirements."""
+    from tasks.data import TokenizeDataset
+
+    found, seen, todo = {}, set(), list(roots)
+    while todo:
+        task = todo.pop()
+        if task.task_id in seen:
+            continue
+        seen.add(task.task_id)
+        if isinstance(task, TokenizeDataset):
+            found[task.task_id] = task
+        else:
+            todo.extend(luigi.task.flatten(task.requires()))
+    return list(found.values())
+
+
 def run_analysis(roots: list[luigi.Task], workers: int = EXECUTION_DEFAULTS["workers"],
                  central: tuple[str, int] | None = None, wait_seconds: float = 2.0) -> RunReport:
+    """Run the graph under `roots` (run_graph), its token files first: a dataset too short for
+    the held-out tokens, say, then stops the run before any model runs."""
+    first = run_graph(token_tasks(roots), workers, central, wait_seconds)
+    rest = run_graph(roots, workers, central, wait_seconds)
+    ran = sorted(set(first.ran_here) | set(rest.ran_here))
+    return RunReport(first.seconds + rest.seconds, ran, sorted(set(rest.already_done) - set(ran)),
+                     sorted(set(first.run_by_other_worker) | set(rest.run_by_other_worker)))
+
+
+def run_graph(roots: list[luigi.Task], workers: int = EXECUTION_DEFAULTS["workers"],
+              central: tuple[str, int] | None = None, wait_seconds: float = 2.0) -> RunReport:
     """Run the graph until the roots are complete. Raises the task's UserError when a user
     mistake stopped it (e.g. a dataset too small), AnalysisFailed for anything else.
     `central` is the (host, port) of a central scheduler to share the work through; None
@@ -272,7 +301,8 @@ def run_analysis(roots: list[luigi.Task], workers: int = EXECUTION_DEFAULTS["wor
     (another process sharing the central scheduler) still runs part of the graph, or a
     dead worker's task waits to be released. So the roots' completeness is checked, and
     the build repeated while another worker holds tasks, and after a failure (RETRIES times,
-    once the scheduler's retry delay has passed). A central scheduler that goes away
+    once the scheduler's retry delay has passed): a task that found an input damaged has
+    set it aside, so the next build rebuilds it. A central scheduler that goes away
     mid-run is reported in one line and the run finishes with the local scheduler (the
     tasks' output locks keep it from clashing with other processes on the store). With
     several workers, each worker process runs torch on its share of the cores."""
@@ -289,6 +319,7 @@ def run_analysis(roots: list[luigi.Task], workers: int = EXECUTION_DEFAULTS["wor
     patience = start + 120  # seconds to wait for tasks the scheduler does not grant us
     with tempfile.TemporaryDirectory() as error_dir:
         os.environ["UNLIB_ERROR_DIR"] = error_dir  # forked workers inherit it
+        os.environ["UNLIB_MAIN_PID"] = str(os.getpid())
         if workers > 1:
             os.environ["UNLIB_TORCH_THREADS"] = str(max(1, torch.get_num_threads() // workers))
             import transformer_lens.model_bridge  # noqa: F401  imported once here, not in every forked task (~5 s)
@@ -306,7 +337,7 @@ def run_analysis(roots: list[luigi.Task], workers: int = EXECUTION_DEFAULTS["wor
                 seen_done |= {t.task_id for t in summary["already_done"]}
                 elsewhere |= {t.task_id for t in summary["run_by_other_worker"]}
                 if all(root.complete() for root in roots) or summary["scheduling_error"] \
-                        or any(Path(error_dir).iterdir()):
+                        or any(Path(error_dir).glob("*.txt")):
                     break
                 if summary["failed"]:
                     if retries == 0:
@@ -320,12 +351,15 @@ def run_analysis(roots: list[luigi.Task], workers: int = EXECUTION_DEFAULTS["wor
                 else:
                     break
         finally:
-            del os.environ["UNLIB_ERROR_DIR"]
+            del os.environ["UNLIB_ERROR_DIR"], os.environ["UNLIB_MAIN_PID"]
             os.environ.pop("UNLIB_TORCH_THREADS", None)
         user_errors = sorted({p.read_text() for p in Path(error_dir).glob("*.txt")})
+        damaged = sorted({p.read_text() for p in Path(error_dir).glob("*.damaged")})
     if not all(root.complete() for root in roots):
         if user_errors:
             raise UserError(user_errors[0])
+        if damaged:
+            raise UserError(f"{damaged[-1]}; run the same command again")
         raise AnalysisFailed(result.summary_text, luigi.retcodes.retcode().task_failed or 1)
     return RunReport(time.monotonic() - start, sorted(ran), sorted(seen_done - elsewhere - ran),
                      sorted(elsewhere - ran))

@@ -3,10 +3,13 @@ reporting to both the terminal (rich) and the Luigi scheduler's web UI."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
+import json
 import logging
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -21,7 +24,9 @@ from unlib import UserError
 from unlib.ablation import ABLATIONS
 from unlib.data import DEFAULT_N_TOKENS, OFFLINE_CORPUS, dataset_inputs
 from unlib.models import ZOOS, ModelSet, model_fingerprint, resolve_model_set
-from unlib.store import Store, exclusive, h5_problem, provenance, seal, seal_problem, set_aside, slug
+from unlib.h5io import DamagedFile, content_digest, h5_attribute, h5_problem
+from unlib.store import (Store, exclusive, provenance, seal, seal_problem, seal_record, set_aside, slug,
+                         write_failure)
 
 logger = logging.getLogger("luigi-interface")
 # The pipeline's Luigi settings: luigi.cfg at the top of the checkout, linked into this package
@@ -70,7 +75,11 @@ class PipelineTask(luigi.Task):
         if isinstance(exception, UserError):
             error_dir = os.environ.get("UNLIB_ERROR_DIR")
             if error_dir:
-                (Path(error_dir) / f"{self.task_id}.txt").write_text(str(exception))
+                # a damaged input was set aside: the run retries, rebuilding it (run_analysis)
+                kind = "damaged" if isinstance(exception, DamagedFile) else "txt"
+                (Path(error_dir) / f"{self.task_id}.{kind}").write_text(str(exception))
+            if isinstance(exception, DamagedFile):
+                logger.warning("%s", exception)
             return str(exception)
         return super().on_failure(exception)
 
@@ -82,12 +91,20 @@ def one_writer(run):
     torch with this worker's share of the cores ($UNLIB_TORCH_THREADS, set by run_analysis)."""
     @functools.wraps(run)
     def locked_run(self):
+        if os.environ.get("UNLIB_MAIN_PID", str(os.getpid())) != str(os.getpid()):
+            # a forked worker: Ctrl-C is the main process's to report (it stops the workers)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if os.environ.get("UNLIB_TORCH_THREADS"):
             torch.set_num_threads(int(os.environ["UNLIB_TORCH_THREADS"]))
-        with exclusive([t.path for t in luigi.task.flatten(self.output())], store().root / "locks"):
-            if not self.complete():
-                with own_gpu(self.device if getattr(self, "uses_device", False) else "cpu"):
-                    return run(self)
+        try:
+            with exclusive([t.path for t in luigi.task.flatten(self.output())], store().root / "locks"):
+                if not self.complete():
+                    with own_gpu(self.device if getattr(self, "uses_device", False) else "cpu"):
+                        return run(self)
+        except OSError as exc:  # a lock file, a folder: a full or read-only store is one line too
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # (EACCES may be a read of the user's)
+                raise write_failure(exc.filename or store().root, exc) from None
+            raise
     return locked_run
 
 
@@ -153,11 +170,34 @@ def warn_stale(path: str, problem: str) -> None:
     warn_once(problem, "rebuilding %s (and what else was made from the same inputs): %s", path, problem)
 
 
+def made_from(task: luigi.Task) -> str:
+    """The content digests of the store files a task's outputs are made from (its inputs'
+    files, by path within the store), as the JSON text its outputs record."""
+    root = store().root
+    digests = {os.path.relpath(t.path, root): content_digest(t.path) for t in luigi.task.flatten(task.input())
+               if os.path.isfile(t.path)}
+    return json.dumps(digests, sort_keys=True)
+
+
+def rebuilt_input(recorded: str | None) -> str | None:
+    """Which input a file was made from has been rebuilt (other content) since, in words; None
+    when every recorded input still holds what it held. An input no longer there (caches
+    removed to free disk) invalidates nothing: it is checked again if it is rebuilt."""
+    root = store().root
+    for name, digest in sorted(json.loads(recorded or "{}").items()):
+        path = root / name
+        if path.is_file() and content_digest(path) != digest:
+            return f"{name}, which it was made from, was rebuilt since"
+    return None
+
+
 class H5Target(luigi.LocalTarget):
-    """An HDF5 file target that exists only if it opens and records the expected
-    provenance. A file built from other inputs (a model or dataset changed since) is removed
-    and rebuilt; a truncated or corrupted one is moved aside for inspection and rebuilt.
-    Finished files are only ever renamed into place, so opening one here never races a writer."""
+    """An HDF5 file target that exists only if it opens, its values match their checksums
+    (verified whole for small files, by every read for caches), it records the expected
+    provenance, and the store files it was made from still hold what they held. A file built
+    from other inputs is removed and rebuilt; a damaged one is moved aside for inspection and
+    rebuilt. Finished files are only ever renamed into place, so opening one here never races
+    a writer."""
 
     def __init__(self, path, expected: dict):
         super().__init__(str(path))
@@ -168,17 +208,20 @@ class H5Target(luigi.LocalTarget):
             return False
         try:
             problem = h5_problem(self.path, self.expected)
+            if problem is None and (rebuilt := rebuilt_input(h5_attribute(self.path, "made_from"))):
+                problem = ("stale", rebuilt)
         except BlockingIOError:  # open for writing elsewhere: in use, not corrupt; never moved aside
             logger.warning("%s is open for writing in another process; not using it", self.path)
             return False
         if problem is None:
             return True
-        if h5_problem(self.path) is None:  # readable, only stale
-            warn_stale(self.path, problem)
+        kind, why = problem
+        if kind == "stale":
+            warn_stale(self.path, why)
             Path(self.path).unlink(missing_ok=True)
         else:
             aside = set_aside(self.path)
-            logger.warning("refusing %s: %s; moved it to %s and rebuilding it", self.path, problem, aside.name)
+            logger.warning("refusing %s: %s; moved it to %s and rebuilding it", self.path, why, aside.name)
         return False
 
 
@@ -194,13 +237,14 @@ class ResultTarget(luigi.LocalTarget):
     def exists(self) -> bool:
         if not super().exists():
             return False
-        problem = seal_problem(self.path, self.expected)
+        problem = seal_problem(self.path, self.expected) or rebuilt_input(seal_record(self.path).get("made_from"))
         if problem is not None:
             warn_stale(self.path, problem)
         return problem is None
 
-    def seal(self) -> None:
-        seal(self.path, self.expected)
+    def seal(self, inputs: str) -> None:
+        """Vouch for the written file, recording the content of the files it was made from (made_from)."""
+        seal(self.path, self.expected, made_from=inputs)
 
 
 class TokenParams:
@@ -315,9 +359,10 @@ class ResultTask(PipelineTask):
         raise NotImplementedError
 
     def run(self) -> None:
+        inputs = made_from(self)
         self.write()
         for target in luigi.task.flatten(self.output()):
-            target.seal()
+            target.seal(inputs)
 
     def complete(self) -> bool:
         return super().complete() and all(t.complete() for t in luigi.task.flatten(self.requires())

@@ -14,7 +14,7 @@ import time
 import luigi
 
 from tasks.activations import CacheActivations
-from tasks.common import CorrelationParams, H5Target, PipelineTask, TaskProgress, store
+from tasks.common import CorrelationParams, H5Target, PipelineTask, TaskProgress, made_from, store
 from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
 from unlib.activations import ActivationCache, cache_bytes, cached_chunks, choose_feed, model_chunks
@@ -22,7 +22,8 @@ from unlib.correlation import (DEAD_MATCH, HALF_BLOCK_ROWS, ExcessCorrelationEng
                                merge_partials, parse_bytes)
 from unlib.data import read_tokens
 from unlib.models import load_model, mlp_shape
-from unlib.store import checkpoint_label, partial_path, provenance, short_hash
+from unlib.h5io import partial_path
+from unlib.store import checkpoint_label, provenance, short_hash
 
 logger = logging.getLogger("luigi-interface")
 
@@ -102,6 +103,7 @@ class CorrelationBlock(CorrelationTask):
 
     def run(self):
         use_cache, why = self.feed
+        inputs = made_from(self)
         models = self.model_set.models
         units = parse_units(self.units)
         engine = self.engine()
@@ -129,7 +131,7 @@ class CorrelationBlock(CorrelationTask):
         logger.warning("correlation block %s: %d tokens in %.1f s: %.0f tokens/s, %.1f GFLOP/s", self.units,
                        n_tokens, seconds, n_tokens / seconds, engine.flops / seconds / 1e9)
         result.save(self.output().path, {
-            "provenance": self.output().expected, "n_tokens": n_tokens, "feed": path, "feed_reason": why,
+            "provenance": self.output().expected, "made_from": inputs, "n_tokens": n_tokens, "feed": path, "feed_reason": why,
             "seconds": seconds, "flops": engine.flops, "cache_bytes_read": read, "device": str(self.device)})
 
 
@@ -156,6 +158,7 @@ class Correlations(CorrelationTask):
                 for ref in self.references for layer in range(mlp_shape(models[ref], self.checkpoint)[0])}
 
     def run(self):
+        inputs = made_from(self)
         best: dict = {}
         attrs = []
         for target in self.input():  # in plan order: ties go to the earlier match, as in one engine
@@ -170,7 +173,7 @@ class Correlations(CorrelationTask):
         for ref, layers in collect(best, self.layer_sizes, self.references, result.half_rows).items():
             for layer in layers:
                 layer.save(targets[(ref, layer.layer)].path, {
-                    "provenance": provenance(self.layer_provenance(ref, layer.layer)),
+                    "provenance": provenance(self.layer_provenance(ref, layer.layer)), "made_from": inputs,
                     "reference": names[ref], "others": [names[m] for m in layer.others],
                     "n_tokens": attrs[0]["n_tokens"], "rotations": self.rotations, "rotation_seed": self.rotation_seed,
                     "feed": attrs[0]["feed"], "feed_reason": attrs[0]["feed_reason"], "seconds": seconds,

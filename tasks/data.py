@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import luigi
 
-from tasks.common import H5Target, PipelineTask, TokenParams, store
+from tasks.common import H5Target, PipelineTask, TokenParams, made_from, store
 from tasks.zoo import ZooTokenizer
 from unlib import data
 from unlib.models import ZOOS, load_tokenizer
@@ -51,4 +51,4 @@ class TokenizeDataset(TokenParams, PipelineTask):
         self.set_status_message(f"tokenizing {self.dataset}")
         data.write_token_sequences(self.output().path, data.load_texts(self.dataset), tokenizer, bos,
                                    self.n_tokens, self.ctx_len, data.exclusion_ids(self.exclude_tokens, tokenizer),
-                                   h5_attrs(self.token_attrs()), self.skip_tokens)
+                                   {**h5_attrs(self.token_attrs()), "made_from": made_from(self)}, self.skip_tokens)

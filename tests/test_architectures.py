@@ -109,7 +109,7 @@ def run(request, tokenizer, tmp_path_factory):
     for model in models:
         (cache,) = store.glob(f"activations/{ModelSpec(str(model), str(model)).model_id}/*/*.h5")
         with h5py.File(cache, "r") as f:
-            caches.append([f[name][:] for name in sorted(f)])
+            caches.append([f[name][:] for name in sorted(f) if name.startswith("layer_") and "." not in name])
     direct = [direct_activations(folder, tokens, keep) for folder in folders]
     return {"kind": request.param, "folders": folders, "models": [str(m) for m in models], "results": results,
             "caches": caches, "direct": direct, "tokens": tokens, "keep": keep}

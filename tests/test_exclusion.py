@@ -91,7 +91,7 @@ def test_cached_rows_are_the_kept_positions(run):
         expected = direct_activations(run["root"] / name, run["tokens"], run["keep"])
         cache = next(run["store"].glob(f"activations/{name}-*/final/*.h5"))
         with h5py.File(cache, "r") as f:
-            cached = np.concatenate([f[k][:].astype(np.float64) for k in sorted(f)], axis=1)
+            cached = np.concatenate([f[k][:].astype(np.float64) for k in sorted(f) if "." not in k], axis=1)
         assert cached.shape == expected.shape == (N_TOKENS, 2 * 48)
         # float32 noise (TransformerLens and the direct run sum in different orders)
         assert np.all(np.abs(cached - expected) <= np.abs(expected) * 1e-5 + 1e-6)

@@ -213,13 +213,14 @@ def save_tiny_model(path: Path, text: str) -> None:
                                eos_token_id=0, vocab_size=len(tokenizer))).save_pretrained(str(path))
 
 
-@pytest.mark.parametrize("case", ["tokenizers", "too_few_tokens", "no_gpu", "no_disk", "no_dataset",
+@pytest.mark.parametrize("case", ["tokenizers", "no_tokenizer", "too_few_tokens", "no_gpu", "no_disk", "no_dataset",
                                   "hub_model", "rotations", "top_k"])
 def test_bad_input_one_line_nonzero_exit_store_untouched(case, mini_zoo, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(mini_zoo, store / "zoo")
     args, message = {
         "tokenizers": (["--models", f"{tmp_path}/a,{tmp_path}/b"], "different tokenizers"),
+        "no_tokenizer": (["--models", f"{tmp_path}/a,{tmp_path}/bare"], f"model {tmp_path}/bare has no usable tokenizer"),
         "too_few_tokens": (["--models", MODELS, "--dataset", str(tmp_path / "tiny.txt")], "fewer than the"),
         "no_gpu": (["--models", MODELS, "--device", "cuda"], "no CUDA GPU"),
         "no_disk": (["--models", MODELS, "--n-tokens", str(10**13), "--cache", "1"], "not enough free disk"),
@@ -231,6 +232,9 @@ def test_bad_input_one_line_nonzero_exit_store_untouched(case, mini_zoo, tmp_pat
     if case == "tokenizers":
         save_tiny_model(tmp_path / "a", "def f(x):\n    return x * 2\n")
         save_tiny_model(tmp_path / "b", "for item in items:\n    print(item)\n")
+    if case == "no_tokenizer":  # a model saved without its tokenizer files
+        save_tiny_model(tmp_path / "a", "def f(x):\n    return x * 2\n")
+        shutil.copytree(tmp_path / "a", tmp_path / "bare", ignore=shutil.ignore_patterns("*token*", "vocab*", "merges*"))
     (tmp_path / "tiny.txt").write_text("print('hello')\n")
     def contents():  # the empty lock files a refused writer leaves in locks/ are not store contents
         return sorted((p.relative_to(store), p.stat().st_size) for p in store.rglob("*")

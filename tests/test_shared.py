@@ -10,7 +10,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import h5py
 import luigi
 import pytest
 import torch
@@ -57,11 +56,11 @@ def test_two_concurrent_runs_on_a_fresh_store_set_nothing_aside(fresh_run, tmp_p
 
 def test_a_lock_held_by_a_writer_is_not_corruption(tmp_path):
     from tasks.common import H5Target
-    from unlib.store import PartialH5, partial_path, provenance
+    from unlib.h5io import PartialH5, partial_path, write_h5
+    from unlib.store import provenance
 
     path = tmp_path / "cache.h5"
-    with h5py.File(path, "w") as f:
-        f.attrs["provenance"] = provenance({"a": 1})
+    write_h5(path, {}, {"provenance": provenance({"a": 1})})
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, h5py
         files = [h5py.File({str(path)!r}, "a"), h5py.File({str(partial_path(path))!r}, "w")]

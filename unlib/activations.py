@@ -13,13 +13,12 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
-import h5py
 import numpy as np
 import torch
 
+from unlib.h5io import H5Reader, PartialH5
 from unlib.models import mlp_activations
-from unlib import UserError
-from unlib.store import PartialH5, h5_attrs, set_aside
+from unlib.store import h5_attrs
 
 CHUNK_BYTES = 512 * 1024
 CACHE_DTYPE = "float32"
@@ -36,21 +35,24 @@ def chunk_rows(d_mlp: int) -> int:
 
 
 def cache_activations(model, tokens: np.ndarray, keep: np.ndarray, out_path: str | Path, attrs: dict,
-                      batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> None:
+                      batch_size: int = 32, progress: Callable[[int, int], None] | None = None,
+                      made_from: str = "{}") -> None:
     """Run `model` over the token sequences and write its MLP activations at the kept
     positions (`keep`, boolean like `tokens`) to `out_path`, one row per kept position.
 
-    Resumes a partial file left by an interrupted run from its last complete batch."""
+    Resumes a partial file left by an interrupted run from its last complete chunk.
+    `made_from`: the content digests of the store files it is made from (JSON), recorded."""
     n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
     rows_before = np.concatenate([[0], np.cumsum(keep.sum(axis=1))])  # rows of the sequences before each
     n_tokens = int(rows_before[-1])
     rows = chunk_rows(d_mlp)
     writer = PartialH5(out_path, {layer_name(l): ((n_tokens, d_mlp), CACHE_DTYPE, (min(rows, n_tokens), d_mlp))
                                   for l in range(n_layers)},
-                       {**h5_attrs(attrs), "n_layers": n_layers, "d_mlp": d_mlp})
+                       {**h5_attrs(attrs), "n_layers": n_layers, "d_mlp": d_mlp, "made_from": made_from})
     try:
         device = next(model.parameters()).device
-        seq = int(np.searchsorted(rows_before, writer.rows_done))  # batches end where a sequence does
+        # from the sequence holding the first row not yet written (the writer skips rows it has)
+        seq = int(np.searchsorted(rows_before, writer.rows_done, side="right")) - 1
         while seq < tokens.shape[0]:
             stop = min(tokens.shape[0], seq + batch_size)
             batch = torch.from_numpy(tokens[seq:stop].astype(np.int64)).to(device)
@@ -66,33 +68,25 @@ def cache_activations(model, tokens: np.ndarray, keep: np.ndarray, out_path: str
         writer.close()
 
 
-class CorruptCache(UserError):
-    """An activation cache whose data cannot be read back; it is set aside for rebuilding."""
-
-    def __init__(self, path: Path, detail: str):
-        aside = set_aside(path)
-        super().__init__(f"{path} is corrupted ({detail.splitlines()[0]}); moved it to {aside.name}: "
-                         f"run the same command again to rebuild it")
-
-
 class ActivationCache:
-    """Read access to a finished activation cache."""
+    """Verified read access to a finished activation cache (unlib.h5io.H5Reader: a read
+    whose values do not match their checksums raises DamagedFile)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        with h5py.File(self.path, "r") as f:
-            self.layers = sorted(k for k in f.keys() if k.startswith("layer_"))
-            self.n_tokens, self.d_mlp = f[self.layers[0]].shape
-            self.chunk_rows = (f[self.layers[0]].chunks or (1024,))[0]
-            self.attrs = dict(f.attrs)
+        with H5Reader(self.path) as reader:
+            self.layers = [name for name in reader.names() if name.startswith("layer_")]
+            self.n_tokens, self.d_mlp = reader.shape(self.layers[0])
+            self.chunk_rows = reader.unit_rows(self.layers[0])
+            self.attrs = reader.attrs
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
 
     def read(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-        with h5py.File(self.path, "r") as f:
-            return f[self.layers[layer]][start:stop]
+        with H5Reader(self.path) as reader:
+            return reader.read(self.layers[layer], start, stop)
 
 
 def _prefetched(items: Iterator, depth: int = 2) -> Iterator:
@@ -140,13 +134,14 @@ def cached_chunks(caches: list[ActivationCache], chunk_tokens: int, device: str 
     """Stream the same token range of several caches: yields, per model, a float32 tensor
     (tokens, n_layers * d_mlp) on `device` holding the layers in `needed` (zeros for the
     others; None for a model with none needed). Reads whole HDF5 chunks (chunk_tokens is
-    rounded to a multiple of the chunk rows) with a read-ahead thread."""
+    rounded to a multiple of the chunk rows), each verified against its checksum, with a
+    read-ahead thread."""
     rows = max(c.chunk_rows for c in caches)
     chunk_tokens = max(rows, chunk_tokens // rows * rows)
     needed = needed or [set(range(c.n_layers)) for c in caches]
 
     def read() -> Iterator[list[torch.Tensor | None]]:
-        files = [h5py.File(c.path, "r") for c in caches]
+        files = [H5Reader(c.path) for c in caches]
         try:
             for start in range(0, caches[0].n_tokens, chunk_tokens):
                 stop = min(caches[0].n_tokens, start + chunk_tokens)
@@ -159,12 +154,8 @@ def cached_chunks(caches: list[ActivationCache], chunk_tokens: int, device: str 
                     make = torch.empty if len(want) == c.n_layers else torch.zeros
                     block = make(stop - start, c.n_layers * c.d_mlp)
                     target = block.numpy()
-                    for l in want:  # straight into place, no intermediate array
-                        try:
-                            f[c.layers[l]].read_direct(target, np.s_[start:stop],
-                                                       np.s_[:, l * c.d_mlp:(l + 1) * c.d_mlp])
-                        except OSError as exc:  # a fletcher32 checksum mismatch, a bad block
-                            raise CorruptCache(c.path, f"{c.layers[l]} rows {start}-{stop}: {exc}") from exc
+                    for l in want:
+                        target[:, l * c.d_mlp:(l + 1) * c.d_mlp] = f.read(c.layers[l], start, stop)
                     out.append(block)
                 yield out
         finally:

@@ -27,13 +27,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
 
 from unlib import UserError
-from unlib.store import write_small_h5
+from unlib.h5io import H5Reader, read_h5, write_h5
 
 # max_layer and max_neuron of a dead reference neuron (constant over the analysed tokens):
 # it has no best match. Its correlations, baselines and excess are 0.
@@ -114,20 +113,20 @@ class LayerResult:
 
     def save(self, path, attrs: dict) -> None:
         """Write atomically to an HDF5 file, with `attrs` as provenance."""
-        write_small_h5(path, {name: getattr(self, name) for name in self.ARRAYS},
+        write_h5(path, {name: getattr(self, name) for name in self.ARRAYS},
                        {**attrs, "layer": self.layer, "other_index": self.others})
 
     @staticmethod
     def attributes(path) -> dict:
         """The provenance and timing attributes saved with a result."""
-        with h5py.File(path, "r") as f:
-            return dict(f.attrs)
+        with H5Reader(path) as reader:
+            return reader.attrs
 
     @classmethod
     def load(cls, path) -> "LayerResult":
-        with h5py.File(path, "r") as f:
-            return cls(layer=int(f.attrs["layer"]), others=[int(i) for i in f.attrs["other_index"]],
-                       **{name: f[name][:] for name in cls.ARRAYS})
+        arrays, attrs = read_h5(path)
+        return cls(layer=int(attrs["layer"]), others=[int(i) for i in attrs["other_index"]],
+                   **{name: arrays[name] for name in cls.ARRAYS})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -682,16 +681,18 @@ class PassResult:
 
     def save(self, path, attrs: dict) -> None:
         """Write atomically to an HDF5 file, one group per entry, with `attrs` (and half_rows)."""
-        write_small_h5(path, {f"{ref}/{layer}/{other}/{name}": entry[name]
+        write_h5(path, {f"{ref}/{layer}/{other}/{name}": entry[name]
                               for (ref, layer, other), entry in self.entries.items() for name in self.FIELDS},
                        {**attrs, "half_rows": self.half_rows})
 
     @classmethod
     def load(cls, path) -> "PassResult":
-        with h5py.File(path, "r") as f:
-            entries = {(int(ref), int(layer), int(other)): {name: f[ref][layer][other][name][:] for name in cls.FIELDS}
-                       for ref in f for layer in f[ref] for other in f[ref][layer]}
-            return cls(entries, [int(n) for n in f.attrs["half_rows"]], dict(f.attrs))
+        arrays, attrs = read_h5(path)
+        entries: dict = {}
+        for name, values in arrays.items():
+            ref, layer, other, field = name.split("/")
+            entries.setdefault((int(ref), int(layer), int(other)), {})[field] = values
+        return cls(entries, [int(n) for n in attrs["half_rows"]], attrs)
 
 
 def merge_partials(best: dict, entries: dict) -> None:

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import datasets
-import h5py
 import numpy as np
 
 from unlib import UserError
-from unlib.store import atomic_path, file_fingerprint, short_hash, slug
+from unlib.h5io import H5Reader, read_h5, write_h5
+from unlib.store import file_fingerprint, short_hash, slug
 
 OFFLINE_CORPUS = "python-stdlib"
 # The default text of hub model sets: a 10k-document sample of the Pile, as the paper used the Pile.
@@ -428,14 +428,9 @@ def kept_positions(tokens: np.ndarray, exclude_ids: list[int]) -> np.ndarray:
 
 
 def write_tokens(path: str | Path, tokens: np.ndarray, attrs: dict, keep: np.ndarray | None = None) -> None:
-    """Write a token array (dataset `tokens`, and `keep` when given) and its attributes atomically."""
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("tokens", data=tokens)
-            if keep is not None:
-                f.create_dataset("keep", data=keep)
-            for k, v in attrs.items():
-                f.attrs[k] = v
+    """Write a token array (dataset `tokens`, and `keep` when given) and its attributes
+    atomically, with their checksums."""
+    write_h5(path, {"tokens": tokens, **({} if keep is None else {"keep": keep})}, attrs)
 
 
 def token_sequences(texts: Iterable[str | np.ndarray], tokenizer, bos_id: int, n_tokens: int, ctx_len: int,
@@ -487,11 +482,11 @@ def write_token_sequences(path: str | Path, texts: Iterable[str | np.ndarray], t
 
 
 def read_tokens(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids (sequences, ctx_len), boolean mask of the analysed positions) of a token file."""
-    with h5py.File(path, "r") as f:
-        tokens = f["tokens"][:]
-        keep = f["keep"][:] if "keep" in f else kept_positions(tokens, [])
-    return tokens, keep
+    """(token ids (sequences, ctx_len), boolean mask of the analysed positions) of a token
+    file, verified against their checksums."""
+    arrays, _ = read_h5(path)
+    tokens = arrays["tokens"]
+    return tokens, arrays["keep"] if "keep" in arrays else kept_positions(tokens, [])
 
 
 POSITION_COUNTS = ("n_sequences", "positions", "analysed_tokens", "dropped_bos_column", "dropped_excluded",
@@ -501,9 +496,9 @@ POSITION_COUNTS = ("n_sequences", "positions", "analysed_tokens", "dropped_bos_c
 def token_file_record(path: str | Path) -> dict:
     """What a token file records about its positions: the excluded ids, and how many
     positions were analysed and dropped (and why)."""
-    with h5py.File(path, "r") as f:
-        return {"exclude_ids": [int(i) for i in f.attrs["exclude_ids"]],
-                "counts": {k: int(f.attrs[k]) for k in POSITION_COUNTS}}
+    with H5Reader(path) as reader:
+        attrs = reader.attrs
+    return {"exclude_ids": [int(i) for i in attrs["exclude_ids"]], "counts": {k: int(attrs[k]) for k in POSITION_COUNTS}}
 
 
 def write_token_stream(path: str | Path, texts: Iterable[str], tokenizer, separator_id: int,

@@ -359,8 +359,9 @@ def load_tokenizer(model_set: ModelSet, store_root: str | Path | None = None):
 
 
 def check_same_tokenizer(specs: tuple[ModelSpec, ...] | list[ModelSpec]) -> None:
-    """Refuse a set whose models tokenize differently: their activations would not be over
-    the same tokens."""
+    """Refuse a set whose models tokenize differently (their activations would not be over
+    the same tokens), or a model without a usable tokenizer (a folder saved without its
+    tokenizer files loads as a tokenizer of one token or none)."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
@@ -371,6 +372,14 @@ def check_same_tokenizer(specs: tuple[ModelSpec, ...] | list[ModelSpec]) -> None
             vocabularies[spec.name] = AutoTokenizer.from_pretrained(location, revision=revision).get_vocab()
         except OSError as exc:
             raise _unreachable(spec, revision) from exc
+        except (ValueError, TypeError) as exc:  # transformers: no tokenizer class or files it can build one from
+            raise ModelError(f"model {spec.name} has no usable tokenizer in {location} "
+                             f"({str(exc).splitlines()[0][:120]}); save it with the model: "
+                             f"tokenizer.save_pretrained(folder)") from None
+        if len(vocabularies[spec.name]) < 2:
+            raise ModelError(f"model {spec.name} has no usable tokenizer in {location} (it loads as "
+                             f"{len(vocabularies[spec.name])} token(s)): save it with the model: "
+                             f"tokenizer.save_pretrained(folder)")
     first, *rest = vocabularies
     for name in rest:
         if vocabularies[name] != vocabularies[first]:

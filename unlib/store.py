@@ -3,6 +3,7 @@ so two runs with different parameters never collide and the same run finds its f
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import h5py
+from unlib import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -177,94 +178,64 @@ def link_file(source: str | Path, target: str | Path) -> None:
             shutil.copyfile(source, tmp)
 
 
+class StoreWriteError(UserError):
+    """A write to the store that failed (a full or read-only disk): nothing was renamed into place."""
+
+
+# The errors of a write that the user can fix: a full disk or quota, a read-only store.
+FAILED_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def write_failure(path: str | Path, error: BaseException, needed_bytes: int | None = None) -> StoreWriteError:
+    """One line for a failed write of `path`: a full disk with the free and needed space, a
+    read-only store, or the system's own words (HDF5 gives the errno in its message)."""
+    path = Path(path)
+    found = re.search(r"errno = (\d+)", str(error))
+    code = int(found.group(1)) if found else getattr(error, "errno", None)
+    existing = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("/"))
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(existing).free
+        need = f"; it needs about {needed_bytes / 2**30:,.2f} GiB" if needed_bytes else ""
+        return StoreWriteError(f"cannot write {path}: the disk is full ({free / 2**30:,.2f} GiB free under "
+                               f"{existing}{need}); free space or point UNLIB_STORE at a larger disk, then run the "
+                               f"same command again")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return StoreWriteError(f"cannot write {path}: the store is not writable ({os.strerror(code)}); point "
+                               f"UNLIB_STORE at a writable folder")
+    return StoreWriteError(f"cannot write {path}: {str(error).splitlines()[0]}")
+
+
+# Room kept free beyond a write's own bytes (HDF5's metadata, the filesystem's blocks)
+WRITE_MARGIN = 4 * 2**20
+
+
+def ensure_space(path: str | Path, nbytes: int, needed_bytes: int | None = None) -> None:
+    """Refuse, before writing, a write of `nbytes` to `path` that the disk has no room for
+    (a full disk met inside HDF5 leaves its library unable to close the file).
+    `needed_bytes`: what the whole file still needs, for the message."""
+    path = Path(path)
+    existing = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("/"))
+    if shutil.disk_usage(existing).free < nbytes + WRITE_MARGIN:
+        raise write_failure(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), needed_bytes or nbytes)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds,
     so no reader ever sees a half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         durable_replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in FAILED_WRITES:
+            raise write_failure(path, exc) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def write_small_h5(path: str | Path, arrays: dict, attrs: dict) -> None:
-    """Write a small result file (a few arrays) atomically."""
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            for name, value in arrays.items():
-                f.create_dataset(name, data=value)
-            for key, value in attrs.items():
-                f.attrs[key] = value
-
-
-def partial_path(path: str | Path) -> Path:
-    """Where PartialH5 writes `path` until it is finished."""
-    path = Path(path)
-    return path.with_name(path.stem + ".partial.h5")
-
-
-class PartialH5:
-    """Crash-safe writer for a large row-blocked HDF5 file.
-
-    Rows go to `<name>.partial.h5`; after each block the data is flushed, then the
-    `rows_done` attribute, then flushed again, so a SIGKILL leaves a file whose first
-    `rows_done` rows are valid. `finish()` renames it atomically onto the final name.
-    Re-opening a partial file resumes from `rows_done`.
-    """
-
-    def __init__(self, path: str | Path, datasets: dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]],
-                 attrs: dict):
-        self.path = Path(path)
-        self.partial = partial_path(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = None
-        if self.partial.exists():
-            try:
-                self.file = h5py.File(self.partial, "a")
-                if dict(self.file.attrs).get("provenance") != attrs.get("provenance"):
-                    raise ValueError("provenance changed")
-            except BlockingIOError:  # another process writes it: not ours to delete
-                raise
-            except (OSError, ValueError, KeyError):
-                if self.file is not None:
-                    self.file.close()
-                self.file = None
-                self.partial.unlink()
-        if self.file is None:
-            self.file = h5py.File(self.partial, "w")
-            for name, (shape, dtype, chunks) in datasets.items():
-                # fletcher32 checksums turn silent corruption of a block into a read error
-                self.file.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fletcher32=True)
-            for key, value in attrs.items():
-                self.file.attrs[key] = value
-            self.file.attrs["rows_done"] = 0
-            self.file.flush()
-
-    @property
-    def rows_done(self) -> int:
-        return int(self.file.attrs["rows_done"])
-
-    def write_rows(self, start: int, blocks: dict[str, "object"]) -> None:
-        stop = start
-        for name, block in blocks.items():
-            stop = start + len(block)
-            self.file[name][start:stop] = block
-        self.file.flush()
-        self.file.attrs["rows_done"] = stop
-        self.file.flush()
-
-    def finish(self) -> None:
-        self.file.close()
-        durable_replace(self.partial, self.path)
-
-    def close(self) -> None:
-        if self.file is not None and self.file.id.valid:
-            self.file.close()
 
 
 def provenance(values: dict) -> str:
@@ -276,23 +247,6 @@ def h5_attrs(values: dict) -> dict:
     """`values` as HDF5 attributes (nested dicts as JSON text), with their `provenance`."""
     stored = {k: json.dumps(v, sort_keys=True) if isinstance(v, dict) else v for k, v in values.items()}
     return {**stored, "provenance": provenance(values)}
-
-
-def h5_problem(path: str | Path, expected_provenance: str | None = None) -> str | None:
-    """Why a finished HDF5 target cannot be used (unreadable, truncated, or built from other
-    inputs), or None when it is fine. Only opens the file's metadata. Raises
-    BlockingIOError when another process holds the file open for writing: a lock held is
-    not corruption."""
-    try:
-        with h5py.File(path, "r") as f:
-            recorded = f.attrs.get("provenance")
-    except BlockingIOError:  # HDF5's file lock (errno 11): a writer has it open
-        raise
-    except OSError as exc:
-        return f"unreadable or truncated HDF5 file ({str(exc).splitlines()[0]})"
-    if expected_provenance is not None and recorded != expected_provenance:
-        return describe_change(recorded, expected_provenance)
-    return None
 
 
 def describe_change(recorded: str | None, expected: str) -> str:
@@ -320,10 +274,18 @@ def seal_path(path: str | Path) -> Path:
     return path.parent / SEALS / f"{path.name}.json"
 
 
-def seal(path: str | Path, expected_provenance: str) -> None:
-    """Record a finished file's size, checksum and provenance, after it is written whole."""
+def seal(path: str | Path, expected_provenance: str, **record) -> None:
+    """Record a finished file's size, checksum and provenance (and `record`), after it is written whole."""
     write_json(seal_path(path), {"bytes": os.path.getsize(path), "sha256": file_fingerprint(path),
-                                 "provenance": expected_provenance})
+                                 "provenance": expected_provenance, **record})
+
+
+def seal_record(path: str | Path) -> dict:
+    """What a results file's seal records ({} when it has none)."""
+    try:
+        return read_json(seal_path(path))
+    except (OSError, ValueError):
+        return {}
 
 
 def seal_problem(path: str | Path, expected_provenance: str) -> str | None:

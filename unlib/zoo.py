@@ -12,10 +12,10 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-import h5py
 import numpy as np
 import torch
 
+from unlib.h5io import read_h5
 from unlib.store import file_fingerprint, short_hash
 
 BOS_TOKEN = "<|endoftext|>"
@@ -200,8 +200,7 @@ def _train(config: ZooConfig, seed: int, tokenizer_dir: str | Path, tokens_file:
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
-    with h5py.File(tokens_file, "r") as f:
-        stream = f["tokens"][:]
+    stream = read_h5(tokens_file)[0]["tokens"]
     bos_id = tokenizer.bos_token_id
     damage = first_damage(config, model_dir)
     if damage is not None:
