@@ -27,6 +27,7 @@ SCHEDULER_GPUS ?=
 CACHE ?=
 CORR_MEMORY ?=
 CHECKPOINTS ?=
+CONFIRM ?=
 
 # Build .venv only when no other interpreter was given (PYTHON=python3 uses yours as is).
 ifeq ($(PYTHON),.venv/bin/python)
@@ -37,7 +38,7 @@ endif
 
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup analyze report compare plan test test-all browser bench scheduler scheduler-stop
+.PHONY: setup analyze report compare plan clean-store test test-all browser bench scheduler scheduler-stop
 
 setup: $(SETUP)
 
@@ -70,6 +71,11 @@ report: $(SETUP)
 # The correlation's plan for the same variables as analyze: nothing loaded, nothing written.
 plan: $(SETUP)
 	$(PYTHON) -m tasks plan $(RUN_ARGS) $(call option,CHECKPOINT,checkpoint)
+
+# What the store holds that no output needs (set-aside damaged files, leftovers of interrupted
+# writes, correlation blocks of another plan), with their sizes; CONFIRM=1 removes them.
+clean-store: $(SETUP)
+	$(PYTHON) -m tasks clean-store $(if $(filter 1 yes true,$(CONFIRM)),--confirm)
 
 compare: $(SETUP)
 	$(PYTHON) -m tasks compare $(RUN_ARGS) $(call option,CHECKPOINTS,checkpoints)

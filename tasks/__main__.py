@@ -12,14 +12,15 @@ from rich.console import Console
 
 from tasks import scheduler
 from tasks.api import AnalysisFailed, build_analyses, check_workers, plan_correlation, read_results, run_analysis
-from tasks.common import BATCH_SIZE, DEFAULTS, EXECUTION_DEFAULTS
+from tasks.common import BATCH_SIZE, DEFAULTS, EXECUTION_DEFAULTS, store
 from unlib import UserError
 from tasks.report import CompareCheckpoints, RunReport
+from unlib.cleanup import unused_files
 from unlib.plan import describe, measured_rates
 from unlib.report import print_ablation, print_comparison, print_summary
 
 QUICK_TOKENS = 4096
-COMMANDS = ("analyze", "report", "compare", "plan", "scheduler")
+COMMANDS = ("analyze", "report", "compare", "plan", "scheduler", "clean-store")
 TEST_MODELS = "toy-zoo-mini"  # --test: a smoke run on the mini zoo (unless --models says otherwise)
 SEED_USAGE = f"""The seed document's flags, without a command:
   --test                          a smoke run: analyze --quick --models {TEST_MODELS} (trains the mini zoo once)
@@ -88,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", parents=[common], help="analyse several checkpoints and compare them")
     c.add_argument("--checkpoints", default=EXECUTION_DEFAULTS["checkpoints"],
                    help=f'training steps (default "{EXECUTION_DEFAULTS["checkpoints"]}")')
+    clean = sub.add_parser("clean-store", help="list what the store holds that no output needs; --confirm removes it")
+    clean.add_argument("--confirm", action="store_true", help="CONFIRM=1: remove the files listed")
     s = sub.add_parser("scheduler", help="start or stop the central scheduler (luigid)")
     s.add_argument("action", choices=["start", "stop"])
     s.add_argument("--scheduler-port", type=number(int, "SCHEDULER_PORT"), default=EXECUTION_DEFAULTS["scheduler_port"])
@@ -172,6 +175,25 @@ def print_plan(console: Console, args) -> int:
     return 0
 
 
+def clean_store(console: Console, confirm: bool) -> int:
+    """`make clean-store`: list the files no output needs (unlib.cleanup), and remove them with CONFIRM=1."""
+    root = store().root
+    found = unused_files(root) if root.is_dir() else []
+    for item in found:
+        console.print(f"{item.bytes / 2**20:10,.2f} MiB  {item.path.relative_to(root)}  ({item.why})", highlight=False,
+                      soft_wrap=True)
+    total = sum(item.bytes for item in found) / 2**20
+    if not found:
+        console.print(f"{root}: nothing to clean", highlight=False, soft_wrap=True)
+    elif confirm:
+        for item in found:
+            item.path.unlink(missing_ok=True)
+        console.print(f"removed {len(found)} files: {total:,.2f} MiB freed", highlight=False)
+    else:
+        console.print(f"{len(found)} files, {total:,.2f} MiB: `make clean-store CONFIRM=1` removes them", highlight=False)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=False)
     args = parser().parse_args(seed_argv(sys.argv[1:] if argv is None else argv))
@@ -182,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         return code
     if args.command == "plan":
         return print_plan(console, args)
+    if args.command == "clean-store":
+        return clean_store(console, args.confirm)
     try:
         roots = build(args)
     except ValueError as exc:  # UserError and the parameter checks

@@ -311,6 +311,37 @@ def test_fuzzing_the_store_never_changes_a_result_long(reference, tmp_path):
     fuzz(reference, tmp_path, rounds=30, seed=1)
 
 
+def test_clean_store_removes_only_what_no_output_needs(reference, tmp_path):
+    from conftest import cli_in_process
+    from unlib.store import set_aside
+
+    store = copy_of(reference, tmp_path / "store")
+    cache = next(store.glob(f"activations/{MODELS}-*--seed-1/*/*.h5"))
+    block = next(store.glob("correlation/*/blocks/*.h5"))
+    leftovers = {partial_path(cache): "an interrupted write whose file was finished since",
+                 block.with_name("ref-0_units-0123456789abcdef.h5"): "a correlation block the merged correlations were",
+                 store / RESULTS / ".universal_neurons.csv.tmp-999999": "left by an interrupted write"}
+    for path in leftovers:
+        shutil.copyfile(cache if path.suffix == ".h5" else store / RESULTS / "universal_neurons.csv", path)
+    refused = set_aside(shutil.copyfile(block, block.with_name("copy.h5")))
+    leftovers[refused] = "set aside as damaged or altered"
+    listed = cli_in_process(store, "clean-store")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.strip().splitlines()
+    assert len(lines) == len(leftovers) + 1 and lines[-1].startswith(f"{len(leftovers)} files, ")
+    for path, why in leftovers.items():
+        line = next(line for line in lines if str(path.relative_to(store)) in line)
+        assert why in line and f"{path.stat().st_size / 2**20:,.2f} MiB" in line
+    before = {p for p in store.rglob("*") if p.is_file()}
+    removed = cli_in_process(store, "clean-store", "--confirm")
+    assert removed.stdout.strip().splitlines()[-1].startswith(f"removed {len(leftovers)} files: ")
+    assert before - {p for p in store.rglob("*") if p.is_file()} == set(leftovers)
+    assert cli_in_process(store, "clean-store").stdout.strip().endswith("nothing to clean")
+    proc = analyze(store)  # nothing a result needs was removed: nothing runs again
+    assert proc.returncode == 0 and "0 tasks run here" in proc.stdout, proc.stdout + proc.stderr
+    assert same_csvs(store, reference)
+
+
 def test_held_out_tokens_the_dataset_lacks_stop_the_run_before_any_model_runs(mini_zoo, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(mini_zoo, store / "zoo")

@@ -314,9 +314,8 @@ def exclusive(paths: Iterable[str | Path], lock_dir: str | Path) -> Iterator[Non
     store), so hosts that mount the store at different paths take the same lock."""
     lock_dir = Path(lock_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
-    base = os.path.realpath(lock_dir.parent)
     with contextlib.ExitStack() as stack:
-        for key in sorted({os.path.relpath(os.path.realpath(p), base) for p in paths}):
+        for key in sorted({lock_key(p, lock_dir) for p in paths}):
             lock = stack.enter_context(open(lock_dir / f"{short_hash(key, 16)}.lock", "a"))
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -324,6 +323,25 @@ def exclusive(paths: Iterable[str | Path], lock_dir: str | Path) -> Iterator[Non
                 logger.warning("waiting for another process that is writing %s", key)
                 fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+def lock_key(path: str | Path, lock_dir: str | Path) -> str:
+    """What `exclusive` locks `path` by: its path within the store (lock_dir's parent)."""
+    return os.path.relpath(os.path.realpath(path), os.path.realpath(Path(lock_dir).parent))
+
+
+def being_written(path: str | Path, lock_dir: str | Path) -> bool:
+    """Whether a process holds `exclusive`'s lock on `path` now (is writing it)."""
+    lock = Path(lock_dir) / f"{short_hash(lock_key(path, lock_dir), 16)}.lock"
+    if not lock.exists():
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
 
 
 def set_aside(path: str | Path) -> Path:
