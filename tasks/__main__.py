@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # UserError and the parameter checks
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted before any work started", file=sys.stderr)
+        return 130
     central, why_not = (None, None) if args.scheduler == "local" else scheduler.find(args.scheduler_port)
     if args.scheduler == "central" and why_not:
         print(f"error: SCHEDULER=central but {why_not}; start this store's with `make scheduler` "

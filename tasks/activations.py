@@ -44,8 +44,9 @@ class CacheActivations(CheckpointParams, PipelineTask):
                         self.cache_attrs())
 
     def run(self):
+        inputs = made_from(self)  # before reading them: a digest never vouches for content read earlier
         tokens, keep = read_tokens(self.input()["tokens"].path)
         model = load_model(self.spec, self.checkpoint, self.device)
         with TaskProgress(self, f"cache {self.spec.name}", int(keep.sum())) as progress:
             cache_activations(model, tokens, keep, self.output().path, self.cache_attrs(), self.batch_size,
-                              progress=progress, made_from=made_from(self))
+                              progress=progress, made_from=inputs)

@@ -325,6 +325,8 @@ def run_graph(roots: list[luigi.Task], workers: int = EXECUTION_DEFAULTS["worker
             import transformer_lens.model_bridge  # noqa: F401  imported once here, not in every forked task (~5 s)
         try:
             while True:
+                for earlier in Path(error_dir).glob("*.damaged"):  # rebuilt by this attempt, if it works
+                    earlier.unlink()
                 try:
                     result = luigi.build(roots, workers=workers, detailed_summary=True, **kwargs)
                 except luigi.rpc.RPCError:  # only a central scheduler raises it
@@ -354,12 +356,12 @@ def run_graph(roots: list[luigi.Task], workers: int = EXECUTION_DEFAULTS["worker
             del os.environ["UNLIB_ERROR_DIR"], os.environ["UNLIB_MAIN_PID"]
             os.environ.pop("UNLIB_TORCH_THREADS", None)
         user_errors = sorted({p.read_text() for p in Path(error_dir).glob("*.txt")})
-        damaged = sorted({p.read_text() for p in Path(error_dir).glob("*.damaged")})
+        damaged = sorted(p.read_text() for p in Path(error_dir).glob("*.damaged"))  # the last attempt's
     if not all(root.complete() for root in roots):
         if user_errors:
             raise UserError(user_errors[0])
-        if damaged:
-            raise UserError(f"{damaged[-1]}; run the same command again")
+        if damaged and len(damaged) >= len(summary["failed"]):  # no other failure in the last attempt
+            raise UserError(f"{damaged[0]}; run the same command again")
         raise AnalysisFailed(result.summary_text, luigi.retcodes.retcode().task_failed or 1)
     return RunReport(time.monotonic() - start, sorted(ran), sorted(seen_done - elsewhere - ran),
                      sorted(elsewhere - ran))

@@ -91,9 +91,6 @@ def one_writer(run):
     torch with this worker's share of the cores ($UNLIB_TORCH_THREADS, set by run_analysis)."""
     @functools.wraps(run)
     def locked_run(self):
-        if os.environ.get("UNLIB_MAIN_PID", str(os.getpid())) != str(os.getpid()):
-            # a forked worker: Ctrl-C is the main process's to report (it stops the workers)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if os.environ.get("UNLIB_TORCH_THREADS"):
             torch.set_num_threads(int(os.environ["UNLIB_TORCH_THREADS"]))
         try:
@@ -133,6 +130,16 @@ def own_gpu(device: str):
                 yield
                 return
         time.sleep(1)
+
+
+def leave_interrupts_to_the_main_process() -> None:
+    """In a process forked during a run (run_graph sets $UNLIB_MAIN_PID): ignore Ctrl-C, which
+    the run's main process reports in one line and answers by stopping its workers."""
+    if os.environ.get("UNLIB_MAIN_PID", str(os.getpid())) != str(os.getpid()):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+os.register_at_fork(after_in_child=leave_interrupts_to_the_main_process)
 
 
 class HideReportedTracebacks(logging.Filter):
@@ -185,8 +192,11 @@ def rebuilt_input(recorded: str | None) -> str | None:
     removed to free disk) invalidates nothing: it is checked again if it is rebuilt."""
     root = store().root
     for name, digest in sorted(json.loads(recorded or "{}").items()):
-        path = root / name
-        if path.is_file() and content_digest(path) != digest:
+        try:
+            found = content_digest(root / name)
+        except Exception:  # noqa: BLE001  gone, or damaged: its own task sets it aside and rebuilds it when needed
+            continue
+        if found != digest:
             return f"{name}, which it was made from, was rebuilt since"
     return None
 
@@ -212,6 +222,8 @@ class H5Target(luigi.LocalTarget):
                 problem = ("stale", rebuilt)
         except BlockingIOError:  # open for writing elsewhere: in use, not corrupt; never moved aside
             logger.warning("%s is open for writing in another process; not using it", self.path)
+            return False
+        except FileNotFoundError:  # another worker set it aside meanwhile
             return False
         if problem is None:
             return True

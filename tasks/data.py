@@ -46,9 +46,10 @@ class TokenizeDataset(TokenParams, PipelineTask):
                         self.token_attrs())
 
     def run(self):
+        inputs = made_from(self)
         tokenizer = load_tokenizer(self.model_set, store().root)
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.set_status_message(f"tokenizing {self.dataset}")
         data.write_token_sequences(self.output().path, data.load_texts(self.dataset), tokenizer, bos,
                                    self.n_tokens, self.ctx_len, data.exclusion_ids(self.exclude_tokens, tokenizer),
-                                   {**h5_attrs(self.token_attrs()), "made_from": made_from(self)}, self.skip_tokens)
+                                   {**h5_attrs(self.token_attrs()), "made_from": inputs}, self.skip_tokens)

@@ -4,8 +4,10 @@ reference run's CSVs, byte for byte. Files are damaged by editing the bytes HDF5
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -321,12 +323,17 @@ def test_clean_store_removes_only_what_no_output_needs(reference, tmp_path):
     leftovers = {partial_path(cache): "an interrupted write whose file was finished since",
                  block.with_name("ref-0_units-0123456789abcdef.h5"): "a correlation block the merged correlations were",
                  store / RESULTS / ".universal_neurons.csv.tmp-999999": "left by an interrupted write"}
-    for path in leftovers:
-        shutil.copyfile(cache if path.suffix == ".h5" else store / RESULTS / "universal_neurons.csv", path)
+    sources = [cache, block, store / RESULTS / "universal_neurons.csv"]  # a block of another plan: a block's copy
+    for path, source in zip(leftovers, sources):
+        shutil.copyfile(source, path)
+    old = time.time() - 2 * 3600  # an abandoned temporary file (a recent one may be another host's writer's)
+    os.utime(store / RESULTS / ".universal_neurons.csv.tmp-999999", (old, old))
     refused = set_aside(shutil.copyfile(block, block.with_name("copy.h5")))
     leftovers[refused] = "set aside as damaged or altered"
+    pending = shutil.copyfile(block, block.with_name("ref-1_units-fedcba9876543210.h5"))  # reference 1: not merged
     listed = cli_in_process(store, "clean-store")
     assert listed.returncode == 0, listed.stderr
+    assert pending.name not in listed.stdout
     lines = listed.stdout.strip().splitlines()
     assert len(lines) == len(leftovers) + 1 and lines[-1].startswith(f"{len(leftovers)} files, ")
     for path, why in leftovers.items():
@@ -336,6 +343,7 @@ def test_clean_store_removes_only_what_no_output_needs(reference, tmp_path):
     removed = cli_in_process(store, "clean-store", "--confirm")
     assert removed.stdout.strip().splitlines()[-1].startswith(f"removed {len(leftovers)} files: ")
     assert before - {p for p in store.rglob("*") if p.is_file()} == set(leftovers)
+    pending.unlink()
     assert cli_in_process(store, "clean-store").stdout.strip().endswith("nothing to clean")
     proc = analyze(store)  # nothing a result needs was removed: nothing runs again
     assert proc.returncode == 0 and "0 tasks run here" in proc.stdout, proc.stdout + proc.stderr
@@ -359,9 +367,6 @@ def test_held_out_tokens_the_dataset_lacks_stop_the_run_before_any_model_runs(mi
 
 
 def test_ctrl_c_is_one_line_and_the_run_resumes_to_the_same_results(reference, mini_zoo, tmp_path):
-    import signal
-    import time
-
     store = tmp_path / "store"
     shutil.copytree(mini_zoo, store / "zoo")
     proc = subprocess.Popen([sys.executable, "-m", "tasks", "analyze", *ARGS], cwd=REPO, text=True,
@@ -379,3 +384,68 @@ def test_ctrl_c_is_one_line_and_the_run_resumes_to_the_same_results(reference, m
     resumed = analyze(store)
     assert resumed.returncode == 0, resumed.stderr
     assert same_csvs(store, reference)
+
+
+def test_a_dataset_removed_or_read_as_another_dtype_is_refused(tmp_path):
+    path = tmp_path / "tokens.h5"
+    tokens = np.arange(640, dtype=np.int32).reshape(10, 64)
+    write_h5(path, {"tokens": tokens, "keep": tokens % 3 > 0}, {"provenance": "p"})
+    with h5py.File(path, "a") as f:  # the same bytes, meant as another dtype; and a dataset gone
+        raw = f["tokens"][:].view(np.float32)
+        del f["tokens"], f["keep"], f["keep" + CHECKSUMS]
+        f.create_dataset("tokens", data=raw)
+        f["tokens"].attrs["crc32_rows"] = 10
+    assert h5_problem(path, "p") == ("damaged", "its datasets, dtypes or shapes differ from those written")
+    with pytest.raises(DamagedFile, match="its datasets, dtypes or shapes differ"):
+        read_h5(path)
+
+
+def test_a_close_that_fails_only_while_freeing_never_renames(tmp_path):
+    class FailsWhenFreed:
+        def __del__(self):
+            raise OSError(28, "No space left on device")
+
+    class ReportsOnlyWhenFreed:  # the file, whose close reports its failure as HDF5 may: unraisably
+        def __init__(self, file):
+            self.file = file
+
+        def close(self):
+            self.file.close()
+            FailsWhenFreed()
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    path = tmp_path / "cache.h5"
+    writer = PartialH5(path, {"layer_000": ((10, 4), "float32", (5, 4))}, {"provenance": "p"})
+    writer.write_rows(0, {"layer_000": np.ones((10, 4), np.float32)})
+    writer.file = ReportsOnlyWhenFreed(writer.file)
+    with pytest.raises(StoreWriteError, match="the disk is full"):
+        writer.finish()
+    assert not path.exists() and not partial_path(path).exists()
+
+
+def test_checked_writes_nest_and_restore_the_hook(tmp_path):
+    before = sys.unraisablehook
+    outer, inner = checked_writes(tmp_path / "a.h5"), checked_writes(tmp_path / "b.h5")
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)
+    inner.__exit__(None, None, None)
+    assert sys.unraisablehook is before
+
+
+def test_a_damaged_input_makes_no_completeness_check_raise(tmp_path, monkeypatch):
+    from tasks.common import H5Target, rebuilt_input
+    from unlib.h5io import content_digest
+    from unlib.store import provenance
+
+    monkeypatch.setenv("UNLIB_STORE", str(tmp_path))
+    made, output = tmp_path / "input.h5", tmp_path / "output.h5"
+    write_h5(made, {"x": np.arange(10)}, {"provenance": "p"})
+    write_h5(output, {"y": np.arange(3)}, {"provenance": provenance({"a": 1}),
+                                           "made_from": f'{{"input.h5": "{content_digest(made)}"}}'})
+    assert H5Target(output, {"a": 1}).exists()
+    made.write_bytes(made.read_bytes()[:100])  # truncated: its own task sets it aside when it is needed
+    assert rebuilt_input(f'{{"input.h5": "{content_digest(output)}"}}') is None
+    assert H5Target(output, {"a": 1}).exists()

@@ -1,18 +1,22 @@
 """What the store holds that no current output needs: set-aside damaged files, partial and
 temporary files left by interrupted writers whose output is finished or abandoned, and
-correlation blocks that their run's merged correlations were not made from."""
+correlation blocks that their references' merged correlations were not made from."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import time
 from pathlib import Path
 
-from unlib.h5io import h5_attribute, partial_path
-from unlib.store import being_written
+from unlib.h5io import partial_path, verified_attrs
+from unlib.store import being_written, slug
 
-TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")  # unlib.store.atomic_path's
+TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # unlib.store.atomic_path's
 REFUSED = re.compile(r"^(?P<name>.+)\.refused-\d+$")  # unlib.store.set_aside's
+BLOCK = re.compile(r"^ref-(?P<refs>[\d-]+)_units-[0-9a-f]+\.h5$")  # unlib.store.Store.correlation_block's
+RECENT_SECONDS = 3600  # a temporary file this young may belong to a writer on another host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,8 +28,9 @@ class Unused:
 
 def unused_files(root: str | Path) -> list[Unused]:
     """Files under the store `root` that nothing reads again, with why. A file some process is
-    writing now (it holds the output's lock) is never listed; a partial file whose output is
-    not finished is kept, since the next run resumes it."""
+    writing now (it holds the output's lock, or its temporary file is recent or its writer's
+    pid alive) is never listed; a partial file whose output is not finished is kept, since the
+    next run resumes it."""
     root = Path(root)
     locks = root / "locks"
     found = []
@@ -33,7 +38,8 @@ def unused_files(root: str | Path) -> list[Unused]:
         why = None
         if REFUSED.match(path.name):
             why = "set aside as damaged or altered"
-        elif (match := TEMPORARY.match(path.name)) and not being_written(path.with_name(match["name"]), locks):
+        elif (match := TEMPORARY.match(path.name)) and not being_written(path.with_name(match["name"]), locks) \
+                and not alive(int(match["pid"])) and time.time() - path.stat().st_mtime > RECENT_SECONDS:
             why = "left by an interrupted write"
         elif path.name.endswith(".partial.h5"):
             final = path.with_name(path.name[:-len(".partial.h5")] + ".h5")
@@ -44,23 +50,41 @@ def unused_files(root: str | Path) -> list[Unused]:
     return found + orphaned_blocks(root)
 
 
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def orphaned_blocks(root: Path) -> list[Unused]:
-    """Correlation blocks of runs whose merged per-layer files exist but were not made from them
-    (blocks of another plan: another CORR_MEMORY or PARALLEL)."""
+    """Correlation blocks that no merge needs: every reference the block serves has its merged
+    per-layer files, none of them being written, and none made from the block (a block of
+    another plan: another CORR_MEMORY or PARALLEL). Any doubt (a block or layer file that
+    does not read back verified) keeps the block."""
     found = []
-    for blocks in sorted(root.glob("correlation/*/blocks")):
-        layer_files = sorted(blocks.parent.glob("*/layer_*.h5"))
-        if not layer_files:  # not merged yet: every block may still be needed
+    for block in sorted(root.glob("correlation/*/blocks/*.h5")):
+        match = BLOCK.match(block.name)
+        if not match:
             continue
         try:
-            records = [h5_attribute(layer_file, "made_from") for layer_file in layer_files]
-        except OSError:  # a damaged layer file: the run rebuilds it, from its blocks
+            models = json.loads(verified_attrs(block)["provenance"])["models"]
+            layer_files = {}
+            for ref in map(int, match["refs"].split("-")):
+                layer_files[ref] = sorted((block.parent.parent / slug(models[ref])).glob("layer_*.h5"))
+            if not all(layer_files.values()) or any(being_written(f, root / "locks")
+                                                    for files in layer_files.values() for f in files):
+                continue
+            used = set()
+            for files in layer_files.values():
+                for layer_file in files:
+                    used |= {root / name for name in json.loads(verified_attrs(layer_file)["made_from"])}
+        except Exception:  # noqa: BLE001  damaged, set aside meanwhile, or older: keep the block
             continue
-        if None in records:  # written before files recorded what they were made from
-            continue
-        used = {root / name for record in records for name in json.loads(record)}
-        for block in sorted(blocks.glob("*.h5")):
-            if block not in used and not block.name.endswith(".partial.h5"):
-                found.append(Unused(block, block.stat().st_size, "a correlation block the merged correlations were "
-                                                                  "not made from"))
+        if block not in used:
+            found.append(Unused(block, block.stat().st_size, "a correlation block the merged correlations were not "
+                                                              "made from"))
     return found

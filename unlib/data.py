@@ -485,8 +485,7 @@ def read_tokens(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(token ids (sequences, ctx_len), boolean mask of the analysed positions) of a token
     file, verified against their checksums."""
     arrays, _ = read_h5(path)
-    tokens = arrays["tokens"]
-    return tokens, arrays["keep"] if "keep" in arrays else kept_positions(tokens, [])
+    return arrays["tokens"], arrays["keep"]
 
 
 POSITION_COUNTS = ("n_sequences", "positions", "analysed_tokens", "dropped_bos_column", "dropped_excluded",

@@ -14,7 +14,9 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sys
+import threading
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -23,12 +25,13 @@ import h5py
 import numpy as np
 
 from unlib import UserError
-from unlib.store import (StoreWriteError, atomic_path, describe_change, durable_replace, ensure_space, set_aside,
-                         write_failure)
+from unlib.store import (FAILED_WRITES, StoreWriteError, atomic_path, describe_change, durable_replace, ensure_space,
+                         set_aside, write_failure)
 
 CHECKSUMS = ".crc32"  # suffix of the dataset holding another dataset's checksums
 UNIT_ROWS = "crc32_rows"  # attribute of a dataset: rows each of its checksums covers
 ATTRS_CHECKSUM = "attrs_crc32"  # attribute of a file: the checksum of its other attributes
+LAYOUT = "layout"  # attribute of a file: its datasets' names, dtypes and shapes (JSON), under attrs_crc32
 UNCHECKED_ATTRS = (ATTRS_CHECKSUM, "rows_done")  # rows_done: a partial file's progress, checked by the rows' own
 
 
@@ -47,29 +50,50 @@ class DamagedFile(UserError):
                          f"to be rebuilt")
 
 
+_writes = threading.local()  # .failures: the failed writes seen in this thread's checked_writes
+_hook_lock = threading.Lock()
+_hook_users = 0
+_previous_hook = sys.unraisablehook
+
+
+def _write_error(exc: BaseException) -> bool:
+    """Whether an exception reports a failed write to a file (HDF5 names the errno in its message)."""
+    return isinstance(exc, (OSError, RuntimeError)) and bool(
+        re.search(r"errno = \d+", str(exc)) or getattr(exc, "errno", None) in FAILED_WRITES)
+
+
+def _unraisable(unraisable) -> None:
+    failures = getattr(_writes, "failures", None)
+    if failures is not None and _write_error(unraisable.exc_value):
+        failures.append(unraisable.exc_value)
+    else:
+        _previous_hook(unraisable)
+
+
 @contextlib.contextmanager
 def checked_writes(path: str | Path, needed_bytes: int | None = None) -> Iterator[None]:
     """Raise StoreWriteError when any HDF5 write inside the block failed: raised, or only
-    reported as an unraisable exception while h5py freed an object."""
-    failures: list[BaseException] = []
-    previous = sys.unraisablehook
-
-    def hook(unraisable) -> None:
-        if isinstance(unraisable.exc_value, (OSError, RuntimeError)):
-            failures.append(unraisable.exc_value)
-        else:
-            previous(unraisable)
-
-    sys.unraisablehook = hook
+    reported as an unraisable exception while h5py freed an object (collected per thread, by
+    a hook installed while any thread is inside such a block)."""
+    global _hook_users, _previous_hook
+    with _hook_lock:
+        if _hook_users == 0:
+            _previous_hook, sys.unraisablehook = sys.unraisablehook, _unraisable
+        _hook_users += 1
+    outer, _writes.failures = getattr(_writes, "failures", None), []
     try:
         try:
             yield
         except (OSError, RuntimeError) as exc:
             raise write_failure(path, exc, needed_bytes) from None
-        if failures:
-            raise write_failure(path, failures[0], needed_bytes)
+        if _writes.failures:
+            raise write_failure(path, _writes.failures[0], needed_bytes)
     finally:
-        sys.unraisablehook = previous
+        _writes.failures = outer
+        with _hook_lock:
+            _hook_users -= 1
+            if _hook_users == 0:
+                sys.unraisablehook = _previous_hook
 
 
 def crc32(values: np.ndarray) -> int:
@@ -99,22 +123,36 @@ def attrs_checksum(attrs: dict) -> int:
     return zlib.crc32(text.encode())
 
 
+def layout(f: h5py.File) -> str:
+    """An open file's datasets (checksums included) with their dtypes and shapes, as JSON: the
+    checksums cover values' bytes, this what the bytes mean and which datasets there are."""
+    names: list[str] = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return json.dumps({name: [f[name].dtype.str, list(f[name].shape)] for name in sorted(names)})
+
+
 def _set_attrs(f: h5py.File, attrs: dict) -> None:
+    """Set a new file's attributes (after its datasets), its layout and their checksum."""
     for key, value in attrs.items():
         f.attrs[key] = value
+    f.attrs[LAYOUT] = layout(f)
     f.attrs[ATTRS_CHECKSUM] = attrs_checksum(dict(f.attrs))
 
 
 def checked_attrs(f: h5py.File) -> dict:
-    """An open file's attributes, verified against their checksum; raises Mismatch."""
+    """An open file's attributes, verified against their checksum, and its datasets against
+    the layout they record; raises Mismatch."""
     try:
         attrs = dict(f.attrs)
-    except OSError as exc:
-        raise Mismatch(f"its attributes: {str(exc).splitlines()[0]}") from None
-    if ATTRS_CHECKSUM not in attrs:
+        found = layout(f)
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise Mismatch(f"its metadata: {(str(exc) or type(exc).__name__).splitlines()[0]}") from None
+    if ATTRS_CHECKSUM not in attrs or LAYOUT not in attrs:
         raise Mismatch("its attributes have no checksum")
     if attrs_checksum(attrs) != attrs[ATTRS_CHECKSUM]:
         raise Mismatch("its attributes do not match their checksum")
+    if found != attrs[LAYOUT]:
+        raise Mismatch("its datasets, dtypes or shapes differ from those written")
     return attrs
 
 
@@ -178,8 +216,9 @@ class PartialH5:
         if self.partial.exists():
             try:
                 self.file = h5py.File(self.partial, "a")
-                if dict(self.file.attrs).get("provenance") != attrs.get("provenance"):
-                    raise ValueError("provenance changed")
+                recorded = dict(self.file.attrs)
+                if any(recorded.get(k) != attrs.get(k) for k in ("provenance", "made_from")):
+                    raise ValueError("made from other inputs")
                 if any(self.file[name].attrs.get(UNIT_ROWS) != self.unit for name in datasets):
                     raise ValueError("written without chunk checksums")
             except BlockingIOError:  # another process writes it: not ours to delete
@@ -224,7 +263,7 @@ class PartialH5:
         if start > self.next_row:
             raise ValueError(f"rows {self.next_row}-{start} were never given")
         for name, block in blocks.items():
-            self.pending[name].append(np.asarray(block)[self.next_row - start:])
+            self.pending[name].append(np.asarray(block, dtype=self.datasets[name].dtype)[self.next_row - start:])
         self.next_row = max(self.next_row, start + len(next(iter(blocks.values()))))
         self._write(whole_units_only=True)
 
@@ -257,7 +296,7 @@ class PartialH5:
             raise ValueError(f"{self.partial} holds {self.rows_done} of its {self.n_rows} rows")
         with self.checked():
             self.file.close()
-            durable_replace(self.partial, self.path)
+        durable_replace(self.partial, self.path)  # only once the close reported no error
 
     def close(self) -> None:
         if self.file is not None and self.file.id.valid:
@@ -364,6 +403,13 @@ class H5Reader:
         return {name: self.read(name) for name in self.names()}
 
 
+def verified_attrs(path: str | Path) -> dict:
+    """A finished file's attributes, verified, without setting a damaged file aside (raises
+    Mismatch or OSError): for looking, not for using."""
+    with h5py.File(path, "r") as f:
+        return checked_attrs(f)
+
+
 def read_h5(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     """(every dataset, verified; the file's attributes) of a small file."""
     with H5Reader(path) as reader:
@@ -392,7 +438,7 @@ def _h5_problem(path: str, size: int, mtime_ns: int, expected_provenance: str | 
             attrs = dict(f.attrs)
             names = data_names(f)
             unchecked = [n for n in names if UNIT_ROWS not in f[n].attrs or n + CHECKSUMS not in f]
-            if ATTRS_CHECKSUM not in attrs or unchecked:
+            if ATTRS_CHECKSUM not in attrs or LAYOUT not in attrs or unchecked:
                 if expected_provenance is not None and attrs.get("provenance") != expected_provenance:
                     return "stale", describe_change(attrs.get("provenance"), expected_provenance)
                 return "stale", "it records no checksums (written by an older version)"
@@ -430,6 +476,7 @@ def _attribute(path: str, size: int, mtime_ns: int, name: str):
 def _digest(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with h5py.File(path, "r") as f:
+        digest.update(f"{f.attrs[LAYOUT]}{f.attrs[ATTRS_CHECKSUM]}".encode())
         for name in data_names(f):
             digest.update(name.encode())
             digest.update(f[name + CHECKSUMS][()].tobytes())
@@ -437,8 +484,8 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 def content_digest(path: str | Path) -> str:
-    """A digest of a store file's content: of its checksums for an HDF5 file (so the same
-    values rewritten give the same digest), else of its bytes."""
+    """A digest of a store file's content: of its layout, attributes and checksums for an HDF5
+    file (so the same values rewritten give the same digest), else of its bytes."""
     from unlib.store import file_fingerprint
 
     if str(path).endswith(".h5"):

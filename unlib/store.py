@@ -347,7 +347,7 @@ def being_written(path: str | Path, lock_dir: str | Path) -> bool:
 def set_aside(path: str | Path) -> Path:
     """Rename a refused file out of the way (kept for inspection, never read again)."""
     path = Path(path)
-    aside = path.with_name(f"{path.name}.refused-{int(time.time())}")
+    aside = path.with_name(f"{path.name}.refused-{time.time_ns()}")
     try:
         os.replace(path, aside)
     except FileNotFoundError:  # another worker set it aside first
