@@ -78,6 +78,20 @@ def analyzed_store(tmp_path_factory, mini_zoo: Path, name: str, *args: str) -> P
     return store
 
 
+def same_tables(ours: Path, theirs: Path) -> bool:
+    """Two CSV tables equal in every value but the correlations' last printed digit: runs that
+    split the work differently, or use other torch thread counts, may sum float32 in another
+    order (on this project's 2-core CI machine such runs moved some correlations by 1e-6)."""
+    import numpy as np
+    import pandas as pd
+
+    a, b = pd.read_csv(ours), pd.read_csv(theirs)
+    numbers = a.select_dtypes("number").columns
+    return list(a.columns) == list(b.columns) and a.shape == b.shape and \
+        a.drop(columns=numbers).equals(b.drop(columns=numbers)) and \
+        np.allclose(a[numbers].to_numpy(float), b[numbers].to_numpy(float), rtol=2e-6, atol=2e-6, equal_nan=True)
+
+
 def cli_in_process(store: Path, *argv: str) -> subprocess.CompletedProcess:
     """`python -m tasks <argv>` with UNLIB_STORE=store, run in this process (no interpreter
     start, five seconds less per case): its exit status, stdout and stderr, for refusals that

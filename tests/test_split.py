@@ -9,13 +9,12 @@ import sys
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 
 from tasks.scheduler import outbound_address
 from test_production import REPO, env_for, free_port, luigid  # noqa: F401  (luigid: a real central scheduler)
 from test_shared import scheduler
+from conftest import same_tables
 from unlib.correlation import ExcessCorrelationEngine
 from unlib.models import ZOOS
 
@@ -66,18 +65,7 @@ def run_record(store: Path) -> dict:
 
 
 def same_csvs(store: Path, reference: Path) -> bool:
-    """The same tables: every value but the correlations' last printed digit equal. The float32
-    sums' order can depend on how the work is split (on this 2-core machine a multi-pass plan
-    moved some correlations by 1e-6; on others the CSVs were equal byte for byte)."""
-    for name in CSVS:
-        ours, theirs = (pd.read_csv(d / RESULTS / name) for d in (store, reference))
-        numbers = ours.select_dtypes("number").columns
-        if list(ours.columns) != list(theirs.columns) or ours.shape != theirs.shape or \
-                not ours.drop(columns=numbers).equals(theirs.drop(columns=numbers)) or \
-                not np.allclose(ours[numbers].to_numpy(float), theirs[numbers].to_numpy(float), rtol=2e-6, atol=2e-6,
-                                equal_nan=True):
-            return False
-    return True
+    return all(same_tables(store / RESULTS / name, reference / RESULTS / name) for name in CSVS)
 
 
 def inputs_of(store: Path, into: Path) -> None:
