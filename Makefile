@@ -38,18 +38,28 @@ endif
 
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup analyze report compare plan clean-store test test-all browser bench scheduler scheduler-stop
+.PHONY: setup lock analyze report compare plan clean-store test test-all browser bench scheduler scheduler-stop
 
 setup: $(SETUP)
 
-# The pinned requirements, then this project itself, editable (the `universal-neurons`
-# command, `import universal_neurons_clean` from any directory).
-.venv/.installed: requirements.txt pyproject.toml
+# The locked requirements (requirements.lock: the exact version of every package), then this
+# project itself, editable (the `universal-neurons` command, `import universal_neurons_clean`
+# from any directory).
+.venv/.installed: requirements.lock pyproject.toml
 	test -x .venv/bin/python || python3 -m venv .venv
 	.venv/bin/python -m pip install --quiet --upgrade pip
-	.venv/bin/python -m pip install --quiet -r requirements.txt
+	.venv/bin/python -m pip install --quiet -r requirements.lock
 	.venv/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
+
+# requirements.lock anew from requirements.txt (the direct requirements), resolved in a scratch
+# venv; torch's local build label (+cpu) is dropped, so the pin also takes a CUDA build of it.
+lock:
+	rm -rf .lock-venv && python3 -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet -r requirements.txt
+	{ echo "# Exact versions of everything make setup installs: make lock writes this from requirements.txt"; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > requirements.lock
+	rm -rf .lock-venv
 
 # `--option "value"` for each variable that is set (given empty, as `N_TOKENS=`, it stays unset).
 option = $(if $(strip $($(1))),--$(2) "$($(1))")

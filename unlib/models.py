@@ -291,6 +291,7 @@ def model_location(spec: ModelSpec, checkpoint: int | None) -> tuple[str, str | 
         return spec.source, None
     if checkpoint is None:
         return spec.source, None
+    check_transformer_lens()  # a private function: its place and signature may change outside 4.x
     from transformer_lens.model_bridge.sources.transformers import _resolve_checkpoint_to_revision
 
     try:
@@ -298,6 +299,21 @@ def model_location(spec: ModelSpec, checkpoint: int | None) -> tuple[str, str | 
             return spec.source, _resolve_checkpoint_to_revision(spec.source, None, checkpoint)
     except ValueError as exc:
         raise ModelError(f"model {spec.name} has no checkpoint at step {checkpoint} ({exc})") from exc
+
+
+SUPPORTED_TRANSFORMER_LENS = (4, 5)  # [4, 5): the range pyproject.toml and requirements.txt ask for
+
+
+def check_transformer_lens() -> None:
+    """Refuse, in one line, a TransformerLens outside the supported range before one of its
+    private functions (the only such use: checkpoint revisions) is called."""
+    from importlib.metadata import version
+
+    found = version("transformer-lens")
+    low, high = SUPPORTED_TRANSFORMER_LENS
+    if not low <= int(found.split(".")[0]) < high:
+        raise ModelError(f"transformer-lens {found} is installed; this project supports >={low},<{high}: "
+                         f"pip install 'transformer-lens>={low},<{high}'")
 
 
 @functools.lru_cache(maxsize=None)
