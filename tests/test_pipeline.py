@@ -152,7 +152,11 @@ def test_neuron_stats_match_the_model_run_directly(run):
         np.testing.assert_allclose(rows["act_mean"], acts.mean(0), atol=1e-4)
         np.testing.assert_allclose(rows["act_skew"], scipy.stats.skew(acts, axis=0), atol=1e-3)
         np.testing.assert_allclose(rows["act_kurt"], scipy.stats.kurtosis(acts, axis=0, fisher=False), rtol=1e-3)
-        np.testing.assert_allclose(rows["sparsity"], (acts > 0).mean(0), atol=1e-6)
+        # a pre-activation within float32 rounding of 0 may fall on either side in another
+        # thread count's product (2 of 6,000 positions did on CI): those count either way
+        assert np.all(rows["sparsity"].to_numpy() >= (acts > 1e-5).mean(0) - 1e-6)
+        assert np.all(rows["sparsity"].to_numpy() <= (acts > -1e-5).mean(0) + 1e-6)
+        assert (np.abs(acts) <= 1e-5).mean() < 1e-3  # so the band is narrow: few positions are ambiguous
 
 
 def test_universal_selection(run):
