@@ -10,11 +10,9 @@ aside (renamed `*.refused-<time>`) with one line saying so, and rebuilt."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
-import re
 import sys
 import threading
 import zlib
@@ -25,8 +23,8 @@ import h5py
 import numpy as np
 
 from unlib import UserError
-from unlib.store import (FAILED_WRITES, StoreWriteError, atomic_path, describe_change, durable_replace, ensure_space,
-                         set_aside, write_failure)
+from unlib.store import (FAILED_WRITES, HDF5_ERRNO, StoreWriteError, atomic_path, describe_change, durable_replace,
+                         ensure_space, file_fingerprint, per_file_version, set_aside, write_failure)
 
 CHECKSUMS = ".crc32"  # suffix of the dataset holding another dataset's checksums
 UNIT_ROWS = "crc32_rows"  # attribute of a dataset: rows each of its checksums covers
@@ -59,7 +57,7 @@ _previous_hook = sys.unraisablehook
 def _write_error(exc: BaseException) -> bool:
     """Whether an exception reports a failed write to a file (HDF5 names the errno in its message)."""
     return isinstance(exc, (OSError, RuntimeError)) and bool(
-        re.search(r"errno = \d+", str(exc)) or getattr(exc, "errno", None) in FAILED_WRITES)
+        HDF5_ERRNO.search(str(exc)) or getattr(exc, "errno", None) in FAILED_WRITES)
 
 
 def _unraisable(unraisable) -> None:
@@ -421,18 +419,14 @@ def read_h5(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
 VERIFY_WHOLE_BYTES = 256 * 2**20
 
 
-def h5_problem(path: str | Path, expected_provenance: str | None = None) -> tuple[str, str] | None:
-    """Why a finished file cannot be used, as (kind, why): ("damaged", ...) for a file that
+@per_file_version
+def h5_problem(path: str, size: int, mtime_ns: int, expected_provenance: str | None = None) -> tuple[str, str] | None:
+    """Called as h5_problem(path, expected_provenance=None): why a finished file cannot be
+    used, as (kind, why): ("damaged", ...) for a file that
     does not open or whose values do not match their checksums (files up to
     VERIFY_WHOLE_BYTES are verified whole, larger ones by their structure); ("stale", ...)
     for one written by an older version or from other inputs. None when it is fine. Raises
     BlockingIOError when another process holds it open for writing."""
-    stat = os.stat(path)
-    return _h5_problem(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, expected_provenance)
-
-
-@functools.lru_cache(maxsize=4096)
-def _h5_problem(path: str, size: int, mtime_ns: int, expected_provenance: str | None) -> tuple[str, str] | None:
     try:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
@@ -460,19 +454,14 @@ def _h5_problem(path: str, size: int, mtime_ns: int, expected_provenance: str | 
     return None
 
 
-def h5_attribute(path: str | Path, name: str):
-    """One attribute of a finished file (None when it has none), read once per version of the file."""
-    stat = os.stat(path)
-    return _attribute(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, name)
-
-
-@functools.lru_cache(maxsize=4096)
-def _attribute(path: str, size: int, mtime_ns: int, name: str):
+@per_file_version
+def h5_attribute(path: str, size: int, mtime_ns: int, name: str):
+    """Called as h5_attribute(path, name): one attribute of a finished file (None when it has none)."""
     with h5py.File(path, "r") as f:
         return f.attrs.get(name)
 
 
-@functools.lru_cache(maxsize=4096)
+@per_file_version
 def _digest(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with h5py.File(path, "r") as f:
@@ -486,9 +475,4 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
 def content_digest(path: str | Path) -> str:
     """A digest of a store file's content: of its layout, attributes and checksums for an HDF5
     file (so the same values rewritten give the same digest), else of its bytes."""
-    from unlib.store import file_fingerprint
-
-    if str(path).endswith(".h5"):
-        stat = os.stat(path)
-        return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    return file_fingerprint(path)
+    return _digest(path) if str(path).endswith(".h5") else file_fingerprint(path)

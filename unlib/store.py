@@ -38,15 +38,23 @@ FULL_HASH_BYTES = 256 * 2**20
 EDGE_BYTES = 2**20
 
 
-def file_fingerprint(path: str | Path) -> str:
-    """A digest that changes when the file's content does (see FULL_HASH_BYTES), computed once
-    per process for a given size and modification time."""
-    st = os.stat(path)
-    return _fingerprint(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+def per_file_version(function):
+    """`function(path, size, mtime_ns, *args)` as `f(path, *args)`, computed once per process for
+    each version of the file (its resolved path, size and modification time)."""
+    cached = functools.lru_cache(maxsize=4096)(function)
+
+    def for_path(path: str | Path, *args):
+        st = os.stat(path)
+        return cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, *args)
+
+    for_path.__name__, for_path.__doc__ = function.__name__, function.__doc__
+    return for_path
 
 
-@functools.lru_cache(maxsize=4096)
-def _fingerprint(path: str, size: int, mtime_ns: int) -> str:
+@per_file_version
+def file_fingerprint(path: str, size: int, mtime_ns: int) -> str:
+    """A digest that changes when the file's content does (see FULL_HASH_BYTES); called as
+    file_fingerprint(path)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         if size <= FULL_HASH_BYTES:
@@ -133,7 +141,7 @@ class Store:
 
     def free_disk(self) -> tuple[Path, int]:
         """(the nearest existing folder at or above the store root, its free bytes)."""
-        existing = next(p for p in [self.root, *self.root.resolve().parents] if p.exists())
+        existing = nearest_existing(self.root)
         return existing, shutil.disk_usage(existing).free
 
     def results(self, model_set: str, checkpoint: int | None, variant: dict | None = None) -> Path:
@@ -178,21 +186,27 @@ def link_file(source: str | Path, target: str | Path) -> None:
             shutil.copyfile(source, tmp)
 
 
+def nearest_existing(path: Path) -> Path:
+    """The nearest existing folder at or above `path` (whose disk a file there goes to)."""
+    return next((p for p in [path, *path.resolve().parents] if p.exists()), Path("/"))
+
+
 class StoreWriteError(UserError):
     """A write to the store that failed (a full or read-only disk): nothing was renamed into place."""
 
 
 # The errors of a write that the user can fix: a full disk or quota, a read-only store.
 FAILED_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+HDF5_ERRNO = re.compile(r"errno = (\d+)")  # how HDF5 names a failed system call's errno in its messages
 
 
 def write_failure(path: str | Path, error: BaseException, needed_bytes: int | None = None) -> StoreWriteError:
     """One line for a failed write of `path`: a full disk with the free and needed space, a
     read-only store, or the system's own words (HDF5 gives the errno in its message)."""
     path = Path(path)
-    found = re.search(r"errno = (\d+)", str(error))
+    found = HDF5_ERRNO.search(str(error))
     code = int(found.group(1)) if found else getattr(error, "errno", None)
-    existing = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("/"))
+    existing = nearest_existing(path.parent)
     if code in (errno.ENOSPC, errno.EDQUOT):
         free = shutil.disk_usage(existing).free
         need = f"; it needs about {needed_bytes / 2**30:,.2f} GiB" if needed_bytes else ""
@@ -214,8 +228,7 @@ def ensure_space(path: str | Path, nbytes: int, needed_bytes: int | None = None)
     (a full disk met inside HDF5 leaves its library unable to close the file).
     `needed_bytes`: what the whole file still needs, for the message."""
     path = Path(path)
-    existing = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("/"))
-    if shutil.disk_usage(existing).free < nbytes + WRITE_MARGIN:
+    if shutil.disk_usage(nearest_existing(path.parent)).free < nbytes + WRITE_MARGIN:
         raise write_failure(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), needed_bytes or nbytes)
 
 
@@ -315,8 +328,8 @@ def exclusive(paths: Iterable[str | Path], lock_dir: str | Path) -> Iterator[Non
     lock_dir = Path(lock_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        for key in sorted({lock_key(p, lock_dir) for p in paths}):
-            lock = stack.enter_context(open(lock_dir / f"{short_hash(key, 16)}.lock", "a"))
+        for key, file in sorted({(lock_key(p, lock_dir), lock_file(p, lock_dir)) for p in paths}):
+            lock = stack.enter_context(open(file, "a"))
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -330,9 +343,14 @@ def lock_key(path: str | Path, lock_dir: str | Path) -> str:
     return os.path.relpath(os.path.realpath(path), os.path.realpath(Path(lock_dir).parent))
 
 
+def lock_file(path: str | Path, lock_dir: str | Path) -> Path:
+    """The file whose flock is `exclusive`'s lock on `path`."""
+    return Path(lock_dir) / f"{short_hash(lock_key(path, lock_dir), 16)}.lock"
+
+
 def being_written(path: str | Path, lock_dir: str | Path) -> bool:
     """Whether a process holds `exclusive`'s lock on `path` now (is writing it)."""
-    lock = Path(lock_dir) / f"{short_hash(lock_key(path, lock_dir), 16)}.lock"
+    lock = lock_file(path, lock_dir)
     if not lock.exists():
         return False
     with open(lock, "a") as f:
