@@ -1,34 +1,5 @@
-# Universal neurons pipeline. Every variable is documented in README.md.
+# Universal neurons pipeline. Every variable is documented in docs/reference.md.
 PYTHON ?= .venv/bin/python
-# Empty unless set: `python -m tasks` holds every default (tasks/common.py), so a variable is
-# passed on only when given.
-MODELS ?=
-CHECKPOINT ?=
-DATASET ?=
-N_TOKENS ?=
-CTX_LEN ?=
-EXCLUDE_TOKENS ?=
-REFERENCE ?=
-ROTATIONS ?=
-THRESHOLD ?=
-TOP_K ?=
-ABLATION ?=
-ABLATION_TOKENS ?=
-ABLATION_SAMPLES ?=
-DEVICE ?=
-WORKERS ?=
-PARALLEL ?=
-BATCH_SIZE ?=
-QUICK ?=
-SCHEDULER ?=
-SCHEDULER_PORT ?=
-SCHEDULER_HOST ?=
-SCHEDULER_GPUS ?=
-CACHE ?=
-CORR_MEMORY ?=
-CHECKPOINTS ?=
-CONFIRM ?=
-
 # Build .venv only when no other interpreter was given (PYTHON=python3 uses yours as is).
 ifeq ($(PYTHON),.venv/bin/python)
 SETUP := .venv/.installed
@@ -61,34 +32,12 @@ lock:
 	  .lock-venv/bin/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > requirements.lock
 	rm -rf .lock-venv
 
-# `--option "value"` for each variable that is set (given empty, as `N_TOKENS=`, it stays unset).
-option = $(if $(strip $($(1))),--$(2) "$($(1))")
-RUN_ARGS = $(call option,MODELS,models) $(call option,DATASET,dataset) $(call option,N_TOKENS,n-tokens) \
-	$(call option,CTX_LEN,ctx-len) $(call option,EXCLUDE_TOKENS,exclude-tokens) $(call option,REFERENCE,reference) \
-	$(call option,ROTATIONS,rotations) $(call option,THRESHOLD,threshold) $(call option,TOP_K,top-k) \
-	$(call option,ABLATION,ablation) $(call option,ABLATION_TOKENS,ablation-tokens) \
-	$(call option,ABLATION_SAMPLES,ablation-samples) \
-	$(call option,DEVICE,device) $(call option,WORKERS,workers) $(call option,PARALLEL,parallel) \
-	$(call option,BATCH_SIZE,batch-size) $(call option,SCHEDULER,scheduler) $(call option,SCHEDULER_PORT,scheduler-port) \
-	$(call option,CACHE,cache) $(call option,CORR_MEMORY,memory) $(if $(QUICK),--quick)
-
-analyze: $(SETUP)
-	$(PYTHON) -m tasks analyze $(RUN_ARGS) $(call option,CHECKPOINT,checkpoint)
-
-report: $(SETUP)
-	$(PYTHON) -m tasks report $(RUN_ARGS) $(call option,CHECKPOINT,checkpoint)
-
-# The correlation's plan for the same variables as analyze: nothing loaded, nothing written.
-plan: $(SETUP)
-	$(PYTHON) -m tasks plan $(RUN_ARGS) $(call option,CHECKPOINT,checkpoint)
-
-# What the store holds that no output needs (set-aside damaged files, leftovers of interrupted
-# writes, correlation blocks of another plan), with their sizes; CONFIRM=1 removes them.
-clean-store: $(SETUP)
-	$(PYTHON) -m tasks clean-store $(if $(filter 1 yes true,$(CONFIRM)),--confirm)
-
-compare: $(SETUP)
-	$(PYTHON) -m tasks compare $(RUN_ARGS) $(call option,CHECKPOINTS,checkpoints)
+# The commands read their variables (MODELS, CHECKPOINT, N_TOKENS, ... every one is in
+# docs/reference.md) from the environment make runs them with (--from-make): each is described
+# once, in unlib/config.py. A variable given empty (N_TOKENS=) stays unset. `make plan` prints
+# the correlation's plan for the same variables as analyze: nothing loaded, nothing written.
+analyze report compare plan clean-store: $(SETUP)
+	$(PYTHON) -m tasks $@ --from-make
 
 # The suite without the slow end-to-end scenarios (under 10 minutes on 2 cores); test-all runs them too.
 # Test modules are spread over one pytest-xdist worker per core (a module's tests stay together).
@@ -109,8 +58,7 @@ bench: $(SETUP)
 # The Luigi central scheduler (web UI at http://127.0.0.1:8082, or SCHEDULER_HOST:SCHEDULER_PORT);
 # state, pid file and logs under store/scheduler/.
 scheduler: $(SETUP)
-	$(PYTHON) -m tasks scheduler start $(call option,SCHEDULER_PORT,scheduler-port) \
-		$(call option,SCHEDULER_HOST,scheduler-host) $(call option,SCHEDULER_GPUS,gpus)
+	$(PYTHON) -m tasks scheduler start --from-make
 
 scheduler-stop: $(SETUP)
 	$(PYTHON) -m tasks scheduler stop

@@ -4,42 +4,32 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
+import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 from tasks import scheduler
-from tasks.api import AnalysisFailed, build_analyses, check_workers, plan_correlation, read_results, run_analysis
-from tasks.common import BATCH_SIZE, DEFAULTS, EXECUTION_DEFAULTS, store
-from unlib import UserError
+from tasks.api import AnalysisFailed, build_analyses, plan_correlation, read_results, run_analysis
 from tasks.report import CompareCheckpoints, RunReport
+from tasks.targets import store
+from unlib import UserError
 from unlib.cleanup import unused_files
+from unlib.config import COMMANDS, PARAMETERS, RUN_COMMANDS, RunConfig, check_checkpoints, check_workers, resolve
 from unlib.plan import describe, measured_rates
 from unlib.report import print_ablation, print_comparison, print_summary
 
-QUICK_TOKENS = 4096
-COMMANDS = ("analyze", "report", "compare", "plan", "scheduler", "clean-store")
 TEST_MODELS = "toy-zoo-mini"  # --test: a smoke run on the mini zoo (unless --models says otherwise)
 SEED_USAGE = f"""The seed document's flags, without a command:
   --test                          a smoke run: analyze --quick --models {TEST_MODELS} (trains the mini zoo once)
   --checkpoint N                  analyze --checkpoint N
   --compare-checkpoints "100 250" compare --checkpoints "100 250"
 with any option of analyze (or compare), e.g. --test --compare-checkpoints "100 300"."""
-
-
-def number(kind, variable: str, optional: bool = False):
-    """argparse type for a Make variable holding a number ('' means unset when optional)."""
-    def parse(text: str):
-        if optional and text.strip() in ("", "none", "None"):
-            return None
-        try:
-            return kind(text)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{variable} must be {what}, not {text!r}") from None
-    return parse
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -49,56 +39,74 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message.split(': ', 1)[-1] if 'must be' in message else message}\n")
 
 
+HELP = {"analyze": "analyse one checkpoint and write its report",
+        "report": "rebuild the report of an analysis (running what is missing)",
+        "plan": "print the correlation's plan (passes, memory, bytes, FLOPs, time); run nothing",
+        "compare": "analyse several checkpoints and compare them",
+        "scheduler": "start or stop the central scheduler (luigid)",
+        "clean-store": "list what the store holds that no output needs; --confirm removes it"}
+
+
 def parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--models", default=DEFAULTS["models"])
-    common.add_argument("--dataset", default="", help="empty: the model set's default dataset")
-    common.add_argument("--n-tokens", type=number(int, "N_TOKENS", optional=True), default=None)
-    common.add_argument("--ctx-len", type=number(int, "CTX_LEN", optional=True), default=None)
-    common.add_argument("--exclude-tokens", default="", help="EXCLUDE_TOKENS; empty: the model set's default")
-    common.add_argument("--reference", default=str(DEFAULTS["reference"]))
-    common.add_argument("--rotations", type=number(int, "ROTATIONS"), default=DEFAULTS["rotations"])
-    common.add_argument("--threshold", type=number(float, "THRESHOLD", optional=True), default=None)
-    common.add_argument("--top-k", type=number(int, "TOP_K", optional=True), default=None)
-    common.add_argument("--ablation", default=DEFAULTS["ablation"], help="ABLATION: mean (default) or zero")
-    common.add_argument("--ablation-tokens", type=number(int, "ABLATION_TOKENS", optional=True), default=None,
-                        help="held-out tokens of the ablation (default: a fifth of N_TOKENS)")
-    common.add_argument("--ablation-samples", type=number(int, "ABLATION_SAMPLES", optional=True), default=None,
-                        help=f"matched random neuron sets (default {DEFAULTS['ablation_samples']})")
-    common.add_argument("--device", default=EXECUTION_DEFAULTS["device"])
-    common.add_argument("--cache", default=EXECUTION_DEFAULTS["cache"])
-    common.add_argument("--memory", default="", help="correlation memory budget (CORR_MEMORY), e.g. 8G")
-    common.add_argument("--workers", type=number(int, "WORKERS"), default=EXECUTION_DEFAULTS["workers"])
-    common.add_argument("--parallel", type=number(int, "PARALLEL", optional=True), default=None,
-                        help="correlation blocks to split the work into, at least (default: WORKERS)")
-    common.add_argument("--batch-size", type=number(int, "BATCH_SIZE", optional=True), default=None,
-                        help=f"sequences per forward pass (default {BATCH_SIZE})")
-    common.add_argument("--quick", action="store_true", help=f"smoke run on {QUICK_TOKENS} tokens")
-    common.add_argument("--scheduler", choices=["auto", "local", "central"], default=EXECUTION_DEFAULTS["scheduler"])
-    common.add_argument("--scheduler-port", type=number(int, "SCHEDULER_PORT"),
-                        default=EXECUTION_DEFAULTS["scheduler_port"])
-    common.add_argument("--report-tasks", help="write a JSON record of which tasks this process ran")
+    """The command line: each command takes the run parameters (unlib.config.PARAMETERS) it
+    uses, as flags; an option not given is None (unset), so RunConfig's default applies."""
     p = OneLineParser(prog="python -m tasks", description="Universal neurons analysis", epilog=SEED_USAGE,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    for name, text in [("analyze", "analyse one checkpoint and write its report"),
-                       ("report", "rebuild the report of an analysis (running what is missing)"),
-                       ("plan", "print the correlation's plan (passes, memory, bytes, FLOPs, time); run nothing")]:
-        sub.add_parser(name, parents=[common], help=text).add_argument(
-            "--checkpoint", type=number(int, "CHECKPOINT", optional=True), default=None)
-    c = sub.add_parser("compare", parents=[common], help="analyse several checkpoints and compare them")
-    c.add_argument("--checkpoints", default=EXECUTION_DEFAULTS["checkpoints"],
-                   help=f'training steps (default "{EXECUTION_DEFAULTS["checkpoints"]}")')
-    clean = sub.add_parser("clean-store", help="list what the store holds that no output needs; --confirm removes it")
-    clean.add_argument("--confirm", action="store_true", help="CONFIRM=1: remove the files listed")
-    s = sub.add_parser("scheduler", help="start or stop the central scheduler (luigid)")
-    s.add_argument("action", choices=["start", "stop"])
-    s.add_argument("--scheduler-port", type=number(int, "SCHEDULER_PORT"), default=EXECUTION_DEFAULTS["scheduler_port"])
-    s.add_argument("--scheduler-host", default=scheduler.LOCAL,
-                   help="SCHEDULER_HOST: the address luigid listens on; one other hosts reach to share it")
-    s.add_argument("--gpus", type=number(int, "SCHEDULER_GPUS", optional=True), default=None,
-                   help="SCHEDULER_GPUS: GPUs all hosts' workers share (default: this host's, at least 1)")
+    for command in COMMANDS:
+        c = sub.add_parser(command, help=HELP[command])
+        if command == "scheduler":
+            c.add_argument("action", choices=["start", "stop"])
+        for param in (q for q in PARAMETERS if command in q.commands):
+            default = "" if param.default is None else f" (default {param.default})"
+            if param.kind is bool:
+                c.add_argument(param.flag, action="store_const", const=True, help=param.help)
+            else:
+                c.add_argument(param.flag, type=option_type(param), help=f"{param.make_variable}: {param.help}{default}")
+        c.add_argument("--from-make", action="store_true",
+                       help="also take the command's variables from the environment make runs it with")
+        if command in RUN_COMMANDS:
+            c.add_argument("--report-tasks", help="write a JSON record of which tasks this process ran")
     return p
+
+
+def option_type(param):
+    """argparse type of a parameter's flag: its parse(), a bad value reported in one line."""
+    def parse(text: str):
+        try:
+            return param.parse(text)
+        except UserError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = param.make_variable
+    return parse
+
+
+def given_values(args) -> dict:
+    """The run parameters the command line gave (with --from-make, also make's variables)."""
+    values = from_make(args.command) if args.from_make else {}
+    values.update({p.name: getattr(args, p.name) for p in PARAMETERS
+                   if args.command in p.commands and getattr(args, p.name) is not None})
+    return values
+
+
+def from_make(command: str, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The values make hands a command (`--from-make`): each of the command's variables set in
+    the environment make runs it with (a variable given empty, as `N_TOKENS=`, stays unset).
+    A variable on make's command line that is not one of them but close to one
+    (CHECKPIONT=500) is refused, since make would silently ignore it."""
+    environ = os.environ if environ is None else environ
+    known = [p.make_variable for p in PARAMETERS]
+    given = re.findall(r"(?:^| )([A-Z][A-Z0-9_]*)=", environ.get("MAKEFLAGS", "").partition(" -- ")[2])
+    for name in given:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        if name not in known and close:
+            raise UserError(f"{name} is not a variable of make {command}: did you mean {close[0]}? "
+                            f"(docs/reference.md lists them all)")
+    values = {}
+    for p in PARAMETERS:
+        if command in p.commands and (text := environ.get(p.make_variable, "")).strip():
+            values[p.name] = p.parse(text)
+    return values
 
 
 def seed_argv(argv: list[str]) -> list[str]:
@@ -127,46 +135,26 @@ def seed_argv(argv: list[str]) -> list[str]:
     return [command, *rest]
 
 
-def parse_steps(text: str) -> list[int]:
-    try:
-        steps = sorted({int(s) for s in text.replace(",", " ").split()})
-    except ValueError:
-        raise UserError(f"CHECKPOINTS={text!r} must be training steps separated by spaces, e.g. \"100 250 500 1000\"") \
-            from None
-    if len(steps) < 2:
-        raise UserError(f"CHECKPOINTS={text!r} needs at least two different training steps to compare")
-    return steps
-
-
-def build(args) -> list:
+def build(command: str, config: RunConfig) -> list:
     """The Luigi root tasks of the command (raises ValueError/UserError on bad input)."""
-    # only an unset N_TOKENS takes the default: 0 or a negative number is refused by build_analyses
-    n_tokens = args.n_tokens if args.n_tokens is not None else (QUICK_TOKENS if args.quick else DEFAULTS["n_tokens"])
-    check_workers(args.workers)
-    steps = parse_steps(args.checkpoints) if args.command == "compare" else [args.checkpoint]
-    roots = [root for step in steps for root in build_analyses(
-        args.models, step, dataset=args.dataset, n_tokens=n_tokens, ctx_len=args.ctx_len, reference=args.reference,
-        rotations=args.rotations, threshold=args.threshold, top_k=args.top_k, device=args.device, cache=args.cache,
-        memory=args.memory, exclude_tokens=args.exclude_tokens,
-        batch_size=BATCH_SIZE if args.batch_size is None else args.batch_size, ablation=args.ablation,
-        ablation_tokens=args.ablation_tokens,
-        ablation_samples=DEFAULTS["ablation_samples"] if args.ablation_samples is None else args.ablation_samples,
-        workers=args.workers, parallel=args.parallel)]
-    if args.command == "compare":
+    check_workers(config.workers)
+    steps = check_checkpoints(config.checkpoints, None).split() if command == "compare" else [config.checkpoint]
+    roots = [root for step in steps
+             for root in build_analyses(dataclasses.replace(config, checkpoint=None if step is None else int(step)))]
+    if command == "compare":
+        steps = [int(s) for s in steps]
         return [root.clone(CompareCheckpoints, checkpoints=steps) for root in roots if root.checkpoint == steps[0]]
     reports = [root.clone(RunReport) for root in roots]
-    if args.command == "report":
+    if command == "report":
         for task in reports:
             Path(task.output().path).unlink(missing_ok=True)
     return reports
 
 
-def print_plan(console: Console, args) -> int:
-    """`make plan`: the correlation's plan for the analysis these arguments describe."""
-    n_tokens = args.n_tokens if args.n_tokens is not None else (QUICK_TOKENS if args.quick else DEFAULTS["n_tokens"])
+def print_plan(console: Console, config: RunConfig) -> int:
+    """`make plan`: the correlation's plan for the analysis these parameters describe."""
     try:
-        names, plan = plan_correlation(args.models, args.checkpoint, n_tokens, args.reference, args.rotations,
-                                       args.device, args.memory, args.workers, args.parallel)
+        names, plan = plan_correlation(config)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -197,25 +185,27 @@ def clean_store(console: Console, confirm: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=False)
     args = parser().parse_args(seed_argv(sys.argv[1:] if argv is None else argv))
-    if args.command == "scheduler":
-        code, line = scheduler.start(args.scheduler_port, args.scheduler_host, args.gpus) \
-            if args.action == "start" else scheduler.stop()
-        print(line, file=sys.stderr if code else sys.stdout)
-        return code
-    if args.command == "plan":
-        return print_plan(console, args)
-    if args.command == "clean-store":
-        return clean_store(console, args.confirm)
     try:
-        roots = build(args)
+        config = RunConfig(**given_values(args))
+        if args.command == "scheduler":
+            resolve(config, only=("scheduler_port", "scheduler_gpus"))
+            code, line = scheduler.start(config.scheduler_port, config.scheduler_host, config.scheduler_gpus) \
+                if args.action == "start" else scheduler.stop()
+            print(line, file=sys.stderr if code else sys.stdout)
+            return code
+        if args.command == "plan":
+            return print_plan(console, config)
+        if args.command == "clean-store":
+            return clean_store(console, config.confirm)
+        roots = build(args.command, config)
     except ValueError as exc:  # UserError and the parameter checks
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted before any work started", file=sys.stderr)
         return 130
-    central, why_not = (None, None) if args.scheduler == "local" else scheduler.find(args.scheduler_port)
-    if args.scheduler == "central" and why_not:
+    central, why_not = (None, None) if config.scheduler == "local" else scheduler.find(config.scheduler_port)
+    if config.scheduler == "central" and why_not:
         print(f"error: SCHEDULER=central but {why_not}; start this store's with `make scheduler` "
               f"(another SCHEDULER_PORT if that one is taken) or use SCHEDULER=auto", file=sys.stderr)
         return 2
@@ -223,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     where = f"central luigid on {central['host']}:{central['port']}" if central else "local"
     console.print(f"Scheduler: {where}{why}; device: {roots[0].device}", highlight=False)
     try:
-        report = run_analysis(roots, workers=args.workers,
+        report = run_analysis(roots, workers=config.workers,
                               central=(central["host"], central["port"]) if central else None)
     except KeyboardInterrupt:
         print("interrupted: finished files are kept and nothing unfinished counts as done; run the same command "

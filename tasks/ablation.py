@@ -6,7 +6,8 @@ import pandas as pd
 import torch
 
 from tasks.analysis import NeuronStats, SelectUniversal, write_csv
-from tasks.common import ResultTask, RunParams, TaskProgress
+from tasks.common import ResultTask, TaskProgress
+from tasks.params import RunParams
 from tasks.data import TokenizeDataset
 from tasks.zoo import model_requirement
 from unlib import plots

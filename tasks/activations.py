@@ -5,7 +5,9 @@ from pathlib import Path
 
 import luigi
 
-from tasks.common import CheckpointParams, H5Target, PipelineTask, TaskProgress, made_from, store
+from tasks.common import PipelineTask, TaskProgress
+from tasks.params import CheckpointParams
+from tasks.targets import H5Target, made_from, store
 from tasks.data import TokenizeDataset
 from tasks.zoo import model_requirement
 from unlib.activations import CACHE_DTYPE, cache_activations

@@ -9,7 +9,10 @@ import luigi
 import numpy as np
 import pandas as pd
 
-from tasks.common import CheckpointParams, CorrelationParams, ResultTask, RunParams, TaskProgress, store
+from tasks.common import ResultTask, TaskProgress
+from tasks.correlation import correlations_of
+from tasks.params import CheckpointParams, CorrelationParams, RunParams
+from tasks.targets import store
 from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
 from unlib.correlation import HALF_BLOCK_ROWS, SPLIT_HALF_COLUMNS, LayerResult, excess_tables
@@ -35,10 +38,10 @@ class ExcessCorrelation(CorrelationParams, ResultTask):
     beside its correlations: the same for every threshold and top-k."""
 
     def requires(self):
-        return self.correlations()
+        return correlations_of(self)
 
     def output(self):
-        d = store().correlation_dir(self.correlations().run_key(), self.model_set.models[self.reference].model_id)
+        d = store().correlation_dir(correlations_of(self).run_key(), self.model_set.models[self.reference].model_id)
         # all_references only changes how the correlations were scheduled, not these files
         return {"excess": self.result_target(d / "excess_correlation_scores.csv", ignore=("all_references",)),
                 "pairwise": self.result_target(d / "pairwise_correlations.csv", ignore=("all_references",))}
@@ -136,7 +139,7 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
         # the correlations' and the token file's records go into run.json: required, so that
         # one found damaged (and set aside) is rebuilt rather than read
         return {"excess": self.clone(ExcessCorrelation), "universal": self.clone(SelectUniversal),
-                "plots": self.clone(Plots), "stats": self.clone(NeuronStats), "correlations": self.correlations(),
+                "plots": self.clone(Plots), "stats": self.clone(NeuronStats), "correlations": correlations_of(self),
                 "tokens": self.clone(TokenizeDataset)}
 
     def output(self):

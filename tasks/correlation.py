@@ -14,7 +14,9 @@ import time
 import luigi
 
 from tasks.activations import CacheActivations
-from tasks.common import CorrelationParams, H5Target, PipelineTask, TaskProgress, made_from, store
+from tasks.common import PipelineTask, TaskProgress
+from tasks.params import CorrelationParams
+from tasks.targets import H5Target, made_from, store
 from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
 from unlib.activations import ActivationCache, cache_bytes, cached_chunks, choose_feed, model_chunks
@@ -44,7 +46,7 @@ class CorrelationTask(CorrelationParams, PipelineTask):
         """The engine, planned for CORR_MEMORY: build_analyses resolves its default once, so that
         every process plans the same blocks (planning touches no device)."""
         return ExcessCorrelationEngine(self.layer_sizes, self.references, self.rotations, self.rotation_seed,
-                                       self.device, parse_bytes(self.memory))
+                                       self.device, parse_bytes(self.corr_memory))
 
     def run_params(self) -> dict:
         """The parameters that name the correlation folder (inputs' content is checked, not named)."""
@@ -69,6 +71,12 @@ def parse_units(text: str) -> list[Unit]:
         first, last = map(int, layers.split("-"))
         units.append(Unit(int(row), tuple(range(first, last + 1)), int(col)))
     return units
+
+
+def correlations_of(task: CorrelationParams) -> "Correlations":
+    """The correlation task a run reads. With all_references, every reference's run shares one
+    task (reference 0 names it), so the pass over the tokens happens once."""
+    return task.clone(Correlations, reference=0) if task.all_references else task.clone(Correlations)
 
 
 class CorrelationBlock(CorrelationTask):

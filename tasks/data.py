@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import luigi
 
-from tasks.common import H5Target, PipelineTask, TokenParams, made_from, store
+from tasks.common import PipelineTask
+from tasks.params import TokenParams
+from tasks.targets import H5Target, made_from, store
 from tasks.zoo import ZooTokenizer
 from unlib import data
 from unlib.models import ZOOS, load_tokenizer

@@ -9,7 +9,9 @@ import pandas as pd
 from tasks.ablation import Ablation
 from tasks.activations import CacheActivations
 from tasks.analysis import Plots, SelectUniversal, UniversalNeuronsAnalysis, write_csv
-from tasks.common import ResultTask, RunParams, store
+from tasks.common import ResultTask
+from tasks.params import RunParams
+from tasks.targets import store
 from tasks.data import TokenizeDataset
 from tasks.zoo import model_requirement
 from unlib import compare, plots

@@ -24,7 +24,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from tasks.common import LUIGI_CFG, store
+from tasks.common import LUIGI_CFG
+from tasks.targets import store
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = "127.0.0.1"
@@ -132,8 +133,6 @@ def start(port: int, host: str = LOCAL, gpus: int | None = None) -> tuple[int, s
         return 2, (f"error: this store's record names a luigid on host {written['hostname']} "
                    f"({written.get('host')}:{written.get('port')}) that does not answer from here; run "
                    f"`make scheduler-stop` there, or delete {record_path()} if that host is gone")
-    if gpus is not None and gpus < 1:
-        return 2, f"error: SCHEDULER_GPUS={gpus} must be at least 1 (GPU tasks would never run)"
     here = LOCAL if host in WILDCARDS else host  # where this host reaches the luigid
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:

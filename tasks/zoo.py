@@ -7,7 +7,8 @@ import shutil
 import luigi
 import torch
 
-from tasks.common import PipelineTask, TaskProgress, store, warn_once
+from tasks.common import PipelineTask, TaskProgress
+from tasks.targets import store, warn_once
 from unlib import zoo
 from unlib.data import offline_corpus, write_token_stream
 from unlib.models import ZOOS

@@ -182,7 +182,8 @@ def test_top_k_runs_no_ablation():
     from tasks.ablation import Ablation
     from tasks.report import CompareCheckpoints, RunReport
 
-    task = RunReport(models="toy-zoo-mini", checkpoint=300, top_k=5)
+    task = RunReport(models="toy-zoo-mini", checkpoint=300, top_k=5, dataset="python-stdlib", ctx_len=64,
+                     exclude_tokens="bos", device="cpu", corr_memory="1G", parallel=1)
     assert "ablation" not in task.requires() and isinstance(task.clone(top_k=None).requires()["ablation"], Ablation)
     compare = task.clone(CompareCheckpoints, checkpoints=[100, 300])
     assert "ablation" not in compare.requires() and "ablation_by_checkpoint.csv" not in compare.output()

@@ -436,7 +436,7 @@ def test_checked_writes_nest_and_restore_the_hook(tmp_path):
 
 
 def test_a_damaged_input_makes_no_completeness_check_raise(tmp_path, monkeypatch):
-    from tasks.common import H5Target, rebuilt_input
+    from tasks.targets import H5Target, rebuilt_input
     from unlib.h5io import content_digest
     from unlib.store import provenance
 

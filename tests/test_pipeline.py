@@ -255,9 +255,9 @@ def test_all_references_without_cache_give_the_cached_numbers(run, tmp_path):
      "huggingface-cli download EleutherAI/pythia-160m --revision step4000"),
     (["--n-tokens", "many"], "N_TOKENS must be an integer, not 'many'"),
     (["--models", MODELS, "--n-tokens", "4000"], "N_TOKENS=4000 is too small: use at least 4096 tokens"),
-    (["--models", MODELS, "--memory", "lots"], "CORR_MEMORY='lots' is not a size"),
+    (["--models", MODELS, "--corr-memory", "lots"], "CORR_MEMORY='lots' is not a size"),
     (["--models", MODELS, "--cache", "maybe"], "CACHE='maybe' must be 1"),
-    (["--models", MODELS, "--memory", "64K"], "raise CORR_MEMORY"),
+    (["--models", MODELS, "--corr-memory", "64K"], "raise CORR_MEMORY"),
     (["--models", MODELS, "--ctx-len", "65"], "longer than model toy-zoo-mini/seed-0 takes (64 tokens)"),
     (["--models", MODELS, "--scheduler", "central", "--scheduler-port", "1"], "no luigid started for this store answers on 127.0.0.1:1"),
 ])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tasks.api import plan_correlation
+from unlib.config import RunConfig
 from unlib.correlation import ExcessCorrelationEngine
 
 from conftest import REPO, cli_in_process
@@ -20,7 +21,7 @@ ROTATIONS = 5
 
 
 def test_plan_figures_equal_a_hand_computation():
-    names, plan = plan_correlation("toy-zoo-mini", n_tokens=N, memory="1G", workers=1)
+    names, plan = plan_correlation(RunConfig(models="toy-zoo-mini", n_tokens=N, corr_memory="1G", workers=1))
     width = LAYERS * D
     assert names == ["toy-zoo-mini/seed-0", "toy-zoo-mini/seed-1", "toy-zoo-mini/seed-2"]
     # reference 0 against seeds 1 and 2: two halves of float32 co-moments, 128 x 128 each
@@ -41,7 +42,8 @@ def test_plan_figures_equal_a_hand_computation():
 
     # room for one row layer of a pair a pass: four passes, and each task reads its row layer
     # of the reference and the whole other model
-    tight = plan_correlation("toy-zoo-mini", n_tokens=N, memory=str(plan.engine.least_memory()), workers=1)[1]
+    tight = plan_correlation(RunConfig(models="toy-zoo-mini", n_tokens=N,
+                                             corr_memory=str(plan.engine.least_memory()), workers=1))[1]
     assert len(tight.engine.passes) == 4
     assert tight.floor_passes == math.ceil(262_144 / plan.engine.least_memory())
     assert tight.bytes_read == 4 * N * 4 * (D + width)
@@ -88,7 +90,7 @@ def test_make_plan_prints_the_five_gpt2_medium_seeds_without_weights_or_store(tm
     (["--n-tokens", "4000"], "N_TOKENS=4000 is too small: use at least 4096 tokens"),
     (["--rotations", "0"], "ROTATIONS=0 must be at least 1"),
     (["--parallel", "0"], "PARALLEL=0 must be at least 1"),
-    (["--memory", "lots"], "CORR_MEMORY='lots' is not a size"),
+    (["--corr-memory", "lots"], "CORR_MEMORY='lots' is not a size"),
 ])
 def test_plan_refuses_what_analyze_refuses_in_the_same_words(tmp_path, args, error):
     for command in ("plan", "analyze"):

@@ -173,6 +173,7 @@ def test_a_store_that_is_a_file(tmp_path):
 
 def test_a_read_only_store(store, monkeypatch):
     from tasks.api import build_analyses
+    from unlib.config import RunConfig
 
     if os.geteuid() != 0:  # permissions bind everyone but root: the real thing
         store.chmod(0o555)
@@ -187,10 +188,10 @@ def test_a_read_only_store(store, monkeypatch):
     monkeypatch.setenv("UNLIB_STORE", str(store))
     before = snapshot(store)
     with pytest.raises(UserError, match="is not writable"):
-        build_analyses(MINI)
+        build_analyses(RunConfig(models=MINI))
     with pytest.raises(UserError, match="cannot be created:.*is not writable"):
         monkeypatch.setenv("UNLIB_STORE", str(store / "sub"))
-        build_analyses(MINI)
+        build_analyses(RunConfig(models=MINI))
     assert snapshot(store) == before
 
 

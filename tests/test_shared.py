@@ -55,7 +55,7 @@ def test_two_concurrent_runs_on_a_fresh_store_set_nothing_aside(fresh_run, tmp_p
 
 
 def test_a_lock_held_by_a_writer_is_not_corruption(tmp_path):
-    from tasks.common import H5Target
+    from tasks.targets import H5Target
     from unlib.h5io import PartialH5, partial_path, write_h5
     from unlib.store import provenance
 
@@ -166,7 +166,7 @@ def test_another_host_is_told_in_one_line_of_a_luigid_that_listens_for_its_own_h
 def test_a_scheduler_address_or_gpu_count_that_cannot_work_is_one_line(tmp_path):
     store, port = tmp_path / "store", free_port()
     for args, error in [(["--scheduler-host", "192.0.2.123"], f"error: luigid cannot listen on 192.0.2.123:{port} ("),
-                        (["--gpus", "0"], "error: SCHEDULER_GPUS=0 must be at least 1")]:
+                        (["--scheduler-gpus", "0"], "error: SCHEDULER_GPUS=0 must be at least 1")]:
         proc = scheduler(store, "start", port, *args)
         assert proc.returncode == 2 and proc.stderr.startswith(error) and len(proc.stderr.splitlines()) == 1, proc.stderr
         assert not (store / "scheduler" / "scheduler.json").exists()

@@ -161,7 +161,7 @@ def test_a_multi_pass_plan_gives_the_single_pass_results(one_worker, tmp_path):
     roomy = ExcessCorrelationEngine(sizes, [0], 5, 0, "cpu", 2**30)
     budget = roomy.least_memory()  # one row layer a pass
     assert len(ExcessCorrelationEngine(sizes, [0], 5, 0, "cpu", budget).passes) == 4
-    finish(analyze(store, "--scheduler", "local", "--workers", "1", "--memory", str(budget),
+    finish(analyze(store, "--scheduler", "local", "--workers", "1", "--corr-memory", str(budget),
                    "--report-tasks", str(tmp_path / "report.json")))
     assert sum(t.startswith("CorrelationBlock") for t in correlation_tasks(tmp_path / "report.json")) == 4
     assert same_csvs(store, one_worker)

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from tasks.api import build_analyses
+from unlib.config import RunConfig
 from tasks.report import RunReport
 from unlib.zoo import train_tokenizer
 
@@ -145,8 +146,9 @@ def test_damaged_results_files_are_rebuilt_byte_identical(root, exp1_store, tmp_
     files = RESULTS + ["report.html", "plots/universal_neurons_by_layer.png"]
     expected = {name: (folder / name).read_bytes() for name in files}
     monkeypatch.setenv("UNLIB_STORE", str(store))
-    (analysis,) = build_analyses(",".join(map(str, models(root, "exp1"))), dataset=str(root / "docs.jsonl"),
-                                 n_tokens=4096, threshold=0.1, exclude_tokens="bos", device="cpu")
+    (analysis,) = build_analyses(RunConfig(models=",".join(map(str, models(root, "exp1"))),
+                                           dataset=str(root / "docs.jsonl"), n_tokens=4096, threshold=0.1,
+                                           exclude_tokens="bos", device="cpu"))
     report = analysis.clone(RunReport)
     assert report.complete()
     for name in files:  # each file alone: the report, root of the graph, is no longer complete

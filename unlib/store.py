@@ -380,3 +380,22 @@ def read_json(path: str | Path) -> dict:
 def write_json(path: str | Path, value: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def check_store(root: str | Path) -> None:
+    """Refuse a store (UNLIB_STORE, default ./store) that is not a writable folder, or that
+    cannot be created, before any work starts."""
+    root = Path(root)
+    fix = "point UNLIB_STORE at a folder you can write (it is created if missing)"
+    if root.exists():
+        if not root.is_dir():
+            raise UserError(f"the store {root} (UNLIB_STORE) is a file, not a folder; {fix}")
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise UserError(f"the store {root} (UNLIB_STORE) is not writable (read-only file system or "
+                            f"permissions); {fix}")
+        return
+    parent = next(p for p in root.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"the store {root} (UNLIB_STORE) cannot be created: {parent} is a file, not a folder; {fix}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"the store {root} (UNLIB_STORE) cannot be created: {parent} is not writable; {fix}")

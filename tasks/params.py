@@ -1,0 +1,117 @@
+"""The run parameters of the tasks, as Luigi parameters made from their one description
+(unlib.config.PARAMETERS): a task declares those its outputs depend on (significant) and those
+it passes on or runs with (not significant, since they change how it runs, not what it writes)."""
+from __future__ import annotations
+
+import functools
+
+import luigi
+
+from tasks.targets import ResultTarget, store
+from unlib.config import BY_NAME, folder_defaults
+from unlib.data import dataset_inputs
+from unlib.models import ZOOS, ModelSet, model_fingerprint, resolve_model_set
+
+# The tasks whose run() computes on DEVICE (models and correlations): only they take a `gpu`
+# resource and a GPU of their own; the others (tokens, merges, tables, plots) run on the CPU.
+DEVICE_TASKS = ("CacheActivations", "CorrelationBlock", "NeuronStats", "Ablation", "RunReport")
+OPTIONAL = {int: luigi.OptionalIntParameter, float: luigi.OptionalFloatParameter, str: luigi.OptionalParameter}
+REQUIRED = {int: luigi.IntParameter, float: luigi.FloatParameter, str: luigi.Parameter}
+
+
+def parameter(name: str) -> luigi.Parameter:
+    """The Luigi parameter of the run parameter `name`: significant when it changes outputs;
+    required when its default follows from other parameters (the model set's dataset, the
+    device's memory budget, ...), which the run resolves before it builds any task."""
+    p = BY_NAME[name]
+    if p.set_default or p.resolved:
+        return REQUIRED[p.kind](significant=bool(p.changes), description=p.help)
+    kinds = OPTIONAL if p.default is None else REQUIRED
+    return kinds[p.kind](default=p.default, significant=bool(p.changes), description=p.help)
+
+
+def declaring(*names: str):
+    """Class decorator: the run parameters `names` as the class's Luigi parameters."""
+    def declare(cls):
+        for name in names:
+            setattr(cls, name, parameter(name))
+        return cls
+    return declare
+
+
+@declaring("models", "dataset", "n_tokens", "ctx_len", "exclude_tokens", "device", "batch_size")
+class TokenParams:
+
+    @property
+    def uses_device(self) -> bool:
+        """Whether run() computes on `device` (DEVICE_TASKS), not only on the CPU."""
+        return self.get_task_family() in DEVICE_TASKS
+
+    @property
+    def resources(self) -> dict:
+        """Tasks that compute on a GPU hold one unit of the scheduler's `gpu` resource (the
+        local scheduler: this host's GPUs; luigid: SCHEDULER_GPUS), so workers never overload a card."""
+        return {"gpu": 1} if self.uses_device and str(self.device).startswith("cuda") else {}
+
+    @functools.cached_property
+    def model_set(self) -> ModelSet:
+        """The models (resolved once per task instance: Luigi asks for them on every
+        completeness check)."""
+        return resolve_model_set(self.models, store().root)
+
+    def token_inputs(self) -> dict[str, str]:
+        """The content the token file is made from: the dataset and the tokenizer."""
+        ms = self.model_set
+        tokenizer = ZOOS[ms.zoo].zoo_id if ms.zoo else model_fingerprint(ms.models[0], None, weights=False)
+        return {**dataset_inputs(self.dataset), "tokenizer": tokenizer}
+
+
+@declaring("checkpoint")
+class CheckpointParams(TokenParams):
+
+    def model_inputs(self, indices: list[int] | None = None) -> dict[str, str]:
+        """The weights the models (all, or those at `indices`) load, by content."""
+        models = self.model_set.models
+        return {f"model {models[i].name}": model_fingerprint(models[i], self.checkpoint)
+                for i in (range(len(models)) if indices is None else indices)}
+
+    def inputs(self) -> dict[str, str]:
+        """Every input whose content the task's outputs depend on, by name."""
+        return {**self.token_inputs(), **self.model_inputs()}
+
+    def result_target(self, path, ignore: tuple[str, ...] = ()) -> ResultTarget:
+        """A sealed results file of this task: its provenance is the task's parameters (the model
+        set and dataset by content, not spelling; minus those in `ignore`, which do not change
+        the file) and every input's fingerprint."""
+        params = {k: v for k, v in self.to_str_params(only_significant=True).items()
+                  if k not in ("models", "dataset", *ignore)}
+        return ResultTarget(path, {"task": self.get_task_family(), **params, "inputs": self.inputs()})
+
+
+@declaring("rotations", "rotation_seed", "cache", "corr_memory", "parallel")
+class CorrelationParams(CheckpointParams):
+    # the index of the reference model in the set (REFERENCE resolved: a name or "all" is not a task's)
+    reference = luigi.IntParameter(default=0, description="index of the reference model")
+    all_references = luigi.BoolParameter(default=False, description="score every model in the same pass")
+
+
+@declaring("threshold", "top_k", "ablation", "ablation_tokens", "ablation_samples", "ablation_seed")
+class RunParams(CorrelationParams):
+
+    @property
+    def ablation_n_tokens(self) -> int:
+        """The held-out tokens the ablation is measured on: ABLATION_TOKENS, or a fifth of N_TOKENS."""
+        return self.n_tokens // 5 if self.ablation_tokens is None else self.ablation_tokens
+
+    @property
+    def effective_threshold(self) -> float:
+        return self.model_set.defaults.threshold if self.threshold is None else self.threshold
+
+    def variant(self) -> dict:
+        """Parameters that differ from their defaults (the model set's, for the data): they
+        name the results folder."""
+        defaults = folder_defaults(self.model_set)
+        return {k: getattr(self, k) for k in defaults if getattr(self, k) != defaults[k]}
+
+    def results_dir(self):
+        return store().results(self.model_set.name, self.checkpoint, self.variant())
