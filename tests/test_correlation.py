@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from unlib.correlation import (HALF_BLOCK_ROWS, ExcessCorrelationEngine, LayerResult, MemoryBudgetError, PassResult,
-                              collect, haar_orthogonal, merge_partials)
+from unlib.engine.engine import ExcessCorrelationEngine
+from unlib.engine.layout import HALF_BLOCK_ROWS
+from unlib.engine.memory import MemoryBudgetError
+from unlib.engine.results import LayerResult, PassResult, collect, merge_partials
+from unlib.engine.rotations import haar_orthogonal
 
 LAYERS = [[12, 20], [12, 20], [16, 8, 8]]
 
@@ -108,7 +111,8 @@ def test_each_half_matches_numpy_on_its_blocks(kind, chunk, passes):
     engine = ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=2, rotation_seed=4, memory_budget=budget)
     assert (len(engine.passes) > 1) == (passes == "several")
     results = engine.run(chunks(data, chunk))  # chunk sizes that do not align with the blocks
-    assert engine.half_rows == [2 * HALF_BLOCK_ROWS, HALF_BLOCK_ROWS + 700]
+    assert engine.run_pass(chunks(data, chunk), engine.passes[-1]).half_rows == [2 * HALF_BLOCK_ROWS,
+                                                                                 HALF_BLOCK_ROWS + 700]
     worst = 0.0
     for ref in (0, 2):
         offsets = np.cumsum([0] + LAYERS[ref])
@@ -146,7 +150,8 @@ def test_constant_neuron_gets_zero_correlation():
 def test_dead_reference_neuron_claims_no_best_match():
     """A reference neuron constant over the rows has no best match (layer and neuron -1, max and
     baseline 0) and is marked dead; a constant neuron of another model changes nothing else."""
-    from unlib.correlation import DEAD_MATCH, excess_tables
+    from unlib.engine.results import DEAD_MATCH
+    from unlib.engine.tables import excess_tables
 
     data = make_data("structured", n=2 * HALF_BLOCK_ROWS + 500)  # both halves defined
     data[0][1][:, 7] = 0.1234  # dead in the reference (model 0, layer 1)
@@ -237,9 +242,10 @@ def test_groups_run_apart_and_merged_in_plan_order_equal_one_engine_bitwise(refe
         best: dict = {}
         for number, units in enumerate(groups):
             engine = ExcessCorrelationEngine(LAYERS, references, n_rotations=2, rotation_seed=5)
-            engine.run_pass(chunks(data, 700), units).save(tmp_path / f"{number}.h5", {})
+            result = engine.run_pass(chunks(data, 700), units)
+            result.save(tmp_path / f"{number}.h5", {})
             merge_partials(best, PassResult.load(tmp_path / f"{number}.h5").entries)
-        assert same_results(one, collect(best, LAYERS, references, engine.half_rows)), parallel
+        assert same_results(one, collect(best, LAYERS, references, result.half_rows)), parallel
 
 
 def test_several_passes_equal_one_pass_bitwise():
@@ -257,3 +263,4 @@ def test_one_group_per_pass_for_one_task_and_no_more_groups_than_row_layers():
     assert tight.groups(1) == tight.passes and tight.groups(2) == tight.passes  # already 4 passes
     assert len(roomy.groups(100)) == 4  # two pairs x two row layers: the finest split
     assert [len(g) for g in roomy.groups(2)] == [1, 1]  # one pair each
+
