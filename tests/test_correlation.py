@@ -1,5 +1,8 @@
 """The correlation engine against numpy float64 on random and structured data, on all rows
 and on each half of them (even and odd blocks of HALF_BLOCK_ROWS rows)."""
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -264,3 +267,38 @@ def test_one_group_per_pass_for_one_task_and_no_more_groups_than_row_layers():
     assert len(roomy.groups(100)) == 4  # two pairs x two row layers: the finest split
     assert [len(g) for g in roomy.groups(2)] == [1, 1]  # one pair each
 
+
+def same_entries(a: PassResult, b: PassResult) -> bool:
+    """Whether two passes' partial best matches and row counts are bitwise equal."""
+    return a.half_rows == b.half_rows and a.entries.keys() == b.entries.keys() and all(
+        np.array_equal(a.entries[key][name], b.entries[key][name]) for key in a.entries for name in PassResult.FIELDS)
+
+
+def test_passes_interleaved_on_one_engine_equal_each_pass_alone():
+    """The engine keeps no pass state: a pass run inside another's stream, or two passes
+    streaming chunk by chunk in turn from two threads, give each pass's result alone."""
+    data = make_data("structured", n=2 * HALF_BLOCK_ROWS + 500, seed=2)
+    engine = ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=2, rotation_seed=9)
+    first, second = engine.groups(2)
+    alone = [ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=2, rotation_seed=9).run_pass(chunks(data, 700), g)
+             for g in (first, second)]
+
+    inner = []
+
+    def feed_running_the_other_pass(needed):
+        for number, chunk in enumerate(chunks(data, 700)(needed)):
+            if number == 1:
+                inner.append(engine.run_pass(chunks(data, 700), second))
+            yield chunk
+    outer = engine.run_pass(feed_running_the_other_pass, first)
+    assert same_entries(outer, alone[0]) and same_entries(inner[0], alone[1])
+
+    turns = threading.Barrier(2, timeout=120)
+
+    def in_turn(needed):
+        for chunk in chunks(data, 700)(needed):
+            turns.wait()
+            yield chunk
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda units: engine.run_pass(in_turn, units), (first, second)))
+    assert same_entries(both[0], alone[0]) and same_entries(both[1], alone[1])
