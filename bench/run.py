@@ -23,7 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.reference import PAPER_BATCH_TOKENS, paper_max_correlations
-from unlib.correlation import HALVES, ExcessCorrelationEngine
+from unlib.engine.engine import ExcessCorrelationEngine
+from unlib.engine.layout import BYTES, HALVES
+from unlib.engine.results import PassStats, combine
 from unlib.plan import matmul_rate
 
 OUT = Path(__file__).resolve().parent / "results.json"
@@ -67,13 +69,14 @@ def best_of(repeats: int, fn):
 
 
 def time_engine(layer_sizes, chunks, references, rotations: int = 5, memory: int | None = None,
-                chunk_tokens: int = CHUNK, repeats: int = 1) -> tuple[float, ExcessCorrelationEngine, dict]:
-    """(min seconds over `repeats` runs, the last run's engine, its results)."""
+                chunk_tokens: int = CHUNK, repeats: int = 1) -> tuple[float, ExcessCorrelationEngine, PassStats, dict]:
+    """(min seconds over `repeats` runs, the last run's engine, what its passes cost, its results)."""
     def run():
         engine = ExcessCorrelationEngine(layer_sizes, references, rotations, 0, "cpu", memory, chunk_tokens)
-        return engine, engine.run(chunks)
-    seconds, (engine, results) = best_of(repeats, run)
-    return seconds, engine, results
+        passes = [engine.run_pass(chunks, units) for units in engine.passes]
+        return engine, PassStats.total(p.stats for p in passes), combine(passes, layer_sizes, engine.references)
+    seconds, (engine, stats, results) = best_of(repeats, run)
+    return seconds, engine, stats, results
 
 
 def write_caches(root: Path, n_models: int, n_layers: int, d_mlp: int, n_tokens: int) -> list:
@@ -124,22 +127,22 @@ def engine_vs_machine(repeats: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         caches = write_caches(Path(tmp), n_models, n_layers, d, n)
         fed = lambda needed: cached_chunks(caches, CHUNK, "cpu", needed)  # noqa: E731
-        seconds, engine, _ = time_engine(sizes, fed, list(range(n_models)), repeats=repeats)
+        seconds, engine, stats, _ = time_engine(sizes, fed, list(range(n_models)), repeats=repeats)
         data = [torch.from_numpy(np.concatenate([c.read(l) for l in range(n_layers)], axis=1)) for c in caches]
-    memory_seconds, _, _ = time_engine(sizes, source(data), list(range(n_models)), repeats=repeats)
+    memory_seconds, _, _, _ = time_engine(sizes, source(data), list(range(n_models)), repeats=repeats)
     wide_rate, narrow_rate = map(max, zip(before, rates()))
     within_flops = 2.0 * n * n_models * n_layers * d * d
-    cross_flops = engine.flops - within_flops
+    cross_flops = stats.flops - within_flops
     reduce_flops = sum(engine.reduce_flops(units) for units in engine.passes)
     ideal = cross_flops / wide_rate + (within_flops + reduce_flops) / narrow_rate
-    work = engine.flops + reduce_flops
+    work = stats.flops + reduce_flops
     return {"shape": f"{n_models} models x {n_layers} layers x {d} neurons, {n} tokens, REFERENCE=all, R=5 "
                      "(rotations included), read from HDF5 activation caches",
             "engine_gflops": work / seconds / 1e9, "machine_gflops": work / ideal / 1e9,
-            "stream_flops": engine.flops, "reduce_flops": reduce_flops,
+            "stream_flops": stats.flops, "reduce_flops": reduce_flops,
             "ratio": ideal / seconds, "engine_s": seconds, "engine_from_memory_s": memory_seconds,
             "ratio_from_memory": ideal / memory_seconds, "feed_share": 1 - memory_seconds / seconds,
-            "stream_s": engine.stream_seconds, "reduce_s": engine.reduce_seconds, "qr_s": engine.rotation_seconds,
+            "stream_s": stats.stream_seconds, "reduce_s": stats.reduce_seconds, "qr_s": stats.rotation_seconds,
             "repeats": repeats, "goal": ">= 0.85 (HDF5 feed included)"}
 
 
@@ -151,7 +154,7 @@ def engine_vs_paper(n_models: int, rotations: int, repeats: int = 3) -> dict:
     sizes = [[d] * n_layers] * n_models
     n = 16 * CHUNK
     data = synthetic(sizes, n, seed=n_models)
-    seconds, engine, results = time_engine(sizes, source(data), [0], rotations=rotations, repeats=repeats)
+    seconds, engine, _, results = time_engine(sizes, source(data), [0], rotations=rotations, repeats=repeats)
     qs = [{(m, l): engine.rotation(m, l, r) for m in range(1, n_models) for l in range(n_layers)}
           for r in range(rotations)]
     batches = source(data, PAPER_BATCH_TOKENS)
@@ -174,7 +177,7 @@ def engine_vs_paper(n_models: int, rotations: int, repeats: int = 3) -> dict:
 PROBE = """
 import re, sys
 import bench.run as b
-from unlib.correlation import HALVES, ExcessCorrelationEngine
+from unlib.engine.engine import ExcessCorrelationEngine
 def rss(key):
     return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 n_tokens, budget, chunk = map(int, sys.argv[1:])
@@ -212,9 +215,9 @@ def scaling() -> dict:
     pairs M(M-1)/2 plus M within-layer co-moments, so the expected model ratio is the FLOP ratio."""
     sizes = [[512, 512]] * 4
     n = 16 * CHUNK
-    t1, e4, _ = time_engine(sizes, source(synthetic(sizes, n)), [0, 1, 2, 3], repeats=2)
-    t2, _, _ = time_engine(sizes, source(synthetic(sizes, 2 * n)), [0, 1, 2, 3], repeats=2)
-    m2, e2, _ = time_engine([[512, 512]] * 2, source(synthetic([[512, 512]] * 2, n)), [0, 1], repeats=2)
+    t1, _, e4, _ = time_engine(sizes, source(synthetic(sizes, n)), [0, 1, 2, 3], repeats=2)
+    t2, _, _, _ = time_engine(sizes, source(synthetic(sizes, 2 * n)), [0, 1, 2, 3], repeats=2)
+    m2, _, e2, _ = time_engine([[512, 512]] * 2, source(synthetic([[512, 512]] * 2, n)), [0, 1], repeats=2)
     return {"tokens": n, "tokens_N_s": t1, "tokens_2N_s": t2, "ratio_2N_over_N": t2 / t1, "goal": "1.8-2.2",
             "models_2_s": m2, "models_4_s": t1, "ratio_4_over_2_models": t1 / m2,
             "expected_4_over_2_models": e4.flops / e2.flops,
@@ -245,24 +248,24 @@ def projection() -> dict:
             del model
     sizes = [[3072] * 2, [3072] * 12]  # two reference layers against a whole model
     data = [torch.cat(acts[0][:2], dim=1), torch.cat(acts[1], dim=1)]
-    _, engine, _ = time_engine(sizes, source(data, n_tokens), [0], rotations=5, chunk_tokens=n_tokens)
-    rate = engine.flops / engine.stream_seconds
+    _, _, stats, _ = time_engine(sizes, source(data, n_tokens), [0], rotations=5, chunk_tokens=n_tokens)
+    rate = stats.flops / stats.stream_seconds
     d = 12 * 3072
     # Streamed work of the real job: 10 model pairs plus 5 x 12 within-layer co-moments.
     job_flops = 10 * 2.0 * d * d * 1e6 + 5 * 12 * 2.0 * 3072 ** 2 * 1e6
     # Fixed work after the stream, scaled from the measured reduce step (2 reference layers
     # against 12 rotated layers, R=5): the real job draws 5 x 12 x 5 rotations instead of
     # 12 x 5, and multiplies 20 directions x 36864 rows instead of 6144 by them.
-    gemm_seconds = engine.reduce_seconds - engine.rotation_seconds
-    fixed_seconds = engine.rotation_seconds * 5 + gemm_seconds * 20 * d / (2 * 3072)
+    gemm_seconds = stats.reduce_seconds - stats.rotation_seconds
+    fixed_seconds = stats.rotation_seconds * 5 + gemm_seconds * 20 * d / (2 * 3072)
     forward_tps = 2 * n_tokens / fwd_seconds
     ram_budget = 12 * 2**30
     # 10 pair accumulators of d x d float32, each held for both halves of the tokens
-    passes = int(np.ceil(HALVES * 10 * d * d * ExcessCorrelationEngine.BYTES / ram_budget))
+    passes = int(np.ceil(HALVES * 10 * d * d * BYTES / ram_budget))
     engine_hours = (job_flops / rate + fixed_seconds) / 3600
     forward_hours = passes * 5 * 1e6 / forward_tps / 3600
-    return {"engine_stream_gflops": rate / 1e9, "measured_reduce_seconds": engine.reduce_seconds,
-            "measured_rotation_seconds": engine.rotation_seconds,
+    return {"engine_stream_gflops": rate / 1e9, "measured_reduce_seconds": stats.reduce_seconds,
+            "measured_rotation_seconds": stats.rotation_seconds,
             "projected_fixed_hours": fixed_seconds / 3600, "forward_tokens_per_s_per_model": forward_tps,
             "job_flops": job_flops, "passes_with_12GiB": passes,
             "projected_engine_hours": engine_hours, "projected_forward_hours_cache0": forward_hours,

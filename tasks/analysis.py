@@ -15,8 +15,10 @@ from tasks.params import CheckpointParams, CorrelationParams, RunParams
 from tasks.targets import store
 from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
-from unlib.correlation import HALF_BLOCK_ROWS, SPLIT_HALF_COLUMNS, LayerResult, excess_tables
 from unlib.data import DOCUMENT_SEED, read_tokens, token_file_record
+from unlib.engine.layout import HALF_BLOCK_ROWS
+from unlib.engine.results import LayerResult
+from unlib.engine.tables import SPLIT_HALF_COLUMNS, excess_tables
 from unlib.models import load_model, model_fingerprint, model_location
 from unlib.plots import UniversalNeuronVisualizer, corr_vs_baseline
 from unlib.selection import UniversalNeuronAnalyzer, jaccard_index, split_half_sets

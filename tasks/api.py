@@ -28,7 +28,7 @@ from tasks.data import TokenizeDataset
 from tasks.targets import store
 from unlib import UserError
 from unlib.config import RunConfig, check_workers, resolve
-from unlib.correlation import ExcessCorrelationEngine
+from unlib.engine.planning import WorkPlan
 from unlib.data import TOKEN_IDS, check_token_ids
 from unlib.plan import CorrelationPlan
 from unlib.selection import UniversalNeuronAnalyzer
@@ -70,9 +70,8 @@ def plan_correlation(config: RunConfig) -> tuple[list[str], CorrelationPlan]:
     read nor written. The device need not be here: DEVICE=cuda plans for a GPU (then give its
     budget, CORR_MEMORY, unless nvidia-smi can read it)."""
     run = resolve(config, planning=True)
-    engine = ExcessCorrelationEngine(run.layer_sizes(run.checkpoint), run.references, run.rotations, 0, run.device,
-                                     run.memory_budget)
-    return [m.name for m in run.model_set.models], CorrelationPlan(engine, run.n_tokens, run.parallel)
+    plan = WorkPlan(run.layer_sizes(run.checkpoint), run.references, run.rotations, run.device, run.memory_budget)
+    return [m.name for m in run.model_set.models], CorrelationPlan(plan, run.n_tokens, run.parallel)
 
 
 @dataclasses.dataclass

@@ -20,9 +20,11 @@ from tasks.targets import H5Target, made_from, store
 from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
 from unlib.activations import ActivationCache, cache_bytes, cached_chunks, choose_feed, model_chunks
-from unlib.correlation import (DEAD_MATCH, HALF_BLOCK_ROWS, ExcessCorrelationEngine, PassResult, Unit, collect,
-                               merge_partials, parse_bytes)
 from unlib.data import read_tokens
+from unlib.engine.engine import ExcessCorrelationEngine
+from unlib.engine.layout import HALF_BLOCK_ROWS, Unit
+from unlib.engine.memory import parse_bytes
+from unlib.engine.results import DEAD_MATCH, PassResult, PassStats, collect, merge_partials
 from unlib.models import load_model, mlp_shape
 from unlib.h5io import partial_path
 from unlib.store import checkpoint_label, provenance, short_hash
@@ -115,7 +117,7 @@ class CorrelationBlock(CorrelationTask):
         models = self.model_set.models
         units = parse_units(self.units)
         engine = self.engine()
-        needed = engine.needed_layers(units)
+        needed = engine.layout.needed_layers(units)
         if use_cache:
             caches = [ActivationCache(t.path) for t in self.input()]
             n_tokens = caches[0].n_tokens
@@ -131,16 +133,16 @@ class CorrelationBlock(CorrelationTask):
         logger.warning("correlation block %s: %s, because %s", self.units, path, why)
         start = time.monotonic()
         with TaskProgress(self, f"correlate {self.units} ({path})", n_tokens) as progress:
-            def report(streamed: int, eng: ExcessCorrelationEngine) -> None:
-                rate = eng.flops / max(time.monotonic() - start, 1e-9) / 1e9
-                progress(streamed, extra=f", {rate:,.1f} GFLOP/s")
+            def report(stats: PassStats) -> None:
+                rate = stats.flops / max(time.monotonic() - start, 1e-9) / 1e9
+                progress(stats.tokens, extra=f", {rate:,.1f} GFLOP/s")
             result = engine.run_pass(chunks, units, report)
-        seconds = time.monotonic() - start
+        seconds, flops = time.monotonic() - start, result.stats.flops
         logger.warning("correlation block %s: %d tokens in %.1f s: %.0f tokens/s, %.1f GFLOP/s", self.units,
-                       n_tokens, seconds, n_tokens / seconds, engine.flops / seconds / 1e9)
+                       n_tokens, seconds, n_tokens / seconds, flops / seconds / 1e9)
         result.save(self.output().path, {
             "provenance": self.output().expected, "made_from": inputs, "n_tokens": n_tokens, "feed": path, "feed_reason": why,
-            "seconds": seconds, "flops": engine.flops, "cache_bytes_read": read, "device": str(self.device)})
+            "seconds": seconds, "flops": flops, "cache_bytes_read": read, "device": str(self.device)})
 
 
 class Correlations(CorrelationTask):

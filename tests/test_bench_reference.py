@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from bench.reference import paper_max_correlations
-from unlib.correlation import haar_orthogonal
+from unlib.engine.rotations import haar_orthogonal
 
 SIZES = [[6, 10], [8, 8], [5, 7]]
 

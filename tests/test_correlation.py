@@ -1,11 +1,17 @@
 """The correlation engine against numpy float64 on random and structured data, on all rows
 and on each half of them (even and odd blocks of HALF_BLOCK_ROWS rows)."""
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
 
-from unlib.correlation import (HALF_BLOCK_ROWS, ExcessCorrelationEngine, LayerResult, MemoryBudgetError, PassResult,
-                              collect, haar_orthogonal, merge_partials)
+from unlib.engine.engine import ExcessCorrelationEngine
+from unlib.engine.layout import HALF_BLOCK_ROWS
+from unlib.engine.memory import MemoryBudgetError
+from unlib.engine.results import LayerResult, PassResult, collect, merge_partials
+from unlib.engine.rotations import haar_orthogonal
 
 LAYERS = [[12, 20], [12, 20], [16, 8, 8]]
 
@@ -108,7 +114,8 @@ def test_each_half_matches_numpy_on_its_blocks(kind, chunk, passes):
     engine = ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=2, rotation_seed=4, memory_budget=budget)
     assert (len(engine.passes) > 1) == (passes == "several")
     results = engine.run(chunks(data, chunk))  # chunk sizes that do not align with the blocks
-    assert engine.half_rows == [2 * HALF_BLOCK_ROWS, HALF_BLOCK_ROWS + 700]
+    assert engine.run_pass(chunks(data, chunk), engine.passes[-1]).half_rows == [2 * HALF_BLOCK_ROWS,
+                                                                                 HALF_BLOCK_ROWS + 700]
     worst = 0.0
     for ref in (0, 2):
         offsets = np.cumsum([0] + LAYERS[ref])
@@ -146,7 +153,8 @@ def test_constant_neuron_gets_zero_correlation():
 def test_dead_reference_neuron_claims_no_best_match():
     """A reference neuron constant over the rows has no best match (layer and neuron -1, max and
     baseline 0) and is marked dead; a constant neuron of another model changes nothing else."""
-    from unlib.correlation import DEAD_MATCH, excess_tables
+    from unlib.engine.results import DEAD_MATCH
+    from unlib.engine.tables import excess_tables
 
     data = make_data("structured", n=2 * HALF_BLOCK_ROWS + 500)  # both halves defined
     data[0][1][:, 7] = 0.1234  # dead in the reference (model 0, layer 1)
@@ -237,9 +245,10 @@ def test_groups_run_apart_and_merged_in_plan_order_equal_one_engine_bitwise(refe
         best: dict = {}
         for number, units in enumerate(groups):
             engine = ExcessCorrelationEngine(LAYERS, references, n_rotations=2, rotation_seed=5)
-            engine.run_pass(chunks(data, 700), units).save(tmp_path / f"{number}.h5", {})
+            result = engine.run_pass(chunks(data, 700), units)
+            result.save(tmp_path / f"{number}.h5", {})
             merge_partials(best, PassResult.load(tmp_path / f"{number}.h5").entries)
-        assert same_results(one, collect(best, LAYERS, references, engine.half_rows)), parallel
+        assert same_results(one, collect(best, LAYERS, references, result.half_rows)), parallel
 
 
 def test_several_passes_equal_one_pass_bitwise():
@@ -257,3 +266,39 @@ def test_one_group_per_pass_for_one_task_and_no_more_groups_than_row_layers():
     assert tight.groups(1) == tight.passes and tight.groups(2) == tight.passes  # already 4 passes
     assert len(roomy.groups(100)) == 4  # two pairs x two row layers: the finest split
     assert [len(g) for g in roomy.groups(2)] == [1, 1]  # one pair each
+
+
+def same_entries(a: PassResult, b: PassResult) -> bool:
+    """Whether two passes' partial best matches and row counts are bitwise equal."""
+    return a.half_rows == b.half_rows and a.entries.keys() == b.entries.keys() and all(
+        np.array_equal(a.entries[key][name], b.entries[key][name]) for key in a.entries for name in PassResult.FIELDS)
+
+
+def test_passes_interleaved_on_one_engine_equal_each_pass_alone():
+    """The engine keeps no pass state: a pass run inside another's stream, or two passes
+    streaming chunk by chunk in turn from two threads, give each pass's result alone."""
+    data = make_data("structured", n=2 * HALF_BLOCK_ROWS + 500, seed=2)
+    engine = ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=2, rotation_seed=9)
+    first, second = engine.groups(2)
+    alone = [ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=2, rotation_seed=9).run_pass(chunks(data, 700), g)
+             for g in (first, second)]
+
+    inner = []
+
+    def feed_running_the_other_pass(needed):
+        for number, chunk in enumerate(chunks(data, 700)(needed)):
+            if number == 1:
+                inner.append(engine.run_pass(chunks(data, 700), second))
+            yield chunk
+    outer = engine.run_pass(feed_running_the_other_pass, first)
+    assert same_entries(outer, alone[0]) and same_entries(inner[0], alone[1])
+
+    turns = threading.Barrier(2, timeout=120)
+
+    def in_turn(needed):
+        for chunk in chunks(data, 700)(needed):
+            turns.wait()
+            yield chunk
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda units: engine.run_pass(in_turn, units), (first, second)))
+    assert same_entries(both[0], alone[0]) and same_entries(both[1], alone[1])

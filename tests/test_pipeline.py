@@ -19,7 +19,9 @@ import torch
 from PIL import Image
 
 from test_weight_stats import TOLERANCE, WEIGHT_COLUMNS, reference_weight_stats
-from unlib.correlation import EXCESS_COLUMNS, HALF_BLOCK_ROWS, PAIRWISE_COLUMNS, SPLIT_HALF_COLUMNS, haar_orthogonal
+from unlib.engine.layout import HALF_BLOCK_ROWS
+from unlib.engine.rotations import haar_orthogonal
+from unlib.engine.tables import EXCESS_COLUMNS, PAIRWISE_COLUMNS, SPLIT_HALF_COLUMNS
 from unlib.stats import STATS_COLUMNS
 
 from conftest import REPO, cli_in_process

@@ -11,7 +11,7 @@ import torch
 
 from tasks.api import plan_correlation
 from unlib.config import RunConfig
-from unlib.correlation import ExcessCorrelationEngine
+from unlib.engine.engine import ExcessCorrelationEngine
 
 from conftest import REPO, cli_in_process
 
@@ -60,8 +60,9 @@ def test_the_engine_does_the_work_the_plan_counts():
         if budget:
             engine = ExcessCorrelationEngine(sizes, references, n_rotations=2, memory_budget=engine.least_memory())
             assert len(engine.passes) > 1
-        engine.run(lambda needed: ([x[i:i + 700] for x in data] for i in range(0, 3000, 700)))
-        assert engine.flops == sum(engine.stream_flops(units, 3000) for units in engine.passes)
+        feed = lambda needed: ([x[i:i + 700] for x in data] for i in range(0, 3000, 700))  # noqa: E731
+        for units in engine.passes:
+            assert engine.run_pass(feed, units).stats.flops == engine.stream_flops(units, 3000)
 
 
 def test_make_plan_prints_the_five_gpt2_medium_seeds_without_weights_or_store(tmp_path):

@@ -8,8 +8,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from unlib.activations import ActivationCache, cache_activations, cached_chunks
 from unlib.data import kept_positions
-from unlib.correlation import MemoryEfficientExcessCorrelationComputer, run_engine
 from unlib.models import ModelSpec, load_model
+from unlib.notebook import MemoryEfficientExcessCorrelationComputer, run_engine
 from unlib.zoo import train_tokenizer
 
 N_LAYERS, D_MODEL, D_MLP, VOCAB = 2, 32, 48, 300

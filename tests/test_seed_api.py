@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from unlib.correlation import DEAD_COLUMN, EXCESS_COLUMNS, SPLIT_HALF_COLUMNS
+from unlib.engine.tables import DEAD_COLUMN, EXCESS_COLUMNS, SPLIT_HALF_COLUMNS
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS, CHECKPOINT, N_TOKENS, THRESHOLD, BATCH = "toy-zoo-mini", 300, 8192, 0.1, 16

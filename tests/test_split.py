@@ -15,7 +15,7 @@ from tasks.scheduler import outbound_address
 from test_production import REPO, env_for, free_port, luigid  # noqa: F401  (luigid: a real central scheduler)
 from test_shared import scheduler
 from conftest import same_tables
-from unlib.correlation import ExcessCorrelationEngine
+from unlib.engine.engine import ExcessCorrelationEngine
 from unlib.models import ZOOS
 
 MODELS = "toy-zoo-mini"

@@ -5,7 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
-from unlib.correlation import HALF_BLOCK_ROWS, SPLIT_HALF_COLUMNS, ExcessCorrelationEngine, LayerResult, excess_tables
+from unlib.engine.engine import ExcessCorrelationEngine
+from unlib.engine.layout import HALF_BLOCK_ROWS
+from unlib.engine.results import LayerResult
+from unlib.engine.tables import SPLIT_HALF_COLUMNS, excess_tables
 from unlib.selection import jaccard_index, split_half_jaccard, split_half_sets
 
 

@@ -9,7 +9,7 @@ pipeline's own (no second implementation).
 `python -m universal_neurons_clean` (or the `universal-neurons` command) is the command line,
 with the seed's --test, --checkpoint N and --compare-checkpoints "100 250"."""
 from tasks.api import run_universal_neurons_analysis
-from unlib.correlation import MemoryEfficientExcessCorrelationComputer
+from unlib.notebook import MemoryEfficientExcessCorrelationComputer
 from unlib.plots import UniversalNeuronVisualizer
 from unlib.selection import UniversalNeuronAnalyzer
 from unlib.stats import NeuronStatsGenerator

@@ -6,8 +6,6 @@ parameters and docs/reference.md's table of variables all follow from PARAMETERS
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import os
 import re
 from pathlib import Path
@@ -16,7 +14,9 @@ from typing import Any, Callable
 from unlib import UserError
 from unlib.ablation import ABLATIONS
 from unlib.activations import cache_bytes
-from unlib.correlation import HALF_BLOCK_ROWS, ExcessCorrelationEngine, default_memory_budget, parse_bytes
+from unlib.engine.layout import HALF_BLOCK_ROWS
+from unlib.engine.memory import default_memory_budget, parse_bytes
+from unlib.engine.planning import WorkPlan
 from unlib.data import DEFAULT_N_TOKENS, check_dataset, exclusion_ids, parse_exclusion
 from unlib import models
 from unlib.models import (ModelError, ModelSet, check_same_tokenizer, check_weights, load_tokenizer, max_context,
@@ -103,7 +103,6 @@ class Resolution:
 def check_models(value: str, run: Resolution) -> str:
     run.model_set = resolve_model_set(value, run.store_root)
     return value
-
 
 
 def check_checkpoint(value: int | None, run: Resolution) -> int | None:
@@ -261,8 +260,7 @@ def check_corr_memory(value: str | None, run: Resolution) -> str:
         except (ValueError, OverflowError):
             raise ValueError(f"CORR_MEMORY={value!r} is not a size: use e.g. 8G, 512M or a number of bytes") from None
     run.memory_budget = budget
-    ExcessCorrelationEngine(run.layer_sizes(run.checkpoint), run.references, run.rotations, run.rotation_seed,
-                            run.device, budget)  # plans: refuses a budget below the smallest unit
+    WorkPlan(run.layer_sizes(run.checkpoint), run.references, run.rotations, run.device, budget)
     return str(budget)
 
 

@@ -10,17 +10,17 @@ import time
 
 import torch
 
-from unlib.correlation import ExcessCorrelationEngine
+from unlib.engine.planning import WorkPlan
 
 GiB = 2**30
 
 
 @dataclasses.dataclass
 class CorrelationPlan:
-    """The figures of one correlation (one engine: its references, rotations and budget),
-    split into `parallel` or more tasks, over `n_tokens` tokens."""
+    """The figures of one correlation (one engine's plan: its references, rotations and
+    budget), split into `parallel` or more tasks, over `n_tokens` tokens."""
 
-    engine: ExcessCorrelationEngine
+    engine: WorkPlan
     n_tokens: int
     parallel: int = 1
 
@@ -30,7 +30,7 @@ class CorrelationPlan:
     @property
     def accumulator_bytes(self) -> int:
         """Every unit's co-moments (both halves), summed over the whole plan."""
-        return sum(self.engine.unit_bytes(u) for units in self.groups for u in units)
+        return sum(self.engine.accumulator_bytes(units) for units in self.groups)
 
     @property
     def floor_passes(self) -> int:
@@ -45,14 +45,12 @@ class CorrelationPlan:
     def peak_host_bytes(self) -> int:
         """Host memory of the widest task: the feed's read-ahead chunks and the Gaussians of the
         Haar draws (on the CPU, part of the device bytes)."""
-        return max(self.engine.host_bytes(self.engine.needed_layers(units)) for units in self.groups)
+        return max(self.engine.host_bytes(units) for units in self.groups)
 
     @property
     def bytes_read(self) -> int:
         """Activation-cache bytes the tasks read: each reads its layers' columns of every token."""
-        neurons = sum(self.engine.layer_sizes[m][l] for units in self.groups
-                      for m, layers in enumerate(self.engine.needed_layers(units)) for l in layers)
-        return self.engine.BYTES * self.n_tokens * neurons
+        return sum(self.engine.bytes_read(units, self.n_tokens) for units in self.groups)
 
     @property
     def stream_flops(self) -> float:
@@ -65,9 +63,7 @@ class CorrelationPlan:
     @property
     def rotation_draws(self) -> list[int]:
         """The size of every Haar rotation drawn (one QR each), over all tasks."""
-        engine = self.engine
-        return [engine.layer_sizes[m][k] for units in self.groups for m, k in engine.rotated_layers(units)
-                for _ in range(engine.n_rotations)]
+        return [d for units in self.groups for d in self.engine.rotation_sizes(units)]
 
     def seconds(self, matmul_flops_per_s: float, qr_seconds_per_cube: float) -> float:
         """Estimated compute time: the GEMM work at the measured matmul rate and each QR at the
@@ -149,11 +145,11 @@ def describe(plan: CorrelationPlan, names: list[str], rates: tuple[float, float]
         f"the tokens (the floor, accumulators / budget: {plan.floor_passes})",
         f"tasks           {len(plan.groups)} CorrelationBlock (PARALLEL {plan.parallel}) and 1 Correlations merge; "
         f"{len(names)} CacheActivations",
-        f"chunk           {chunk:,} tokens ({engine.BYTES * chunk * engine.width() / GiB:,.2f} GiB for all models)",
+        f"chunk           {chunk:,} tokens ({engine.activation_bytes(chunk) / GiB:,.2f} GiB for all models)",
         f"peak memory     {plan.peak_device_bytes / GiB:,.2f} GiB on {engine.device.type} a task"
         + ("" if engine.device.type == "cpu" else f", {plan.peak_host_bytes / GiB:,.2f} GiB on the host (read-ahead, rotation draws)"),
         f"bytes read      {plan.bytes_read / GiB:,.2f} GiB of activation caches "
-        f"({plan.bytes_read / (engine.BYTES * plan.n_tokens * engine.width()):.2f} x the caches)",
+        f"({plan.bytes_read / engine.activation_bytes(plan.n_tokens):.2f} x the caches)",
         f"FLOPs           {plan.stream_flops:.3g} streaming, {plan.reduce_flops:.3g} reducing, "
         f"{len(plan.rotation_draws):,} Haar rotations drawn (QR)",
     ]

@@ -1,0 +1,161 @@
+"""The plan of a correlation: its work split into passes over the tokens that each fit the
+memory budget, passes split further into groups for parallel tasks, and what each costs in
+memory, bytes read and FLOPs. Planning touches no device."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from unlib.engine.layout import BYTES, HALF_BLOCK_ROWS, HALVES, Layout, Unit, units_of
+from unlib.engine.memory import (READ_AHEAD_CHUNKS, MemoryBudgetError, chunk_tokens_for,
+                                 default_memory_budget)
+from unlib.engine.rotations import ROTATION_LOOKAHEAD
+
+
+class WorkPlan:
+    """One accumulator (both halves' co-moments) per unordered model pair involving a
+    reference (split into blocks of the row model's layers when the memory budget demands),
+    as many as fit the budget per pass over the tokens (`passes`); `groups(n)` splits the
+    passes further for n tasks."""
+
+    def __init__(self, layer_sizes: list[list[int]], references: list[int] | int = 0, n_rotations: int = 5,
+                 device: str | torch.device = "cpu", memory_budget: int | None = None,
+                 chunk_tokens: int | None = None):
+        self.layout = Layout(layer_sizes, references)
+        self.n_rotations = n_rotations
+        self.device = torch.device(device)
+        self.memory_budget = memory_budget or default_memory_budget(self.device)
+        self.chunk_tokens = chunk_tokens or chunk_tokens_for(self.layout.width())
+        self.passes = self._plan()
+
+    @property
+    def layer_sizes(self) -> list[list[int]]:
+        return self.layout.layer_sizes
+
+    @property
+    def references(self) -> list[int]:
+        return self.layout.references
+
+    # ---- memory ---------------------------------------------------------------------
+    def unit_bytes(self, unit: Unit) -> int:
+        """The unit's accumulators: one co-moment block per half."""
+        return HALVES * BYTES * self.layout.unit_rows(unit) * sum(self.layer_sizes[unit.col_model])
+
+    def accumulator_bytes(self, units: list[Unit]) -> int:
+        """The accumulators of a pass over `units`."""
+        return sum(map(self.unit_bytes, units))
+
+    def fixed_bytes(self, units: list[Unit]) -> int:
+        """Device memory a pass over `units` takes besides its accumulators: within-layer
+        co-moments of both halves of the layers it reads (only their diagonal for a model no
+        baseline rotates); the chunk in use and the centred copy of one block-bounded run of
+        it; the result step's scratch (three correlation blocks, both halves' and their merge,
+        and a Haar rotation drawn in float64); and on the CPU the feed's host_bytes."""
+        layout = self.layout
+        needed = layout.needed_layers(units)
+        within = HALVES * sum(d * d if layout.rotated(m) else d
+                              for m, layers in enumerate(needed) for d in (self.layer_sizes[m][l] for l in layers))
+        width = layout.width(needed)
+        d_max = max(max(s) for s in self.layer_sizes)
+        centred = (min(self.chunk_tokens, HALF_BLOCK_ROWS) + 1) * width
+        scratch = 3 * d_max * max(sum(s) for s in self.layer_sizes) + 6 * d_max * d_max
+        on_host = self.host_bytes(units) if self.device.type == "cpu" else 0
+        return BYTES * (within + self.chunk_tokens * width + centred + scratch) + on_host
+
+    def host_bytes(self, units: list[Unit]) -> int:
+        """Host memory of a pass over `units` besides the device's: the feed's chunks read
+        ahead (READ_AHEAD_CHUNKS) and the float64 Gaussians of the Haar draws, the one being
+        factored and those drawn ahead (ROTATION_LOOKAHEAD)."""
+        rotated = [d for m, sizes in enumerate(self.layer_sizes) if self.layout.rotated(m) for d in sizes]
+        return (BYTES * READ_AHEAD_CHUNKS * self.chunk_tokens * self.layout.width(self.layout.needed_layers(units))
+                + 8 * (ROTATION_LOOKAHEAD + 1) * max(rotated, default=0) ** 2)
+
+    def pass_bytes(self, units: list[Unit]) -> int:
+        """Memory of one pass over `units` on the engine's device: their accumulators and the
+        fixed part."""
+        return self.accumulator_bytes(units) + self.fixed_bytes(units)
+
+    def least_memory(self) -> int:
+        """The smallest memory budget the work can be planned for: a pass holding one row layer
+        of a pair, the largest such."""
+        return max(self.pass_bytes([Unit(row, (layer,), col)])
+                   for row, col in self.layout.pairs() for layer in range(len(self.layer_sizes[row])))
+
+    # ---- passes and groups ----------------------------------------------------------
+    def _plan(self) -> list[list[Unit]]:
+        """Group the work into passes that each fit the memory budget: the row layers of every
+        pair, in order, join the current pass while it fits (consecutive row layers of a pair
+        forming one unit), so no pass is left part empty where a pair ends."""
+        need = self.least_memory()
+        if need > self.memory_budget:
+            raise MemoryBudgetError(f"the correlation engine needs at least {need / 2**30:.2f} GiB but "
+                                    f"CORR_MEMORY allows {self.memory_budget / 2**30:.2f} GiB; raise CORR_MEMORY")
+        passes: list[list[Unit]] = []
+        current: list[tuple[int, int, int]] = []
+        for row, col in self.layout.pairs():
+            for layer in range(len(self.layer_sizes[row])):
+                if current and self.pass_bytes(units_of(current + [(row, layer, col)])) > self.memory_budget:
+                    passes.append(units_of(current))
+                    current = []
+                current.append((row, layer, col))
+        passes.append(units_of(current))
+        return passes
+
+    def groups(self, parallel: int = 1) -> list[list[Unit]]:
+        """The passes, split further until there are `parallel` groups (or the heaviest group
+        is one row layer of one pair): each group is one pass over the tokens of its own, so
+        separate tasks (workers, GPUs, hosts) can stream them at once, at the cost of one more
+        read of the activations per extra group. The heaviest group is halved by work, keeping
+        the order of (pair, row layer): the results do not depend on the grouping."""
+        groups = [list(p) for p in self.passes]
+        while len(groups) < parallel:
+            heaviest = max(range(len(groups)), key=lambda i: self.accumulator_bytes(groups[i]))
+            rows = [(u.row_model, l, u.col_model) for u in groups[heaviest] for l in u.row_layers]
+            if len(rows) < 2:
+                break
+            work = np.cumsum([self.unit_bytes(Unit(r, (l,), c)) for r, l, c in rows])
+            half = work[-1] / 2
+            i = int(np.searchsorted(work, half))  # the first i + 1 rows hold half the work or more
+            cut = i + 1 if i == 0 or work[i] - half <= half - work[i - 1] else i
+            cut = min(max(cut, 1), len(rows) - 1)
+            groups[heaviest:heaviest + 1] = [units_of(rows[:cut]), units_of(rows[cut:])]
+        return groups
+
+    # ---- reads and work ---------------------------------------------------------------
+    def activation_bytes(self, n_tokens: int, needed: list[set[int]] | None = None) -> int:
+        """Bytes of `n_tokens` rows of every model with a layer in `needed` (default all):
+        a chunk's size, or with every token the activation caches'."""
+        return BYTES * n_tokens * self.layout.width(needed)
+
+    def bytes_read(self, units: list[Unit], n_tokens: int) -> int:
+        """Activation-cache bytes a task for `units` reads: its layers' columns of every token."""
+        neurons = sum(self.layer_sizes[m][l] for m, layers in enumerate(self.layout.needed_layers(units))
+                      for l in layers)
+        return BYTES * n_tokens * neurons
+
+    def stream_flops(self, units: list[Unit], n_tokens: int) -> float:
+        """GEMM work of streaming `n_tokens` rows for `units`: their co-moments, and the full
+        within-layer co-moments of the rotated models' layers they read (as the stream counts it)."""
+        cross = sum(self.unit_bytes(u) // (HALVES * BYTES) for u in units)  # rows x cols
+        within = sum(self.layer_sizes[m][l] ** 2 for m, layers in enumerate(self.layout.needed_layers(units))
+                     if self.layout.rotated(m) for l in layers)
+        return 2.0 * n_tokens * (cross + within)
+
+    def reduce_flops(self, units: list[Unit]) -> float:
+        """GEMM work of the result step for `units`: per baseline sample and rotated layer,
+        the rotated variances diag(Q^T S Q) of both halves and the co-moment blocks times Q.
+        The Haar draws themselves (QR factorisations) are counted by rotation_sizes."""
+        layout, total = self.layout, 0.0
+        for m, k in layout.rotated_layers(units):
+            d = self.layer_sizes[m][k]
+            total += HALVES * 2.0 * d ** 3
+            for u in layout.rotation_users(units, m, k):
+                if u.col_model == m and u.row_model in self.references:
+                    total += HALVES * 2.0 * layout.unit_rows(u) * d * d
+                if u.row_model == m and k in u.row_layers and u.col_model in self.references:
+                    total += HALVES * 2.0 * sum(self.layer_sizes[u.col_model]) * d * d
+        return self.n_rotations * total
+
+    def rotation_sizes(self, units: list[Unit]) -> list[int]:
+        """The size of every Haar rotation a pass over `units` draws (one QR each)."""
+        return [self.layer_sizes[m][k] for m, k in self.layout.rotated_layers(units) for _ in range(self.n_rotations)]
