@@ -24,7 +24,7 @@ from unlib import UserError
 from unlib.ablation import ABLATIONS
 from unlib.data import DEFAULT_N_TOKENS, OFFLINE_CORPUS, dataset_inputs
 from unlib.models import ZOOS, ModelSet, model_fingerprint, resolve_model_set
-from unlib.h5io import DamagedFile, content_digest, h5_attribute, h5_problem
+from unlib.h5read import DamagedFile, content_digest, h5_attribute, h5_problem
 from unlib.store import (Store, exclusive, provenance, seal, seal_problem, seal_record, set_aside, slug,
                          write_failure)
 

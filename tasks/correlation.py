@@ -22,7 +22,7 @@ from unlib.correlation import (DEAD_MATCH, HALF_BLOCK_ROWS, ExcessCorrelationEng
                                merge_partials, parse_bytes)
 from unlib.data import read_tokens
 from unlib.models import load_model, mlp_shape
-from unlib.h5io import partial_path
+from unlib.h5write import partial_path
 from unlib.store import checkpoint_label, provenance, short_hash
 
 logger = logging.getLogger("luigi-interface")

@@ -22,7 +22,8 @@ import datasets
 import numpy as np
 
 from unlib import UserError
-from unlib.h5io import H5Reader, read_h5, write_h5
+from unlib.h5read import H5Reader, read_h5
+from unlib.h5write import write_h5
 from unlib.store import file_fingerprint, short_hash, slug
 
 OFFLINE_CORPUS = "python-stdlib"
