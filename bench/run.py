@@ -83,7 +83,7 @@ def write_caches(root: Path, n_models: int, n_layers: int, d_mlp: int, n_tokens:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from unlib.activations import ActivationCache, cache_activations
-    from unlib.data import kept_positions
+    from unlib.exclusion import kept_positions
     from unlib.models import ModelSpec, load_model
     from unlib.zoo import quiet_transformers
 

@@ -29,7 +29,8 @@ from unlib import UserError
 from unlib.ablation import ABLATIONS
 from unlib.activations import cache_bytes
 from unlib.correlation import HALF_BLOCK_ROWS, ExcessCorrelationEngine, default_memory_budget, parse_bytes
-from unlib.data import TOKEN_IDS, check_dataset, check_token_ids, exclusion_ids, parse_exclusion
+from unlib.dataset import TOKEN_IDS, check_dataset, check_token_ids
+from unlib.exclusion import exclusion_ids, parse_exclusion
 from unlib.models import (ModelError, check_checkpoint, check_same_tokenizer, check_weights, load_tokenizer,
                           max_context, mlp_shape, planned_shape, resolve_device, resolve_model_set)
 from unlib.plan import CorrelationPlan

@@ -22,11 +22,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from unlib import UserError
 from unlib.ablation import ABLATIONS
-from unlib.data import DEFAULT_N_TOKENS, OFFLINE_CORPUS, dataset_inputs
-from unlib.models import ZOOS, ModelSet, model_fingerprint, resolve_model_set
+from unlib.dataset import OFFLINE_CORPUS, dataset_inputs
 from unlib.h5read import DamagedFile, content_digest, h5_attribute, h5_problem
+from unlib.models import ZOOS, ModelSet, model_fingerprint, resolve_model_set
 from unlib.store import (Store, exclusive, provenance, seal, seal_problem, seal_record, set_aside, slug,
                          write_failure)
+from unlib.tokens import DEFAULT_N_TOKENS
 
 logger = logging.getLogger("luigi-interface")
 # The pipeline's Luigi settings: luigi.cfg at the top of the checkout, linked into this package

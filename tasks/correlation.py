@@ -20,10 +20,10 @@ from tasks.zoo import model_requirement
 from unlib.activations import ActivationCache, cache_bytes, cached_chunks, choose_feed, model_chunks
 from unlib.correlation import (DEAD_MATCH, HALF_BLOCK_ROWS, ExcessCorrelationEngine, PassResult, Unit, collect,
                                merge_partials, parse_bytes)
-from unlib.data import read_tokens
-from unlib.models import load_model, mlp_shape
 from unlib.h5write import partial_path
+from unlib.models import load_model, mlp_shape
 from unlib.store import checkpoint_label, provenance, short_hash
+from unlib.tokens import read_tokens
 
 logger = logging.getLogger("luigi-interface")
 

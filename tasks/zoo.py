@@ -9,8 +9,9 @@ import torch
 
 from tasks.common import PipelineTask, TaskProgress, store, warn_once
 from unlib import zoo
-from unlib.data import offline_corpus, write_token_stream
+from unlib.dataset import offline_corpus
 from unlib.models import ZOOS
+from unlib.tokens import write_token_stream
 
 
 class TrainedZooModel(luigi.LocalTarget):

@@ -17,7 +17,7 @@ import torch
 from test_weight_stats import LAYOUTS, save_random_model
 from unlib.ablation import (SUMMARY_COLUMNS, TABLE_COLUMNS, ablate, ablation_metrics, ablation_sets, ablation_summary,
                             ablation_table, layer_counts, mean_activations, random_sets)
-from unlib.data import kept_positions
+from unlib.exclusion import kept_positions
 from unlib.models import ModelSpec, load_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -212,7 +212,8 @@ def run(tmp_path_factory, mini_zoo):
 def test_held_out_tokens_follow_the_analysed_ones(run):
     """The ablation's tokens are the sequences after the analysed ones in the same stream: both
     files together are what tokenizing both budgets at once gives."""
-    from unlib.data import load_texts, read_tokens, token_sequences
+    from unlib.dataset import load_texts
+    from unlib.tokens import read_tokens, token_sequences
     from unlib.models import ZOOS, load_tokenizer, resolve_model_set
 
     (analysed,) = run["store"].glob("tokens/*/*.h5")
@@ -232,7 +233,7 @@ def test_ablation_csv_equals_the_edited_hugging_face_model(run):
     and the means (neuron_stats.csv's post_mean) against the activation cache."""
     import h5py
     from transformers import GPT2LMHeadModel
-    from unlib.data import read_tokens
+    from unlib.tokens import read_tokens
 
     table, universal, stats = run["table"], run["universal"], run["stats"]
     assert list(table.columns) == TABLE_COLUMNS

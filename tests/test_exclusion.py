@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from unlib.data import exclusion_ids, kept_positions, parse_exclusion, write_token_sequences
+from unlib.exclusion import exclusion_ids, kept_positions, parse_exclusion
+from unlib.tokens import write_token_sequences
 from unlib.zoo import train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,8 +7,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from unlib.activations import ActivationCache, cache_activations, cached_chunks
-from unlib.data import kept_positions
 from unlib.correlation import MemoryEfficientExcessCorrelationComputer, run_engine
+from unlib.exclusion import kept_positions
 from unlib.models import ModelSpec, load_model
 from unlib.zoo import train_tokenizer
 

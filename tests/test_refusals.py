@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from unlib import UserError
-from unlib.data import DatasetError, check_dataset, load_texts, txt_documents
+from unlib.dataset import DatasetError, check_dataset, load_texts, txt_documents
 from unlib.models import ModelError, ModelSpec, load_model, resolve_device, resolve_model_set
 
 from conftest import REPO, cli_in_process

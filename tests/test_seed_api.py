@@ -105,7 +105,7 @@ def test_the_notebook_gives_the_command_lines_results(notebook, tmp_path):
 @pytest.fixture(scope="module")
 def heldout_file(notebook):
     """A dataset file: the offline corpus's held-out documents as .jsonl."""
-    from unlib.data import offline_corpus
+    from unlib.dataset import offline_corpus
 
     path = notebook["root"] / "heldout.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in offline_corpus("heldout")["text"]))

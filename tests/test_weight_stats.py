@@ -9,7 +9,7 @@ import pytest
 import scipy.stats
 import torch
 
-from unlib.data import kept_positions
+from unlib.exclusion import kept_positions
 from unlib.models import ModelSpec, load_model, mlp_activations
 from unlib.report import neuron_cards
 from unlib.stats import NeuronStatsGenerator

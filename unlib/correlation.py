@@ -868,8 +868,9 @@ class MemoryEfficientExcessCorrelationComputer:
         of models: 512 capped at the models' context, and bos,eos,pad,newline).
         Or token ids (n_sequences, ctx_len), BOS in column 0, with `keep` (default: every
         position but column 0)."""
-        from unlib.data import (DEFAULT_N_TOKENS, check_dataset, exclusion_ids, kept_positions, load_texts,
-                                token_sequences)
+        from unlib.dataset import check_dataset, load_texts
+        from unlib.exclusion import exclusion_ids, kept_positions
+        from unlib.tokens import DEFAULT_N_TOKENS, token_sequences
         from unlib.models import PAPER_DEFAULTS
 
         if not isinstance(dataset_path, (str, os.PathLike)):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from unlib import UserError
-from unlib.data import OFFLINE_CORPUS, PILE_SAMPLE
+from unlib.dataset import OFFLINE_CORPUS, PILE_SAMPLE
 from unlib.store import file_fingerprint, short_hash, slug
 from unlib.zoo import TRAINING_STATE, ZooConfig, quiet_transformers
 
