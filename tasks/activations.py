@@ -9,7 +9,8 @@ from tasks.common import CheckpointParams, H5Target, PipelineTask, TaskProgress,
 from tasks.data import TokenizeDataset
 from tasks.zoo import model_requirement
 from unlib.activations import CACHE_DTYPE, cache_activations
-from unlib.models import load_model, model_location
+from unlib.checkpoints import model_location
+from unlib.model_loading import load_model
 from unlib.tokens import read_tokens
 
 

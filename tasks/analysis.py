@@ -12,9 +12,10 @@ import pandas as pd
 from tasks.common import CheckpointParams, CorrelationParams, ResultTask, RunParams, TaskProgress, store
 from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
+from unlib.checkpoints import model_location
 from unlib.correlation import HALF_BLOCK_ROWS, SPLIT_HALF_COLUMNS, LayerResult, excess_tables
 from unlib.dataset import DOCUMENT_SEED
-from unlib.models import load_model, model_fingerprint, model_location
+from unlib.model_loading import load_model, model_fingerprint
 from unlib.plots import UniversalNeuronVisualizer, corr_vs_baseline
 from unlib.selection import UniversalNeuronAnalyzer, jaccard_index, split_half_sets
 from unlib.stats import NeuronStatsGenerator

@@ -28,11 +28,13 @@ from tasks.common import logger as pipeline_logger
 from unlib import UserError
 from unlib.ablation import ABLATIONS
 from unlib.activations import cache_bytes
+from unlib.checkpoints import check_checkpoint
 from unlib.correlation import HALF_BLOCK_ROWS, ExcessCorrelationEngine, default_memory_budget, parse_bytes
 from unlib.dataset import TOKEN_IDS, check_dataset, check_token_ids
 from unlib.exclusion import exclusion_ids, parse_exclusion
-from unlib.models import (ModelError, check_checkpoint, check_same_tokenizer, check_weights, load_tokenizer,
-                          max_context, mlp_shape, planned_shape, resolve_device, resolve_model_set)
+from unlib.model_loading import (check_same_tokenizer, check_weights, load_tokenizer, max_context, mlp_shape,
+                                 planned_shape, resolve_device)
+from unlib.model_sets import ModelError, resolve_model_set
 from unlib.plan import CorrelationPlan
 from unlib.selection import UniversalNeuronAnalyzer
 from unlib.store import atomic_path

@@ -24,7 +24,8 @@ from unlib import UserError
 from unlib.ablation import ABLATIONS
 from unlib.dataset import OFFLINE_CORPUS, dataset_inputs
 from unlib.h5read import DamagedFile, content_digest, h5_attribute, h5_problem
-from unlib.models import ZOOS, ModelSet, model_fingerprint, resolve_model_set
+from unlib.model_loading import model_fingerprint
+from unlib.model_sets import ZOOS, ModelSet, resolve_model_set
 from unlib.store import (Store, exclusive, provenance, seal, seal_problem, seal_record, set_aside, slug,
                          write_failure)
 from unlib.tokens import DEFAULT_N_TOKENS

@@ -21,7 +21,7 @@ from unlib.activations import ActivationCache, cache_bytes, cached_chunks, choos
 from unlib.correlation import (DEAD_MATCH, HALF_BLOCK_ROWS, ExcessCorrelationEngine, PassResult, Unit, collect,
                                merge_partials, parse_bytes)
 from unlib.h5write import partial_path
-from unlib.models import load_model, mlp_shape
+from unlib.model_loading import load_model, mlp_shape
 from unlib.store import checkpoint_label, provenance, short_hash
 from unlib.tokens import read_tokens
 

@@ -7,7 +7,8 @@ from tasks.common import H5Target, PipelineTask, TokenParams, made_from, store
 from tasks.zoo import ZooTokenizer
 from unlib.dataset import DOCUMENT_SEED, load_texts, parse_dataset
 from unlib.exclusion import exclusion_ids
-from unlib.models import ZOOS, load_tokenizer
+from unlib.model_loading import load_tokenizer
+from unlib.model_sets import ZOOS
 from unlib.store import h5_attrs
 from unlib.tokens import write_token_sequences
 

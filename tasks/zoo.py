@@ -10,7 +10,7 @@ import torch
 from tasks.common import PipelineTask, TaskProgress, store, warn_once
 from unlib import zoo
 from unlib.dataset import offline_corpus
-from unlib.models import ZOOS
+from unlib.model_sets import ZOOS
 from unlib.tokens import write_token_stream
 
 

@@ -15,7 +15,7 @@ MINI_ZOO = "toy-zoo-mini"
 TRAIN_MINI_ZOO = f"""
 import luigi
 from tasks.zoo import TrainToyModel
-from unlib.models import ZOOS
+from unlib.model_sets import ZOOS
 ok = luigi.build([TrainToyModel(zoo="{MINI_ZOO}", seed=s) for s in ZOOS["{MINI_ZOO}"].seeds], local_scheduler=True)
 raise SystemExit(0 if ok else 1)
 """

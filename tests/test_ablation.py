@@ -18,7 +18,8 @@ from test_weight_stats import LAYOUTS, save_random_model
 from unlib.ablation import (SUMMARY_COLUMNS, TABLE_COLUMNS, ablate, ablation_metrics, ablation_sets, ablation_summary,
                             ablation_table, layer_counts, mean_activations, random_sets)
 from unlib.exclusion import kept_positions
-from unlib.models import ModelSpec, load_model
+from unlib.model_loading import load_model
+from unlib.model_sets import ModelSpec
 
 REPO = Path(__file__).resolve().parent.parent
 CTX = 32
@@ -214,7 +215,8 @@ def test_held_out_tokens_follow_the_analysed_ones(run):
     files together are what tokenizing both budgets at once gives."""
     from unlib.dataset import load_texts
     from unlib.tokens import read_tokens, token_sequences
-    from unlib.models import ZOOS, load_tokenizer, resolve_model_set
+    from unlib.model_loading import load_tokenizer
+    from unlib.model_sets import ZOOS, resolve_model_set
 
     (analysed,) = run["store"].glob("tokens/*/*.h5")
     (held_out,) = run["store"].glob("tokens/*/held-out/*.h5")

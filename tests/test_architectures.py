@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from test_weight_stats import TOLERANCE, WEIGHT_COLUMNS, reference_weight_stats
-from unlib.models import ModelSpec
+from unlib.model_sets import ModelSpec
 
 REPO = Path(__file__).resolve().parent.parent
 N_TOKENS = 4096

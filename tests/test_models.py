@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from unlib import zoo
+from unlib.checkpoints import available_checkpoints, check_checkpoint, model_location
 from unlib.dataset import offline_corpus
-from unlib.models import (ModelError, ModelSpec, available_checkpoints, check_checkpoint, load_model,
-                          model_location, mlp_shape, resolve_model_set)
+from unlib.model_loading import load_model, mlp_shape
+from unlib.model_sets import ModelError, ModelSpec, resolve_model_set
 from unlib.tokens import write_token_stream
 
 

@@ -114,7 +114,8 @@ def heldout_file(notebook):
 
 def test_the_computer_scores_folders_as_it_scores_loaded_models(notebook, heldout_file):
     from universal_neurons_clean import MemoryEfficientExcessCorrelationComputer
-    from unlib.models import ModelSpec, load_model
+    from unlib.model_loading import load_model
+    from unlib.model_sets import ModelSpec
 
     folders = [str(p) for p in sorted(notebook["store"].glob(f"zoo/{MODELS}-*/seed-*/checkpoint-{CHECKPOINT}"))]
     assert len(folders) == 3
@@ -148,7 +149,7 @@ def test_the_computer_on_the_set_name_gives_the_pipelines_scores(notebook, monke
 
 def test_an_untrained_zoo_is_one_clear_error(tmp_path, monkeypatch):
     from universal_neurons_clean import MemoryEfficientExcessCorrelationComputer
-    from unlib.models import ModelError
+    from unlib.model_sets import ModelError
 
     monkeypatch.setenv("UNLIB_STORE", str(tmp_path))
     with pytest.raises(ModelError, match="is not trained in the store"):

@@ -10,7 +10,9 @@ import scipy.stats
 import torch
 
 from unlib.exclusion import kept_positions
-from unlib.models import ModelSpec, load_model, mlp_activations
+from unlib.mlp_hooks import mlp_activations
+from unlib.model_loading import load_model
+from unlib.model_sets import ModelSpec
 from unlib.report import neuron_cards
 from unlib.stats import NeuronStatsGenerator
 

@@ -18,7 +18,7 @@ import torch
 
 from unlib.h5read import H5Reader
 from unlib.h5write import PartialH5
-from unlib.models import mlp_activations
+from unlib.mlp_hooks import mlp_activations
 from unlib.store import h5_attrs
 
 CHUNK_BYTES = 512 * 1024

@@ -171,7 +171,7 @@ def published_reference(model_set: str) -> dict | None:
 def paper_setup_differences(run: dict, published: dict) -> list[str]:
     """Why a run's universal set cannot be set beside the paper's: each way its setup differs
     (empty when it matches: final weights, threshold 0.5, no top-k, the paper's tokens)."""
-    from unlib.models import PAPER_DEFAULTS
+    from unlib.model_sets import PAPER_DEFAULTS
 
     reasons = []
     if run.get("checkpoint") not in (None, published["final_step"]):
@@ -344,7 +344,7 @@ def neuron_cards(model, tokenizer, tokens: np.ndarray, keep: np.ndarray, univers
     output promotes and suppresses (W_out[n] @ W_U on the processed weights, as the vocab_*
     statistics). The activations come from the model's activation cache (an
     unlib.activations.ActivationCache of these tokens) when given, else from running it."""
-    from unlib.models import mlp_activations, processed_weights
+    from unlib.mlp_hooks import mlp_activations, processed_weights
 
     chosen = universal.head(top)
     if chosen.empty:
