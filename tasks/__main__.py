@@ -17,7 +17,7 @@ from unlib import UserError
 from tasks.report import CompareCheckpoints, RunReport
 from unlib.cleanup import unused_files
 from unlib.plan import describe, measured_rates
-from unlib.report import print_ablation, print_comparison, print_summary
+from unlib.terminal_report import print_ablation, print_comparison, print_summary
 
 QUICK_TOKENS = 4096
 COMMANDS = ("analyze", "report", "compare", "plan", "scheduler", "clean-store")

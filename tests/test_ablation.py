@@ -163,7 +163,8 @@ def test_random_sets_match_the_layer_counts_and_follow_the_seed():
 def test_nothing_to_ablate_is_said_not_failed(toy, tmp_path):
     """An empty universal set measures the original model alone; the summary is empty and the
     report says there is nothing to ablate; without an ablation (TOP_K) it says why."""
-    from unlib import plots, report
+    from unlib import plots
+    from unlib.html_report import ablation_html
 
     base, results = ablation_metrics(toy["model"], toy["tokens"], toy["keep"], ablation_sets([], 64, 20, 0), None)
     table = ablation_table(base, results)
@@ -172,9 +173,9 @@ def test_nothing_to_ablate_is_said_not_failed(toy, tmp_path):
     assert summary.empty and list(summary.columns) == SUMMARY_COLUMNS
     plots.ablation_impact_plot(table, summary, tmp_path / "empty.png")
     run = {"ablation": "mean", "ablation_tokens": 100, "ablation_seed": 0}
-    html = report.ablation_html(run, {"table": table, "summary": summary, "plot": tmp_path / "empty.png"})
+    html = ablation_html(run, {"table": table, "summary": summary, "plot": tmp_path / "empty.png"})
     assert 'id="ablation-empty"' in html and f'id="ablation-loss">{base["loss"]:.4g}<' in html
-    assert 'id="ablation-not-run"' in report.ablation_html(run, None)
+    assert 'id="ablation-not-run"' in ablation_html(run, None)
 
 
 def test_top_k_runs_no_ablation():
@@ -214,9 +215,9 @@ def test_held_out_tokens_follow_the_analysed_ones(run):
     """The ablation's tokens are the sequences after the analysed ones in the same stream: both
     files together are what tokenizing both budgets at once gives."""
     from unlib.dataset import load_texts
-    from unlib.tokens import read_tokens, token_sequences
     from unlib.model_loading import load_tokenizer
     from unlib.model_sets import ZOOS, resolve_model_set
+    from unlib.tokens import read_tokens, token_sequences
 
     (analysed,) = run["store"].glob("tokens/*/*.h5")
     (held_out,) = run["store"].glob("tokens/*/held-out/*.h5")

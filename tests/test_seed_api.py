@@ -243,7 +243,8 @@ def pip(*args: str, cwd: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-WHERE = "import tasks.common as c, unlib.report as r; print(c.LUIGI_CFG, r.REFERENCE_DATA, c.store().root, sep='\\n')"
+WHERE = ("import tasks.common as c, unlib.paper_reference as r; "
+         "print(c.LUIGI_CFG, r.REFERENCE_DATA, c.store().root, sep='\\n')")
 
 
 @needs_setuptools
