@@ -86,8 +86,9 @@ def write_caches(root: Path, n_models: int, n_layers: int, d_mlp: int, n_tokens:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from unlib.activations import ActivationCache, cache_activations
-    from unlib.data import kept_positions
-    from unlib.models import ModelSpec, load_model
+    from unlib.exclusion import kept_positions
+    from unlib.model_loading import load_model
+    from unlib.model_sets import ModelSpec
     from unlib.zoo import quiet_transformers
 
     quiet_transformers()
@@ -229,7 +230,9 @@ def projection() -> dict:
     forward tokens/s and engine GFLOP/s measured here, extrapolated to 5 models x 1M tokens."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from unlib.models import ModelSpec, load_model, mlp_activations
+    from unlib.mlp_hooks import mlp_activations
+    from unlib.model_loading import load_model
+    from unlib.model_sets import ModelSpec
     from unlib.zoo import quiet_transformers
 
     quiet_transformers()

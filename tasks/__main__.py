@@ -22,7 +22,7 @@ from unlib import UserError
 from unlib.cleanup import unused_files
 from unlib.config import COMMANDS, PARAMETERS, RUN_COMMANDS, RunConfig, check_checkpoints, check_workers, resolve
 from unlib.plan import describe, measured_rates
-from unlib.report import print_ablation, print_comparison, print_summary
+from unlib.terminal_report import print_ablation, print_comparison, print_summary
 
 TEST_MODELS = "toy-zoo-mini"  # --test: a smoke run on the mini zoo (unless --models says otherwise)
 SEED_USAGE = f"""The seed document's flags, without a command:

@@ -12,8 +12,8 @@ from tasks.data import TokenizeDataset
 from tasks.zoo import model_requirement
 from unlib import plots
 from unlib.ablation import ablation_metrics, ablation_sets, ablation_summary, ablation_table, neuron_list
-from unlib.data import read_tokens
-from unlib.models import load_model, mlp_shape
+from unlib.model_loading import load_model, mlp_shape
+from unlib.tokens import read_tokens
 
 
 class Ablation(RunParams, ResultTask):

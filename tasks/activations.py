@@ -11,8 +11,9 @@ from tasks.targets import H5Target, made_from, store
 from tasks.data import TokenizeDataset
 from tasks.zoo import model_requirement
 from unlib.activations import CACHE_DTYPE, cache_activations
-from unlib.data import read_tokens
-from unlib.models import load_model, model_location
+from unlib.checkpoints import model_location
+from unlib.model_loading import load_model
+from unlib.tokens import read_tokens
 
 
 class CacheActivations(CheckpointParams, PipelineTask):

@@ -15,15 +15,18 @@ from tasks.params import CheckpointParams, CorrelationParams, RunParams
 from tasks.targets import store
 from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
-from unlib.data import DOCUMENT_SEED, read_tokens, token_file_record
+from unlib.dataset import DOCUMENT_SEED
+from unlib.tokens import read_tokens, token_file_record
 from unlib.engine.layout import HALF_BLOCK_ROWS
 from unlib.engine.results import LayerResult
 from unlib.engine.tables import SPLIT_HALF_COLUMNS, excess_tables
-from unlib.models import load_model, model_fingerprint, model_location
+from unlib.checkpoints import model_location
+from unlib.model_loading import load_model, model_fingerprint
 from unlib.plots import UniversalNeuronVisualizer, corr_vs_baseline
 from unlib.selection import UniversalNeuronAnalyzer, jaccard_index, split_half_sets
 from unlib.stats import NeuronStatsGenerator
 from unlib.store import atomic_path, link_file, write_json
+from unlib.tokens import read_tokens, token_file_record
 
 # The tables a run's results folder shows beside its own files, linked from where they are
 # kept (keyed by what changes them, so runs differing only in threshold or top-k share them).

@@ -29,7 +29,7 @@ from tasks.targets import store
 from unlib import UserError
 from unlib.config import RunConfig, check_workers, resolve
 from unlib.engine.planning import WorkPlan
-from unlib.data import TOKEN_IDS, check_token_ids
+from unlib.dataset import TOKEN_IDS, check_token_ids
 from unlib.plan import CorrelationPlan
 from unlib.selection import UniversalNeuronAnalyzer
 from unlib.store import atomic_path

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from tasks.locks import one_writer
 from tasks.targets import made_from
 from unlib import UserError
-from unlib.h5io import DamagedFile
+from unlib.h5read import DamagedFile
 
 logger = logging.getLogger("luigi-interface")
 # The pipeline's Luigi settings: luigi.cfg at the top of the checkout, linked into this package

@@ -20,14 +20,15 @@ from tasks.targets import H5Target, made_from, store
 from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
 from unlib.activations import ActivationCache, cache_bytes, cached_chunks, choose_feed, model_chunks
-from unlib.data import read_tokens
+from unlib.tokens import read_tokens
 from unlib.engine.engine import ExcessCorrelationEngine
 from unlib.engine.layout import HALF_BLOCK_ROWS, Unit
 from unlib.engine.memory import parse_bytes
 from unlib.engine.results import DEAD_MATCH, PassResult, PassStats, collect, merge_partials
-from unlib.models import load_model, mlp_shape
-from unlib.h5io import partial_path
+from unlib.model_loading import load_model, mlp_shape
+from unlib.h5write import partial_path
 from unlib.store import checkpoint_label, provenance, short_hash
+from unlib.tokens import read_tokens
 
 logger = logging.getLogger("luigi-interface")
 

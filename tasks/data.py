@@ -7,14 +7,17 @@ from tasks.common import PipelineTask
 from tasks.params import TokenParams
 from tasks.targets import H5Target, made_from, store
 from tasks.zoo import ZooTokenizer
-from unlib import data
-from unlib.models import ZOOS, load_tokenizer
+from unlib.dataset import DOCUMENT_SEED, load_texts, parse_dataset
+from unlib.exclusion import exclusion_ids
+from unlib.model_loading import load_tokenizer
+from unlib.model_sets import ZOOS
 from unlib.store import h5_attrs
+from unlib.tokens import write_token_sequences
 
 
 def dataset_id(dataset: str) -> str:
     """Store name of a dataset: the offline corpus's split, a hub name with config and split, or local files."""
-    return data.parse_dataset(dataset).dataset_id
+    return parse_dataset(dataset).dataset_id
 
 
 class TokenizeDataset(TokenParams, PipelineTask):
@@ -37,14 +40,14 @@ class TokenizeDataset(TokenParams, PipelineTask):
     def token_attrs(self) -> dict:
         """What the token file is made from: recorded in it and checked before it is reused."""
         return {"dataset": dataset_id(self.dataset), "tokenizer": self.tokenizer_id(), "n_tokens": self.n_tokens,
-                "ctx_len": self.ctx_len, "exclude_tokens": self.exclude_tokens, "document_seed": data.DOCUMENT_SEED,
+                "ctx_len": self.ctx_len, "exclude_tokens": self.exclude_tokens, "document_seed": DOCUMENT_SEED,
                 "inputs": self.token_inputs(),
                 # only held-out files record it, so analysis token files written before it stay valid
                 **({"skip_tokens": self.skip_tokens} if self.skip_tokens else {})}
 
     def output(self):
         return H5Target(store().tokens(dataset_id(self.dataset), self.tokenizer_id(), self.n_tokens, self.ctx_len,
-                                       self.exclude_tokens, data.DOCUMENT_SEED, self.skip_tokens),
+                                       self.exclude_tokens, DOCUMENT_SEED, self.skip_tokens),
                         self.token_attrs())
 
     def run(self):
@@ -52,6 +55,6 @@ class TokenizeDataset(TokenParams, PipelineTask):
         tokenizer = load_tokenizer(self.model_set, store().root)
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.set_status_message(f"tokenizing {self.dataset}")
-        data.write_token_sequences(self.output().path, data.load_texts(self.dataset), tokenizer, bos,
-                                   self.n_tokens, self.ctx_len, data.exclusion_ids(self.exclude_tokens, tokenizer),
-                                   {**h5_attrs(self.token_attrs()), "made_from": inputs}, self.skip_tokens)
+        write_token_sequences(self.output().path, load_texts(self.dataset), tokenizer, bos,
+                              self.n_tokens, self.ctx_len, exclusion_ids(self.exclude_tokens, tokenizer),
+                              {**h5_attrs(self.token_attrs()), "made_from": inputs}, self.skip_tokens)

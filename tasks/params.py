@@ -9,8 +9,9 @@ import luigi
 
 from tasks.targets import ResultTarget, store
 from unlib.config import BY_NAME, folder_defaults
-from unlib.data import dataset_inputs
-from unlib.models import ZOOS, ModelSet, model_fingerprint, resolve_model_set
+from unlib.dataset import dataset_inputs
+from unlib.model_loading import model_fingerprint
+from unlib.model_sets import ZOOS, ModelSet, resolve_model_set
 
 # The tasks whose run() computes on DEVICE (models and correlations): only they take a `gpu`
 # resource and a GPU of their own; the others (tokens, merges, tables, plots) run on the CPU.

@@ -16,11 +16,12 @@ from tasks.data import TokenizeDataset
 from tasks.zoo import model_requirement
 from unlib import compare, plots
 from unlib.activations import ActivationCache
-from unlib.data import read_tokens
-from unlib.models import load_model, load_tokenizer
-from unlib.report import compare_report_html, neuron_cards, run_report_html
+from unlib.html_report import compare_report_html, run_report_html
+from unlib.model_loading import load_model, load_tokenizer
+from unlib.neuron_cards import neuron_cards
 from unlib.selection import UniversalNeuronAnalyzer, split_half_sets
 from unlib.store import atomic_path, read_json
+from unlib.tokens import read_tokens
 
 TOP_CARDS = 20
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import luigi
 
-from unlib.h5io import content_digest, h5_attribute, h5_problem
+from unlib.h5read import content_digest, h5_attribute, h5_problem
 from unlib.store import Store, provenance, seal, seal_problem, seal_record, set_aside
 
 logger = logging.getLogger("luigi-interface")

@@ -10,8 +10,9 @@ import torch
 from tasks.common import PipelineTask, TaskProgress
 from tasks.targets import store, warn_once
 from unlib import zoo
-from unlib.data import offline_corpus, write_token_stream
-from unlib.models import ZOOS
+from unlib.dataset import offline_corpus
+from unlib.model_sets import ZOOS
+from unlib.tokens import write_token_stream
 
 
 class TrainedZooModel(luigi.LocalTarget):

@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ MINI_ZOO = "toy-zoo-mini"
 TRAIN_MINI_ZOO = f"""
 import luigi
 from tasks.zoo import TrainToyModel
-from unlib.models import ZOOS
+from unlib.model_sets import ZOOS
 ok = luigi.build([TrainToyModel(zoo="{MINI_ZOO}", seed=s) for s in ZOOS["{MINI_ZOO}"].seeds], local_scheduler=True)
 raise SystemExit(0 if ok else 1)
 """
@@ -76,6 +77,21 @@ def analyzed_store(tmp_path_factory, mini_zoo: Path, name: str, *args: str) -> P
                           env={**os.environ, "UNLIB_STORE": str(store), "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     return store
+
+
+def analyze_folders_a_and_b(root: Path, texts: list[str], *args: str) -> tuple[Path, str]:
+    """`python -m tasks analyze --models root/a,root/b <args>` (local scheduler, CPU) over `texts`,
+    written to root/docs.jsonl, into the store root/store; the command must succeed. Returns
+    (the store, the command's stdout)."""
+    dataset = root / "docs.jsonl"
+    dataset.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    store = root / "store"
+    env = {**os.environ, "UNLIB_STORE": str(store), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tasks", "analyze", "--scheduler", "local", "--device", "cpu",
+                           "--models", f"{root / 'a'},{root / 'b'}", "--dataset", str(dataset), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return store, proc.stdout
 
 
 def same_tables(ours: Path, theirs: Path) -> bool:

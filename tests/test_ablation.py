@@ -17,8 +17,9 @@ import torch
 from test_weight_stats import LAYOUTS, save_random_model
 from unlib.ablation import (SUMMARY_COLUMNS, TABLE_COLUMNS, ablate, ablation_metrics, ablation_sets, ablation_summary,
                             ablation_table, layer_counts, mean_activations, random_sets)
-from unlib.data import kept_positions
-from unlib.models import ModelSpec, load_model
+from unlib.exclusion import kept_positions
+from unlib.model_loading import load_model
+from unlib.model_sets import ModelSpec
 
 REPO = Path(__file__).resolve().parent.parent
 CTX = 32
@@ -162,7 +163,8 @@ def test_random_sets_match_the_layer_counts_and_follow_the_seed():
 def test_nothing_to_ablate_is_said_not_failed(toy, tmp_path):
     """An empty universal set measures the original model alone; the summary is empty and the
     report says there is nothing to ablate; without an ablation (TOP_K) it says why."""
-    from unlib import plots, report
+    from unlib import plots
+    from unlib.html_report import ablation_html
 
     base, results = ablation_metrics(toy["model"], toy["tokens"], toy["keep"], ablation_sets([], 64, 20, 0), None)
     table = ablation_table(base, results)
@@ -171,9 +173,9 @@ def test_nothing_to_ablate_is_said_not_failed(toy, tmp_path):
     assert summary.empty and list(summary.columns) == SUMMARY_COLUMNS
     plots.ablation_impact_plot(table, summary, tmp_path / "empty.png")
     run = {"ablation": "mean", "ablation_tokens": 100, "ablation_seed": 0}
-    html = report.ablation_html(run, {"table": table, "summary": summary, "plot": tmp_path / "empty.png"})
+    html = ablation_html(run, {"table": table, "summary": summary, "plot": tmp_path / "empty.png"})
     assert 'id="ablation-empty"' in html and f'id="ablation-loss">{base["loss"]:.4g}<' in html
-    assert 'id="ablation-not-run"' in report.ablation_html(run, None)
+    assert 'id="ablation-not-run"' in ablation_html(run, None)
 
 
 def test_top_k_runs_no_ablation():
@@ -213,8 +215,10 @@ def run(tmp_path_factory, mini_zoo):
 def test_held_out_tokens_follow_the_analysed_ones(run):
     """The ablation's tokens are the sequences after the analysed ones in the same stream: both
     files together are what tokenizing both budgets at once gives."""
-    from unlib.data import load_texts, read_tokens, token_sequences
-    from unlib.models import ZOOS, load_tokenizer, resolve_model_set
+    from unlib.dataset import load_texts
+    from unlib.model_loading import load_tokenizer
+    from unlib.model_sets import ZOOS, resolve_model_set
+    from unlib.tokens import read_tokens, token_sequences
 
     (analysed,) = run["store"].glob("tokens/*/*.h5")
     (held_out,) = run["store"].glob("tokens/*/held-out/*.h5")
@@ -233,7 +237,7 @@ def test_ablation_csv_equals_the_edited_hugging_face_model(run):
     and the means (neuron_stats.csv's post_mean) against the activation cache."""
     import h5py
     from transformers import GPT2LMHeadModel
-    from unlib.data import read_tokens
+    from unlib.tokens import read_tokens
 
     table, universal, stats = run["table"], run["universal"], run["stats"]
     assert list(table.columns) == TABLE_COLUMNS

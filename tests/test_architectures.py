@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from test_weight_stats import TOLERANCE, WEIGHT_COLUMNS, reference_weight_stats
-from unlib.models import ModelSpec
+from unlib.model_sets import ModelSpec
 
 REPO = Path(__file__).resolve().parent.parent
 N_TOKENS = 4096
@@ -76,7 +76,7 @@ def analyze(store: Path, models: list[Path], *args: str) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from unlib.data import offline_corpus
+    from unlib.dataset import offline_corpus
     from unlib.zoo import train_tokenizer
 
     return train_tokenizer(offline_corpus("train")["text"][:200], VOCAB, 10**6, tmp_path_factory.mktemp("tok"))

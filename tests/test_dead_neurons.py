@@ -3,10 +3,6 @@ constant (W_in column zero, a bias) and one whose post-activation is (a bias so 
 GELU gives 0 at every token). Neither may claim a best match, their statistics must be finite,
 and run.json and the report must count them."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,10 +10,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from conftest import analyze_folders_a_and_b
 from unlib.stats import CONSTANT_KURT, CONSTANT_SKEW, STATS_COLUMNS
 from unlib.zoo import train_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
 D_MLP, N_TOKENS = 48, 4096
 CONSTANT_PRE = (0, 5)  # layer, neuron: pre-activation 0.75 at every token
 CONSTANT_POST = (1, 3)  # pre-activation about -1000, post-activation GELU = 0 at every token
@@ -51,18 +47,10 @@ def run(tmp_path_factory):
             kill(model, *DEAD_IN_OTHER, bias=0.5, zero_weights=True)
         model.save_pretrained(str(root / name))
         tokenizer.save_pretrained(str(root / name))
-    dataset = root / "docs.jsonl"
-    dataset.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    store = root / "store"
-    env = {**os.environ, "UNLIB_STORE": str(store), "HF_HUB_OFFLINE": "1"}
     # THRESHOLD=-1 would select every neuron: the dead ones must still be left out
-    proc = subprocess.run([sys.executable, "-m", "tasks", "analyze", "--scheduler", "local", "--device", "cpu",
-                           "--models", f"{root / 'a'},{root / 'b'}", "--dataset", str(dataset),
-                           "--n-tokens", str(N_TOKENS), "--threshold", "-1"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    store, stdout = analyze_folders_a_and_b(root, texts, "--n-tokens", str(N_TOKENS), "--threshold", "-1")
     results = next(store.glob("results/*/final*"))
-    return {"dir": results, "stdout": proc.stdout, "run": json.loads((results / "run.json").read_text()),
+    return {"dir": results, "stdout": stdout, "run": json.loads((results / "run.json").read_text()),
             **{name: pd.read_csv(results / f"{file}.csv") for name, file in [
                 ("excess", "excess_correlation_scores"), ("pairwise", "pairwise_correlations"),
                 ("stats", "neuron_stats"), ("universal", "universal_neurons")]}}

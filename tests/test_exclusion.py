@@ -2,9 +2,6 @@
 dropped from the token budget and from every activation row, and the correlations are those
 of the kept positions. Checked against the Hugging Face models run directly."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -14,10 +11,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from unlib.data import exclusion_ids, kept_positions, parse_exclusion, write_token_sequences
+from conftest import analyze_folders_a_and_b
+from unlib.exclusion import exclusion_ids, kept_positions, parse_exclusion
+from unlib.tokens import write_token_sequences
 from unlib.zoo import train_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
 N_TOKENS, CTX = 4200, 32
 
 
@@ -38,15 +36,8 @@ def run(tmp_path_factory):
         torch.manual_seed(seed)
         GPT2LMHeadModel(config).save_pretrained(str(root / name))
         tokenizer.save_pretrained(str(root / name))
-    dataset = root / "docs.jsonl"
-    dataset.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    store = root / "store"
-    env = {**os.environ, "UNLIB_STORE": str(store), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tasks", "analyze", "--scheduler", "local", "--device", "cpu",
-                           "--models", f"{root / 'a'},{root / 'b'}", "--dataset", str(dataset),
-                           "--exclude-tokens", "bos,newline", "--n-tokens", str(N_TOKENS), "--threshold", "0.1"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    store, _ = analyze_folders_a_and_b(root, texts, "--exclude-tokens", "bos,newline", "--n-tokens", str(N_TOKENS),
+                                       "--threshold", "0.1")
     with h5py.File(next(store.glob("tokens/*/*.h5")), "r") as f:
         tokens, keep = f["tokens"][:], f["keep"][:]
     results = next(store.glob("results/*/final*"))

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, analyzed_store
-from unlib.h5io import (CHECKSUMS, DamagedFile, H5Reader, PartialH5, checked_writes, h5_problem, partial_path,
-                        read_h5, write_h5)
+from unlib.h5checksums import CHECKSUMS
+from unlib.h5read import DamagedFile, H5Reader, h5_problem, read_h5
+from unlib.h5write import PartialH5, checked_writes, partial_path, write_h5
 from unlib.store import StoreWriteError
 
 MODELS = "toy-zoo-mini"
@@ -183,9 +184,9 @@ def copy_of(reference: Path, into: Path, drop: tuple[str, ...] = ()) -> Path:
 # has written its first rows: the full disk of the issue's trial, met mid-write.
 FILL_DISK_MID_CACHE = """
 import errno, os, sys
-import unlib.h5io as h5io
+import unlib.h5write as h5write
 from tasks.__main__ import main
-write = h5io.PartialH5._write
+write = h5write.PartialH5._write
 def filling_write(self, whole_units_only):
     if self.rows_done > 0 and not os.path.exists(os.environ["FILLER"]):
         fd = os.open(os.environ["FILLER"], os.O_WRONLY | os.O_CREAT)
@@ -197,7 +198,7 @@ def filling_write(self, whole_units_only):
         finally:
             os.close(fd)
     return write(self, whole_units_only)
-h5io.PartialH5._write = filling_write
+h5write.PartialH5._write = filling_write
 raise SystemExit(main(sys.argv[1:]))
 """
 
@@ -437,7 +438,7 @@ def test_checked_writes_nest_and_restore_the_hook(tmp_path):
 
 def test_a_damaged_input_makes_no_completeness_check_raise(tmp_path, monkeypatch):
     from tasks.targets import H5Target, rebuilt_input
-    from unlib.h5io import content_digest
+    from unlib.h5read import content_digest
     from unlib.store import provenance
 
     monkeypatch.setenv("UNLIB_STORE", str(tmp_path))

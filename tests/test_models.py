@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from unlib import data, zoo
-from unlib.models import (ModelError, ModelSpec, available_checkpoints, check_checkpoint, load_model,
-                          model_location, mlp_shape, resolve_model_set)
+from unlib import zoo
+from unlib.checkpoints import available_checkpoints, check_checkpoint, model_location
+from unlib.dataset import offline_corpus
+from unlib.model_loading import load_model, mlp_shape
+from unlib.model_sets import ModelError, ModelSpec, resolve_model_set
+from unlib.tokens import write_token_stream
 
 
 def test_stanford_sets_expand_to_five_seeds_with_checkpoint_revisions():
@@ -59,9 +62,9 @@ def test_unknown_set_and_missing_folder():
 def test_zoo_training_resumes_exactly(tmp_path):
     cfg = zoo.ZooConfig(name="resume-test", seeds=(0,), d_model=16, d_mlp=32, n_heads=2, ctx_len=16,
                         vocab_size=257, batch_size=4, steps=40, save_steps=(0, 20, 40), training_tokens=20000)
-    texts = data.offline_corpus("train")["text"][:40]
+    texts = offline_corpus("train")["text"][:40]
     tok = zoo.train_tokenizer(texts, cfg.vocab_size, 10**6, tmp_path / "tok")
-    data.write_token_stream(tmp_path / "tokens.h5", texts, tok, tok.bos_token_id, cfg.training_tokens, {})
+    write_token_stream(tmp_path / "tokens.h5", texts, tok, tok.bos_token_id, cfg.training_tokens, {})
     zoo.train_model(cfg, 0, tmp_path / "tok", tmp_path / "tokens.h5", tmp_path / "straight")
     shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoint-40")  # as if killed between step 20 and 40
@@ -76,7 +79,7 @@ def test_zoo_training_resumes_exactly(tmp_path):
 
 
 def test_offline_corpus_splits_are_disjoint():
-    train, held = data.offline_corpus("train"), data.offline_corpus("heldout")
+    train, held = offline_corpus("train"), offline_corpus("heldout")
     assert set(train["source"]).isdisjoint(held["source"])
     assert 0.05 < len(held) / (len(train) + len(held)) < 0.2
     assert np.mean([len(t) for t in held["text"]]) > 1000

@@ -7,8 +7,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from unlib.activations import ActivationCache, cache_activations, cached_chunks
-from unlib.data import kept_positions
-from unlib.models import ModelSpec, load_model
+from unlib.exclusion import kept_positions
+from unlib.model_loading import load_model
+from unlib.model_sets import ModelSpec
 from unlib.notebook import MemoryEfficientExcessCorrelationComputer, run_engine
 from unlib.zoo import train_tokenizer
 
@@ -81,7 +82,7 @@ def test_cache_holds_float32_activations_without_bos(planted):
     cache = planted["caches"][0]
     assert cache.layers == ["layer_000", "layer_001"]
     assert cache.n_tokens == 160 * 31
-    from unlib.models import mlp_activations
+    from unlib.mlp_hooks import mlp_activations
     direct = mlp_activations(planted["models"][0], torch.from_numpy(planted["tokens"][:4].astype(np.int64)))
     np.testing.assert_allclose(cache.read(1, 0, 4 * 31), direct[1].numpy(), rtol=0, atol=0)
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from unlib import UserError
-from unlib.data import DatasetError, check_dataset, load_texts, txt_documents
-from unlib.models import ModelError, ModelSpec, load_model, resolve_device, resolve_model_set
+from unlib.dataset import DatasetError, check_dataset, load_texts, txt_documents
+from unlib.model_loading import load_model, resolve_device
+from unlib.model_sets import ModelError, ModelSpec, resolve_model_set
 
 from conftest import REPO, cli_in_process
 MINI = "toy-zoo-mini"  # 2 layers of 64 neurons; refused before its zoo is ever trained

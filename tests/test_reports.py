@@ -16,7 +16,9 @@ import pytest
 
 from PIL import Image
 
-from unlib import compare, report
+from unlib import compare
+from unlib.html_report import paper_comparison_html
+from unlib.paper_reference import published_reference, rank_recall
 from unlib.plots import activation_histogram_svg
 
 REPO = Path(__file__).resolve().parent.parent
@@ -233,7 +235,7 @@ def paper_run(**changes) -> dict:
 
 
 def test_comparison_with_the_paper_is_gated_on_its_setup():
-    published = report.published_reference("stanford-gpt2-small")
+    published = published_reference("stanford-gpt2-small")
     table = published["table"]
     # a planted run: the paper's neurons rank first except 100 of them, swapped with others
     excess = pd.DataFrame([(l, n) for l in range(12) for n in range(3072)], columns=["layer", "neuron"])
@@ -244,23 +246,22 @@ def test_comparison_with_the_paper_is_gated_on_its_setup():
         excess.loc[(excess.layer == l) & (excess.neuron == n), "excess_correlation"] = 0.1
     others = excess[excess["excess_correlation"] == 0].head(100).index
     excess.loc[others, "excess_correlation"] = 0.7
-    assert report.rank_recall(excess, table) == pytest.approx((len(table) - 100) / len(table))
+    assert rank_recall(excess, table) == pytest.approx((len(table) - 100) / len(table))
     universal = excess[excess["excess_correlation"] >= 0.5]
 
-    html = report.paper_comparison_html(paper_run(), excess, universal)
+    html = paper_comparison_html(paper_run(), excess, universal)
     assert text_of(html, "published-fraction") == "4.16%" and int(text_of(html, "overlap")) == len(table) - 100
     assert "not-comparable" not in html
     for change, why in [({"checkpoint": 20000}, "training step 20000"), ({"threshold": 0.3}, "threshold is 0.3"),
                         ({"top_k": 50}, "top 50"), ({"exclude_tokens": "bos"}, "excludes"),
                         ({"ctx_len": 64}, "contexts are 64"), ({"dataset": "python-stdlib"}, "the Pile"),
                         ({"n_tokens": 100_000}, "100,000 tokens")]:
-        html = report.paper_comparison_html(paper_run(**change), excess, universal)
+        html = paper_comparison_html(paper_run(**change), excess, universal)
         assert "not comparable" in html and why in html and "published-fraction" not in html, change
         assert 'id="overlap"' not in html and text_of(html, "rank-recall") == f"{(len(table) - 100) / len(table):.1%}"
-    html = report.paper_comparison_html(paper_run(reference="stanford-crfm/battlestar-gpt2-small-x49"), excess,
-                                        universal)
+    html = paper_comparison_html(paper_run(reference="stanford-crfm/battlestar-gpt2-small-x49"), excess, universal)
     assert "rank-recall" not in html and 'id="overlap"' not in html  # the paper scored seed a only
-    assert "No published figures" in report.paper_comparison_html(paper_run(model_set="toy-zoo"), excess, universal)
+    assert "No published figures" in paper_comparison_html(paper_run(model_set="toy-zoo"), excess, universal)
 
 
 def test_activation_histogram_bars_are_log_counts():

@@ -105,7 +105,7 @@ def test_the_notebook_gives_the_command_lines_results(notebook, tmp_path):
 @pytest.fixture(scope="module")
 def heldout_file(notebook):
     """A dataset file: the offline corpus's held-out documents as .jsonl."""
-    from unlib.data import offline_corpus
+    from unlib.dataset import offline_corpus
 
     path = notebook["root"] / "heldout.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in offline_corpus("heldout")["text"]))
@@ -114,7 +114,8 @@ def heldout_file(notebook):
 
 def test_the_computer_scores_folders_as_it_scores_loaded_models(notebook, heldout_file):
     from universal_neurons_clean import MemoryEfficientExcessCorrelationComputer
-    from unlib.models import ModelSpec, load_model
+    from unlib.model_loading import load_model
+    from unlib.model_sets import ModelSpec
 
     folders = [str(p) for p in sorted(notebook["store"].glob(f"zoo/{MODELS}-*/seed-*/checkpoint-{CHECKPOINT}"))]
     assert len(folders) == 3
@@ -148,7 +149,7 @@ def test_the_computer_on_the_set_name_gives_the_pipelines_scores(notebook, monke
 
 def test_an_untrained_zoo_is_one_clear_error(tmp_path, monkeypatch):
     from universal_neurons_clean import MemoryEfficientExcessCorrelationComputer
-    from unlib.models import ModelError
+    from unlib.model_sets import ModelError
 
     monkeypatch.setenv("UNLIB_STORE", str(tmp_path))
     with pytest.raises(ModelError, match="is not trained in the store"):
@@ -242,7 +243,7 @@ def pip(*args: str, cwd: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-WHERE = "import tasks.common as c, tasks.targets as t, unlib.report as r; print(c.LUIGI_CFG, r.REFERENCE_DATA, t.store().root, sep='\\n')"
+WHERE = "import tasks.common as c, tasks.targets as t, unlib.paper_reference as r; print(c.LUIGI_CFG, r.REFERENCE_DATA, t.store().root, sep='\\n')"
 
 
 @needs_setuptools

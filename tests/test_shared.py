@@ -56,7 +56,7 @@ def test_two_concurrent_runs_on_a_fresh_store_set_nothing_aside(fresh_run, tmp_p
 
 def test_a_lock_held_by_a_writer_is_not_corruption(tmp_path):
     from tasks.targets import H5Target
-    from unlib.h5io import PartialH5, partial_path, write_h5
+    from unlib.h5write import PartialH5, partial_path, write_h5
     from unlib.store import provenance
 
     path = tmp_path / "cache.h5"

@@ -16,7 +16,7 @@ from test_production import REPO, env_for, free_port, luigid  # noqa: F401  (lui
 from test_shared import scheduler
 from conftest import same_tables
 from unlib.engine.engine import ExcessCorrelationEngine
-from unlib.models import ZOOS
+from unlib.model_sets import ZOOS
 
 MODELS = "toy-zoo-mini"
 ARGS = ["--models", MODELS, "--checkpoint", "300", "--n-tokens", "8192", "--device", "cpu"]

@@ -9,9 +9,11 @@ import pytest
 import scipy.stats
 import torch
 
-from unlib.data import kept_positions
-from unlib.models import ModelSpec, load_model, mlp_activations
-from unlib.report import neuron_cards
+from unlib.exclusion import kept_positions
+from unlib.mlp_hooks import mlp_activations
+from unlib.model_loading import load_model
+from unlib.model_sets import ModelSpec
+from unlib.neuron_cards import neuron_cards
 from unlib.stats import NeuronStatsGenerator
 
 WEIGHT_COLUMNS = ["w_in_norm", "w_out_norm", "l2_penalty", "input_bias", "in_out_sim",

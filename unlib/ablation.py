@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from unlib.models import default_keep, hook_post, mlp_activations
+from unlib.mlp_hooks import default_keep, hook_post, mlp_activations
 
 ABLATIONS = ("mean", "zero")
 # Logits one forward pass may hold, by device type: conditions are stacked into a pass up to this

@@ -16,8 +16,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from unlib.h5io import H5Reader, PartialH5
-from unlib.models import mlp_activations
+from unlib.h5read import H5Reader
+from unlib.h5write import PartialH5
+from unlib.mlp_hooks import mlp_activations
 from unlib.store import h5_attrs
 
 CHUNK_BYTES = 512 * 1024
@@ -69,7 +70,7 @@ def cache_activations(model, tokens: np.ndarray, keep: np.ndarray, out_path: str
 
 
 class ActivationCache:
-    """Verified read access to a finished activation cache (unlib.h5io.H5Reader: a read
+    """Verified read access to a finished activation cache (unlib.h5read.H5Reader: a read
     whose values do not match their checksums raises DamagedFile)."""
 
     def __init__(self, path: str | Path):

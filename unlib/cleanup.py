@@ -10,7 +10,8 @@ import re
 import time
 from pathlib import Path
 
-from unlib.h5io import partial_path, verified_attrs
+from unlib.h5read import verified_attrs
+from unlib.h5write import partial_path
 from unlib.store import being_written, slug
 
 TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # unlib.store.atomic_path's

@@ -17,10 +17,13 @@ from unlib.activations import cache_bytes
 from unlib.engine.layout import HALF_BLOCK_ROWS
 from unlib.engine.memory import default_memory_budget, parse_bytes
 from unlib.engine.planning import WorkPlan
-from unlib.data import DEFAULT_N_TOKENS, check_dataset, exclusion_ids, parse_exclusion
-from unlib import models
-from unlib.models import (ModelError, ModelSet, check_same_tokenizer, check_weights, load_tokenizer, max_context,
-                          mlp_shape, planned_shape, resolve_device, resolve_model_set)
+from unlib.dataset import check_dataset
+from unlib.exclusion import exclusion_ids, parse_exclusion
+from unlib.tokens import DEFAULT_N_TOKENS
+from unlib import checkpoints
+from unlib.model_loading import (check_same_tokenizer, check_weights, load_tokenizer, max_context, mlp_shape,
+                                 planned_shape, resolve_device)
+from unlib.model_sets import ModelError, ModelSet, resolve_model_set
 from unlib.store import Store, check_store
 
 RUN_COMMANDS = ("analyze", "report", "plan", "compare")
@@ -35,7 +38,7 @@ class Parameter:
     """One run parameter. `changes` names the outputs a value changes ("" for none: it only
     changes how the run executes, so it names no file and no Luigi task); `default` is the
     value when unset, None where the help says what unset means (for `set_default` ones, the
-    model set's own, unlib.models.SetDefaults, which the run resolves like `resolved` ones)."""
+    model set's own, unlib.model_sets.SetDefaults, which the run resolves like `resolved` ones)."""
 
     name: str
     kind: type
@@ -108,7 +111,7 @@ def check_models(value: str, run: Resolution) -> str:
 def check_checkpoint(value: int | None, run: Resolution) -> int | None:
     if not run.planning:
         for spec in run.model_set.models:
-            models.check_checkpoint(spec, value)
+            checkpoints.check_checkpoint(spec, value)
             mlp_shape(spec, value)  # reads each config now, so an unreachable model fails before any work
             check_weights(spec, value)  # a local folder's weights files: their headers, not the tensors
     return value

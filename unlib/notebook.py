@@ -37,8 +37,9 @@ class MemoryEfficientExcessCorrelationComputer:
 
     def __init__(self, model_names, device: str | torch.device = "auto", checkpoint: int | None = None,
                  labels: list[str] | None = None, store_dir: str | None = None):
-        from unlib.models import (ModelError, check_checkpoint, check_same_tokenizer, load_model, model_location,
-                                  resolve_device, resolve_model_set)
+        from unlib.checkpoints import check_checkpoint, model_location
+        from unlib.model_loading import check_same_tokenizer, load_model, resolve_device
+        from unlib.model_sets import ModelError, resolve_model_set
 
         self.store_dir = store_dir
         self.model_set = None
@@ -67,7 +68,7 @@ class MemoryEfficientExcessCorrelationComputer:
     def tokenizer(self):
         """The models' tokenizer: the set's (a toy zoo's own, else the first model's), or
         the first loaded model's."""
-        from unlib.models import load_tokenizer
+        from unlib.model_loading import load_tokenizer
 
         if self.model_set is not None:
             return load_tokenizer(self.model_set, self.store_dir)
@@ -88,9 +89,10 @@ class MemoryEfficientExcessCorrelationComputer:
         of models: 512 capped at the models' context, and bos,eos,pad,newline).
         Or token ids (n_sequences, ctx_len), BOS in column 0, with `keep` (default: every
         position but column 0)."""
-        from unlib.data import (DEFAULT_N_TOKENS, check_dataset, exclusion_ids, kept_positions, load_texts,
-                                token_sequences)
-        from unlib.models import PAPER_DEFAULTS
+        from unlib.dataset import check_dataset, load_texts
+        from unlib.exclusion import exclusion_ids, kept_positions
+        from unlib.tokens import DEFAULT_N_TOKENS, token_sequences
+        from unlib.model_sets import PAPER_DEFAULTS
 
         if not isinstance(dataset_path, (str, os.PathLike)):
             tokens = np.asarray(dataset_path.cpu() if isinstance(dataset_path, torch.Tensor) else dataset_path)

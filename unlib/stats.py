@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from unlib.models import mlp_captures, processed_weights
+from unlib.mlp_hooks import mlp_captures, processed_weights
 
 STATS_COLUMNS = ["layer", "neuron", "w_in_norm", "w_out_norm", "l2_penalty", "input_bias", "in_out_sim",
                  "vocab_mean", "vocab_var", "vocab_skew", "vocab_kurt",

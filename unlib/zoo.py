@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from unlib.h5io import read_h5
+from unlib.h5read import read_h5
 from unlib.store import file_fingerprint, short_hash
 
 BOS_TOKEN = "<|endoftext|>"

@@ -9,7 +9,8 @@ from typing import Iterable
 import numpy as np
 
 from unlib.engine.layout import FULL, HALF_BLOCK_ROWS, HALVES
-from unlib.h5io import H5Reader, read_h5, write_h5
+from unlib.h5read import H5Reader, read_h5
+from unlib.h5write import write_h5
 
 # max_layer and max_neuron of a dead reference neuron (constant over the analysed tokens):
 # it has no best match. Its correlations, baselines and excess are 0.

@@ -1,4 +1,5 @@
-"""Reports of a run: the terminal summary (rich tables) and the self-contained HTML reports."""
+"""The self-contained HTML reports: a run's (report.html) and the comparison across
+checkpoints (compare.html), images embedded as data URIs."""
 from __future__ import annotations
 
 import base64
@@ -7,109 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from rich.console import Console
-from rich.table import Table
 
-from unlib.plots import activation_histogram_svg, value_range
-
-
-def print_summary(console: Console, title: str, layer_summary: pd.DataFrame, universal_df: pd.DataFrame,
-                  results_dir: str, top: int = 10) -> None:
-    """Neurons analysed, universal count and fraction per layer, and the top neurons."""
-    table = Table(title=f"Universal neurons: {title}")
-    dead = "n_dead" in layer_summary.columns  # dead: constant over the tokens, never universal
-    for col in ("layer", "neurons", "universal", "fraction") + (("dead",) if dead else ()):
-        table.add_column(col, justify="right")
-    for row in layer_summary.itertuples():
-        table.add_row(str(row.layer), str(row.n_neurons), str(row.n_universal), f"{row.fraction:.2%}",
-                      *([str(row.n_dead)] if dead else []))
-    total, n_univ = int(layer_summary["n_neurons"].sum()), int(layer_summary["n_universal"].sum())
-    table.add_row("all", str(total), str(n_univ), f"{n_univ / max(total, 1):.2%}",
-                  *([str(int(layer_summary["n_dead"].sum()))] if dead else []), style="bold")
-    console.print(table)
-    if len(universal_df):
-        top_table = Table(title=f"Top {min(top, len(universal_df))} universal neurons")
-        for col in ("layer", "neuron", "excess", "mean corr", "mean baseline"):
-            top_table.add_column(col, justify="right")
-        for row in universal_df.head(top).itertuples():
-            top_table.add_row(str(row.layer), str(row.neuron), f"{row.excess_correlation:.3f}",
-                              f"{row.mean_corr:.3f}", f"{row.mean_baseline:.3f}")
-        console.print(top_table)
-    console.print(f"Results: [bold]{results_dir}[/bold]")
-
-
-def print_ablation(console: Console, results_dir: Path) -> None:
-    """The ablation summary of a run (ablation_summary.csv): per scope, the universal set's loss
-    change and KL against the matched random sets' mean and 5-95 % range."""
-    path = results_dir / "ablation_summary.csv"
-    if not path.exists():  # TOP_K: no ablation is run
-        console.print("Ablation: not run with TOP_K (see the report)")
-        return
-    summary = pd.read_csv(path)
-    if summary.empty:
-        console.print("Ablation: no universal neurons, nothing to ablate")
-        return
-    table = Table(title="Ablation: universal neurons against matched random sets (nats)")
-    for col in ("scope", "neurons", "measure", "universal", "random mean", "random 5-95 %", "z", "p"):
-        table.add_column(col, justify="right")
-    for row in summary.itertuples(index=False):
-        for metric, name in (("delta_loss", "Δloss"), ("kl", "KL")):
-            table.add_row(row.scope, str(row.n_neurons), name, f"{getattr(row, f'universal_{metric}'):.4g}",
-                          f"{getattr(row, f'random_{metric}_mean'):.4g}", _random_range(row, metric),
-                          f"{getattr(row, f'{metric}_z'):.2f}", f"{getattr(row, f'{metric}_p'):.2f}")
-    console.print(table)
-
-
-def _random_range(row, metric: str) -> str:
-    """'q05 to q95' of the random sets' metric in an ablation summary row."""
-    return f"{getattr(row, f'random_{metric}_q05'):.4g} to {getattr(row, f'random_{metric}_q95'):.4g}"
-
-
-def print_comparison(console: Console, compare_dir: Path) -> None:
-    """Universal fraction per checkpoint and the persistence matrix, from compare's CSVs."""
-    by_checkpoint = pd.read_csv(compare_dir / "universality_by_checkpoint.csv")
-    table = Table(title="Universal neurons across training")
-    for col in ("checkpoint", "universal", "fraction", "mean excess", "q99 excess"):
-        table.add_column(col, justify="right")
-    for row in by_checkpoint[by_checkpoint["layer"].astype(str) == "all"].itertuples():
-        table.add_row(str(row.checkpoint), str(row.n_universal), f"{row.fraction:.2%}", f"{row.mean_excess:.3f}",
-                      f"{row.q99_excess:.3f}")
-    console.print(table)
-    persistence = pd.read_csv(compare_dir / "persistence.csv", index_col=0)
-    matrix = Table(title="Persistence: fraction of the row step's universal neurons still universal at the column's")
-    matrix.add_column("from \\ to", justify="right")
-    for col in persistence.columns:
-        matrix.add_column(str(col), justify="right")
-    for step, row in persistence.iterrows():
-        matrix.add_row(str(step), *("" if pd.isna(v) else f"{v:.2f}" for v in row))
-    console.print(matrix)
-    ablation_path = compare_dir / "ablation_by_checkpoint.csv"
-    if ablation_path.exists():
-        ablation = pd.read_csv(ablation_path)
-        table = Table(title="Ablation of the universal set across training (all layers, nats)")
-        for col in ("checkpoint", "neurons", "measure", "universal", "random mean", "random 5-95 %"):
-            table.add_column(col, justify="right")
-        for row in ablation[ablation["scope"] == "all"].itertuples(index=False):
-            for metric, name in (("delta_loss", "Δloss"), ("kl", "KL")):
-                table.add_row(str(row.checkpoint), str(row.n_neurons), name, f"{getattr(row, f'universal_{metric}'):.4g}",
-                              f"{getattr(row, f'random_{metric}_mean'):.4g}", _random_range(row, metric))
-        console.print(table)
-    console.print(f"Comparison: [bold]{compare_dir}[/bold] (compare.html)")
-
-
-# ---- HTML reports ----------------------------------------------------------------------
-REFERENCE_DATA = Path(__file__).resolve().parent / "reference_data"
-# Published universal-neuron tables (Gurnee et al. 2024): the file, the neurons it covers,
-# the model it scores (the set's first seed) and that model's final training step.
-PUBLISHED = {"stanford-gpt2-small": ("gurnee2024_stanford-gpt2-small-a_universal.csv", 12 * 3072,
-                                     "stanford-crfm/alias-gpt2-small-x21", 400_000),
-             "stanford-gpt2-medium": ("gurnee2024_stanford-gpt2-medium-a_universal.csv", 24 * 4096,
-                                      "stanford-crfm/arwen-gpt2-medium-x21", 400_000),
-             "pythia-160m": ("gurnee2024_pythia-160m_universal.csv", 12 * 3072, "EleutherAI/pythia-160m", 143_000)}
-# Below this many analysed tokens a run's universal set is too noisy to set beside the paper's
-# (which used 100 million); the split-half interval shows how noisy.
-PAPER_MIN_TOKENS = 1_000_000
+from unlib.paper_reference import paper_setup_differences, published_reference, rank_recall
+from unlib.plots import value_range
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
@@ -156,49 +57,6 @@ def _cell(value, float_format: str) -> str:
     if isinstance(value, float):
         return "—" if np.isnan(value) else float_format.format(value)
     return str(value)
-
-
-def published_reference(model_set: str) -> dict | None:
-    """The paper's universal-neuron table for a model set (seed a), if there is one."""
-    if model_set not in PUBLISHED:
-        return None
-    name, n_neurons, model, final_step = PUBLISHED[model_set]
-    table = pd.read_csv(REFERENCE_DATA / name)
-    return {"file": name, "table": table, "n_universal": len(table), "n_neurons": n_neurons, "model": model,
-            "final_step": final_step, "fraction": len(table) / n_neurons, "per_layer": table.groupby("layer").size()}
-
-
-def paper_setup_differences(run: dict, published: dict) -> list[str]:
-    """Why a run's universal set cannot be set beside the paper's: each way its setup differs
-    (empty when it matches: final weights, threshold 0.5, no top-k, the paper's tokens)."""
-    from unlib.models import PAPER_DEFAULTS
-
-    reasons = []
-    if run.get("checkpoint") not in (None, published["final_step"]):
-        reasons.append(f"it analyses training step {run['checkpoint']}, the paper the final weights")
-    if run.get("top_k") is not None:
-        reasons.append(f"it selects the top {run['top_k']} neurons, the paper those with excess >= 0.5")
-    elif run["threshold"] != PAPER_DEFAULTS.threshold:
-        reasons.append(f"its threshold is {run['threshold']}, the paper's {PAPER_DEFAULTS.threshold}")
-    if set(run.get("exclude_tokens", "").split(",")) != set(PAPER_DEFAULTS.exclude_tokens.split(",")):
-        reasons.append(f"it excludes {run.get('exclude_tokens')!r}, the paper BOS/EOS/pad and newline positions")
-    if run.get("ctx_len") != PAPER_DEFAULTS.ctx_len:
-        reasons.append(f"its contexts are {run.get('ctx_len')} tokens, the paper's {PAPER_DEFAULTS.ctx_len}")
-    if "pile" not in str(run.get("dataset", "")).lower():
-        reasons.append(f"its text is {run.get('dataset')}, the paper's the Pile")
-    if run.get("n_tokens", 0) < PAPER_MIN_TOKENS:
-        reasons.append(f"it analyses {run.get('n_tokens', 0):,} tokens, fewer than {PAPER_MIN_TOKENS:,} "
-                       f"(the paper used 100 million)")
-    return reasons
-
-
-def rank_recall(excess: pd.DataFrame, published_table: pd.DataFrame) -> float:
-    """Threshold-free agreement with the paper: the fraction of its universal neurons found
-    among this run's k highest excess correlations, k = the number it published."""
-    k = len(published_table)
-    top = excess.sort_values("excess_correlation", ascending=False, kind="stable").head(k)
-    found = set(zip(top["layer"], top["neuron"])) & set(zip(published_table["layer"], published_table["neuron"]))
-    return len(found) / max(k, 1)
 
 
 def paper_comparison_html(run: dict, excess: pd.DataFrame, universal: pd.DataFrame) -> str:
@@ -334,66 +192,6 @@ def property_comparison(stats: pd.DataFrame, universal: pd.DataFrame) -> pd.Data
         rows.append({"statistic": column, "universal_median": median_u, "all_median": population.median(),
                      "z_score": (median_u - population.mean()) / std if std > 0 else np.nan})
     return pd.DataFrame(rows)
-
-
-def neuron_cards(model, tokenizer, tokens: np.ndarray, keep: np.ndarray, universal: pd.DataFrame,
-                 pairwise: pd.DataFrame, top: int = 20, contexts: int = 5, window: tuple[int, int] = (10, 4),
-                 n_vocab: int = 8, batch_size: int = 32, cache=None) -> list[dict]:
-    """Data for the top universal neurons' cards: per-model matches, activations over the
-    dataset's kept positions (histogram, top-activating contexts) and the vocabulary its
-    output promotes and suppresses (W_out[n] @ W_U on the processed weights, as the vocab_*
-    statistics). The activations come from the model's activation cache (an
-    unlib.activations.ActivationCache of these tokens) when given, else from running it."""
-    from unlib.models import mlp_activations, processed_weights
-
-    chosen = universal.head(top)
-    if chosen.empty:
-        return []
-    keys = list(zip(chosen["layer"].astype(int), chosen["neuron"].astype(int)))
-    columns = {k: [] for k in keys}
-    if cache is not None:
-        for layer in sorted({layer for layer, _ in keys}):
-            values = cache.read(layer)
-            for key in keys:
-                if key[0] == layer:
-                    columns[key].append(values[:, key[1]])
-    else:
-        device = next(model.parameters()).device
-        for seq in range(0, tokens.shape[0], batch_size):
-            batch = torch.from_numpy(tokens[seq:seq + batch_size].astype(np.int64)).to(device)
-            layers = mlp_activations(model, batch, torch.from_numpy(keep[seq:seq + batch_size]))
-            for layer, neuron in keys:
-                columns[(layer, neuron)].append(layers[layer][:, neuron].cpu().numpy())
-    positions = np.argwhere(keep)  # (sequence, position) of each activation row, row-major like the mask
-    weights = processed_weights(model)
-    cards = []
-    for row, key in zip(chosen.itertuples(index=False), keys):
-        layer, neuron = key
-        acts = np.concatenate(columns[key])
-        order = np.argsort(-acts)
-        shown, seen = [], set()
-        for index in order:
-            seq, pos = (int(v) for v in positions[index])
-            if (seq, pos // 8) in seen:  # one context per neighbourhood
-                continue
-            seen.add((seq, pos // 8))
-            before = tokenizer.decode(tokens[seq, max(1, pos - window[0]):pos].tolist())
-            token = tokenizer.decode([int(tokens[seq, pos])])
-            after = tokenizer.decode(tokens[seq, pos + 1:pos + 1 + window[1]].tolist())
-            shown.append({"before": before, "token": token, "after": after, "activation": float(acts[index])})
-            if len(shown) == contexts:
-                break
-        logits = weights["W_out"][layer, neuron] @ weights["W_U"]
-        promoted = [tokenizer.decode([int(i)]) for i in torch.topk(logits, n_vocab).indices]
-        suppressed = [tokenizer.decode([int(i)]) for i in torch.topk(-logits, n_vocab).indices]
-        matches = pairwise[(pairwise["layer"] == layer) & (pairwise["neuron"] == neuron)]
-        cards.append({"layer": layer, "neuron": neuron, "excess": float(row.excess_correlation),
-                      "ci": (float(row.excess_ci_low), float(row.excess_ci_high)),
-                      "halves": (float(row.excess_half_a), float(row.excess_half_b)),
-                      "matches": matches[["other_model", "max_corr", "max_layer", "max_neuron", "baseline_max_corr"]],
-                      "histogram": activation_histogram_svg(acts, f"L{layer}.{neuron} activations"),
-                      "contexts": shown, "promoted": promoted, "suppressed": suppressed})
-    return cards
 
 
 def _card_html(card: dict) -> str:

@@ -1,0 +1,93 @@
+"""Reports of a run in the terminal: the summary, the ablation and the comparison across
+checkpoints as rich tables."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+
+def print_summary(console: Console, title: str, layer_summary: pd.DataFrame, universal_df: pd.DataFrame,
+                  results_dir: str, top: int = 10) -> None:
+    """Neurons analysed, universal count and fraction per layer, and the top neurons."""
+    table = Table(title=f"Universal neurons: {title}")
+    dead = "n_dead" in layer_summary.columns  # dead: constant over the tokens, never universal
+    for col in ("layer", "neurons", "universal", "fraction") + (("dead",) if dead else ()):
+        table.add_column(col, justify="right")
+    for row in layer_summary.itertuples():
+        table.add_row(str(row.layer), str(row.n_neurons), str(row.n_universal), f"{row.fraction:.2%}",
+                      *([str(row.n_dead)] if dead else []))
+    total, n_univ = int(layer_summary["n_neurons"].sum()), int(layer_summary["n_universal"].sum())
+    table.add_row("all", str(total), str(n_univ), f"{n_univ / max(total, 1):.2%}",
+                  *([str(int(layer_summary["n_dead"].sum()))] if dead else []), style="bold")
+    console.print(table)
+    if len(universal_df):
+        top_table = Table(title=f"Top {min(top, len(universal_df))} universal neurons")
+        for col in ("layer", "neuron", "excess", "mean corr", "mean baseline"):
+            top_table.add_column(col, justify="right")
+        for row in universal_df.head(top).itertuples():
+            top_table.add_row(str(row.layer), str(row.neuron), f"{row.excess_correlation:.3f}",
+                              f"{row.mean_corr:.3f}", f"{row.mean_baseline:.3f}")
+        console.print(top_table)
+    console.print(f"Results: [bold]{results_dir}[/bold]")
+
+
+def print_ablation(console: Console, results_dir: Path) -> None:
+    """The ablation summary of a run (ablation_summary.csv): per scope, the universal set's loss
+    change and KL against the matched random sets' mean and 5-95 % range."""
+    path = results_dir / "ablation_summary.csv"
+    if not path.exists():  # TOP_K: no ablation is run
+        console.print("Ablation: not run with TOP_K (see the report)")
+        return
+    summary = pd.read_csv(path)
+    if summary.empty:
+        console.print("Ablation: no universal neurons, nothing to ablate")
+        return
+    table = Table(title="Ablation: universal neurons against matched random sets (nats)")
+    for col in ("scope", "neurons", "measure", "universal", "random mean", "random 5-95 %", "z", "p"):
+        table.add_column(col, justify="right")
+    for row in summary.itertuples(index=False):
+        for metric, name in (("delta_loss", "Δloss"), ("kl", "KL")):
+            table.add_row(row.scope, str(row.n_neurons), name, f"{getattr(row, f'universal_{metric}'):.4g}",
+                          f"{getattr(row, f'random_{metric}_mean'):.4g}", _random_range(row, metric),
+                          f"{getattr(row, f'{metric}_z'):.2f}", f"{getattr(row, f'{metric}_p'):.2f}")
+    console.print(table)
+
+
+def _random_range(row, metric: str) -> str:
+    """'q05 to q95' of the random sets' metric in an ablation summary row."""
+    return f"{getattr(row, f'random_{metric}_q05'):.4g} to {getattr(row, f'random_{metric}_q95'):.4g}"
+
+
+def print_comparison(console: Console, compare_dir: Path) -> None:
+    """Universal fraction per checkpoint and the persistence matrix, from compare's CSVs."""
+    by_checkpoint = pd.read_csv(compare_dir / "universality_by_checkpoint.csv")
+    table = Table(title="Universal neurons across training")
+    for col in ("checkpoint", "universal", "fraction", "mean excess", "q99 excess"):
+        table.add_column(col, justify="right")
+    for row in by_checkpoint[by_checkpoint["layer"].astype(str) == "all"].itertuples():
+        table.add_row(str(row.checkpoint), str(row.n_universal), f"{row.fraction:.2%}", f"{row.mean_excess:.3f}",
+                      f"{row.q99_excess:.3f}")
+    console.print(table)
+    persistence = pd.read_csv(compare_dir / "persistence.csv", index_col=0)
+    matrix = Table(title="Persistence: fraction of the row step's universal neurons still universal at the column's")
+    matrix.add_column("from \\ to", justify="right")
+    for col in persistence.columns:
+        matrix.add_column(str(col), justify="right")
+    for step, row in persistence.iterrows():
+        matrix.add_row(str(step), *("" if pd.isna(v) else f"{v:.2f}" for v in row))
+    console.print(matrix)
+    ablation_path = compare_dir / "ablation_by_checkpoint.csv"
+    if ablation_path.exists():
+        ablation = pd.read_csv(ablation_path)
+        table = Table(title="Ablation of the universal set across training (all layers, nats)")
+        for col in ("checkpoint", "neurons", "measure", "universal", "random mean", "random 5-95 %"):
+            table.add_column(col, justify="right")
+        for row in ablation[ablation["scope"] == "all"].itertuples(index=False):
+            for metric, name in (("delta_loss", "Δloss"), ("kl", "KL")):
+                table.add_row(str(row.checkpoint), str(row.n_neurons), name, f"{getattr(row, f'universal_{metric}'):.4g}",
+                              f"{getattr(row, f'random_{metric}_mean'):.4g}", _random_range(row, metric))
+        console.print(table)
+    console.print(f"Comparison: [bold]{compare_dir}[/bold] (compare.html)")
