@@ -31,17 +31,12 @@ def parameter(name: str) -> luigi.Parameter:
     return kinds[p.kind](default=p.default, significant=bool(p.changes), description=p.help)
 
 
-def declaring(*names: str):
-    """Class decorator: the run parameters `names` as the class's Luigi parameters."""
-    def declare(cls):
-        for name in names:
-            setattr(cls, name, parameter(name))
-        return cls
-    return declare
+def declaring(*names: str) -> type:
+    """A mixin class whose attributes are the run parameters `names`, as Luigi parameters."""
+    return type("RunParameters", (), {name: parameter(name) for name in names})
 
 
-@declaring("models", "dataset", "n_tokens", "ctx_len", "exclude_tokens", "device", "batch_size")
-class TokenParams:
+class TokenParams(declaring("models", "dataset", "n_tokens", "ctx_len", "exclude_tokens", "device", "batch_size")):
 
     @property
     def uses_device(self) -> bool:
@@ -67,8 +62,7 @@ class TokenParams:
         return {**dataset_inputs(self.dataset), "tokenizer": tokenizer}
 
 
-@declaring("checkpoint")
-class CheckpointParams(TokenParams):
+class CheckpointParams(TokenParams, declaring("checkpoint")):
 
     def model_inputs(self, indices: list[int] | None = None) -> dict[str, str]:
         """The weights the models (all, or those at `indices`) load, by content."""
@@ -89,15 +83,14 @@ class CheckpointParams(TokenParams):
         return ResultTarget(path, {"task": self.get_task_family(), **params, "inputs": self.inputs()})
 
 
-@declaring("rotations", "rotation_seed", "cache", "corr_memory", "parallel")
-class CorrelationParams(CheckpointParams):
+class CorrelationParams(CheckpointParams, declaring("rotations", "rotation_seed", "cache", "corr_memory", "parallel")):
     # the index of the reference model in the set (REFERENCE resolved: a name or "all" is not a task's)
     reference = luigi.IntParameter(default=0, description="index of the reference model")
     all_references = luigi.BoolParameter(default=False, description="score every model in the same pass")
 
 
-@declaring("threshold", "top_k", "ablation", "ablation_tokens", "ablation_samples", "ablation_seed")
-class RunParams(CorrelationParams):
+class RunParams(CorrelationParams, declaring("threshold", "top_k", "ablation", "ablation_tokens", "ablation_samples",
+                                             "ablation_seed")):
 
     @property
     def ablation_n_tokens(self) -> int:
