@@ -59,10 +59,11 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("action", choices=["start", "stop"])
         for param in (q for q in PARAMETERS if command in q.commands):
             default = "" if param.default is None else f" (default {param.default})"
+            text = f"{param.make_variable}: {param.help}{default}".replace("%", "%%")  # argparse formats help with %
             if param.kind is bool:
-                c.add_argument(param.flag, action="store_const", const=True, help=param.help)
+                c.add_argument(param.flag, action="store_const", const=True, help=text)
             else:
-                c.add_argument(param.flag, type=option_type(param), help=f"{param.make_variable}: {param.help}{default}")
+                c.add_argument(param.flag, type=option_type(param), help=text)
         c.add_argument("--from-make", action="store_true",
                        help="also take the command's variables from the environment make runs it with")
         if command in RUN_COMMANDS:

@@ -80,6 +80,14 @@ def test_every_command_takes_exactly_its_parameters_as_flags():
         assert flags == {p.flag for p in PARAMETERS if command in p.commands}, command
 
 
+def test_every_commands_help_prints(capsys):
+    """--help formats each parameter's help (argparse reads % as a format: "80 % of ...")."""
+    for command in parser()._subparsers._group_actions[0].choices:
+        with pytest.raises(SystemExit) as exit_:
+            parser().parse_args([command, "--help"])
+        assert exit_.value.code == 0 and "--from-make" in capsys.readouterr().out, command
+
+
 def test_the_luigi_parameters_follow_from_the_description():
     """A task's run parameter is significant exactly when the description says it changes
     outputs, with its default, unless the run resolves it first (then the task requires it)."""
