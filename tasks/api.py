@@ -58,7 +58,8 @@ def build_analyses(config: RunConfig) -> list[UniversalNeuronsAnalysis]:
     one) and return the root task of its analysis: one per reference model (REFERENCE=all
     scores every model of the set in the same correlation pass)."""
     run = resolve(config)
-    values = {**run.values, "all_references": len(run.references) > 1}
+    values = {**run.values, "all_references": len(run.references) > 1,
+              "corr_memory_given": config.corr_memory not in (None, "")}
     names = UniversalNeuronsAnalysis.get_param_names(include_significant=True)
     return [UniversalNeuronsAnalysis(**{**{k: v for k, v in values.items() if k in names}, "reference": ref})
             for ref in run.references]

@@ -27,7 +27,7 @@ from unlib.engine.memory import parse_bytes
 from unlib.engine.results import DEAD_MATCH, PassResult, PassStats, collect, merge_partials
 from unlib.model_loading import load_model, mlp_shape
 from unlib.h5write import partial_path
-from unlib.store import checkpoint_label, provenance, short_hash
+from unlib.store import checkpoint_label, provenance, short_hash, write_json, write_once
 from unlib.tokens import read_tokens
 
 logger = logging.getLogger("luigi-interface")
@@ -152,7 +152,33 @@ class Correlations(CorrelationTask):
     merged from the blocks, `parallel` or as many as the memory plan needs passes."""
 
     def blocks(self) -> list[CorrelationBlock]:
-        return [self.clone(CorrelationBlock, units=units_text(g)) for g in self.engine().groups(self.parallel)]
+        return [self.clone(CorrelationBlock, units=units) for units in self.planned_groups]
+
+    @functools.cached_property
+    def planned_groups(self) -> list[str]:
+        """The blocks (their units) this correlation is split into, decided once: the first
+        process to plan them records them beside them, and every later one (a resume with
+        other WORKERS, PARALLEL or free memory, another process or host on the same store)
+        adopts them, so no finished block is orphaned and one task id never stands for two
+        sets of blocks. Only a CORR_MEMORY given explicitly that cannot hold a recorded block
+        plans anew (said in one line; a finished block whose units the new plan has again is
+        kept, since blocks are files named by their units)."""
+        engine = self.engine()
+        path = store().correlation_plan(self.run_key(), "-".join(map(str, self.references)))
+        planned = {"groups": [units_text(g) for g in engine.groups(self.parallel)],
+                   "corr_memory": engine.memory_budget, "parallel": self.parallel}
+        try:
+            recorded = write_once(path, planned)["groups"]
+            fits = max(engine.pass_bytes(parse_units(g)) for g in recorded) <= engine.memory_budget
+        except (ValueError, KeyError, TypeError):  # unreadable (a crash while it was written): planned anew
+            recorded, fits = None, False
+        if recorded is not None and (fits or not self.corr_memory_given):
+            return recorded
+        if recorded is not None:
+            logger.warning("CORR_MEMORY=%s cannot hold the blocks recorded for this correlation: planning them "
+                           "anew (a finished block of the same units is kept)", self.corr_memory)
+        write_json(path, planned)
+        return planned["groups"]
 
     def requires(self):
         return self.blocks()

@@ -87,6 +87,8 @@ class CorrelationParams(CheckpointParams, declaring("rotations", "rotation_seed"
     # the index of the reference model in the set (REFERENCE resolved: a name or "all" is not a task's)
     reference = luigi.IntParameter(default=0, description="index of the reference model")
     all_references = luigi.BoolParameter(default=False, description="score every model in the same pass")
+    # whether CORR_MEMORY was given (not measured): only a given one re-plans recorded blocks
+    corr_memory_given = luigi.BoolParameter(default=False, significant=False)
 
 
 class RunParams(CorrelationParams, declaring("threshold", "top_k", "ablation", "ablation_tokens", "ablation_samples",

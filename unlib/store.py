@@ -139,6 +139,10 @@ class Store:
         """A correlation block's partial results: named by its references and a hash of its units."""
         return self.root / "correlation" / run_key / "blocks" / f"ref-{references}_units-{short_hash(units, 16)}.h5"
 
+    def correlation_plan(self, run_key: str, references: str) -> Path:
+        """The blocks a correlation was split into, recorded by the first process that planned it."""
+        return self.root / "correlation" / run_key / "blocks" / f"plan-ref-{references}.json"
+
     def free_disk(self) -> tuple[Path, int]:
         """(the nearest existing folder at or above the store root, its free bytes)."""
         existing = nearest_existing(self.root)
@@ -380,6 +384,26 @@ def read_json(path: str | Path) -> dict:
 def write_json(path: str | Path, value: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_once(path: str | Path, value: dict) -> dict:
+    """Write `value` as JSON at `path` unless a file is there already (another process wrote
+    it first, or an earlier run did); return what the file holds."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+        os.link(tmp, path)  # fails where the file exists: the first one written stays
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        if exc.errno in FAILED_WRITES:
+            raise write_failure(path, exc) from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    return read_json(path)
 
 
 def check_store(root: str | Path) -> None:
