@@ -17,6 +17,7 @@ from tasks.__main__ import from_make, parser
 from tasks.params import parameter
 from unlib import UserError
 from unlib.config import PARAMETERS, RunConfig, resolve, variables_table
+from unlib.model_sets import ZOOS
 
 PACKAGES = ("tasks", "unlib")
 
@@ -157,3 +158,12 @@ def test_plan_resolution_reads_no_store(tmp_path, monkeypatch):
     run = resolve(RunConfig(models="toy-zoo-mini", reference="all", corr_memory="1G", quick=True), planning=True)
     assert run.references == [0, 1, 2] and run.n_tokens == 4096 and run.memory_budget == 2**30
     assert not (tmp_path / "absent").exists()
+
+
+def test_final_weights_are_the_step_they_are_where_it_is_known():
+    """A zoo's final weights are its last step (the same files as CHECKPOINT=<that step>); a
+    hub model's main revision is not known to be a checkpoint, so it stays `final`."""
+    zoo = resolve(RunConfig(models="toy-zoo-mini", corr_memory="1G"), planning=True)
+    assert zoo.checkpoint == max(ZOOS["toy-zoo-mini"].save_steps) == 300
+    assert resolve(RunConfig(models="stanford-gpt2-small", corr_memory="8G", device="cpu"),
+                   planning=True).checkpoint is None

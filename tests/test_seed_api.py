@@ -269,7 +269,7 @@ def test_the_installed_wheel_works_from_any_directory(notebook, tmp_path):
                            "local"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Universal neurons" in proc.stdout
-    assert (notebook["store"] / f"results/{MODELS}/final_n_tokens-4096/run.json").exists()
+    assert (notebook["store"] / f"results/{MODELS}/checkpoint-300_n_tokens-4096/run.json").exists()
 
 
 @needs_setuptools

@@ -75,6 +75,17 @@ def check_checkpoint(spec: ModelSpec, checkpoint: int | None) -> None:
         raise ModelError(f"model {spec.name} has no checkpoint at step {checkpoint}; nearest: {near}")
 
 
+def final_step(spec: ModelSpec) -> int | None:
+    """The training step of a model's final weights where it is known: a zoo's last saved step,
+    or a local folder's last checkpoint subfolder when the folder holds no weights of its own;
+    None for a hub model (its main revision need not be one of its checkpoints)."""
+    if spec.zoo is not None:
+        return max(ZOOS[spec.zoo].save_steps)
+    if os.path.isdir(spec.source) and not (Path(spec.source) / "config.json").exists():
+        return max(local_checkpoints(spec.source), default=None)
+    return None
+
+
 def model_location(spec: ModelSpec, checkpoint: int | None) -> tuple[str, str | None]:
     """(path or hub name, hub revision) to load `spec` at `checkpoint` (None: its final
     weights; a local folder without its own config.json: its last checkpoint subfolder).

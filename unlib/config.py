@@ -109,6 +109,10 @@ def check_models(value: str, run: Resolution) -> str:
 
 
 def check_checkpoint(value: int | None, run: Resolution) -> int | None:
+    """Unset: the final weights, as the step they are where every model's is known and the same
+    (a zoo's last step), so they share the explicit step's files instead of computing them again."""
+    if value is None and len(finals := {checkpoints.final_step(spec) for spec in run.model_set.models}) == 1:
+        value = finals.pop()
     if not run.planning:
         for spec in run.model_set.models:
             checkpoints.check_checkpoint(spec, value)
@@ -337,7 +341,8 @@ RESULTS = "the results folder's files"
 PARAMETERS: tuple[Parameter, ...] = (
     Parameter("models", str, "toy-zoo", "a model set (toy-zoo, toy-zoo-mini, stanford-gpt2-small, pythia-160m, ...) "
               "or comma-separated Hugging Face names and local folders", "everything", check=check_models),
-    Parameter("checkpoint", int, None, "the training step analysed; unset: the final weights", "everything",
+    Parameter("checkpoint", int, None, "the training step analysed; unset: the final weights (their step where "
+              "known: a zoo's last)", "everything",
               commands=ONE_RUN, check=check_checkpoint),
     Parameter("checkpoints", str, "100 250 500 1000", "the training steps make compare analyses and compares",
               "the comparison", commands=("compare",), check=check_checkpoints),
