@@ -23,6 +23,7 @@ import torch
 
 from tasks.analysis import UniversalNeuronsAnalysis
 from tasks.common import LUIGI_CFG
+from tasks.correlation import Correlations
 from tasks.common import logger as pipeline_logger
 from tasks.data import TokenizeDataset
 from tasks.targets import store
@@ -89,16 +90,16 @@ class RunReport:
 RETRIES = 2
 
 
-def token_tasks(roots: list[luigi.Task]) -> list[luigi.Task]:
-    """The token files the graph under `roots` reads (the analysed tokens and the ablation's
-    held-out ones), found by walking its requirements."""
+def graph_tasks(roots: list[luigi.Task], kind: type) -> list[luigi.Task]:
+    """The tasks of type `kind` in the graph under `roots`, found by walking its requirements
+    (not below them)."""
     found, seen, todo = {}, set(), list(roots)
     while todo:
         task = todo.pop()
         if task.task_id in seen:
             continue
         seen.add(task.task_id)
-        if isinstance(task, TokenizeDataset):
+        if isinstance(task, kind):
             found[task.task_id] = task
         else:
             todo.extend(luigi.task.flatten(task.requires()))
@@ -107,9 +108,13 @@ def token_tasks(roots: list[luigi.Task]) -> list[luigi.Task]:
 
 def run_analysis(roots: list[luigi.Task], workers: int = RunConfig.workers,
                  central: tuple[str, int] | None = None, wait_seconds: float = 2.0) -> RunReport:
-    """Run the graph under `roots` (run_graph), its token files first: a dataset too short for
-    the held-out tokens, say, then stops the run before any model runs."""
-    first = run_graph(token_tasks(roots), workers, central, wait_seconds)
+    """Run the graph under `roots` (run_graph), its token files first (the analysed tokens and
+    the ablation's held-out ones): a dataset too short for the held-out tokens, say, then stops
+    the run before any model runs. Then the correlations' blocks are decided once and for all
+    (Correlations.record_plan), and the rest runs."""
+    first = run_graph(graph_tasks(roots, TokenizeDataset), workers, central, wait_seconds)
+    for correlation in graph_tasks(roots, Correlations):
+        correlation.record_plan()
     rest = run_graph(roots, workers, central, wait_seconds)
     ran = sorted(set(first.ran_here) | set(rest.ran_here))
     return RunReport(first.seconds + rest.seconds, ran, sorted(set(rest.already_done) - set(ran)),

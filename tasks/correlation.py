@@ -27,7 +27,7 @@ from unlib.engine.memory import parse_bytes
 from unlib.engine.results import DEAD_MATCH, PassResult, PassStats, collect, merge_partials
 from unlib.model_loading import load_model, mlp_shape
 from unlib.h5write import partial_path
-from unlib.store import checkpoint_label, provenance, short_hash, write_json, write_once
+from unlib.store import checkpoint_label, provenance, read_json, short_hash, write_json, write_once
 from unlib.tokens import read_tokens
 
 logger = logging.getLogger("luigi-interface")
@@ -152,33 +152,48 @@ class Correlations(CorrelationTask):
     merged from the blocks, `parallel` or as many as the memory plan needs passes."""
 
     def blocks(self) -> list[CorrelationBlock]:
-        return [self.clone(CorrelationBlock, units=units) for units in self.planned_groups]
+        return [self.clone(CorrelationBlock, units=units) for units in self.planned_groups()]
 
-    @functools.cached_property
-    def planned_groups(self) -> list[str]:
-        """The blocks (their units) this correlation is split into, decided once: the first
-        process to plan them records them beside them, and every later one (a resume with
-        other WORKERS, PARALLEL or free memory, another process or host on the same store)
-        adopts them, so no finished block is orphaned and one task id never stands for two
-        sets of blocks. Only a CORR_MEMORY given explicitly that cannot hold a recorded block
-        plans anew (said in one line; a finished block whose units the new plan has again is
-        kept, since blocks are files named by their units)."""
+    def plan_path(self):
+        return store().correlation_plan(self.run_key(), "-".join(map(str, self.references)))
+
+    def fresh_plan(self) -> dict:
         engine = self.engine()
-        path = store().correlation_plan(self.run_key(), "-".join(map(str, self.references)))
-        planned = {"groups": [units_text(g) for g in engine.groups(self.parallel)],
-                   "corr_memory": engine.memory_budget, "parallel": self.parallel}
+        return {"groups": [units_text(g) for g in engine.groups(self.parallel)], "corr_memory": engine.memory_budget,
+                "parallel": self.parallel}
+
+    def recorded_groups(self) -> list[str] | None:
+        """The blocks recorded for this correlation (record_plan), or None: none recorded, or
+        a CORR_MEMORY given explicitly cannot hold one of them (then it is planned anew)."""
         try:
-            recorded = write_once(path, planned)["groups"]
-            fits = max(engine.pass_bytes(parse_units(g)) for g in recorded) <= engine.memory_budget
-        except (ValueError, KeyError, TypeError):  # unreadable (a crash while it was written): planned anew
-            recorded, fits = None, False
-        if recorded is not None and (fits or not self.corr_memory_given):
-            return recorded
-        if recorded is not None:
+            groups = read_json(self.plan_path())["groups"]
+            engine = self.engine()
+            fits = max(engine.pass_bytes(parse_units(g)) for g in groups) <= engine.memory_budget
+        except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable (a crash while written)
+            return None
+        return groups if fits or not self.corr_memory_given else None
+
+    def planned_groups(self) -> list[str]:
+        """The blocks (their units) this correlation is split into: the recorded ones where
+        there are, so that every process (a resume with other WORKERS, PARALLEL or free
+        memory, another process or host on the same store) runs the same blocks, no finished
+        block is orphaned and one task id never stands for two sets of blocks."""
+        return self.recorded_groups() or self.fresh_plan()["groups"]
+
+    def record_plan(self) -> None:
+        """Decide the blocks once: record this process's plan unless one is recorded (another
+        process's, written first, is kept). Only a CORR_MEMORY given explicitly that cannot
+        hold a recorded block plans anew (said in one line; a finished block whose units the
+        new plan has again is kept, since blocks are files named by their units). Called by
+        run_analysis once the token files are there, so a refused run leaves no plan."""
+        if self.recorded_groups() is not None:
+            return
+        if self.plan_path().exists():
             logger.warning("CORR_MEMORY=%s cannot hold the blocks recorded for this correlation: planning them "
                            "anew (a finished block of the same units is kept)", self.corr_memory)
-        write_json(path, planned)
-        return planned["groups"]
+            write_json(self.plan_path(), self.fresh_plan())
+        else:
+            write_once(self.plan_path(), self.fresh_plan())
 
     def requires(self):
         return self.blocks()
