@@ -168,36 +168,53 @@ def test_a_multi_pass_plan_gives_the_single_pass_results(one_worker, tmp_path):
     assert run_record(store)["cache_bytes_read"] == CACHES_ONCE * 12 // 6  # 4 passes x 3 layers
 
 
-def test_a_resume_adopts_the_recorded_blocks_whatever_its_workers_or_parallel(one_worker, tmp_path):
-    """The first run records the blocks it split the correlation into (PARALLEL=3); a later
-    run of the same correlation with other WORKERS and PARALLEL (and so another default
-    memory budget) adopts them: no block runs twice. Only a CORR_MEMORY given explicitly that
-    cannot hold a recorded block plans anew, and says so in one line."""
-    store = tmp_path / "store"
+def rerun_the_correlation(store: Path, report: Path, *args: str) -> tuple[list[str], str]:
+    """Run the analysis on `store` with its merged correlations and results removed (as if
+    stopped before the merge): (the kinds of correlation task it ran, its stderr)."""
+    shutil.rmtree(store / "results", ignore_errors=True)
+    for made in store.glob("correlation/*/*/*"):  # the merged correlations and the tables made from them
+        if made.is_file() and made.parent.name != "blocks":
+            made.unlink()
+    proc = analyze(store, "--scheduler", "local", *args, "--report-tasks", str(report))
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out + err
+    return [t.split("_")[0] for t in correlation_tasks(report)], err
+
+
+@pytest.fixture(scope="module")
+def three_blocks(one_worker, tmp_path_factory):
+    """A store whose correlation was split into three blocks (PARALLEL=3), which it recorded."""
+    store = tmp_path_factory.mktemp("three-blocks")
     inputs_of(one_worker, store)
-
-    def run(*args: str) -> tuple[list[str], str]:
-        shutil.rmtree(store / "results", ignore_errors=True)  # as if stopped before the merge: the merged
-        for made in store.glob("correlation/*/*/*"):  # correlations and the tables made from them gone
-            if made.is_file() and made.parent.name != "blocks":
-                made.unlink()
-        proc = analyze(store, "--scheduler", "local", *args, "--report-tasks", str(tmp_path / "report.json"))
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, out + err
-        return [t.split("_")[0] for t in correlation_tasks(tmp_path / "report.json")], err
-
-    ran, _ = run("--workers", "1", "--parallel", "3")
+    ran, _ = rerun_the_correlation(store, store / "report.json", "--workers", "1", "--parallel", "3")
     assert ran.count("CorrelationBlock") == 3
+    return store
+
+
+def test_a_resume_adopts_the_recorded_blocks_whatever_its_workers_or_parallel(three_blocks, one_worker, tmp_path):
+    """A later run of the same correlation with other WORKERS and PARALLEL (and so another
+    default memory budget) adopts the recorded blocks: no block runs twice."""
+    store = tmp_path / "store"
+    shutil.copytree(three_blocks, store)
     (plan,) = store.glob("correlation/*/blocks/plan-ref-0.json")
     recorded = json.loads(plan.read_text())
     assert len(recorded["groups"]) == 3 and recorded["parallel"] == 3
-    ran, _ = run("--workers", "2")
+    ran, _ = rerun_the_correlation(store, tmp_path / "report.json", "--workers", "2")
     assert ran == ["Correlations"], ran  # the three finished blocks adopted, none redone
-    assert json.loads(plan.read_text()) == recorded
-    assert same_csvs(store, one_worker)
+    assert json.loads(plan.read_text()) == recorded and same_csvs(store, one_worker)
+
+
+@pytest.mark.slow
+def test_an_explicit_corr_memory_too_small_for_the_recorded_blocks_plans_anew(three_blocks, one_worker, tmp_path):
+    """Only a CORR_MEMORY given explicitly that cannot hold a recorded block plans anew, says so
+    in one line, and keeps the finished blocks whose units the new plan has again."""
+    store = tmp_path / "store"
+    shutil.copytree(three_blocks, store)
+    (plan,) = store.glob("correlation/*/blocks/plan-ref-0.json")
+    recorded = json.loads(plan.read_text())
     sizes = [[ZOO.d_mlp] * ZOO.n_layers] * len(ZOO.seeds)
     budget = ExcessCorrelationEngine(sizes, [0], 5, 0, "cpu", 2**30).least_memory()  # one row layer a pass
-    ran, err = run("--workers", "1", "--corr-memory", str(budget))
+    ran, err = rerun_the_correlation(store, tmp_path / "report.json", "--workers", "1", "--corr-memory", str(budget))
     replanned = json.loads(plan.read_text())["groups"]
     kept = set(replanned) & set(recorded["groups"])  # a finished block of the same units is not redone
     assert len(replanned) == 4 and len(kept) == 2 and ran.count("CorrelationBlock") == 4 - len(kept)
