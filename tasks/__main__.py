@@ -20,7 +20,7 @@ from tasks.report import CompareCheckpoints, RunReport
 from tasks.targets import store
 from unlib import UserError
 from unlib.cleanup import unused_files
-from unlib.config import COMMANDS, PARAMETERS, RUN_COMMANDS, RunConfig, check_checkpoints, check_workers, resolve
+from unlib.config import COMMANDS, PARAMETERS, RUN_COMMANDS, RunConfig, check_checkpoints, resolve
 from unlib.plan import describe, measured_rates
 from unlib.terminal_report import print_ablation, print_comparison, print_summary
 
@@ -138,7 +138,6 @@ def seed_argv(argv: list[str]) -> list[str]:
 
 def build(command: str, config: RunConfig) -> list:
     """The Luigi root tasks of the command (raises ValueError/UserError on bad input)."""
-    check_workers(config.workers)
     steps = check_checkpoints(config.checkpoints, None).split() if command == "compare" else [config.checkpoint]
     roots = [root for step in steps
              for root in build_analyses(dataclasses.replace(config, checkpoint=None if step is None else int(step)))]

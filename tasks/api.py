@@ -23,13 +23,12 @@ import torch
 
 from tasks.analysis import UniversalNeuronsAnalysis
 from tasks.common import LUIGI_CFG
-from tasks.correlation import Correlations
 from tasks.common import logger as pipeline_logger
+from tasks.correlation import Correlations
 from tasks.data import TokenizeDataset
 from tasks.targets import store
 from unlib import UserError
 from unlib.config import RunConfig, check_workers, resolve
-from unlib.engine.planning import WorkPlan
 from unlib.dataset import TOKEN_IDS, check_token_ids
 from unlib.plan import CorrelationPlan
 from unlib.selection import UniversalNeuronAnalyzer
@@ -72,8 +71,7 @@ def plan_correlation(config: RunConfig) -> tuple[list[str], CorrelationPlan]:
     read nor written. The device need not be here: DEVICE=cuda plans for a GPU (then give its
     budget, CORR_MEMORY, unless nvidia-smi can read it)."""
     run = resolve(config, planning=True)
-    plan = WorkPlan(run.layer_sizes(run.checkpoint), run.references, run.rotations, run.device, run.memory_budget)
-    return [m.name for m in run.model_set.models], CorrelationPlan(plan, run.n_tokens, run.parallel)
+    return [m.name for m in run.model_set.models], CorrelationPlan(run.work_plan, run.n_tokens, run.parallel)
 
 
 @dataclasses.dataclass
@@ -283,7 +281,6 @@ def run_universal_neurons_analysis(model_names: str | list[str] | None = None, d
     seed_names = {"checkpoint": checkpoint_value, "threshold": excess_threshold, "rotations": n_rotation_samples}
     values.update({k: v for k, v in seed_names.items() if v is not None})
     config = RunConfig(**values)
-    check_workers(config.workers)
     with quiet_run():
         roots = build_analyses(config)
         run_analysis(roots, workers=config.workers)

@@ -79,7 +79,7 @@ class Parameter:
 @dataclasses.dataclass
 class Resolution:
     """What resolving a run's parameters has found so far: the values checked (by name), the
-    model set, the reference models' indices and the correlation engine's memory budget.
+    model set, the reference models' indices and the correlation's plan (a WorkPlan, for its memory budget).
     `planning` (make plan): from the models' shapes only, nothing read from the store or the
     weights, and a GPU may be on another machine."""
 
@@ -88,7 +88,7 @@ class Resolution:
     planning: bool = False
     model_set: ModelSet | None = None
     references: list[int] = dataclasses.field(default_factory=list)
-    memory_budget: int = 0
+    work_plan: WorkPlan | None = None
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -96,9 +96,14 @@ class Resolution:
         except KeyError:
             raise AttributeError(name) from None
 
-    def layer_sizes(self, checkpoint: int | None) -> list[list[int]]:
+    @property
+    def memory_budget(self) -> int:
+        return self.work_plan.memory_budget
+
+    def layer_sizes(self) -> list[list[int]]:
         ms = self.model_set
-        shapes = (planned_shape(ms, m, checkpoint) if self.planning else mlp_shape(m, checkpoint) for m in ms.models)
+        shapes = (planned_shape(ms, m, self.checkpoint) if self.planning else mlp_shape(m, self.checkpoint)
+                  for m in ms.models)
         return [[d] * n for n, d in shapes]
 
 
@@ -266,8 +271,7 @@ def check_corr_memory(value: str | None, run: Resolution) -> str:
             budget = parse_bytes(value)
         except (ValueError, OverflowError):
             raise ValueError(f"CORR_MEMORY={value!r} is not a size: use e.g. 8G, 512M or a number of bytes") from None
-    run.memory_budget = budget
-    WorkPlan(run.layer_sizes(run.checkpoint), run.references, run.rotations, run.device, budget)
+    run.work_plan = WorkPlan(run.layer_sizes(), run.references, run.rotations, run.device, budget)
     return str(budget)
 
 
