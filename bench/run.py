@@ -176,31 +176,37 @@ def engine_vs_paper(n_models: int, rotations: int, repeats: int = 3) -> dict:
 
 
 PROBE = """
-import re, sys
+import sys
 import bench.run as b
 from unlib.engine.engine import ExcessCorrelationEngine
-def rss(key):
-    return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+from unlib.memory_check import fixed_mmap_threshold, peak_memory
+fixed_mmap_threshold()
 n_tokens, budget, chunk = map(int, sys.argv[1:])
 sizes = [[512, 512]] * 5
 source = b.generated_source(sizes, n_tokens, chunk)
-open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
-before = rss("VmRSS")
 engine = ExcessCorrelationEngine(sizes, list(range(5)), 5, 0, "cpu", budget, chunk)
-engine.run(source)
-print(rss("VmHWM") - before, len(engine.passes))
+print(peak_memory(lambda: engine.run(source), "cpu")[1], len(engine.passes))
 """
 
 
 def peak_memory(n_tokens: int, budget: int, chunk: int) -> dict:
     """Peak RSS growth of the engine over n_tokens (REFERENCE=all, 5 models), measured in a
     fresh process."""
-    # Large blocks always mmapped, so freed memory leaves the RSS and the peak is the live peak.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, "-c", PROBE, str(n_tokens), str(budget), str(chunk)],
-                         capture_output=True, text=True, check=True, env=env,
+                         capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent).stdout.split()
     return {"tokens": n_tokens, "peak_bytes": int(out[0]), "passes": int(out[1])}
+
+
+def plan_vs_measured() -> list[dict]:
+    """One correlation pass's measured peak against its memory plan, from activation caches
+    and from the models (no cache), on three shapes of random-weight GPT-2 models at GPT-2
+    widths (unlib.memory_check, in a fresh process)."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = subprocess.run([sys.executable, "-m", "unlib.memory_check", folder, "large"], capture_output=True,
+                             text=True, check=True, cwd=Path(__file__).resolve().parent.parent,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def memory() -> dict:
@@ -321,7 +327,7 @@ def main() -> int:
     paper = [(m, r) for m in (2, 5) for r in (1, 5)]
     steps = [("engine_vs_machine", engine_vs_machine),
              *[(f"vs_paper_{m}_models_R{r}", lambda m=m, r=r: engine_vs_paper(m, r)) for m, r in paper],
-             ("memory", memory),
+             ("memory", memory), ("plan_vs_measured", plan_vs_measured),
              ("scaling", scaling), ("projection", projection), ("workers", workers)]
     results["step_seconds"] = {}
     for name, step in steps:
@@ -346,6 +352,10 @@ def main() -> int:
     table.add_row("peak memory 4N / N", f"{m['ratio_4N_over_N']:.2f} ({m['at_N']['peak_bytes'] / 2**20:.0f} -> "
                   f"{m['at_4N']['peak_bytes'] / 2**20:.0f} MiB)", "<= 1.1")
     table.add_row("peak memory / CORR_MEMORY", f"{m['peak_over_budget']:.2f} ({m['at_4N']['passes']} passes)", "<= 1")
+    for v in r["plan_vs_measured"]:
+        table.add_row(f"measured / planned peak, {v['shape']}, {v['feed']}",
+                      f"{v['measured'] / v['planned']:.2f} ({v['measured'] / 2**20:,.0f} / {v['planned'] / 2**20:,.0f} MiB)",
+                      "0.85-1.15")
     s = r["scaling"]
     table.add_row("time 2N / N", f"{s['ratio_2N_over_N']:.2f}", "1.8-2.2")
     table.add_row("time 4 models / 2 models", f"{s['ratio_4_over_2_models']:.2f}",

@@ -71,7 +71,9 @@ def plan_correlation(config: RunConfig) -> tuple[list[str], CorrelationPlan]:
     read nor written. The device need not be here: DEVICE=cuda plans for a GPU (then give its
     budget, CORR_MEMORY, unless nvidia-smi can read it)."""
     run = resolve(config, planning=True)
-    return [m.name for m in run.model_set.models], CorrelationPlan(run.work_plan, run.n_tokens, run.parallel)
+    plan = CorrelationPlan(run.work_plan, run.n_tokens, run.parallel, run.caches_bytes, run.free_disk, run.cache,
+                           run.feed[1])
+    return [m.name for m in run.model_set.models], plan
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ rounding: a reduction's order can follow the width of the tensor it reduces)."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import time
@@ -19,13 +20,12 @@ from tasks.params import CorrelationParams
 from tasks.targets import H5Target, made_from, store
 from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
-from unlib.activations import ActivationCache, cache_bytes, cached_chunks, choose_feed, model_chunks
-from unlib.tokens import read_tokens
+from unlib.activations import ActivationCache, cache_bytes, cached_chunks, choose_feed, run_models
 from unlib.engine.engine import ExcessCorrelationEngine
 from unlib.engine.layout import HALF_BLOCK_ROWS, Unit
-from unlib.engine.memory import parse_bytes
+from unlib.engine.memory import ModelFeed, parse_bytes
 from unlib.engine.results import DEAD_MATCH, PassResult, PassStats, collect, merge_partials
-from unlib.model_loading import load_model, mlp_shape
+from unlib.model_loading import mlp_shape, model_footprint
 from unlib.h5write import partial_path
 from unlib.store import checkpoint_label, provenance, read_json, short_hash, write_json, write_once
 from unlib.tokens import read_tokens
@@ -45,11 +45,28 @@ class CorrelationTask(CorrelationParams, PipelineTask):
     def layer_sizes(self) -> list[list[int]]:
         return [[d] * n for n, d in (mlp_shape(m, self.checkpoint) for m in self.model_set.models)]
 
+    @functools.cached_property
+    def feed(self) -> tuple[bool, str]:
+        """(read activation caches?, why), decided once per task. Caches already written,
+        fully or in part, count as room they already have."""
+        if self.cache == "0":
+            return choose_feed("0", 0, 0)
+        caches = [self.clone(CacheActivations, model=i).output().path for i in range(len(self.model_set.models))]
+        missing = [m for m, path in zip(self.model_set.models, caches) if not os.path.exists(path)]
+        if not missing:
+            return True, "the activation caches exist"
+        partial = sum(p.stat().st_size for p in map(partial_path, caches) if p.exists())
+        needed = cache_bytes(self.n_tokens, [mlp_shape(m, self.checkpoint) for m in missing]) - partial
+        return choose_feed(self.cache, needed, store().free_disk()[1])
+
     def engine(self) -> ExcessCorrelationEngine:
-        """The engine, planned for CORR_MEMORY: build_analyses resolves its default once, so that
-        every process plans the same blocks (planning touches no device)."""
+        """The engine, planned for CORR_MEMORY (build_analyses resolves its default once; planning
+        touches no device) and for the feed (the models' weights and forward passes count
+        without caches)."""
+        feed = None if self.feed[0] else ModelFeed(tuple(model_footprint(m, self.checkpoint)
+                                                         for m in self.model_set.models), self.ctx_len)
         return ExcessCorrelationEngine(self.layer_sizes, self.references, self.rotations, self.rotation_seed,
-                                       self.device, parse_bytes(self.corr_memory))
+                                       self.device, parse_bytes(self.corr_memory), feed=feed)
 
     def run_params(self) -> dict:
         """The parameters that name the correlation folder (inputs' content is checked, not named)."""
@@ -60,6 +77,15 @@ class CorrelationTask(CorrelationParams, PipelineTask):
 
     def run_key(self) -> str:
         return f"{self.model_set.name}_{checkpoint_label(self.checkpoint)}_{short_hash(self.run_params())}"
+
+
+def pass_timing(units: str, attrs: dict) -> dict:
+    """Where a block's time went (blocks from before these were recorded: None): streaming,
+    the result step, and of that the Haar rotations it drew (how many, in seconds)."""
+    return {"units": units, "seconds": round(float(attrs["seconds"]), 3),
+            **{key: (None if key not in attrs else round(float(attrs[key]), 3) if key.endswith("seconds")
+                     else int(attrs[key]))
+               for key in ("stream_seconds", "reduce_seconds", "rotation_seconds", "rotations_drawn")}}
 
 
 def units_text(units: list[Unit]) -> str:
@@ -88,20 +114,6 @@ class CorrelationBlock(CorrelationTask):
 
     units = luigi.Parameter(description="the group's units, row:first-last:col, comma-separated")
 
-    @functools.cached_property
-    def feed(self) -> tuple[bool, str]:
-        """(read activation caches?, why), decided once per task. Caches already written,
-        fully or in part, count as room they already have."""
-        if self.cache == "0":
-            return choose_feed("0", 0, 0)
-        caches = [self.clone(CacheActivations, model=i).output().path for i in range(len(self.model_set.models))]
-        missing = [m for m, path in zip(self.model_set.models, caches) if not os.path.exists(path)]
-        if not missing:
-            return True, "the activation caches exist"
-        partial = sum(p.stat().st_size for p in map(partial_path, caches) if p.exists())
-        needed = cache_bytes(self.n_tokens, [mlp_shape(m, self.checkpoint) for m in missing]) - partial
-        return choose_feed(self.cache, needed, store().free_disk()[1])
-
     def requires(self):
         if self.feed[0]:
             return [self.clone(CacheActivations, model=i) for i in range(len(self.model_set.models))]
@@ -125,10 +137,10 @@ class CorrelationBlock(CorrelationTask):
             chunks = lambda needed: cached_chunks(caches, engine.chunk_tokens, self.device, needed)  # noqa: E731
             read = sum(4 * c.n_tokens * c.d_mlp * len(layers) for c, layers in zip(caches, needed))
         else:
-            loaded = [load_model(m, self.checkpoint, self.device) for m in models]
             tokens, keep = read_tokens(self.input()[0].path)
             n_tokens = int(keep.sum())
-            chunks = lambda needed: model_chunks(loaded, tokens, keep, self.batch_size, self.device)  # noqa: E731
+            chunks = functools.partial(run_models, models, self.checkpoint, tokens, keep,
+                                       engine.feed.sequences(engine.chunk_tokens), self.device)
             read = 0
         path = "activation caches" if use_cache else "models run batch by batch (no cache)"
         logger.warning("correlation block %s: %s, because %s", self.units, path, why)
@@ -143,7 +155,9 @@ class CorrelationBlock(CorrelationTask):
                        n_tokens, seconds, n_tokens / seconds, flops / seconds / 1e9)
         result.save(self.output().path, {
             "provenance": self.output().expected, "made_from": inputs, "n_tokens": n_tokens, "feed": path, "feed_reason": why,
-            "seconds": seconds, "flops": flops, "cache_bytes_read": read, "device": str(self.device)})
+            "seconds": seconds, "flops": flops, "cache_bytes_read": read, "device": str(self.device),
+            "stream_seconds": result.stats.stream_seconds, "reduce_seconds": result.stats.reduce_seconds,
+            "rotation_seconds": result.stats.rotation_seconds, "rotations_drawn": len(engine.rotation_sizes(units))})
 
 
 class Correlations(CorrelationTask):
@@ -230,4 +244,5 @@ class Correlations(CorrelationTask):
                     "n_tokens": attrs[0]["n_tokens"], "rotations": self.rotations, "rotation_seed": self.rotation_seed,
                     "feed": attrs[0]["feed"], "feed_reason": attrs[0]["feed_reason"], "seconds": seconds,
                     "gflops": gflops, "device": str(self.device), "passes": len(attrs), "half_rows": result.half_rows,
-                    "cache_bytes_read": sum(int(a["cache_bytes_read"]) for a in attrs)})
+                    "cache_bytes_read": sum(int(a["cache_bytes_read"]) for a in attrs),
+                    "pass_timings": json.dumps([pass_timing(b.units, a) for b, a in zip(self.requires(), attrs)])})

@@ -18,7 +18,7 @@ import torch
 
 from unlib.h5read import H5Reader
 from unlib.h5write import PartialH5
-from unlib.mlp_hooks import mlp_activations
+from unlib.mlp_hooks import mlp_activations, mlp_rows
 from unlib.store import h5_attrs
 
 CHUNK_BYTES = 512 * 1024
@@ -164,18 +164,34 @@ def cached_chunks(caches: list[ActivationCache], chunk_tokens: int, device: str 
                 f.close()
 
     for chunk in _prefetched(read()):
-        yield [None if block is None else block.to(device) for block in chunk]
+        # rebound, so the host copy is let go once on the device (planning.HOST_CHUNKS)
+        chunk = [None if block is None else block.to(device) for block in chunk]
+        yield chunk
 
 
-def model_chunks(models: list, tokens: np.ndarray, keep: np.ndarray, batch_size: int,
-                 device: str = "cpu") -> Iterator[list[torch.Tensor]]:
-    """The no-cache feed: run every model on the same token batch and yield, per model, its
-    float32 activations at the kept positions (tokens, n_layers * d_mlp), as a cache holds them."""
-    for seq in range(0, tokens.shape[0], batch_size):
-        batch = torch.from_numpy(tokens[seq:seq + batch_size].astype(np.int64)).to(device)
-        mask = torch.from_numpy(keep[seq:seq + batch_size])
+def model_chunks(models: list, tokens: np.ndarray, keep: np.ndarray, sequences: int, device: str = "cpu",
+                 needed: list[set[int]] | None = None) -> Iterator[list[torch.Tensor | None]]:
+    """The no-cache feed: run the models with a layer in `needed` (default all) on the same
+    `sequences` token sequences at a time and yield, per model, its float32 activations at the
+    kept positions (tokens, n_layers * d_mlp), as a cache holds them (None for a model with no
+    layer needed)."""
+    needed = needed or [set(range(m.cfg.n_layers)) for m in models]  # a model not needed may be None
+    for seq in range(0, tokens.shape[0], sequences):
+        batch = torch.from_numpy(tokens[seq:seq + sequences].astype(np.int64)).to(device)
+        mask = torch.from_numpy(keep[seq:seq + sequences])
         if mask.any():
-            yield [torch.cat(mlp_activations(m, batch, mask), dim=1) for m in models]
+            yield [mlp_rows(m, batch, mask, layers) if layers else None for m, layers in zip(models, needed)]
+
+
+def run_models(specs: list, checkpoint: int | None, tokens: np.ndarray, keep: np.ndarray, sequences: int,
+               device: str, needed: list[set[int]]) -> Iterator[list[torch.Tensor | None]]:
+    """model_chunks of the models with a layer in `needed`, loaded here: their weights are
+    let go when the stream ends, before the result step (the memory plan counts them in the
+    stream only)."""
+    from unlib.model_loading import load_model
+
+    models = [load_model(spec, checkpoint, device) if layers else None for spec, layers in zip(specs, needed)]
+    yield from model_chunks(models, tokens, keep, sequences, device, needed)
 
 
 def cache_bytes(n_tokens: int, shapes: list[tuple[int, int]]) -> int:

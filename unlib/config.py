@@ -13,16 +13,16 @@ from typing import Any, Callable
 
 from unlib import UserError
 from unlib.ablation import ABLATIONS
-from unlib.activations import cache_bytes
+from unlib.activations import cache_bytes, choose_feed
 from unlib.engine.layout import HALF_BLOCK_ROWS
-from unlib.engine.memory import default_memory_budget, parse_bytes
+from unlib.engine.memory import ModelFeed, ModelFootprint, default_memory_budget, parse_bytes
 from unlib.engine.planning import WorkPlan
 from unlib.dataset import check_dataset
 from unlib.exclusion import exclusion_ids, parse_exclusion
 from unlib.tokens import DEFAULT_N_TOKENS
 from unlib import checkpoints
 from unlib.model_loading import (check_same_tokenizer, check_weights, load_tokenizer, max_context, mlp_shape,
-                                 planned_shape, resolve_device)
+                                 model_footprint, planned_footprint, resolve_device)
 from unlib.model_sets import ModelError, ModelSet, resolve_model_set
 from unlib.store import Store, check_store
 
@@ -88,6 +88,9 @@ class Resolution:
     planning: bool = False
     model_set: ModelSet | None = None
     references: list[int] = dataclasses.field(default_factory=list)
+    feed: tuple[bool, str] | None = None  # (from activation caches?, why), as CACHE decides
+    caches_bytes: int = 0  # the activation caches of every model
+    free_disk: int = 0  # under the store
     work_plan: WorkPlan | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -101,10 +104,15 @@ class Resolution:
         return self.work_plan.memory_budget
 
     def layer_sizes(self) -> list[list[int]]:
+        return [[d] * n for n, d in (shape for shape, _ in self.footprints())]
+
+    def footprints(self) -> list[tuple[tuple[int, int], ModelFootprint]]:
+        """Per model, (mlp_shape, model_footprint); in planning, a hub set's published shape
+        where its config is not at hand."""
         ms = self.model_set
-        shapes = (planned_shape(ms, m, self.checkpoint) if self.planning else mlp_shape(m, self.checkpoint)
-                  for m in ms.models)
-        return [[d] * n for n, d in shapes]
+        if self.planning:
+            return [planned_footprint(ms, m, self.checkpoint) for m in ms.models]
+        return [(mlp_shape(m, self.checkpoint), model_footprint(m, self.checkpoint)) for m in ms.models]
 
 
 # ---- one check per parameter, in PARAMETERS order (each may use the values before it) -----
@@ -156,8 +164,16 @@ def check_reference(value: str | int, run: Resolution) -> str | int:
 
 
 def check_ctx_len(value: int | None, run: Resolution) -> int:
-    """Unset: the model set's own, capped at the models' maximum context."""
-    limits = [(spec, max_context(spec)) for spec in run.model_set.models]
+    """Unset: the model set's own, capped at the models' maximum context (in planning, where
+    a hub model's config is not at hand, not capped)."""
+    def limit(spec):
+        try:
+            return max_context(spec)
+        except ModelError:
+            if run.planning:
+                return None
+            raise
+    limits = [(spec, limit(spec)) for spec in run.model_set.models]
     if value is None:
         return min([run.model_set.defaults.ctx_len] + [c for _, c in limits if c is not None])
     for spec, longest in limits:
@@ -271,7 +287,8 @@ def check_corr_memory(value: str | None, run: Resolution) -> str:
             budget = parse_bytes(value)
         except (ValueError, OverflowError):
             raise ValueError(f"CORR_MEMORY={value!r} is not a size: use e.g. 8G, 512M or a number of bytes") from None
-    run.work_plan = WorkPlan(run.layer_sizes(), run.references, run.rotations, run.device, budget)
+    feed = None if run.feed[0] else ModelFeed(tuple(f for _, f in run.footprints()), run.ctx_len)
+    run.work_plan = WorkPlan(run.layer_sizes(), run.references, run.rotations, run.device, budget, feed=feed)
     return str(budget)
 
 
@@ -287,13 +304,15 @@ def check_cache(value: str, run: Resolution) -> str:
     instead of caching when they do not fit."""
     if value not in ("auto", "0", "1"):
         raise ValueError(f"CACHE={value!r} must be 1 (cache activations), 0 (run the models instead) or auto")
+    existing, free = Store(run.store_root).free_disk()
+    run.caches_bytes = cache_bytes(run.n_tokens, [shape for shape, _ in run.footprints()])
+    run.feed, run.free_disk = choose_feed(value, run.caches_bytes, free), free
     if run.planning:
         return value
-    existing, free = Store(run.store_root).free_disk()
     needed = 4 * run.n_tokens + 2**20 * 64  # token file, results and small per-layer files
     what = "token file and results"
     if value == "1":
-        needed += cache_bytes(run.n_tokens, [mlp_shape(m, run.checkpoint) for m in run.model_set.models])
+        needed += run.caches_bytes
         what = "activation caches (CACHE=1), token file and results"
     if needed > free:
         hint = ", or use CACHE=auto / CACHE=0 to run the models instead of caching" if value == "1" else ""
@@ -377,11 +396,12 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("workers", int, min(2, os.cpu_count() or 1), "Luigi worker processes", "", check=check_workers),
     Parameter("parallel", int, None, "correlation blocks to split the work into, at least; unset: one per worker "
               "(per GPU on cuda)", "", resolved=True, check=check_parallel),
-    Parameter("corr_memory", str, None, "memory budget of one correlation block, e.g. 8G; unset: half the free RAM "
-              "per worker, 80 % of the GPU's free memory", "", resolved=True, check=check_corr_memory),
-    Parameter("batch_size", int, 32, "sequences per forward pass", "", check=check_batch_size),
+    Parameter("batch_size", int, 32, "sequences per forward pass while caching activations (without caches, "
+              "a correlation chunk's worth)", "", check=check_batch_size),
     Parameter("cache", str, "auto", "activation caches: 1 (cache), 0 (run the models instead) or auto (cache when "
               "they fit the disk)", "", check=check_cache),
+    Parameter("corr_memory", str, None, "memory budget of one correlation block, e.g. 8G; unset: half the free RAM "
+              "per worker, 80 % of the GPU's free memory", "", resolved=True, check=check_corr_memory),
     Parameter("exclude_tokens", str, None, "tokens whose positions are dropped (bos, eos, pad, newline or token "
               "strings); unset: the model set's", "tokens and everything after", set_default=True,
               check=check_exclude_tokens),
@@ -425,8 +445,12 @@ def resolve(config: RunConfig, planning: bool = False, only: tuple[str, ...] | N
 
 
 # make plan: the correlation's parameters only (the rest keep their given values, unchecked)
-PLAN_PARAMETERS = ("models", "checkpoint", "reference", "quick", "n_tokens", "rotations", "device", "workers",
-                   "parallel", "corr_memory")
+PLAN_PARAMETERS = ("models", "checkpoint", "reference", "ctx_len", "quick", "n_tokens", "rotations", "device",
+                   "workers", "parallel", "cache", "corr_memory")
+
+
+# what only the ablation reads: a change moves its files (and the report, run.json), not the others
+ABLATION_SETTINGS = tuple(p.name for p in PARAMETERS if p.changes == "ablation files")
 
 
 def folder_defaults(model_set: ModelSet) -> dict[str, Any]:

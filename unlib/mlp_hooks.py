@@ -89,3 +89,31 @@ def mlp_captures(model, tokens: torch.Tensor, keep: torch.Tensor | None = None,
     except _AllCaptured:
         pass
     return captured
+
+
+@torch.no_grad()
+def mlp_rows(model, tokens: torch.Tensor, keep: torch.Tensor, layers: set[int]) -> torch.Tensor:
+    """The no-cache feed's rows of one model: its `layers`' MLP activations at the kept
+    positions, (kept positions, n_layers * d_mlp) float32 on the model's device, layer after
+    layer as a cache holds them (zeros for the other layers). Each hook writes its layer
+    straight into the rows, so a chunk is never held twice (as a list of layers, then their
+    concatenation); the pass stops at the last layer in `layers`."""
+    n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
+    keep = keep.to(tokens.device)
+    make = torch.empty if len(layers) == n_layers else torch.zeros
+    rows = make(int(keep.sum()), n_layers * d_mlp, device=tokens.device)
+    last = max(layers)
+
+    def writer(layer: int):
+        def write_rows(act, hook):
+            rows[:, layer * d_mlp:(layer + 1) * d_mlp] = act[keep]
+            if layer == last:
+                raise _AllCaptured
+            return act
+        return write_rows
+
+    try:
+        model.run_with_hooks(tokens, fwd_hooks=[(hook_post(l), writer(l)) for l in sorted(layers)], return_type=None)
+    except _AllCaptured:
+        pass
+    return rows

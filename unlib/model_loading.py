@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from unlib.checkpoints import model_location
+from unlib.engine.memory import ModelFootprint
 from unlib.model_sets import HUB_SHAPES, ZOOS, ModelError, ModelSet, ModelSpec
 from unlib.store import file_fingerprint, short_hash
 from unlib.zoo import TRAINING_STATE, quiet_transformers
@@ -70,40 +71,58 @@ def resolve_device(device: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def mlp_shape(spec: ModelSpec, checkpoint: int | None) -> tuple[int, int]:
-    """(n_layers, d_mlp), read from the model's config without loading weights."""
+def model_config(spec: ModelSpec, checkpoint: int | None):
+    """The model's transformers config, read without its weights (a zoo's from its ZooConfig)."""
     if spec.zoo is not None:
-        return ZOOS[spec.zoo].n_layers, ZOOS[spec.zoo].d_mlp
+        from unlib.zoo import hf_config
+
+        return hf_config(ZOOS[spec.zoo], ZOOS[spec.zoo].vocab_size)
     from transformers import AutoConfig
 
     location, revision = model_location(spec, checkpoint)
     try:
-        config = AutoConfig.from_pretrained(location, revision=revision)
+        return AutoConfig.from_pretrained(location, revision=revision)
     except OSError as exc:
         raise _unreachable(spec, revision) from exc
+
+
+def mlp_shape(spec: ModelSpec, checkpoint: int | None) -> tuple[int, int]:
+    """(n_layers, d_mlp), read from the model's config without loading weights."""
+    config = model_config(spec, checkpoint)
     d_mlp = getattr(config, "n_inner", None) or getattr(config, "intermediate_size", None) or 4 * config.hidden_size
     return config.num_hidden_layers, d_mlp
 
 
-def planned_shape(model_set: ModelSet, spec: ModelSpec, checkpoint: int | None) -> tuple[int, int]:
-    """mlp_shape, or for a model of a HUB_SETS set whose config is not at hand (offline) the
-    set's published shape (HUB_SHAPES): enough to plan a run, not to start one."""
+@functools.lru_cache(maxsize=None)
+def model_footprint(spec: ModelSpec, checkpoint: int | None) -> ModelFootprint:
+    """What running the model takes (for the no-cache feed's memory plan): its parameters and
+    buffers counted on a model built on the meta device (no memory, no weights read), as the
+    float32 they load as, and its widths."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(spec, checkpoint)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    weights = sum(t.numel() * max(4, t.element_size()) for t in (*model.parameters(), *model.buffers()))
+    return ModelFootprint(weights, config.hidden_size, config.num_attention_heads, mlp_shape(spec, checkpoint)[1])
+
+
+def planned_footprint(model_set: ModelSet, spec: ModelSpec, checkpoint: int | None
+                      ) -> tuple[tuple[int, int], ModelFootprint]:
+    """(mlp_shape, model_footprint), from the set's published shape (HUB_SHAPES) when the
+    config of a HUB_SETS model is not at hand (offline)."""
     try:
-        return mlp_shape(spec, checkpoint)
+        return mlp_shape(spec, checkpoint), model_footprint(spec, checkpoint)
     except ModelError:
-        if model_set.name in HUB_SHAPES:
-            return HUB_SHAPES[model_set.name]
-        raise
+        if model_set.name not in HUB_SHAPES:
+            raise
+        hub = HUB_SHAPES[model_set.name]
+        return (hub.n_layers, hub.d_mlp), ModelFootprint(4 * hub.n_parameters, hub.d_model, hub.n_heads, hub.d_mlp)
 
 
 def max_context(spec: ModelSpec) -> int | None:
     """The longest sequence the model takes (None when its config does not say)."""
-    if spec.zoo is not None:
-        return ZOOS[spec.zoo].ctx_len
-    from transformers import AutoConfig
-
-    location, revision = model_location(spec, None)
-    config = AutoConfig.from_pretrained(location, revision=revision)
+    config = model_config(spec, None)
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 

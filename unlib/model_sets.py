@@ -52,9 +52,23 @@ ZOO_DEFAULTS = {"toy-zoo": SetDefaults(OFFLINE_CORPUS, 64, "bos", 0.3),
 HUB_SETS = {"stanford-gpt2-small": r"stanford-crfm/\w+-gpt2-small-x\d+",
             "stanford-gpt2-medium": r"stanford-crfm/\w+-gpt2-medium-x\d+",
             "pythia-160m": r"EleutherAI/pythia-160m(-seed\d+)?"}
-# (n_layers, d_mlp) of each HUB_SETS set, from the models' published configs: `make plan`
-# sizes a run of them without the configs at hand.
-HUB_SHAPES = {"stanford-gpt2-small": (12, 3072), "stanford-gpt2-medium": (24, 4096), "pythia-160m": (12, 3072)}
+
+
+@dataclasses.dataclass(frozen=True)
+class HubShape:
+    """A HUB_SETS model's shape, from its published config: `make plan` sizes a run of the
+    set without the configs at hand."""
+
+    n_layers: int
+    d_mlp: int
+    d_model: int
+    n_heads: int
+    n_parameters: int
+
+
+HUB_SHAPES = {"stanford-gpt2-small": HubShape(12, 3072, 768, 12, 124_439_808),
+              "stanford-gpt2-medium": HubShape(24, 4096, 1024, 16, 354_823_168),
+              "pythia-160m": HubShape(12, 3072, 768, 12, 162_322_944)}
 
 
 def hub_set(name: str) -> list[str]:

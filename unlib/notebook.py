@@ -119,7 +119,7 @@ class MemoryEfficientExcessCorrelationComputer:
 
         tokens, keep = self.tokens(dataset_path, keep, n_tokens, ctx_len, exclude_tokens)
         sizes = [[m.cfg.d_mlp] * m.cfg.n_layers for m in self.models]
-        return run_engine(lambda needed: model_chunks(self.models, tokens, keep, batch_size, self.device), sizes,
+        return run_engine(lambda needed: model_chunks(self.models, tokens, keep, batch_size, self.device, needed), sizes,
                           reference, n_rotations, rotation_seed, self.device)
 
     def compute_excess_correlations_for_all_neurons(self, dataset_path, reference: int = 0, n_rotations: int = 5,

@@ -23,6 +23,10 @@ class CorrelationPlan:
     engine: WorkPlan
     n_tokens: int
     parallel: int = 1
+    caches_bytes: int = 0  # every model's activation cache
+    free_disk: int = 0  # under the store
+    cache: str = "auto"  # the CACHE setting
+    feed_reason: str = ""  # why the feed is the one the engine plans for
 
     def __post_init__(self):
         self.groups = self.engine.groups(self.parallel)
@@ -57,6 +61,10 @@ class CorrelationPlan:
         return sum(self.engine.stream_flops(units, self.n_tokens) for units in self.groups)
 
     @property
+    def forward_flops(self) -> float:
+        return sum(self.engine.forward_flops(units, self.n_tokens) for units in self.groups)
+
+    @property
     def reduce_flops(self) -> float:
         return sum(self.engine.reduce_flops(units) for units in self.groups)
 
@@ -67,10 +75,10 @@ class CorrelationPlan:
 
     def seconds(self, matmul_flops_per_s: float, qr_seconds_per_cube: float) -> float:
         """Estimated compute time: the GEMM work at the measured matmul rate and each QR at the
-        measured seconds per n^3. The HDF5 feed overlaps the arithmetic (read-ahead) and is
-        not counted."""
+        measured seconds per n^3, the no-cache feed's forward passes at the matmul rate. The
+        HDF5 feed overlaps the arithmetic (read-ahead) and is not counted."""
         qr = qr_seconds_per_cube * sum(d ** 3 for d in self.rotation_draws)
-        return (self.stream_flops + self.reduce_flops) / matmul_flops_per_s + qr
+        return (self.stream_flops + self.reduce_flops + self.forward_flops) / matmul_flops_per_s + qr
 
 
 def _best_seconds(fn, device: torch.device, repeats: int) -> float:
@@ -129,6 +137,14 @@ def measured_rates(plan: CorrelationPlan) -> tuple[float, float] | None:
     return matmul_rate(t, d, min(4 * d, max(sum(s) for s in sizes)), device), qr_seconds_per_cube(device)
 
 
+def human_time(seconds: float) -> str:
+    """A duration as people say it: seconds, minutes, hours or days."""
+    for unit, size in (("days", 86400), ("hours", 3600), ("min", 60)):
+        if seconds >= 1.5 * size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:,.0f} s"
+
+
 def describe(plan: CorrelationPlan, names: list[str], rates: tuple[float, float] | None) -> list[str]:
     """The plan as the lines `make plan` prints."""
     engine = plan.engine
@@ -143,21 +159,29 @@ def describe(plan: CorrelationPlan, names: list[str], rates: tuple[float, float]
         f"memory budget   {engine.memory_budget / GiB:,.2f} GiB a task on {engine.device.type} (CORR_MEMORY)",
         f"accumulators    {plan.accumulator_bytes / GiB:,.2f} GiB: {passes} pass{'es' if passes != 1 else ''} over "
         f"the tokens (the floor, accumulators / budget: {plan.floor_passes})",
-        f"tasks           {len(plan.groups)} CorrelationBlock (PARALLEL {plan.parallel}) and 1 Correlations merge; "
-        f"{len(names)} CacheActivations",
-        f"chunk           {chunk:,} tokens ({engine.activation_bytes(chunk) / GiB:,.2f} GiB for all models)",
+        f"tasks           {len(plan.groups)} CorrelationBlock (PARALLEL {plan.parallel}) and 1 Correlations merge"
+        + (f"; {len(names)} CacheActivations" if engine.feed is None else ""),
+        f"caches          {plan.caches_bytes / GiB:,.2f} GiB for all models; CACHE=auto "
+        f"{'would write them' if plan.caches_bytes <= 0.9 * plan.free_disk else 'would not write them'}: "
+        f"{plan.free_disk / GiB:,.1f} GiB free under the store",
+        f"feed            {'activation caches' if engine.feed is None else 'models run on the device (no cache)'}, "
+        f"because {plan.feed_reason}",
+        f"chunk           {engine.chunk_rows():,} tokens ({engine.activation_bytes(engine.chunk_rows()) / GiB:,.2f} GiB "
+        f"for all models{'' if engine.feed is None else f', {engine.feed.sequences(chunk)} sequence(s) a forward pass'})",
         f"peak memory     {plan.peak_device_bytes / GiB:,.2f} GiB on {engine.device.type} a task"
-        + ("" if engine.device.type == "cpu" else f", {plan.peak_host_bytes / GiB:,.2f} GiB on the host (read-ahead, rotation draws)"),
+        + ("" if engine.device.type == "cpu" else f", {plan.peak_host_bytes / GiB:,.2f} GiB on the host"),
         f"bytes read      {plan.bytes_read / GiB:,.2f} GiB of activation caches "
-        f"({plan.bytes_read / engine.activation_bytes(plan.n_tokens):.2f} x the caches)",
+        f"({plan.bytes_read / engine.activation_bytes(plan.n_tokens):.2f} x the caches)" if engine.feed is None else
+        f"forward passes  {len(plan.groups)} x {plan.n_tokens:,} tokens through the models a block reads",
         f"FLOPs           {plan.stream_flops:.3g} streaming, {plan.reduce_flops:.3g} reducing, "
-        f"{len(plan.rotation_draws):,} Haar rotations drawn (QR)",
+        + (f"{plan.forward_flops:.3g} in forward passes, " if engine.feed is not None else "")
+        + f"{len(plan.rotation_draws):,} Haar rotations drawn (QR)",
     ]
     if rates is None:
         lines.append(f"estimated time  no {engine.device.type} device here to measure: run `make plan` on it")
     else:
         matmul, qr = rates
-        lines.append(f"estimated time  {plan.seconds(matmul, qr):,.0f} s of compute on {engine.device} "
+        lines.append(f"estimated time  {human_time(plan.seconds(matmul, qr))} of compute on {engine.device} "
                      f"(measured here: {matmul / 1e9:,.1f} GFLOP/s float32 matmul, "
                      f"QR {qr * 1e9:.2f} s per 1000^3)")
     return lines

@@ -92,14 +92,19 @@ def train_tokenizer(texts, vocab_size: int, max_chars: int, out_dir: str | Path)
 def build_model(config: ZooConfig, seed: int, vocab_size: int):
     """A freshly initialised GPT-2 of the zoo's architecture (no dropout, so training is
     a deterministic function of the seed)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    hf_config = GPT2Config(n_layer=config.n_layers, n_embd=config.d_model, n_inner=config.d_mlp,
-                           n_head=config.n_heads, n_positions=config.ctx_len, vocab_size=vocab_size,
-                           bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
-                           attn_pdrop=0.0, activation_function="gelu_new")
-    return GPT2LMHeadModel(hf_config)
+    return GPT2LMHeadModel(hf_config(config, vocab_size))
+
+
+def hf_config(config: ZooConfig, vocab_size: int):
+    """The transformers config of the zoo's models."""
+    from transformers import GPT2Config
+
+    return GPT2Config(n_layer=config.n_layers, n_embd=config.d_model, n_inner=config.d_mlp, n_head=config.n_heads,
+                      n_positions=config.ctx_len, vocab_size=vocab_size, bos_token_id=0, eos_token_id=0,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new")
 
 
 def _lr_lambda(config: ZooConfig) -> Callable[[int], float]:

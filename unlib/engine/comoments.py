@@ -176,5 +176,6 @@ def stream(layout: Layout, chunks: Feed, units: list[Unit], device: torch.device
         stats.tokens += t
         if progress is not None:
             progress(stats)
+        del chunk  # let the feed reuse its memory for the next chunk (the plan counts one in use)
     moments.finish()
     return moments

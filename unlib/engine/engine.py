@@ -8,6 +8,7 @@ import torch
 
 from unlib.engine.comoments import Feed, stream
 from unlib.engine.layout import Unit
+from unlib.engine.memory import ModelFeed
 from unlib.engine.planning import WorkPlan
 from unlib.engine.reduction import reduce_pass
 from unlib.engine.results import LayerResult, PassResult, PassStats, combine
@@ -31,8 +32,8 @@ class ExcessCorrelationEngine(WorkPlan):
 
     def __init__(self, layer_sizes: list[list[int]], references: list[int] | int = 0, n_rotations: int = 5,
                  rotation_seed: int = 0, device: str | torch.device = "cpu", memory_budget: int | None = None,
-                 chunk_tokens: int | None = None):
-        super().__init__(layer_sizes, references, n_rotations, device, memory_budget, chunk_tokens)
+                 chunk_tokens: int | None = None, feed: ModelFeed | None = None):
+        super().__init__(layer_sizes, references, n_rotations, device, memory_budget, chunk_tokens, feed)
         self.rotation_seed = rotation_seed
 
     def run(self, chunks: Feed, progress: Callable[[PassStats], None] | None = None) -> dict[int, list[LayerResult]]:

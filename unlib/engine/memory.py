@@ -1,6 +1,7 @@
 """Memory: the budget one engine may use, and how many token rows a chunk of the feed holds."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 
@@ -10,7 +11,9 @@ from unlib import UserError
 from unlib.engine.layout import BYTES
 
 MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS, CHUNK_BYTES = 4096, 256, 2**30
-READ_AHEAD_CHUNKS = 3  # chunks of the feed on the host at once: two queued, one being read
+# Chunks of the cache feed on the host at once: two queued, one being read from the files, one
+# in use (on the CPU) or being copied to the device.
+HOST_CHUNKS = 4
 
 
 class MemoryBudgetError(UserError):
@@ -50,3 +53,35 @@ def chunk_tokens_for(width: int) -> int:
     five GPT-2-medium seeds (491,520 neurons, 2 MB a row) read 512 rows a chunk."""
     rows = max(1, CHUNK_BYTES // (BYTES * width))
     return int(min(MAX_CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, 2 ** int(math.log2(rows)))))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFootprint:
+    """What running one model takes on its device: its weights, and the working memory of
+    a forward pass, from its shape."""
+
+    weight_bytes: int
+    d_model: int
+    n_heads: int
+    d_mlp: int
+
+    def forward_bytes(self, sequences: int, ctx_len: int) -> int:
+        """Working memory of a forward pass over `sequences` sequences of `ctx_len` tokens,
+        float32, per position: the attention scores (heads x ctx), the MLP's hidden activations
+        with the nonlinearity's temporaries (4 x d_mlp) and the residual stream's copies
+        (8 x d_model); within 15 % of the peaks measured on GPT-2 shapes (unlib.memory_check)."""
+        per_position = self.n_heads * ctx_len + 4 * self.d_mlp + 8 * self.d_model
+        return BYTES * sequences * ctx_len * per_position
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFeed:
+    """The feed without activation caches: the models run on the engine's device, a chunk's
+    whole sequences at a time (as many as the chunk's rows hold, at least one)."""
+
+    models: tuple[ModelFootprint, ...]
+    ctx_len: int
+
+    def sequences(self, chunk_tokens: int) -> int:
+        """Sequences a chunk holds: its rows' worth, at least one."""
+        return max(1, chunk_tokens // self.ctx_len)

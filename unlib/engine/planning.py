@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from unlib.engine.layout import BYTES, HALF_BLOCK_ROWS, HALVES, Layout, Unit, units_of
-from unlib.engine.memory import (READ_AHEAD_CHUNKS, MemoryBudgetError, chunk_tokens_for,
+from unlib.engine.memory import (HOST_CHUNKS, MemoryBudgetError, ModelFeed, chunk_tokens_for,
                                  default_memory_budget)
 from unlib.engine.rotations import ROTATION_LOOKAHEAD
 
@@ -16,16 +16,18 @@ class WorkPlan:
     """One accumulator (both halves' co-moments) per unordered model pair involving a
     reference (split into blocks of the row model's layers when the memory budget demands),
     as many as fit the budget per pass over the tokens (`passes`); `groups(n)` splits the
-    passes further for n tasks."""
+    passes further for n tasks. `feed`: how the activations arrive, from caches (None) or
+    from the models run on the device (a ModelFeed), which the memory of a pass counts."""
 
     def __init__(self, layer_sizes: list[list[int]], references: list[int] | int = 0, n_rotations: int = 5,
                  device: str | torch.device = "cpu", memory_budget: int | None = None,
-                 chunk_tokens: int | None = None):
+                 chunk_tokens: int | None = None, feed: ModelFeed | None = None):
         self.layout = Layout(layer_sizes, references)
         self.n_rotations = n_rotations
         self.device = torch.device(device)
         self.memory_budget = memory_budget or default_memory_budget(self.device)
         self.chunk_tokens = chunk_tokens or chunk_tokens_for(self.layout.width())
+        self.feed = feed
         self.passes = self._plan()
 
     @property
@@ -37,6 +39,13 @@ class WorkPlan:
         return self.layout.references
 
     # ---- memory ---------------------------------------------------------------------
+    def chunk_rows(self) -> int:
+        """Token rows of a chunk as the feed hands it over: chunk_tokens from the caches; from
+        the models, the positions of the whole sequences a chunk holds."""
+        if self.feed is None:
+            return self.chunk_tokens
+        return self.feed.sequences(self.chunk_tokens) * self.feed.ctx_len
+
     def unit_bytes(self, unit: Unit) -> int:
         """The unit's accumulators: one co-moment block per half."""
         return HALVES * BYTES * self.layout.unit_rows(unit) * sum(self.layer_sizes[unit.col_model])
@@ -45,35 +54,81 @@ class WorkPlan:
         """The accumulators of a pass over `units`."""
         return sum(map(self.unit_bytes, units))
 
-    def fixed_bytes(self, units: list[Unit]) -> int:
-        """Device memory a pass over `units` takes besides its accumulators: within-layer
+    def statistics_bytes(self, units: list[Unit]) -> int:
+        """The per-layer statistics a pass keeps besides its accumulators: within-layer
         co-moments of both halves of the layers it reads (only their diagonal for a model no
-        baseline rotates); the chunk in use and the centred copy of one block-bounded run of
-        it; the result step's scratch (three correlation blocks, both halves' and their merge,
-        and a Haar rotation drawn in float64); and on the CPU the feed's host_bytes."""
+        baseline rotates), and both halves' means, minima and maxima of every neuron."""
         layout = self.layout
-        needed = layout.needed_layers(units)
-        within = HALVES * sum(d * d if layout.rotated(m) else d
-                              for m, layers in enumerate(needed) for d in (self.layer_sizes[m][l] for l in layers))
-        width = layout.width(needed)
-        d_max = max(max(s) for s in self.layer_sizes)
-        centred = (min(self.chunk_tokens, HALF_BLOCK_ROWS) + 1) * width
-        scratch = 3 * d_max * max(sum(s) for s in self.layer_sizes) + 6 * d_max * d_max
-        on_host = self.host_bytes(units) if self.device.type == "cpu" else 0
-        return BYTES * (within + self.chunk_tokens * width + centred + scratch) + on_host
+        within = sum(d * d if layout.rotated(m) else d
+                     for m, layers in enumerate(layout.needed_layers(units)) for d in (self.layer_sizes[m][l] for l in layers))
+        return HALVES * BYTES * (within + 3 * layout.width())
 
-    def host_bytes(self, units: list[Unit]) -> int:
-        """Host memory of a pass over `units` besides the device's: the feed's chunks read
-        ahead (READ_AHEAD_CHUNKS) and the float64 Gaussians of the Haar draws, the one being
-        factored and those drawn ahead (ROTATION_LOOKAHEAD)."""
-        rotated = [d for m, sizes in enumerate(self.layer_sizes) if self.layout.rotated(m) for d in sizes]
-        return (BYTES * READ_AHEAD_CHUNKS * self.chunk_tokens * self.layout.width(self.layout.needed_layers(units))
-                + 8 * (ROTATION_LOOKAHEAD + 1) * max(rotated, default=0) ** 2)
+    def phases(self, units: list[Unit]) -> list[tuple[int, int]]:
+        """(device, host) working memory of each phase of a pass over `units` besides its
+        accumulators and statistics: the stream, then the result step's correlations, its
+        rotated baselines and its QR factorisations."""
+        return [self.stream_bytes(units), *self.reduce_bytes(units)]
+
+    def stream_bytes(self, units: list[Unit]) -> tuple[int, int]:
+        """(device, host) working memory of the stream. Caches: the chunks on the host
+        (HOST_CHUNKS), and on a GPU the chunk in use. Models: their weights, the chunk they
+        fill and the largest forward pass's working memory, all on the device. Both: the
+        centred copy of one block-bounded run of the chunk and the square of one layer's run
+        (the variances of a model no baseline rotates)."""
+        needed = self.layout.needed_layers(units)
+        width, rows = self.layout.width(needed), self.chunk_rows()
+        chunk = BYTES * rows * width
+        run = min(rows, HALF_BLOCK_ROWS) + 1
+        centred = BYTES * run * (width + max(max(s) for s in self.layer_sizes))
+        on_gpu = self.device.type != "cpu"
+        if self.feed is None:
+            return centred + (chunk if on_gpu else 0), HOST_CHUNKS * chunk
+        models = [f for f, layers in zip(self.feed.models, needed) if layers]
+        forward = max(f.forward_bytes(self.feed.sequences(self.chunk_tokens), self.feed.ctx_len) for f in models)
+        weights = sum(f.weight_bytes for f in models)
+        if on_gpu:  # a model loads on the host, then moves to the GPU
+            return weights + chunk + max(forward, centred), max(f.weight_bytes for f in models)
+        # on the CPU the weights stay in the file's mapped pages and, from the first forward
+        # pass on, in a working copy besides (measured: twice the weights resident)
+        return 2 * weights + chunk + max(forward, centred), 0
+
+    def reduce_bytes(self, units: list[Unit]) -> list[tuple[int, int]]:
+        """(device, host) working memory of the result step's phases. Correlations: a row
+        layer's block on the merged halves and its scaled copy. Rotated baselines: three
+        rotated blocks (both halves' and their merge), the rotated variances' product and the
+        rotation; on the host the float64 Gaussians drawn ahead (ROTATION_LOOKAHEAD, in
+        threads). A QR: the Gaussian being factored, Q, R and Q with R's signs (float64, on
+        the device), beside the draws ahead and the last rotation."""
+        layout = self.layout
+        d_max = max(max(s) for s in self.layer_sizes)
+        cols = max(sum(s) for s in self.layer_sizes)
+        phases = [(BYTES * 2 * d_max * cols, 0)]
+        rotated_layers = layout.rotated_layers(units)
+        rotated = max((self.layer_sizes[m][k] for m, k in rotated_layers), default=0)
+        if rotated:
+            # a reference column model's neurons against a rotated row layer: blocks of all its columns
+            width = cols if any(u.col_model in self.references for u in units) else rotated
+            drawn_ahead = min(ROTATION_LOOKAHEAD, self.n_rotations * len(rotated_layers) - 1)
+            square, ahead = rotated * rotated, 8 * drawn_ahead * rotated * rotated
+            qr = 8 * 4 * square
+            on_cpu = self.device.type == "cpu"
+            phases.append((BYTES * (3 * width * rotated + 3 * square), ahead))
+            phases.append((BYTES * square + (0 if on_cpu else qr), ahead + (qr if on_cpu else 0)))
+        return phases
 
     def pass_bytes(self, units: list[Unit]) -> int:
-        """Memory of one pass over `units` on the engine's device: their accumulators and the
-        fixed part."""
-        return self.accumulator_bytes(units) + self.fixed_bytes(units)
+        """Peak memory of one pass over `units` on the engine's device (on the CPU, all of it):
+        accumulators and statistics, and the most working memory of one of its phases."""
+        on_cpu = self.device.type == "cpu"
+        working = max(device + (host if on_cpu else 0) for device, host in self.phases(units))
+        return self.accumulator_bytes(units) + self.statistics_bytes(units) + working
+
+    def host_bytes(self, units: list[Unit]) -> int:
+        """Peak host memory of a pass over `units` on a GPU besides the device's (0 on the CPU,
+        where pass_bytes holds it)."""
+        if self.device.type == "cpu":
+            return 0
+        return max(host for _, host in self.phases(units))
 
     def least_memory(self) -> int:
         """The smallest memory budget the work can be planned for: a pass holding one row layer
@@ -140,6 +195,14 @@ class WorkPlan:
         within = sum(self.layer_sizes[m][l] ** 2 for m, layers in enumerate(self.layout.needed_layers(units))
                      if self.layout.rotated(m) for l in layers)
         return 2.0 * n_tokens * (cross + within)
+
+    def forward_flops(self, units: list[Unit], n_tokens: int) -> float:
+        """Work of the forward passes the no-cache feed runs for `units` (2 FLOPs per weight and
+        token, an upper bound: the unembedding is not run), 0 from caches."""
+        if self.feed is None:
+            return 0.0
+        needed = self.layout.needed_layers(units)
+        return 2.0 * n_tokens * sum(f.weight_bytes / BYTES for f, layers in zip(self.feed.models, needed) if layers)
 
     def reduce_flops(self, units: list[Unit]) -> float:
         """GEMM work of the result step for `units`: per baseline sample and rotated layer,
