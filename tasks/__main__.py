@@ -233,11 +233,11 @@ def main(argv: list[str] | None = None) -> int:
             print_comparison(console, root.output_dir())
             continue
         tables = read_results(root)
-        title = f"{root.model_set.name} {root.results_dir().name}"
+        title = f"{root.model_set.name} {root.run_name()}"
         if len(roots) > 1:
             title += f" (reference {root.model_set.models[root.reference].name})"
         print_summary(console, title, tables["layer_summary"], tables["universal"], str(root.results_dir()))
-        print_ablation(console, root.results_dir())
+        print_ablation(console, root.run_dir())
         console.print(f"Report: [bold]{root.output().path}[/bold]")
     console.print(f"Finished in {report.seconds:.1f} s: {len(report.ran_here)} tasks run here, "
                   f"{len(report.already_done)} already complete, {len(report.run_by_other_worker)} run by other workers")

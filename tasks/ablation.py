@@ -30,7 +30,7 @@ class Ablation(RunParams, ResultTask):
                 "tokens": self.held_out_tokens(), "model": model_requirement(self.model_set.models[self.reference])}
 
     def output(self):
-        d = self.results_dir()
+        d = self.run_dir()
         return {"table": self.result_target(d / "ablation.csv"), "summary": self.result_target(d / "ablation_summary.csv"),
                 "plot": self.result_target(d / "plots" / "ablation_impact.png")}
 
@@ -54,4 +54,4 @@ class Ablation(RunParams, ResultTask):
         write_csv(table, out["table"].path)
         write_csv(summary, out["summary"].path)
         plots.ablation_impact_plot(table, summary, out["plot"].path,
-                                   f"({self.model_set.name}, {self.results_dir().name}, {self.ablation} ablation)")
+                                   f"({self.model_set.name}, {self.run_name()}, {self.ablation} ablation)")

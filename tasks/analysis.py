@@ -2,6 +2,7 @@
 the root task of one analysis run."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -95,7 +96,7 @@ class SelectUniversal(RunParams, ResultTask):
         return {"excess": self.clone(ExcessCorrelation), "stats": self.clone(NeuronStats)}
 
     def output(self):
-        return self.result_target(self.results_dir() / "universal_neurons.csv")
+        return self.shared_target(self.results_dir() / "universal_neurons.csv")
 
     def write(self):
         excess = pd.read_csv(self.input()["excess"]["excess"].path)
@@ -118,7 +119,7 @@ class Plots(RunParams, ResultTask):
                 "universal": self.clone(SelectUniversal)}
 
     def output(self):
-        return {name: self.result_target(self.results_dir() / "plots" / f"{name}.png") for name in self.NAMES}
+        return {name: self.shared_target(self.results_dir() / "plots" / f"{name}.png") for name in self.NAMES}
 
     def write(self):
         excess = pd.read_csv(self.input()["excess"]["excess"].path)
@@ -135,6 +136,16 @@ class Plots(RunParams, ResultTask):
         corr_vs_baseline(excess, float(cut), out["max_correlation_vs_baseline"].path, title)
 
 
+def correlation_timings(attrs: dict) -> dict:
+    """run.json's record of where the correlation's time went: per pass (block) and the share
+    of drawing Haar rotations (None for correlations from before it was recorded)."""
+    passes = json.loads(attrs.get("pass_timings", "[]"))
+    rotation = [p["rotation_seconds"] for p in passes]
+    total = sum(p["seconds"] for p in passes)
+    share = None if not passes or None in rotation or total <= 0 else round(sum(rotation) / total, 4)
+    return {"correlation_passes": passes, "rotation_share": share}
+
+
 class UniversalNeuronsAnalysis(RunParams, ResultTask):
     """Root of one analysis run; writes run.json (parameters, provenance, layer summary,
     split-half stability of the universal set) and shows the run's shared tables (excess
@@ -149,14 +160,15 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
 
     def output(self):
         d = self.results_dir()
-        return {"run": self.result_target(d / "run.json"),
-                **{name: self.result_target(d / name) for name in SHARED_TABLES}}
+        return {"run": self.result_target(self.run_dir() / "run.json"),
+                **{name: self.shared_target(d / name) for name in SHARED_TABLES}}
 
     def write(self):
         tables = self.input()
         sources = (tables["excess"]["excess"], tables["excess"]["pairwise"], tables["stats"])
         for name, source in zip(SHARED_TABLES, sources):
-            link_file(source.path, self.output()[name].path)
+            if not self.output()[name].exists():  # shared with runs of other ablation settings
+                link_file(source.path, self.output()[name].path)
         excess = pd.read_csv(self.input()["excess"]["excess"].path)
         universal = pd.read_csv(self.input()["universal"].path)
         summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)
@@ -178,6 +190,7 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
             "ablation_seed": self.ablation_seed, "device": self.device,
             "correlation_seconds": round(float(correlation["seconds"]), 2), "correlation_feed": correlation["feed"],
             "cache_bytes_read": int(correlation["cache_bytes_read"]),
+            **correlation_timings(correlation),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "n_neurons": int(summary["n_neurons"].sum()), "n_universal": int(summary["n_universal"].sum()),
             "n_dead": int(summary["n_dead"].sum()) if "n_dead" in summary else None,

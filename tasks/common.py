@@ -78,6 +78,12 @@ class HideReportedTracebacks(logging.Filter):
 logger.addFilter(HideReportedTracebacks())
 
 
+def file_identity(path: str) -> tuple[int, int, int]:
+    """(inode, modification time, size): a file replaced or rewritten gets another."""
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 class ResultTask(PipelineTask):
     """A task writing results files: complete only when its files are sealed and every results
     task it reads from is complete too, so a deleted or damaged intermediate result (say
@@ -89,9 +95,13 @@ class ResultTask(PipelineTask):
 
     def run(self) -> None:
         inputs = made_from(self)
+        # a file another task shares and has already made (a run differing in what it does not
+        # read), which write() left as it was, keeps its seal; everything written is sealed
+        kept = {t.path: file_identity(t.path) for t in luigi.task.flatten(self.output()) if t.exists()}
         self.write()
         for target in luigi.task.flatten(self.output()):
-            target.seal(inputs)
+            if target.path not in kept or file_identity(target.path) != kept[target.path]:
+                target.seal(inputs)
 
     def complete(self) -> bool:
         return super().complete() and all(t.complete() for t in luigi.task.flatten(self.requires())

@@ -8,7 +8,7 @@ import functools
 import luigi
 
 from tasks.targets import ResultTarget, store
-from unlib.config import BY_NAME, folder_defaults
+from unlib.config import ABLATION_SETTINGS, BY_NAME, folder_defaults
 from unlib.dataset import dataset_inputs
 from unlib.model_loading import model_fingerprint
 from unlib.model_sets import ZOOS, ModelSet, resolve_model_set
@@ -103,11 +103,26 @@ class RunParams(CorrelationParams, declaring("threshold", "top_k", "ablation", "
     def effective_threshold(self) -> float:
         return self.model_set.defaults.threshold if self.threshold is None else self.threshold
 
-    def variant(self) -> dict:
-        """Parameters that differ from their defaults (the model set's, for the data): they
-        name the results folder."""
+    def variant(self, ablation: bool = False) -> dict:
+        """Parameters that differ from their defaults (the model set's, for the data): those the
+        ablation does not read name the results folder; with `ablation`, the ablation's."""
         defaults = folder_defaults(self.model_set)
-        return {k: getattr(self, k) for k in defaults if getattr(self, k) != defaults[k]}
+        return {k: getattr(self, k) for k in defaults
+                if getattr(self, k) != defaults[k] and (k in ABLATION_SETTINGS) == ablation}
 
     def results_dir(self):
+        """The folder of the files no ablation setting changes (universal set, tables, plots)."""
         return store().results(self.model_set.name, self.checkpoint, self.variant())
+
+    def run_dir(self):
+        """The folder of the files that read the ablation settings (ablation, report, run.json):
+        the results folder, or a subfolder of it named by the ablation settings that differ."""
+        return store().ablation_results(self.results_dir(), self.variant(ablation=True))
+
+    def run_name(self) -> str:
+        """The run's name as its folders give it: the results folder's, and the ablation's subfolder."""
+        return str(self.run_dir().relative_to(self.results_dir().parent))
+
+    def shared_target(self, path) -> ResultTarget:
+        """A results file that does not read the ablation settings: runs differing only in them share it."""
+        return self.result_target(path, ignore=ABLATION_SETTINGS)

@@ -43,12 +43,12 @@ class RunReport(RunParams, ResultTask):
                 "model": model_requirement(self.model_set.models[self.reference]), **ablation}
 
     def output(self):
-        return self.result_target(self.results_dir() / "report.html")
+        return self.result_target(self.run_dir() / "report.html")
 
     def write(self):
         analysis = self.input()["analysis"]
         run = read_json(analysis["run"].path)
-        run["run_name"] = self.results_dir().name
+        run["run_name"] = self.run_name()
         excess = pd.read_csv(analysis["excess_correlation_scores.csv"].path)
         pairwise = pd.read_csv(analysis["pairwise_correlations.csv"].path)
         stats = pd.read_csv(analysis["neuron_stats.csv"].path)

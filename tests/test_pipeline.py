@@ -182,6 +182,12 @@ def test_plots_are_real_images(run):
 def test_run_record(run):
     record = json.loads((run["dir"] / "run.json").read_text())
     assert record["checkpoint"] == 300 and record["threshold"] == THRESHOLD and record["rotations"] == 5
+    # where the correlation's time went, per block: each rotates the other models' layers it reads
+    blocks = record["correlation_passes"]
+    assert blocks and all(b["rotations_drawn"] % 5 == 0 and 5 <= b["rotations_drawn"] <= 5 * 2 * 2 for b in blocks)
+    assert all(0 < b["rotation_seconds"] < b["reduce_seconds"] < b["seconds"] for b in blocks)
+    share = sum(b["rotation_seconds"] for b in blocks) / sum(b["seconds"] for b in blocks)
+    assert record["rotation_share"] == pytest.approx(share, abs=1e-3)
     assert record["n_universal"] == len(run["universal"]) and record["n_neurons"] == 128
     # split-half stability, recomputed from the CSV: the same threshold on each half's excess
     excess = run["excess"]
@@ -210,6 +216,27 @@ def test_a_new_threshold_reruns_only_selection_plots_and_report(run, tmp_path):
         assert (other / name).stat().st_ino == (run["dir"] / name).stat().st_ino, "one file, linked"
     universal = pd.read_csv(other / "universal_neurons.csv")
     assert (universal["excess_correlation"] >= 0.25).all() and len(universal) < len(run["universal"])
+
+
+def test_another_ablation_moves_only_the_files_that_read_it(run, tmp_path):
+    """Outputs are keyed by what changes them: ABLATION_SAMPLES reruns the ablation, run.json
+    and the report, into a subfolder; the universal set, tables and plots stay where they are."""
+    shared = {p: p.stat().st_mtime_ns for p in run["dir"].rglob("*") if p.is_file()}
+    proc = analyze(run["store"], "--models", MODELS, "--checkpoint", "300", "--n-tokens", str(N_TOKENS),
+                   "--threshold", str(THRESHOLD), "--device", "cpu", "--ablation-samples", "3",
+                   "--report-tasks", str(tmp_path / "tasks.json"))
+    assert proc.returncode == 0, proc.stderr
+    ran = {task.split("_")[0] for task in json.loads((tmp_path / "tasks.json").read_text())["ran_here"]}
+    assert ran == {"UniversalNeuronsAnalysis", "Ablation", "RunReport"}
+    assert {p: p.stat().st_mtime_ns for p in shared} == shared  # the first run's files, untouched
+    other = run["dir"] / "ablation_ablation_samples-3"
+    files = ["ablation.csv", "ablation_summary.csv", "plots/ablation_impact.png", "report.html", "run.json"]
+    seals = [f".sealed/{f}.json" if "/" not in f else f"plots/.sealed/{f.split('/')[1]}.json" for f in files]
+    assert sorted(p.relative_to(other).as_posix() for p in other.rglob("*") if p.is_file()) == sorted(files + seals)
+    assert json.loads((other / "run.json").read_text())["ablation_samples"] == 3
+    conditions = set(pd.read_csv(other / "ablation.csv")["condition"])
+    assert conditions == {"none", "universal", "random-0", "random-1", "random-2"}
+    assert "ablation_ablation_samples-3/report.html" in "".join(proc.stdout.split())  # rich wraps a pipe's lines
 
 
 def test_other_parameters_do_not_overwrite_and_nothing_is_recomputed(run):

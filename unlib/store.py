@@ -153,6 +153,11 @@ class Store:
         parameter that differs from its default, so runs never overwrite each other."""
         return self.root / "results" / slug(model_set) / _with_variant(checkpoint_label(checkpoint), variant)
 
+    def ablation_results(self, results: Path, variant: dict | None = None) -> Path:
+        """Where the files that read the ablation settings go: `results` itself at the defaults,
+        else results/ablation_<param>-<value>...: another ablation moves only them."""
+        return results / _with_variant("ablation", variant) if variant else results
+
     def compare(self, model_set: str, checkpoints: list[int], variant: dict | None = None) -> Path:
         """results/<model set>/compare-<step>-<step>...[_<param>-<value>...]."""
         name = "compare-" + "-".join(str(s) for s in sorted(checkpoints))
