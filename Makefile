@@ -9,7 +9,7 @@ endif
 
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup lock analyze report compare plan clean-store test test-all browser bench scheduler scheduler-stop
+.PHONY: setup lock analyze report compare plan clean-store test test-all browser bench rehearse scheduler scheduler-stop
 
 setup: $(SETUP)
 
@@ -54,6 +54,11 @@ browser:
 
 bench: $(SETUP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.run
+
+# The paper's path at reduced tokens: GPT-2-small-shaped random models, several passes, caches
+# and no caches, killed and resumed with other WORKERS and CORR_MEMORY (bench/rehearse.py).
+rehearse: $(SETUP)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.rehearse
 
 # The Luigi central scheduler (web UI at http://127.0.0.1:8082, or SCHEDULER_HOST:SCHEDULER_PORT);
 # state, pid file and logs under store/scheduler/.

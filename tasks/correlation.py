@@ -27,6 +27,7 @@ from unlib.engine.memory import ModelFeed, parse_bytes
 from unlib.engine.results import DEAD_MATCH, PassResult, PassStats, collect, merge_partials
 from unlib.model_loading import mlp_shape, model_footprint
 from unlib.h5write import partial_path
+from unlib.memory_check import peak_memory
 from unlib.store import checkpoint_label, provenance, read_json, short_hash, write_json, write_once
 from unlib.tokens import read_tokens
 
@@ -66,7 +67,7 @@ class CorrelationTask(CorrelationParams, PipelineTask):
         feed = None if self.feed[0] else ModelFeed(tuple(model_footprint(m, self.checkpoint)
                                                          for m in self.model_set.models), self.ctx_len)
         return ExcessCorrelationEngine(self.layer_sizes, self.references, self.rotations, self.rotation_seed,
-                                       self.device, parse_bytes(self.corr_memory), feed=feed)
+                                       self.device, parse_bytes(self.corr_memory), feed=feed, n_tokens=self.n_tokens)
 
     def run_params(self) -> dict:
         """The parameters that name the correlation folder (inputs' content is checked, not named)."""
@@ -80,12 +81,14 @@ class CorrelationTask(CorrelationParams, PipelineTask):
 
 
 def pass_timing(units: str, attrs: dict) -> dict:
-    """Where a block's time went (blocks from before these were recorded: None): streaming,
-    the result step, and of that the Haar rotations it drew (how many, in seconds)."""
+    """Where a block's time and memory went (blocks from before these were recorded: None):
+    streaming, the result step, and of that the Haar rotations it drew (how many, in
+    seconds); its planned and measured peak memory (-1: not measured here)."""
     return {"units": units, "seconds": round(float(attrs["seconds"]), 3),
             **{key: (None if key not in attrs else round(float(attrs[key]), 3) if key.endswith("seconds")
                      else int(attrs[key]))
-               for key in ("stream_seconds", "reduce_seconds", "rotation_seconds", "rotations_drawn")}}
+               for key in ("stream_seconds", "reduce_seconds", "rotation_seconds", "rotations_drawn", "planned_bytes",
+                           "peak_bytes")}}
 
 
 def units_text(units: list[Unit]) -> str:
@@ -149,7 +152,10 @@ class CorrelationBlock(CorrelationTask):
             def report(stats: PassStats) -> None:
                 rate = stats.flops / max(time.monotonic() - start, 1e-9) / 1e9
                 progress(stats.tokens, extra=f", {rate:,.1f} GFLOP/s")
-            result = engine.run_pass(chunks, units, report)
+            if not use_cache:  # the loader's library imported first: the measurement counts the pass, not the import
+                import transformer_lens.model_bridge  # noqa: F401
+            # the measured peak, against the plan's, as the allocator runs (live=False: tuning it costs time)
+            result, peak = peak_memory(lambda: engine.run_pass(chunks, units, report), self.device, live=False)
         seconds, flops = time.monotonic() - start, result.stats.flops
         logger.warning("correlation block %s: %d tokens in %.1f s: %.0f tokens/s, %.1f GFLOP/s", self.units,
                        n_tokens, seconds, n_tokens / seconds, flops / seconds / 1e9)
@@ -157,7 +163,8 @@ class CorrelationBlock(CorrelationTask):
             "provenance": self.output().expected, "made_from": inputs, "n_tokens": n_tokens, "feed": path, "feed_reason": why,
             "seconds": seconds, "flops": flops, "cache_bytes_read": read, "device": str(self.device),
             "stream_seconds": result.stats.stream_seconds, "reduce_seconds": result.stats.reduce_seconds,
-            "rotation_seconds": result.stats.rotation_seconds, "rotations_drawn": len(engine.rotation_sizes(units))})
+            "rotation_seconds": result.stats.rotation_seconds, "rotations_drawn": len(engine.rotation_sizes(units)),
+            "planned_bytes": engine.pass_bytes(units), "peak_bytes": -1 if peak is None else peak})
 
 
 class Correlations(CorrelationTask):

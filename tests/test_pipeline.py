@@ -186,6 +186,7 @@ def test_run_record(run):
     blocks = record["correlation_passes"]
     assert blocks and all(b["rotations_drawn"] % 5 == 0 and 5 <= b["rotations_drawn"] <= 5 * 2 * 2 for b in blocks)
     assert all(0 < b["rotation_seconds"] < b["reduce_seconds"] < b["seconds"] for b in blocks)
+    assert all(b["planned_bytes"] > 0 and b["peak_bytes"] > 0 for b in blocks)  # measured against the plan
     share = sum(b["rotation_seconds"] for b in blocks) / sum(b["seconds"] for b in blocks)
     assert record["rotation_share"] == pytest.approx(share, abs=1e-3)
     assert record["n_universal"] == len(run["universal"]) and record["n_neurons"] == 128

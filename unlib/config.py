@@ -288,7 +288,8 @@ def check_corr_memory(value: str | None, run: Resolution) -> str:
         except (ValueError, OverflowError):
             raise ValueError(f"CORR_MEMORY={value!r} is not a size: use e.g. 8G, 512M or a number of bytes") from None
     feed = None if run.feed[0] else ModelFeed(tuple(f for _, f in run.footprints()), run.ctx_len)
-    run.work_plan = WorkPlan(run.layer_sizes(), run.references, run.rotations, run.device, budget, feed=feed)
+    run.work_plan = WorkPlan(run.layer_sizes(), run.references, run.rotations, run.device, budget, feed=feed,
+                             n_tokens=run.n_tokens)
     return str(budget)
 
 

@@ -41,11 +41,12 @@ class Shape:
         return f"{self.n_models} x {self.n_layers} x {self.d_mlp} (d_model {self.d_model}, ctx {self.ctx_len})"
 
 
-def build_models(shape: Shape, folder: str | Path) -> list[Path]:
-    """Random-weight GPT-2 models of `shape` (seeds 0, 1, ...) saved in `folder`, unless there."""
+def build_models(shape: Shape, folder: str | Path, tokenizer: bool = False) -> list[Path]:
+    """Random-weight GPT-2 models of `shape` (seeds 0, 1, ...) saved in `folder`, unless there;
+    with `tokenizer`, each with the toy zoo's byte-level one (for a run of the pipeline)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from unlib.zoo import quiet_transformers
+    from unlib.zoo import quiet_transformers, train_tokenizer
 
     quiet_transformers()
     paths = []
@@ -57,6 +58,8 @@ def build_models(shape: Shape, folder: str | Path) -> list[Path]:
                                 n_head=shape.n_heads, n_positions=shape.ctx_len, vocab_size=VOCAB,
                                 bos_token_id=0, eos_token_id=0)
             GPT2LMHeadModel(config).save_pretrained(path)
+        if tokenizer and not (path / "tokenizer.json").exists():
+            train_tokenizer([""], VOCAB, 0, path)  # 257 tokens: the bytes and BOS, no merges
         paths.append(path)
     return paths
 
@@ -74,10 +77,12 @@ def fixed_mmap_threshold() -> None:
     ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 2**20)
 
 
-def peak_memory(work: Callable[[], T], device: str | torch.device) -> tuple[T, int]:
+def peak_memory(work: Callable[[], T], device: str | torch.device, live: bool = True) -> tuple[T, int | None]:
     """(work(), the peak memory it took above what was in use when it started): on a GPU the
-    allocator's peak; on the CPU the resident set's high-water mark (reset first; Linux),
-    with freed heap returned to the system before the start so that it cannot hide growth."""
+    allocator's peak; on the CPU the resident set's high-water mark (reset first; Linux, else
+    None), with freed heap returned to the system before the start so that it cannot hide
+    growth, and with `live` the allocator set so that it follows the memory in use
+    (fixed_mmap_threshold) for the rest of the process."""
     device = torch.device(device)
     gc.collect()
     if device.type == "cuda":
@@ -87,11 +92,15 @@ def peak_memory(work: Callable[[], T], device: str | torch.device) -> tuple[T, i
         result = work()
         torch.cuda.synchronize(device)
         return result, torch.cuda.max_memory_allocated(device) - start
-    fixed_mmap_threshold()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    start = _resident_bytes()[0]
+    try:
+        if live:
+            fixed_mmap_threshold()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        start = _resident_bytes()[0]
+    except (OSError, AttributeError):  # not Linux with glibc: not measured
+        return work(), None
     result = work()
     return result, _resident_bytes()[1] - start
 
@@ -154,7 +163,7 @@ def measure_pass(shape: Shape, folder: str | Path, feed: str, n_tokens: int, dev
     tokens, keep = random_tokens(shape, n_tokens)
     model_feed = None if feed == "caches" else ModelFeed(tuple(model_footprint(s, None) for s in specs), shape.ctx_len)
     sizes = [[shape.d_mlp] * shape.n_layers for _ in range(shape.n_models)]
-    engine = ExcessCorrelationEngine(sizes, 0, 2, 0, device, 2**42, chunk_tokens, feed=model_feed)
+    engine = ExcessCorrelationEngine(sizes, 0, 2, 0, device, 2**42, chunk_tokens, feed=model_feed, n_tokens=n_tokens)
     units = engine.passes[0]
     # the libraries' one-time setup (imports, thread pools, first-call caches) before the
     # measurement: the plan counts a pass's memory, not the interpreter's

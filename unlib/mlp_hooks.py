@@ -49,6 +49,17 @@ def default_keep(tokens: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def release_attention(model, layer: int) -> None:
+    """Let go of the attention pattern a bridge's layer keeps after its forward pass
+    (TransformerLens 4 keeps each layer's last one, `_pattern`, for as long as the model
+    lives): called as each layer ends, a forward pass holds one layer's pattern at a time
+    instead of every layer's (1.5 GiB per GPT-2-medium sequence of 1024 tokens, per model,
+    measured as 2.2x the no-cache feed's planned peak on 24-layer models)."""
+    for module in model.blocks[layer].modules():
+        if getattr(module, "_pattern", None) is not None:
+            module._pattern = None
+
+
 class _AllCaptured(Exception):
     """Raised by the last layer's hook: what follows it (the unembedding) is not needed."""
 
@@ -78,6 +89,8 @@ def mlp_captures(model, tokens: torch.Tensor, keep: torch.Tensor | None = None,
         # Bridge hook points may report an aliased name, so the layer comes from the closure.
         def keep_activations(act, hook):
             captured[kind][layer] = act[keep].float()
+            if kind == last:
+                release_attention(model, layer)
             if layer == n_layers - 1 and kind == last:
                 raise _AllCaptured
             return act
@@ -97,7 +110,8 @@ def mlp_rows(model, tokens: torch.Tensor, keep: torch.Tensor, layers: set[int]) 
     positions, (kept positions, n_layers * d_mlp) float32 on the model's device, layer after
     layer as a cache holds them (zeros for the other layers). Each hook writes its layer
     straight into the rows, so a chunk is never held twice (as a list of layers, then their
-    concatenation); the pass stops at the last layer in `layers`."""
+    concatenation), and lets go of each layer's attention pattern (release_attention); the pass
+    stops at the last layer in `layers`."""
     n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
     keep = keep.to(tokens.device)
     make = torch.empty if len(layers) == n_layers else torch.zeros
@@ -106,14 +120,16 @@ def mlp_rows(model, tokens: torch.Tensor, keep: torch.Tensor, layers: set[int]) 
 
     def writer(layer: int):
         def write_rows(act, hook):
-            rows[:, layer * d_mlp:(layer + 1) * d_mlp] = act[keep]
+            if layer in layers:
+                rows[:, layer * d_mlp:(layer + 1) * d_mlp] = act[keep]
+            release_attention(model, layer)
             if layer == last:
                 raise _AllCaptured
             return act
         return write_rows
 
     try:
-        model.run_with_hooks(tokens, fwd_hooks=[(hook_post(l), writer(l)) for l in sorted(layers)], return_type=None)
+        model.run_with_hooks(tokens, fwd_hooks=[(hook_post(l), writer(l)) for l in range(last + 1)], return_type=None)
     except _AllCaptured:
         pass
     return rows

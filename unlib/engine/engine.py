@@ -32,8 +32,8 @@ class ExcessCorrelationEngine(WorkPlan):
 
     def __init__(self, layer_sizes: list[list[int]], references: list[int] | int = 0, n_rotations: int = 5,
                  rotation_seed: int = 0, device: str | torch.device = "cpu", memory_budget: int | None = None,
-                 chunk_tokens: int | None = None, feed: ModelFeed | None = None):
-        super().__init__(layer_sizes, references, n_rotations, device, memory_budget, chunk_tokens, feed)
+                 chunk_tokens: int | None = None, feed: ModelFeed | None = None, n_tokens: int | None = None):
+        super().__init__(layer_sizes, references, n_rotations, device, memory_budget, chunk_tokens, feed, n_tokens)
         self.rotation_seed = rotation_seed
 
     def run(self, chunks: Feed, progress: Callable[[PassStats], None] | None = None) -> dict[int, list[LayerResult]]:

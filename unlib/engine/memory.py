@@ -67,10 +67,11 @@ class ModelFootprint:
 
     def forward_bytes(self, sequences: int, ctx_len: int) -> int:
         """Working memory of a forward pass over `sequences` sequences of `ctx_len` tokens,
-        float32, per position: the attention scores (heads x ctx), the MLP's hidden activations
-        with the nonlinearity's temporaries (4 x d_mlp) and the residual stream's copies
-        (8 x d_model); within 15 % of the peaks measured on GPT-2 shapes (unlib.memory_check)."""
-        per_position = self.n_heads * ctx_len + 4 * self.d_mlp + 8 * self.d_model
+        float32, per position: one layer's attention scores (heads x ctx; the feed lets go of
+        each layer's pattern as the layer ends), the MLP's hidden activations with the
+        nonlinearity's temporaries (3 x d_mlp) and the residual stream's copies (6 x d_model);
+        within 15 % of the peaks measured on GPT-2 shapes (unlib.memory_check)."""
+        per_position = self.n_heads * ctx_len + 3 * self.d_mlp + 6 * self.d_model
         return BYTES * sequences * ctx_len * per_position
 
 

@@ -21,13 +21,14 @@ class WorkPlan:
 
     def __init__(self, layer_sizes: list[list[int]], references: list[int] | int = 0, n_rotations: int = 5,
                  device: str | torch.device = "cpu", memory_budget: int | None = None,
-                 chunk_tokens: int | None = None, feed: ModelFeed | None = None):
+                 chunk_tokens: int | None = None, feed: ModelFeed | None = None, n_tokens: int | None = None):
         self.layout = Layout(layer_sizes, references)
         self.n_rotations = n_rotations
         self.device = torch.device(device)
         self.memory_budget = memory_budget or default_memory_budget(self.device)
         self.chunk_tokens = chunk_tokens or chunk_tokens_for(self.layout.width())
         self.feed = feed
+        self.n_tokens = n_tokens  # the tokens streamed, where known: fewer than the chunks read ahead hold
         self.passes = self._plan()
 
     @property
@@ -71,18 +72,22 @@ class WorkPlan:
 
     def stream_bytes(self, units: list[Unit]) -> tuple[int, int]:
         """(device, host) working memory of the stream. Caches: the chunks on the host
-        (HOST_CHUNKS), and on a GPU the chunk in use. Models: their weights, the chunk they
+        (HOST_CHUNKS, or as many as n_tokens fill), and on a GPU the chunk in use. Models: their weights, the chunk they
         fill and the largest forward pass's working memory, all on the device. Both: the
         centred copy of one block-bounded run of the chunk and the square of one layer's run
         (the variances of a model no baseline rotates)."""
         needed = self.layout.needed_layers(units)
         width, rows = self.layout.width(needed), self.chunk_rows()
+        chunks = HOST_CHUNKS
+        if self.n_tokens:
+            rows = min(rows, self.n_tokens)
+            chunks = min(HOST_CHUNKS, -(-self.n_tokens // rows))
         chunk = BYTES * rows * width
         run = min(rows, HALF_BLOCK_ROWS) + 1
         centred = BYTES * run * (width + max(max(s) for s in self.layer_sizes))
         on_gpu = self.device.type != "cpu"
         if self.feed is None:
-            return centred + (chunk if on_gpu else 0), HOST_CHUNKS * chunk
+            return centred + (chunk if on_gpu else 0), chunks * chunk
         models = [f for f, layers in zip(self.feed.models, needed) if layers]
         forward = max(f.forward_bytes(self.feed.sequences(self.chunk_tokens), self.feed.ctx_len) for f in models)
         weights = sum(f.weight_bytes for f in models)
