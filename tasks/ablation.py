@@ -5,45 +5,53 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from tasks.analysis import NeuronStats, SelectUniversal, write_csv
-from tasks.common import ResultTask, TaskProgress
+from tasks.analysis import ExcessCorrelation, NeuronStats, SelectUniversal, write_csv
+from tasks.common import ResultTask, TaskProgress, logger
 from tasks.params import RunParams
-from tasks.data import TokenizeDataset
+from tasks.data import held_out_tokens
 from tasks.zoo import model_requirement
 from unlib import plots
-from unlib.ablation import ablation_metrics, ablation_sets, ablation_summary, ablation_table, neuron_list
+from unlib.ablation import (ablation_metrics, ablation_sets, ablation_summary, ablation_table, few_documents_warning,
+                            frequency_deciles, neuron_list, neuron_table)
 from unlib.model_loading import load_model, mlp_shape
-from unlib.tokens import read_tokens
+from unlib.tokens import read_tokens, token_file_record
 
 
 class Ablation(RunParams, ResultTask):
-    """ablation.csv, ablation_summary.csv and plots/ablation_impact.png: the reference model's
-    loss, KL and top-1 agreement on held-out tokens with the universal set ablated (all of it,
-    and layer by layer) and with ABLATION_SAMPLES random sets matched to it per layer."""
-
-    def held_out_tokens(self) -> TokenizeDataset:
-        """ABLATION_TOKENS tokens that follow the analysed ones in the document stream."""
-        return self.clone(TokenizeDataset, n_tokens=self.ablation_n_tokens, skip_tokens=self.n_tokens)
+    """ablation.csv, ablation_summary.csv, ablation_neurons.csv and plots/ablation_impact.png:
+    the reference model's loss, KL and top-1 agreement on held-out tokens with the universal set
+    ablated (all of it, layer by layer, and neuron by neuron) and with ABLATION_SAMPLES random
+    sets matched to it per layer (and, with ABLATION_CONTROL=matched, on activation frequency)."""
 
     def requires(self):
         return {"universal": self.clone(SelectUniversal), "stats": self.clone(NeuronStats),
-                "tokens": self.held_out_tokens(), "model": model_requirement(self.model_set.models[self.reference])}
+                "excess": self.clone(ExcessCorrelation), "tokens": held_out_tokens(self),
+                "model": model_requirement(self.model_set.models[self.reference])}
 
     def output(self):
         d = self.run_dir()
         return {"table": self.result_target(d / "ablation.csv"), "summary": self.result_target(d / "ablation_summary.csv"),
+                "neurons": self.result_target(d / "ablation_neurons.csv"),
                 "plot": self.result_target(d / "plots" / "ablation_impact.png")}
 
     def write(self):
         spec = self.model_set.models[self.reference]
         _, d_mlp = mlp_shape(spec, self.checkpoint)
         universal = neuron_list(pd.read_csv(self.input()["universal"].path))
-        sets = ablation_sets(universal, d_mlp, self.ablation_samples, self.ablation_seed)
+        stats = pd.read_csv(self.input()["stats"].path).sort_values(["layer", "neuron"])
+        deciles = None
+        if self.ablation_control == "matched":
+            dead = pd.read_csv(self.input()["excess"]["excess"].path).sort_values(["layer", "neuron"])["dead"]
+            deciles = frequency_deciles(stats["sparsity"].to_numpy().reshape(-1, d_mlp),
+                                        ~dead.to_numpy(dtype=bool).reshape(-1, d_mlp))
+        sets = ablation_sets(universal, d_mlp, self.ablation_samples, self.ablation_seed, deciles)
         means = None
         if self.ablation == "mean":  # from the statistics pass over the analysed tokens: no pass of its own
-            stats = pd.read_csv(self.input()["stats"].path).sort_values(["layer", "neuron"])
             means = torch.tensor(stats["post_mean"].to_numpy().reshape(-1, d_mlp))
         tokens, keep = read_tokens(self.input()["tokens"].path)
+        warning = few_documents_warning(self.ablation_n_tokens, token_file_record(self.input()["tokens"].path)["n_documents"])
+        if warning:
+            logger.warning("%s", warning)
         model = load_model(spec, self.checkpoint, self.device)
         distinct = len({tuple(s) for s in sets.values()})
         with TaskProgress(self, f"ablate {distinct} neuron sets ({self.ablation})", int(keep[:, 1:].sum())) as progress:
@@ -53,5 +61,6 @@ class Ablation(RunParams, ResultTask):
         out = self.output()
         write_csv(table, out["table"].path)
         write_csv(summary, out["summary"].path)
+        write_csv(neuron_table(results), out["neurons"].path)
         plots.ablation_impact_plot(table, summary, out["plot"].path,
                                    f"({self.model_set.name}, {self.run_name()}, {self.ablation} ablation)")

@@ -14,8 +14,9 @@ from tasks.common import ResultTask, TaskProgress
 from tasks.correlation import correlations_of
 from tasks.params import CheckpointParams, CorrelationParams, RunParams
 from tasks.targets import store
-from tasks.data import TokenizeDataset, dataset_id
+from tasks.data import TokenizeDataset, dataset_id, held_out_tokens
 from tasks.zoo import model_requirement
+from unlib.contrasts import universal_vs_rest
 from unlib.dataset import DOCUMENT_SEED
 from unlib.tokens import read_tokens, token_file_record
 from unlib.engine.layout import HALF_BLOCK_ROWS
@@ -32,6 +33,7 @@ from unlib.tokens import read_tokens, token_file_record
 # The tables a run's results folder shows beside its own files, linked from where they are
 # kept (keyed by what changes them, so runs differing only in threshold or top-k share them).
 SHARED_TABLES = ("excess_correlation_scores.csv", "pairwise_correlations.csv", "neuron_stats.csv")
+CONTRASTS = "universal_vs_rest.csv"  # each statistic tested, universal neurons against the rest
 
 
 def write_csv(df: pd.DataFrame, path: str) -> None:
@@ -154,14 +156,16 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
     def requires(self):
         # the correlations' and the token file's records go into run.json: required, so that
         # one found damaged (and set aside) is rebuilt rather than read
+        # with TOP_K no ablation runs, so no held-out tokens are made
+        held_out = {} if self.top_k is not None else {"held_out": held_out_tokens(self)}
         return {"excess": self.clone(ExcessCorrelation), "universal": self.clone(SelectUniversal),
                 "plots": self.clone(Plots), "stats": self.clone(NeuronStats), "correlations": correlations_of(self),
-                "tokens": self.clone(TokenizeDataset)}
+                "tokens": self.clone(TokenizeDataset), **held_out}
 
     def output(self):
         d = self.results_dir()
         return {"run": self.result_target(self.run_dir() / "run.json"),
-                **{name: self.shared_target(d / name) for name in SHARED_TABLES}}
+                **{name: self.shared_target(d / name) for name in SHARED_TABLES + (CONTRASTS,)}}
 
     def write(self):
         tables = self.input()
@@ -171,6 +175,9 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
                 link_file(source.path, self.output()[name].path)
         excess = pd.read_csv(self.input()["excess"]["excess"].path)
         universal = pd.read_csv(self.input()["universal"].path)
+        if not self.output()[CONTRASTS].exists():
+            stats = pd.read_csv(tables["stats"].path)
+            write_csv(universal_vs_rest(stats, universal, excess), self.output()[CONTRASTS].path)
         summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)
         half_a, half_b = split_half_sets(excess, self.effective_threshold, self.top_k)
         jaccard = jaccard_index(half_a, half_b)
@@ -184,10 +191,13 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
             "dataset": self.dataset, "dataset_id": dataset_id(self.dataset), "document_seed": DOCUMENT_SEED,
             "n_tokens": self.n_tokens, "ctx_len": self.ctx_len, "exclude_tokens": self.exclude_tokens,
             "exclude_ids": token_file["exclude_ids"], "positions": token_file["counts"],
+            "n_documents": token_file["n_documents"],
             "rotations": self.rotations, "rotation_seed": self.rotation_seed,
             "threshold": self.effective_threshold, "top_k": self.top_k, "ablation": self.ablation,
             "ablation_tokens": self.ablation_n_tokens, "ablation_samples": self.ablation_samples,
-            "ablation_seed": self.ablation_seed, "device": self.device,
+            "ablation_documents": (token_file_record(self.input()["held_out"].path)["n_documents"]
+                                   if "held_out" in self.input() else None),
+            "ablation_control": self.ablation_control, "ablation_seed": self.ablation_seed, "device": self.device,
             "correlation_seconds": round(float(correlation["seconds"]), 2), "correlation_feed": correlation["feed"],
             "cache_bytes_read": int(correlation["cache_bytes_read"]),
             **correlation_timings(correlation),

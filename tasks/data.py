@@ -4,7 +4,7 @@ from __future__ import annotations
 import luigi
 
 from tasks.common import PipelineTask
-from tasks.params import TokenParams
+from tasks.params import RunParams, TokenParams
 from tasks.targets import H5Target, made_from, store
 from tasks.zoo import ZooTokenizer
 from unlib.dataset import DOCUMENT_SEED, load_texts, parse_dataset
@@ -12,7 +12,7 @@ from unlib.exclusion import exclusion_ids
 from unlib.model_loading import load_tokenizer
 from unlib.model_sets import ZOOS
 from unlib.store import h5_attrs
-from unlib.tokens import write_token_sequences
+from unlib.tokens import HELD_OUT_RULE, write_token_sequences
 
 
 def dataset_id(dataset: str) -> str:
@@ -23,8 +23,8 @@ def dataset_id(dataset: str) -> str:
 class TokenizeDataset(TokenParams, PipelineTask):
     """n_tokens analysed positions of the dataset (documents in a seeded random order), as
     BOS-led sequences of ctx_len tokens with a mask of the positions kept (not BOS, not an
-    excluded token). With skip_tokens, the held-out tokens that follow the file of that many
-    tokens in the same document stream (the ablation's, disjoint from the analysed ones)."""
+    excluded token). With skip_tokens, the ablation's held-out tokens: from the documents after
+    those the file of that many tokens draws on, one sequence's worth of each (HELD_OUT_RULE)."""
 
     skip_tokens = luigi.IntParameter(default=0, description="kept positions of the file these tokens follow")
 
@@ -43,7 +43,7 @@ class TokenizeDataset(TokenParams, PipelineTask):
                 "ctx_len": self.ctx_len, "exclude_tokens": self.exclude_tokens, "document_seed": DOCUMENT_SEED,
                 "inputs": self.token_inputs(),
                 # only held-out files record it, so analysis token files written before it stay valid
-                **({"skip_tokens": self.skip_tokens} if self.skip_tokens else {})}
+                **({"skip_tokens": self.skip_tokens, "held_out": HELD_OUT_RULE} if self.skip_tokens else {})}
 
     def output(self):
         return H5Target(store().tokens(dataset_id(self.dataset), self.tokenizer_id(), self.n_tokens, self.ctx_len,
@@ -58,3 +58,9 @@ class TokenizeDataset(TokenParams, PipelineTask):
         write_token_sequences(self.output().path, load_texts(self.dataset), tokenizer, bos,
                               self.n_tokens, self.ctx_len, exclusion_ids(self.exclude_tokens, tokenizer),
                               {**h5_attrs(self.token_attrs()), "made_from": inputs}, self.skip_tokens)
+
+
+def held_out_tokens(task: RunParams) -> TokenizeDataset:
+    """The ablation's held-out tokens of a run: ABLATION_TOKENS from the documents after the
+    analysed ones."""
+    return task.clone(TokenizeDataset, n_tokens=task.ablation_n_tokens, skip_tokens=task.n_tokens)

@@ -92,7 +92,7 @@ class CorrelationParams(CheckpointParams, declaring("rotations", "rotation_seed"
 
 
 class RunParams(CorrelationParams, declaring("threshold", "top_k", "ablation", "ablation_tokens", "ablation_samples",
-                                             "ablation_seed")):
+                                             "ablation_control", "ablation_seed")):
 
     @property
     def ablation_n_tokens(self) -> int:

@@ -51,7 +51,7 @@ class RunReport(RunParams, ResultTask):
         run["run_name"] = self.run_name()
         excess = pd.read_csv(analysis["excess_correlation_scores.csv"].path)
         pairwise = pd.read_csv(analysis["pairwise_correlations.csv"].path)
-        stats = pd.read_csv(analysis["neuron_stats.csv"].path)
+        contrasts = pd.read_csv(analysis["universal_vs_rest.csv"].path)
         universal = pd.read_csv(self.input()["universal"].path)
         figures = {name: Path(target.path) for name, target in self.input()["plots"].items()}
         self.set_status_message("neuron cards: activations and contexts of the top universal neurons")
@@ -66,8 +66,8 @@ class RunReport(RunParams, ResultTask):
         if "ablation" in self.input():
             targets = self.input()["ablation"]
             ablation = {"table": pd.read_csv(targets["table"].path), "summary": pd.read_csv(targets["summary"].path),
-                        "plot": Path(targets["plot"].path)}
-        write_text(self.output().path, run_report_html(run, excess, stats, universal, summary, figures, cards,
+                        "neurons": pd.read_csv(targets["neurons"].path), "plot": Path(targets["plot"].path)}
+        write_text(self.output().path, run_report_html(run, excess, contrasts, universal, summary, figures, cards,
                                                        ablation))
 
 
@@ -77,7 +77,7 @@ class CompareCheckpoints(RunParams, ResultTask):
     checkpoints = luigi.ListParameter(description="training steps to compare")
 
     TABLES = ("universality_by_checkpoint", "persistence", "persistence_half_a", "persistence_half_b", "jaccard",
-              "neuron_trajectories")
+              "neuron_trajectories", "universal_vs_rest_by_checkpoint")
     FIGURES = ("universality_by_checkpoint", "persistence", "jaccard", "neuron_trajectories",
                "excess_correlation_distributions")
     ABLATION = "ablation_by_checkpoint"  # its table and figure, unless TOP_K (then no ablation runs)
@@ -119,10 +119,13 @@ class CompareCheckpoints(RunParams, ResultTask):
         persistence, jaccard = compare.persistence(sets), compare.jaccard(sets)
         persistence_halves = tuple(compare.persistence({s: h[i] for s, h in halves.items()}) for i in range(2))
         trajectories = compare.trajectories(excess, sets)
+        contrasts = pd.concat([pd.read_csv(tables["universal_vs_rest.csv"].path).assign(checkpoint=step)
+                               for step, tables in self.input()["analysis"].items()])
+        contrasts = contrasts[["checkpoint"] + [c for c in contrasts.columns if c != "checkpoint"]]
         out = {name: Path(target.path) for name, target in self.output().items()}
         tables = dict(zip(self.TABLES, [by_checkpoint, persistence.reset_index(),
                                         *(t.reset_index() for t in persistence_halves), jaccard.reset_index(),
-                                        trajectories]))
+                                        trajectories, contrasts]))
         for name, table in tables.items():
             write_csv(table, out[f"{name}.csv"])
         title = f"({self.model_set.name})"
@@ -142,4 +145,5 @@ class CompareCheckpoints(RunParams, ResultTask):
             figures[self.ABLATION] = out[f"{self.ABLATION}.png"]
             plots.ablation_by_checkpoint_plot(ablation, figures[self.ABLATION], title)
         write_text(out["report"], compare_report_html(self.model_set.name, self.steps, by_checkpoint, persistence,
-                                                      jaccard, trajectories, figures, persistence_halves, ablation))
+                                                      jaccard, trajectories, figures, persistence_halves, contrasts,
+                                                      ablation))

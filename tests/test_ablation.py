@@ -16,7 +16,8 @@ import torch
 
 from test_weight_stats import LAYOUTS, save_random_model
 from unlib.ablation import (SUMMARY_COLUMNS, TABLE_COLUMNS, ablate, ablation_metrics, ablation_sets, ablation_summary,
-                            ablation_table, layer_counts, mean_activations, random_sets)
+                            ablation_table, frequency_deciles, layer_counts, mean_activations,
+                            random_sets)
 from unlib.exclusion import kept_positions
 from unlib.model_loading import load_model
 from unlib.model_sets import ModelSpec
@@ -153,11 +154,36 @@ def test_random_sets_match_the_layer_counts_and_follow_the_seed():
     crowded = random_sets([(0, n) for n in range(3)], 4, 3, seed=0)
     assert all(layer_counts(s) == {0: 3} for s in crowded)
     conditions = ablation_sets(universal, 16, 4, seed=11)
-    assert sorted({scope for scope, _ in conditions}) == ["all", "layer 0", "layer 2", "layer 3"]
+    assert sorted({scope for scope, _ in conditions}) == ["all", "layer 0", "layer 2", "layer 3"] + sorted(
+        f"neuron {l}:{n}" for l, n in universal)
+    assert conditions[("neuron 2:8", "universal")] == [(2, 8)]
     assert conditions[("layer 2", "universal")] == [(2, 7), (2, 8), (2, 9)]
     assert conditions[("layer 2", "random-1")] == [p for p in sets[1] if p[0] == 2]
     assert conditions[("all", "random-3")] == sets[3]
     assert ablation_sets([], 16, 4, seed=11) == {}
+
+
+def test_matched_random_sets_pair_each_neuron_within_its_frequency_decile():
+    """Planted frequencies: layer 0's neurons 0-39 in ascending frequency (deciles of 4), the
+    last 8 dead; each universal neuron's partner comes from its decile, or the nearest one
+    with a neuron left, and no dead neuron is ever drawn."""
+    frequency = np.tile(np.linspace(0.01, 0.9, 48), (2, 1))
+    live = np.ones((2, 48), dtype=bool)
+    live[:, 40:] = False
+    deciles = frequency_deciles(frequency, live)
+    assert list(deciles[0, :40]) == [n // 4 for n in range(40)] and (deciles[:, 40:] == -1).all()
+    # two universal neurons in decile 9 (neurons 36-39: two others left), three in decile 0
+    # (neurons 0-3: one left, so two partners come from decile 1), one in layer 1
+    universal = [(0, 36), (0, 37), (0, 0), (0, 1), (0, 2), (1, 20)]
+    sets = random_sets(universal, 48, 200, seed=3, deciles=deciles)
+    for drawn in sets:
+        assert layer_counts(drawn) == {0: 5, 1: 1} and not set(drawn) & set(universal)
+        assert all(n < 40 for _, n in drawn), "a dead neuron was drawn"
+        layer0 = sorted(deciles[0, n] for l, n in drawn if l == 0)
+        assert layer0 == [0, 1, 1, 9, 9]
+        assert [deciles[1, n] for l, n in drawn if l == 1] == [5]
+    assert len({tuple(s) for s in sets}) == 6 * 3  # every pairing the strata allow: 2 of decile 1, 1 of 3 in layer 1
+    assert random_sets(universal, 48, 5, seed=3, deciles=deciles) == sets[:5]
 
 
 def test_nothing_to_ablate_is_said_not_failed(toy, tmp_path):
@@ -212,13 +238,16 @@ def run(tmp_path_factory, mini_zoo):
             "stats": pd.read_csv(d / "neuron_stats.csv")}
 
 
-def test_held_out_tokens_follow_the_analysed_ones(run):
-    """The ablation's tokens are the sequences after the analysed ones in the same stream: both
-    files together are what tokenizing both budgets at once gives."""
+def test_held_out_tokens_come_from_other_documents_each_cut_short(run):
+    """The ablation's tokens, derived again from the documents one by one: the analysed file is
+    the documents in their order, joined by the separator; the held-out file continues after
+    the last document the analysed one touches, each document cut to a sequence or a 50th of
+    the held-out tokens, and it records how many documents it draws on (at least 20 here)."""
+    import h5py
     from unlib.dataset import load_texts
     from unlib.model_loading import load_tokenizer
     from unlib.model_sets import ZOOS, resolve_model_set
-    from unlib.tokens import read_tokens, token_sequences
+    from unlib.tokens import read_tokens
 
     (analysed,) = run["store"].glob("tokens/*/*.h5")
     (held_out,) = run["store"].glob("tokens/*/held-out/*.h5")
@@ -226,9 +255,26 @@ def test_held_out_tokens_follow_the_analysed_ones(run):
     held, held_keep = read_tokens(held_out)
     assert int(held_keep.sum()) == N_TOKENS // 5 and held_out.name.endswith(f"_skip{N_TOKENS}.h5")
     tokenizer = load_tokenizer(resolve_model_set(MODELS, run["store"]), run["store"])
-    both, _, _ = token_sequences(load_texts("python-stdlib"), tokenizer, tokenizer.bos_token_id,
-                                 N_TOKENS + N_TOKENS // 5, ZOOS[MODELS].ctx_len, [tokenizer.bos_token_id])
-    assert np.array_equal(np.concatenate([tokens, held]), both)
+    sep, ctx_len = tokenizer.bos_token_id, ZOOS[MODELS].ctx_len
+    docs = []
+    for text in load_texts("python-stdlib"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        if ids:  # an empty document adds nothing, not even a separator
+            docs.append(ids + [sep])
+        if len(docs) > 2000:
+            break
+    stream = np.concatenate(docs)
+    flat = tokens[:, 1:].ravel()
+    assert np.array_equal(flat, stream[:len(flat)])
+    ends = np.cumsum([len(d) for d in docs])
+    first = int(np.searchsorted(ends, len(flat))) + 1  # after the last document the analysed rows touch
+    cap = max(ctx_len - 2, -(-(N_TOKENS // 5) // 50))  # a sequence, or a 50th of the held-out tokens
+    cut = np.concatenate([d[:-1][:cap] + [sep] for d in docs[first:]])
+    flat_held = held[:, 1:].ravel()
+    assert np.array_equal(flat_held, cut[:len(flat_held)])
+    n_docs = int(np.searchsorted(np.cumsum([min(len(d), cap + 1) for d in docs[first:]]), len(flat_held))) + 1
+    with h5py.File(held_out) as f:
+        assert int(f.attrs["n_documents"]) == n_docs >= 20
 
 
 def test_ablation_csv_equals_the_edited_hugging_face_model(run):
@@ -244,7 +290,7 @@ def test_ablation_csv_equals_the_edited_hugging_face_model(run):
     layers = sorted(universal["layer"].unique())
     assert list(dict.fromkeys(table["scope"])) == ["all"] + [f"layer {l}" for l in layers]
     for scope, group in table.groupby("scope"):
-        assert list(group["condition"]) == ["none", "universal"] + [f"random-{k}" for k in range(20)]
+        assert list(group["condition"]) == ["none", "universal"] + [f"random-{k}" for k in range(99)]
         count = len(universal) if scope == "all" else int((universal["layer"] == int(scope.split()[1])).sum())
         assert (group["n_neurons"].iloc[1:] == count).all() and group["n_neurons"].iloc[0] == 0
     np.testing.assert_allclose(table["delta_loss"], table["loss"] - table["loss"].iloc[0], atol=2e-5)
@@ -270,23 +316,31 @@ def test_ablation_csv_equals_the_edited_hugging_face_model(run):
         assert row["loss"] == pytest.approx(expected, abs=2e-5), scope
 
 
-def test_summary_follows_from_the_table(run):
-    table, summary = run["table"], run["summary"]
-    assert list(summary.columns) == SUMMARY_COLUMNS and list(summary["scope"]) == list(dict.fromkeys(table["scope"]))
-    for row in summary.itertuples(index=False):
-        group = table[table["scope"] == row.scope]
-        randoms = group[group["condition"].str.startswith("random-")]
-        assert row.n_random == 20 == len(randoms)
-        for metric in ("delta_loss", "kl"):
-            value = group.loc[group["condition"] == "universal", metric].item()
-            sample = randoms[metric].to_numpy()
-            expected = {f"universal_{metric}": value, f"random_{metric}_mean": sample.mean(),
-                        f"random_{metric}_std": sample.std(ddof=1), f"random_{metric}_q05": np.quantile(sample, 0.05),
-                        f"random_{metric}_q95": np.quantile(sample, 0.95),
-                        f"{metric}_z": (value - sample.mean()) / sample.std(ddof=1),
-                        f"{metric}_p": (sample >= value).mean()}
-            for column, want in expected.items():
-                assert getattr(row, column) == pytest.approx(want, rel=1e-4, abs=1e-6), (row.scope, column)
+def test_summary_on_a_planted_table():
+    """Hand-made numbers: 3 of 20 random sets at least as harmful as the universal set by the
+    loss (one of them tied), none by the KL."""
+    deltas = [0.01 * k for k in range(17)] + [0.5, 0.6, 0.7]  # the universal set: 0.5
+    rows = [{"scope": "all", "condition": "none", "n_neurons": 0, "loss": 2.0, "delta_loss": 0.0, "kl": 0.0,
+             "top1_agreement": 1.0},
+            {"scope": "all", "condition": "universal", "n_neurons": 4, "loss": 2.5, "delta_loss": 0.5, "kl": 0.9,
+             "top1_agreement": 0.5}]
+    rows += [{"scope": "all", "condition": f"random-{k}", "n_neurons": 4, "loss": 2.0 + d, "delta_loss": d,
+              "kl": 0.125, "top1_agreement": 0.9} for k, d in enumerate(deltas)]
+    (row,) = ablation_summary(pd.DataFrame(rows)).itertuples(index=False)
+    assert row.n_random == 20 and row.n_neurons == 4
+    assert row.delta_loss_p == pytest.approx(4 / 21)  # (1 + 3) / (1 + 20)
+    assert row.kl_p == pytest.approx(1 / 21)  # never 0: the smallest p 20 sets can give
+    assert row.random_delta_loss_mean == pytest.approx(3.16 / 20)
+    assert row.random_kl_std == 0 and np.isnan(row.kl_z)
+
+
+def test_summary_p_values_are_permutation_p_values(run):
+    summary = run["summary"]
+    assert list(summary.columns) == SUMMARY_COLUMNS and list(summary["scope"]) == list(dict.fromkeys(run["table"]["scope"]))
+    for column in ("delta_loss_p", "kl_p"):
+        counts = summary[column] * (1 + summary["n_random"])  # 1 + k, an integer from 1 to 1 + n
+        assert np.allclose(counts, counts.round()) and (counts >= 1).all(), column
+        assert (counts <= 1 + summary["n_random"]).all() and (summary["n_random"] == 99).all(), column
 
 
 def test_report_section_shows_the_csv_numbers(run):
@@ -314,4 +368,5 @@ def test_report_section_shows_the_csv_numbers(run):
     assert "more harmful" in sentence and "held-out tokens" in sentence
     image = np.asarray(Image.open(run["dir"] / "plots" / "ablation_impact.png").convert("L"), dtype=float)
     assert image.shape[0] > 200 and image.std() > 10
-    assert "Ablation: universal neurons against matched random sets" in run["stdout"]
+    title = "Ablation: universal neurons against random sets matched on layer and activation frequency"
+    assert "".join(title.split()) in "".join(run["stdout"].split())  # rich wraps a pipe's lines

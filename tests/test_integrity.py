@@ -362,7 +362,7 @@ def test_held_out_tokens_the_dataset_lacks_stop_the_run_before_any_model_runs(mi
                           env={**os.environ, "UNLIB_STORE": str(store), "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: dataset yields only ") and "after the 4096 analysed before them" in last, proc.stderr
+    assert last.startswith("error: dataset yields only ") and "after the documents of the 4096 analysed ones" in last, proc.stderr
     assert "Traceback" not in proc.stderr
     assert list(store.glob("tokens/*/*.h5")) and not (store / "activations").exists()  # no model ran
 

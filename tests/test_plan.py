@@ -62,7 +62,20 @@ def test_the_engine_does_the_work_the_plan_counts():
             assert len(engine.passes) > 1
         feed = lambda needed: ([x[i:i + 700] for x in data] for i in range(0, 3000, 700))  # noqa: E731
         for units in engine.passes:
-            assert engine.run_pass(feed, units).stats.flops == engine.stream_flops(units, 3000)
+            assert engine.run_pass(feed, units).stats.flops == hand_count(sizes, references, units, 3000)
+
+
+def hand_count(sizes: list[list[int]], references: list[int], units, n: int) -> float:
+    """The stream's multiply-adds counted from the shapes: each unit's block (its row layers x
+    every neuron of its column model) and, for each model another reference rotates, the
+    within-layer products of every layer the pass reads; 2 FLOPs each, per token."""
+    cross = sum(sum(sizes[u.row_model][l] for l in u.row_layers) * sum(sizes[u.col_model]) for u in units)
+    read = {}
+    for u in units:
+        read.setdefault(u.row_model, set()).update(u.row_layers)
+        read.setdefault(u.col_model, set()).update(range(len(sizes[u.col_model])))
+    within = sum(sizes[m][l] ** 2 for m, layers in read.items() if any(r != m for r in references) for l in layers)
+    return 2.0 * n * (cross + within)
 
 
 def test_make_plan_prints_the_five_gpt2_medium_seeds_without_weights_or_store(tmp_path):

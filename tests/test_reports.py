@@ -116,10 +116,17 @@ def test_run_report_numbers_equal_the_csvs(store):
         assert int(layers[str(layer)]["n_universal"]) == (universal.layer == layer).sum()
     properties = rows(html, "statistic")
     keys = set(zip(universal.layer, universal.neuron))
-    mask = [k in keys for k in zip(stats.layer, stats.neuron)]
+    dead = set(zip(excess.layer[excess.dead], excess.neuron[excess.dead]))
+    mask = np.array([k in keys for k in zip(stats.layer, stats.neuron)])
+    rest = np.array([k not in keys and k not in dead for k in zip(stats.layer, stats.neuron)])
+    contrasts = pd.read_csv(d / "universal_vs_rest.csv").set_index("statistic")
     for column in ("l2_penalty", "sparsity", "act_kurt", "vocab_kurt"):
         assert float(properties[column]["universal_median"]) == pytest.approx(stats.loc[mask, column].median(), abs=6e-4)
-        assert float(properties[column]["all_median"]) == pytest.approx(stats[column].median(), abs=6e-4)
+        assert float(properties[column]["rest_median"]) == pytest.approx(stats.loc[rest, column].median(), abs=6e-4)
+        assert float(properties[column]["p_holm"]) == pytest.approx(contrasts.loc[column, "p_holm"], rel=1e-3)
+    sentence = text_of(html, "contrasts-sentence")
+    differ = contrasts.index[contrasts["differs"]]
+    assert all(name in sentence for name in differ) and ("No statistic differs" in sentence) == (len(differ) == 0)
     cards = re.findall(r'data-neuron="(\d+)\.(\d+)"', html)
     assert [(int(l), int(n)) for l, n in cards] == list(zip(universal.layer, universal.neuron))[:20]
     shown = {name: [float(v) for v in re.findall(rf'class="{name}">([^<]*)<', html)]
@@ -188,6 +195,13 @@ def test_compare_outputs_match_the_per_checkpoint_runs(store):
         if len(summary):  # a step without universal neurons has no rows
             pd.testing.assert_frame_equal(at_step, summary, check_dtype=False)
     assert "Functional impact across training" in html
+    # universal against the rest, per checkpoint: each run's table
+    contrasts = pd.read_csv(out / "universal_vs_rest_by_checkpoint.csv")
+    for s in (100, 300):
+        own = pd.read_csv(run_dir(store, s) / "universal_vs_rest.csv")
+        at_step = contrasts[contrasts.checkpoint == s].drop(columns="checkpoint").reset_index(drop=True)
+        pd.testing.assert_frame_equal(at_step, own, check_dtype=False)
+    assert re.search(r'<li data-checkpoint="300">step 300: (Universal neurons differ|No statistic differs)', html)
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

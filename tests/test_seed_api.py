@@ -158,14 +158,22 @@ def test_an_untrained_zoo_is_one_clear_error(tmp_path, monkeypatch):
 
 def test_dataset_path_takes_token_ids(notebook, monkeypatch):
     """Token ids (a tensor) enter the graph as a .npy dataset: the token stream of the
-    python-stdlib run, given as one document, makes the same token file and results."""
+    python-stdlib run, given as one array (its documents split at the separator, so that the
+    ablation's held-out documents follow the analysed ones), makes the same token file and results."""
     from universal_neurons_clean import run_universal_neurons_analysis
+    from unlib.dataset import load_texts
+    from unlib.model_loading import load_tokenizer
+    from unlib.model_sets import resolve_model_set
+    from unlib.tokens import first_tokens
 
     monkeypatch.setenv("UNLIB_STORE", str(notebook["store"]))
     token_file = next(notebook["store"].glob(f"tokens/python-stdlib*/*_n{N_TOKENS}_*.h5"))
     with h5py.File(token_file, "r") as f:
         tokens, keep = f["tokens"][:], f["keep"][:]
-    ids = torch.from_numpy(tokens[:, 1:].ravel().astype(np.int64))
+    tokenizer = load_tokenizer(resolve_model_set(MODELS, notebook["store"]), notebook["store"])
+    stream = first_tokens(load_texts("python-stdlib"), tokenizer, tokenizer.bos_token_id, 1_000_000)
+    assert np.array_equal(stream[:tokens[:, 1:].size], tokens[:, 1:].ravel())  # the analysed tokens lead it
+    ids = torch.from_numpy(stream.astype(np.int64))
     results = run_universal_neurons_analysis(model_names=MODELS, dataset_path=ids, checkpoint_value=CHECKPOINT,
                                              excess_threshold=THRESHOLD, n_tokens=N_TOKENS, batch_size=BATCH,
                                              device="cpu")

@@ -2,7 +2,8 @@
 post-activation replaced by its mean over a dataset, or by 0) and measure, on held-out tokens,
 the change in next-token loss, the KL divergence of the ablated from the original next-token
 distribution and how often the top prediction survives; against random sets holding as many
-neurons in each layer, drawn from a recorded seed."""
+neurons in each layer (matched on activation frequency too, by default), drawn from a recorded
+seed, with permutation p-values."""
 from __future__ import annotations
 
 from typing import Callable, Hashable, Iterable
@@ -14,12 +15,14 @@ import torch
 from unlib.mlp_hooks import default_keep, hook_post, mlp_activations
 
 ABLATIONS = ("mean", "zero")
+ABLATION_CONTROLS = ("matched", "layer")  # the random sets: matched on activation frequency too, or on layer only
 # Logits one forward pass may hold, by device type: conditions are stacked into a pass up to this
 # size (at least one). A GPU is filled by large passes; on a CPU a pass of one condition keeps the
 # activations in cache (3x faster than all conditions at once on the toy zoo, measured).
 LOGITS_BYTES = {"cuda": 2**28, "cpu": 2**20}
 TABLE_COLUMNS = ["scope", "condition", "n_neurons", "loss", "delta_loss", "kl", "top1_agreement"]
 METRICS = ("delta_loss", "kl")
+FEW_DOCUMENTS = 20  # held-out tokens from fewer documents than this get a warning
 SUMMARY_COLUMNS = ["scope", "n_neurons", "n_random"] + [
     f"{prefix}{metric}{suffix}" for metric in METRICS
     for prefix, suffix in [("universal_", ""), ("random_", "_mean"), ("random_", "_std"), ("random_", "_q05"),
@@ -43,11 +46,27 @@ def layer_counts(neurons: Neurons) -> dict[int, int]:
     return dict(sorted(counts.items()))
 
 
-def random_sets(neurons: Neurons, d_mlp: int, n_sets: int, seed: int) -> list[list[tuple[int, int]]]:
-    """`n_sets` random neuron sets with as many neurons in each layer as `neurons`, each drawn
-    uniformly without replacement from the layer's other neurons (from the whole layer where
-    fewer than that are left). Set k comes from the generator seeded (seed, k), so each is
-    reproducible alone and more sets leave the first ones as they were."""
+def frequency_deciles(frequency: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """Each neuron's activation-frequency decile (0-9) among its layer's live neurons, -1 for a
+    dead one; `frequency` and `live` are (layers, neurons)."""
+    deciles = np.full(frequency.shape, -1)
+    for layer in range(frequency.shape[0]):
+        values = frequency[layer, live[layer]]
+        if len(values):
+            ranks = values.argsort(kind="stable").argsort(kind="stable")
+            deciles[layer, live[layer]] = ranks * 10 // len(values)
+    return deciles
+
+
+def random_sets(neurons: Neurons, d_mlp: int, n_sets: int, seed: int,
+                deciles: np.ndarray | None = None) -> list[list[tuple[int, int]]]:
+    """`n_sets` random neuron sets with as many neurons in each layer as `neurons`, drawn without
+    replacement from the layer's other neurons. With `deciles` (frequency_deciles: the matched
+    control), each of `neurons` is paired with a live neuron of its layer from its own
+    activation-frequency decile (the nearest decile with one left, where its own has none);
+    dead neurons are drawn only when no live one is left. Without them (the layer control), uniformly from the layer
+    (from the whole layer where fewer than needed are left). Set k comes from the generator
+    seeded (seed, k), so each is reproducible alone and more sets leave the first ones as they were."""
     chosen = neuron_list(neurons)
     counts = layer_counts(chosen)
     out = []
@@ -56,27 +75,47 @@ def random_sets(neurons: Neurons, d_mlp: int, n_sets: int, seed: int) -> list[li
         drawn = []
         for layer, count in counts.items():
             taken = {n for l, n in chosen if l == layer}
-            pool = np.array([n for n in range(d_mlp) if n not in taken])
-            pool = pool if len(pool) >= count else np.arange(d_mlp)
-            drawn += [(layer, int(n)) for n in sorted(rng.choice(pool, count, replace=False))]
+            if deciles is None:
+                pool = np.array([n for n in range(d_mlp) if n not in taken])
+                pool = pool if len(pool) >= count else np.arange(d_mlp)
+                drawn += [(layer, int(n)) for n in sorted(rng.choice(pool, count, replace=False))]
+                continue
+            left = {n for n in np.flatnonzero(deciles[layer] >= 0) if n not in taken}
+            picked = []
+            for n in sorted(taken):
+                if left:
+                    gap = min(abs(deciles[layer, m] - deciles[layer, n]) for m in left)
+                    pool = sorted(m for m in left if abs(deciles[layer, m] - deciles[layer, n]) == gap)
+                else:  # no live neuron left to pair with: any other of the layer, as the layer control draws
+                    pool = [m for m in range(d_mlp) if m not in taken and m not in picked] or \
+                        [m for m in range(d_mlp) if m not in picked]
+                pick = int(rng.choice(pool))
+                left.discard(pick)
+                picked.append(pick)
+            drawn += [(layer, n) for n in sorted(picked)]
         out.append(drawn)
     return out
 
 
-def ablation_sets(universal: Neurons, d_mlp: int, n_random: int, seed: int) -> dict[tuple[str, str], list]:
+def ablation_sets(universal: Neurons, d_mlp: int, n_random: int, seed: int,
+                  deciles: np.ndarray | None = None) -> dict[tuple[str, str], list]:
     """The pipeline's conditions, {(scope, condition): neurons}: scope `all` ablates the universal
-    set (condition `universal`) or a matched random set (`random-<k>`) in every layer, scope
-    `layer <l>` only their neurons in layer l, for each layer holding universal neurons."""
+    set (condition `universal`) or a random set (`random-<k>`, random_sets: matched on
+    activation frequency with `deciles`) in every layer, scope `layer <l>` only their neurons in
+    layer l, for each layer holding universal neurons; and each universal neuron alone (scope
+    `neuron <l>:<n>`, condition `universal`)."""
     chosen = neuron_list(universal)
     if not chosen:  # nothing to ablate: the original model alone is measured
         return {}
-    randoms = random_sets(chosen, d_mlp, n_random, seed)
+    randoms = random_sets(chosen, d_mlp, n_random, seed, deciles)
     sets = {}
     for scope, layers in [("all", None), *((f"layer {l}", {l}) for l in layer_counts(chosen))]:
         within = lambda neurons: [(l, n) for l, n in neurons if layers is None or l in layers]  # noqa: E731
         sets[(scope, "universal")] = within(chosen)
         for k, drawn in enumerate(randoms):
             sets[(scope, f"random-{k}")] = within(drawn)
+    for neuron in chosen:
+        sets[(f"neuron {neuron[0]}:{neuron[1]}", "universal")] = [neuron]
     return sets
 
 
@@ -195,8 +234,25 @@ def ablate(model, tokens: np.ndarray, neurons: Neurons | pd.DataFrame, keep: np.
     return {**results["set"], "original_loss": base["loss"], "n_tokens": base["n_tokens"]}
 
 
+NEURON_SCOPE = "neuron "  # a universal neuron ablated alone: scope `neuron <layer>:<neuron>`
+NEURON_COLUMNS = ["layer", "neuron", "loss", "delta_loss", "kl", "top1_agreement"]
+
+
+def neuron_table(results: dict[tuple[str, str], dict]) -> pd.DataFrame:
+    """ablation_neurons.csv: each universal neuron ablated alone, largest loss change first."""
+    rows = []
+    for (scope, _), r in results.items():
+        if scope.startswith(NEURON_SCOPE):
+            layer, neuron = map(int, scope.removeprefix(NEURON_SCOPE).split(":"))
+            rows.append({"layer": layer, "neuron": neuron, **{c: r[c] for c in NEURON_COLUMNS[2:]}})
+    table = pd.DataFrame(rows, columns=NEURON_COLUMNS)
+    return table.sort_values("delta_loss", ascending=False, kind="stable").reset_index(drop=True)
+
+
 def ablation_table(base: dict, results: dict[tuple[str, str], dict]) -> pd.DataFrame:
-    """ablation.csv: per scope, the original model (condition `none`), then each set's row."""
+    """ablation.csv: per scope of a set (the neurons alone are in neuron_table), the original
+    model (condition `none`), then each set's row."""
+    results = {key: r for key, r in results.items() if not key[0].startswith(NEURON_SCOPE)}
     rows = []
     for scope in dict.fromkeys(scope for scope, _ in results) or ["all"]:
         rows.append({"scope": scope, "condition": "none", "n_neurons": 0, "loss": base["loss"], "delta_loss": 0.0,
@@ -205,10 +261,27 @@ def ablation_table(base: dict, results: dict[tuple[str, str], dict]) -> pd.DataF
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
+def few_documents_warning(n_tokens: int, n_documents: int | None) -> str | None:
+    """One line when the held-out tokens come from fewer than FEW_DOCUMENTS documents (None
+    when they do not, or the count was not recorded)."""
+    if n_documents is None or n_documents >= FEW_DOCUMENTS:
+        return None
+    return (f"the ablation's {n_tokens:,} held-out tokens come from only {n_documents} documents (fewer than "
+            f"{FEW_DOCUMENTS}): its verdict rests on a few texts; use a dataset with more documents or a shorter "
+            f"CTX_LEN")
+
+
+def permutation_p(value: float, sample: np.ndarray) -> float:
+    """The one-sided Monte Carlo p-value of `value` against `sample` drawn under the null,
+    (1 + k) / (1 + n) with k of the n draws at least as large: the universal set counts as one
+    of the draws, so p is never 0 (its smallest is 1 / (1 + n), 0.048 with 20 random sets)."""
+    return (1 + int((sample >= value).sum())) / (1 + len(sample))
+
+
 def ablation_summary(table: pd.DataFrame) -> pd.DataFrame:
     """ablation_summary.csv: per scope, the universal set's delta_loss and kl against the random
     sets': mean, standard deviation (n - 1), 5 and 95 % quantiles, z-score of the universal
-    value, and the empirical p-value, the fraction of random sets at least as harmful."""
+    value, and the permutation p-value (permutation_p)."""
     rows = []
     for scope, group in table.groupby("scope", sort=False):
         universal = group[group["condition"] == "universal"]
@@ -223,6 +296,6 @@ def ablation_summary(table: pd.DataFrame) -> pd.DataFrame:
                         f"random_{metric}_std": std, f"random_{metric}_q05": float(np.quantile(sample, 0.05)),
                         f"random_{metric}_q95": float(np.quantile(sample, 0.95)),
                         f"{metric}_z": (value - sample.mean()) / std if std > 0 else np.nan,
-                        f"{metric}_p": float((sample >= value).mean())})
+                        f"{metric}_p": permutation_p(value, sample)})
         rows.append(row)
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)

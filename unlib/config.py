@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from unlib import UserError
-from unlib.ablation import ABLATIONS
+from unlib.ablation import ABLATION_CONTROLS, ABLATIONS
 from unlib.activations import cache_bytes, choose_feed
 from unlib.engine.layout import HALF_BLOCK_ROWS
 from unlib.engine.memory import ModelFeed, ModelFootprint, default_memory_budget, parse_bytes
@@ -240,6 +240,14 @@ def check_ablation_tokens(value: int | None, run: Resolution) -> int | None:
     return value
 
 
+def check_ablation_control(value: str, run: Resolution) -> str:
+    value = (value or ABLATION_CONTROLS[0]).strip().lower()
+    if value not in ABLATION_CONTROLS:
+        raise ValueError(f"ABLATION_CONTROL={value!r} must be matched (random neurons of the same layer and "
+                         f"activation-frequency decile) or layer (random neurons of the same layer)")
+    return value
+
+
 def check_ablation_samples(value: int, run: Resolution) -> int:
     if value < 1:
         raise ValueError(f"ABLATION_SAMPLES={value} must be at least 1 random neuron set")
@@ -389,8 +397,11 @@ PARAMETERS: tuple[Parameter, ...] = (
               "ablation files", check=check_ablation),
     Parameter("ablation_tokens", int, None, "held-out tokens of the ablation; unset: a fifth of N_TOKENS",
               "ablation files", check=check_ablation_tokens),
-    Parameter("ablation_samples", int, 20, "random neuron sets matched to the universal set per layer",
+    Parameter("ablation_samples", int, 99, "random neuron sets matched to the universal set (p can reach 0.01)",
               "ablation files", check=check_ablation_samples),
+    Parameter("ablation_control", str, ABLATION_CONTROLS[0], "random sets matched to the universal set per layer "
+              "and activation-frequency decile, dead neurons never drawn (matched), or per layer only (layer)",
+              "ablation files", check=check_ablation_control),
     Parameter("ablation_seed", int, 0, "seed of the random neuron sets", "ablation files"),
     Parameter("device", str, "auto", "auto (cuda when there is a GPU), cpu, cuda, cuda:N or mps", "",
               resolved=True, check=check_device),

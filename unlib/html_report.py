@@ -9,11 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from unlib.ablation import few_documents_warning
+from unlib.contrasts import differences_sentence
 from unlib.paper_reference import paper_setup_differences, published_reference, rank_recall
 from unlib.plots import value_range
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
+.warning { color: #a40; font-weight: 600; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.8em; }
 table { border-collapse: collapse; margin: .6em 0; font-size: .9em; }
 th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
@@ -117,13 +120,14 @@ def _g(value: float) -> str:
 
 
 def _harm(p: float, n_random: int) -> str:
-    """In words, how the universal set's harm ranks among the random sets' (p: the fraction of
-    random sets at least as harmful)."""
-    if p == 0:
-        return f"more harmful than every one of the {n_random} random sets"
+    """In words, how the universal set's harm ranks among the random sets' (p: the
+    permutation p-value, (1 + sets at least as harmful) / (1 + sets))."""
+    if p <= 1 / (1 + n_random) + 1e-12:
+        return (f"more harmful than every one of the {n_random} random sets (p = {p:.3g}, the smallest "
+                f"{n_random} sets can give)")
     if p <= 0.05:
-        return f"more harmful than {1 - p:.0%} of the random sets"
-    return f"not clearly more harmful than random neurons ({p:.0%} of the random sets are at least as harmful)"
+        return f"more harmful than random neurons (p = {p:.3g})"
+    return f"not clearly more harmful than random neurons (p = {p:.2g})"
 
 
 def ablation_html(run: dict, ablation: dict | None) -> str:
@@ -139,20 +143,26 @@ def ablation_html(run: dict, ablation: dict | None) -> str:
     base = float(table.loc[table["condition"] == "none", "loss"].iloc[0])
     how = ("replaced by its mean over the analysed tokens" if run.get("ablation", "mean") == "mean"
            else "set to 0")
-    held_out = (f'<span id="ablation-tokens">{run.get("ablation_tokens")}</span> held-out tokens (the tokens after '
-                f"the analysed ones in the document stream, with the same exclusions)")
+    documents = run.get("ablation_documents")
+    held_out = (f'<span id="ablation-tokens">{run.get("ablation_tokens")}</span> held-out tokens (from '
+                f'<span id="ablation-documents">{documents if documents is not None else "—"}</span> documents after '
+                f"the analysed ones, each giving at most a 50th of them or one sequence, with the same exclusions)")
+    warning = few_documents_warning(run.get("ablation_tokens") or 0, documents)
+    few = f'<p class="warning" id="ablation-few-documents">Warning: {esc(warning)}.</p>' if warning else ""
     if summary.empty:
         return (f'<p id="ablation-empty">No universal neurons at this threshold: nothing to ablate. The reference '
                 f'model\'s loss on the {held_out} is <span id="ablation-loss">{_g(base)}</span> nats.</p>')
     overall = summary[summary["scope"] == "all"].iloc[0]
     n_random = int(overall["n_random"])
+    control = run.get("ablation_control", "layer")
+    matched = ", each neuron from the activation-frequency decile of a universal one" if control == "matched" else ""
     sentence = (
         f'<p id="ablation-sentence">Ablating the <span id="ablation-n-neurons">{int(overall["n_neurons"])}</span> '
         f"universal neurons (each post-activation {how}) changes the reference model's loss on the {held_out} by "
         f'<span id="ablation-universal-delta-loss">{_g(overall["universal_delta_loss"])}</span> nats (from '
         f'<span id="ablation-loss">{_g(base)}</span>), and its next-token distribution by a KL divergence of '
         f'<span id="ablation-universal-kl">{_g(overall["universal_kl"])}</span> nats per token. '
-        f"{n_random} random sets with as many neurons in each layer change the loss by "
+        f"{n_random} random sets with as many neurons in each layer{matched} change the loss by "
         f'<span id="ablation-random-delta-loss-mean">{_g(overall["random_delta_loss_mean"])}</span> on average '
         f'(5-95 %: <span id="ablation-random-delta-loss-q05">{_g(overall["random_delta_loss_q05"])}</span> to '
         f'<span id="ablation-random-delta-loss-q95">{_g(overall["random_delta_loss_q95"])}</span>) and the '
@@ -167,31 +177,24 @@ def ablation_html(run: dict, ablation: dict | None) -> str:
         weaker = [s.removeprefix("layer ") for s, p in zip(layers["scope"], layers["delta_loss_p"]) if p > 0.05]
         most = layers.loc[layers["universal_delta_loss"].idxmax()]
         not_in = f" and not in layer(s) {', '.join(weaker)}" if weaker else ""
-        sentence += (f"<p>Layer by layer, the universal neurons' loss change exceeds that of 95 % of the matched random "
-                     f"sets in layer(s) {', '.join(stronger) or 'none'}{not_in}; ablating those of "
+        sentence += (f"<p>Layer by layer, the universal neurons raise the loss more than the random sets' parts in "
+                     f"that layer (p ≤ 0.05, not corrected across layers) in layer(s) {', '.join(stronger) or 'none'}"
+                     f"{not_in}; ablating those of "
                      f"{esc(most['scope'])} alone changes the loss most ({_g(most['universal_delta_loss'])} nats).</p>")
-    seed = (f"<p>Random sets: drawn uniformly from each layer's neurons outside the universal set, set k from the "
-            f"generator seeded ({run.get('ablation_seed')}, k). <code>p</code>: the fraction of random sets at least "
-            f"as harmful; <code>z</code>: (universal − random mean) / random standard deviation.</p>")
-    return (sentence + table_html(summary, "{:.4g}", key="scope") + seed
+    how_drawn = ("each universal neuron paired with a live neuron of its layer outside the universal set, drawn "
+                 "from its own activation-frequency decile (the nearest decile with one left, where its own has none; "
+                 "dead neurons never drawn)" if control == "matched" else
+                 "drawn uniformly from each layer's neurons outside the universal set")
+    seed = (f"<p>Random sets (<code>ABLATION_CONTROL={control}</code>): {how_drawn}; set k from the generator seeded "
+            f"({run.get('ablation_seed')}, k). <code>p</code>: (1 + the random sets at least as harmful) / (1 + the "
+            f"random sets), the permutation test's p-value; <code>z</code>: (universal − random mean) / random "
+            f"standard deviation.</p>")
+    neurons = ablation.get("neurons")
+    alone = ("" if neurons is None or neurons.empty else
+             f"<p>Each universal neuron ablated alone (<code>ablation_neurons.csv</code>), the ten that change the "
+             f"loss most:</p>{table_html(neurons.head(10), '{:.4g}')}")
+    return (few + sentence + table_html(summary, "{:.4g}", key="scope") + seed + alone
             + image_tag(ablation["plot"], "ablation_impact"))
-
-
-def property_comparison(stats: pd.DataFrame, universal: pd.DataFrame) -> pd.DataFrame:
-    """For each neuron statistic: the universal neurons' median next to the population's, and
-    a z-score (universal median minus population mean, over the population's std)."""
-    from unlib.stats import STATS_COLUMNS
-
-    keys = set(zip(universal["layer"], universal["neuron"]))
-    is_universal = [k in keys for k in zip(stats["layer"], stats["neuron"])]
-    rows = []
-    for column in STATS_COLUMNS[2:]:
-        population = stats[column]
-        median_u = stats.loc[is_universal, column].median()
-        std = population.std()
-        rows.append({"statistic": column, "universal_median": median_u, "all_median": population.median(),
-                     "z_score": (median_u - population.mean()) / std if std > 0 else np.nan})
-    return pd.DataFrame(rows)
 
 
 def _card_html(card: dict) -> str:
@@ -211,11 +214,12 @@ def _card_html(card: dict) -> str:
             f"<p><b>Promotes</b> {tokens(card['promoted'])}<br><b>Suppresses</b> {tokens(card['suppressed'])}</p></div>")
 
 
-def run_report_html(run: dict, excess: pd.DataFrame, stats: pd.DataFrame, universal: pd.DataFrame,
+def run_report_html(run: dict, excess: pd.DataFrame, contrasts: pd.DataFrame, universal: pd.DataFrame,
                     layer_summary: pd.DataFrame, plots: dict[str, Path], cards: list[dict],
                     ablation: dict | None = None) -> str:
-    """The self-contained per-run report (images embedded as data URIs); `ablation`: the run's
-    ablation table, summary and plot ({"table", "summary", "plot"}), None when not run (TOP_K)."""
+    """The self-contained per-run report (images embedded as data URIs); `contrasts`:
+    universal_vs_rest.csv; `ablation`: the run's ablation table, summary and plot ({"table",
+    "summary", "plot"}), None when not run (TOP_K)."""
     n_neurons, n_universal = len(excess), len(universal)
     shown = {"checkpoint": run.get("checkpoint") if run.get("checkpoint") is not None else "final weights",
              "top_k": run.get("top_k") if run.get("top_k") is not None else "none (threshold)"}
@@ -226,7 +230,8 @@ def run_report_html(run: dict, excess: pd.DataFrame, stats: pd.DataFrame, univer
                               f"{p['dropped_past_budget']:,} past the budget")
     keys = ("model_set", "models", "reference", "checkpoint", "dataset", "dataset_id", "document_seed", "n_tokens",
             "ctx_len", "exclude_tokens", "exclude_ids", "positions", "rotations", "rotation_seed", "threshold", "top_k",
-            "ablation", "ablation_tokens", "ablation_samples", "ablation_seed", "device", "correlation_seconds",
+            "ablation", "ablation_tokens", "ablation_documents", "ablation_samples", "ablation_control", "ablation_seed", "device",
+            "correlation_seconds",
             "finished")
     params = pd.DataFrame([(k, shown.get(k, run[k])) for k in keys if k in run], columns=["parameter", "value"])
     params["value"] = params["value"].map(lambda v: ", ".join(map(str, v)) if isinstance(v, list) else str(v))
@@ -245,7 +250,8 @@ def run_report_html(run: dict, excess: pd.DataFrame, stats: pd.DataFrame, univer
     if comparable:
         summary["published"] = summary["layer"].map(published["per_layer"]).fillna(0).astype(int)
     figures = "".join(image_tag(path, name) for name, path in plots.items())
-    properties = table_html(property_comparison(stats, universal), key="statistic")
+    properties = (f'<p id="contrasts-sentence">{esc(differences_sentence(contrasts))}</p>'
+                  + table_html(contrasts, "{:.4g}", key="statistic"))
     cards_html = "".join(_card_html(c) for c in cards) or "<p>No universal neurons at this threshold.</p>"
     title = f"Universal neurons: {run['model_set']} {run.get('run_name', '')}"
     return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
@@ -263,9 +269,10 @@ universal (<span id="fraction">{n_universal / max(n_neurons, 1):.2%}</span>)</p>
 <h2>Figures</h2>{figures}
 <h2>Functional impact: ablation against matched random neurons</h2>
 {ablation_html(run, ablation)}
-<h2>Universal neurons against all neurons</h2>
-<p>Median of each statistic (definitions in the README) over the universal neurons and over all neurons,
-and the universal median's z-score in the population.</p>{properties}
+<h2>Universal neurons against the rest</h2>
+<p>Each statistic (definitions in the README) over the universal neurons and over the other live neurons (dead
+ones left out): medians, Cliff's delta (P(universal &gt; rest) − P(universal &lt; rest)), the two-sided
+Mann-Whitney U test's p-value and Holm's correction across the statistics.</p>{properties}
 <h2>Top universal neurons</h2><div class="cards">{cards_html}</div>
 </body></html>"""
 
@@ -278,10 +285,11 @@ def range_matrix(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
 
 def compare_report_html(model_set: str, steps: list[int], by_checkpoint: pd.DataFrame, persistence: pd.DataFrame,
                         jaccard: pd.DataFrame, trajectories: pd.DataFrame, plots: dict[str, Path],
-                        persistence_halves: tuple[pd.DataFrame, pd.DataFrame],
+                        persistence_halves: tuple[pd.DataFrame, pd.DataFrame], contrasts: pd.DataFrame,
                         ablation: pd.DataFrame | None = None) -> str:
-    """The self-contained report across checkpoints; `ablation`: the universal set's ablation
-    impact per checkpoint (compare.ablation_by_checkpoint), None when not run (TOP_K)."""
+    """The self-contained report across checkpoints; `contrasts`: each checkpoint's
+    universal_vs_rest.csv (a `checkpoint` column first); `ablation`: the universal set's
+    ablation impact per checkpoint (compare.ablation_by_checkpoint), None when not run (TOP_K)."""
     overall = by_checkpoint[by_checkpoint["layer"].astype(str) == "all"]
     figures = "".join(image_tag(path, name) for name, path in plots.items())
     matrix = lambda m: table_html(m.reset_index().rename(columns=str), "{:.3f}", key=m.index.name)  # noqa: E731
@@ -298,10 +306,22 @@ of the tokens; <code>split_half_jaccard</code>: the overlap of those two sets.</
 {matrix(range_matrix(*persistence_halves))}
 <h2>Jaccard overlap of universal sets</h2>{matrix(jaccard)}
 <h2>Functional impact across training</h2>{ablation_by_checkpoint_html(steps, ablation)}
+<h2>Universal neurons against the rest, by checkpoint</h2>{contrasts_by_checkpoint_html(contrasts)}
 <h2>Figures</h2>{figures}
 <h2>Neurons universal at any checkpoint</h2><p>{len(trajectories)} neurons; the top 30 by excess correlation at the last step:</p>
 {table_html(trajectories.head(30), "{:.3f}")}
 </body></html>"""
+
+
+def contrasts_by_checkpoint_html(contrasts: pd.DataFrame) -> str:
+    """Per checkpoint, the statistics in which the universal neurons differ from the rest
+    (Holm-corrected within the checkpoint), then every test."""
+    sentences = "".join(f'<li data-checkpoint="{int(step)}">step {int(step)}: '
+                        f"{esc(differences_sentence(group))}</li>"
+                        for step, group in contrasts.groupby("checkpoint", sort=True))
+    return (f'<ul id="contrasts-by-checkpoint">{sentences}</ul>'
+            + table_html(contrasts[["checkpoint", "statistic", "universal_median", "rest_median", "cliffs_delta",
+                                    "p_holm", "differs"]], "{:.4g}"))
 
 
 def ablation_by_checkpoint_html(steps: list[int], ablation: pd.DataFrame | None) -> str:

@@ -2,11 +2,14 @@
 checkpoints as rich tables."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
+
+from unlib.ablation import few_documents_warning
 
 
 def print_summary(console: Console, title: str, layer_summary: pd.DataFrame, universal_df: pd.DataFrame,
@@ -45,14 +48,21 @@ def print_ablation(console: Console, results_dir: Path) -> None:
     if summary.empty:
         console.print("Ablation: no universal neurons, nothing to ablate")
         return
-    table = Table(title="Ablation: universal neurons against matched random sets (nats)")
+    run = json.loads((results_dir / "run.json").read_text()) if (results_dir / "run.json").exists() else {}
+    documents = run.get("ablation_documents")
+    warning = few_documents_warning(run.get("ablation_tokens") or 0, documents)
+    if warning:
+        console.print(f"[bold yellow]Warning:[/bold yellow] {warning}")
+    held_out = f", {run.get('ablation_tokens'):,} held-out tokens from {documents} documents" if documents else ""
+    matched = "layer and activation frequency" if run.get("ablation_control", "matched") == "matched" else "layer"
+    table = Table(title=f"Ablation: universal neurons against random sets matched on {matched} (nats{held_out})")
     for col in ("scope", "neurons", "measure", "universal", "random mean", "random 5-95 %", "z", "p"):
         table.add_column(col, justify="right")
     for row in summary.itertuples(index=False):
         for metric, name in (("delta_loss", "Δloss"), ("kl", "KL")):
             table.add_row(row.scope, str(row.n_neurons), name, f"{getattr(row, f'universal_{metric}'):.4g}",
                           f"{getattr(row, f'random_{metric}_mean'):.4g}", _random_range(row, metric),
-                          f"{getattr(row, f'{metric}_z'):.2f}", f"{getattr(row, f'{metric}_p'):.2f}")
+                          f"{getattr(row, f'{metric}_z'):.2f}", f"{getattr(row, f'{metric}_p'):.3g}")
     console.print(table)
 
 
@@ -62,7 +72,8 @@ def _random_range(row, metric: str) -> str:
 
 
 def print_comparison(console: Console, compare_dir: Path) -> None:
-    """Universal fraction per checkpoint and the persistence matrix, from compare's CSVs."""
+    """Universal fraction per checkpoint, the persistence matrix, the ablation and the
+    statistics in which universal neurons differ from the rest, from compare's CSVs."""
     by_checkpoint = pd.read_csv(compare_dir / "universality_by_checkpoint.csv")
     table = Table(title="Universal neurons across training")
     for col in ("checkpoint", "universal", "fraction", "mean excess", "q99 excess"):
@@ -83,11 +94,21 @@ def print_comparison(console: Console, compare_dir: Path) -> None:
     if ablation_path.exists():
         ablation = pd.read_csv(ablation_path)
         table = Table(title="Ablation of the universal set across training (all layers, nats)")
-        for col in ("checkpoint", "neurons", "measure", "universal", "random mean", "random 5-95 %"):
+        for col in ("checkpoint", "neurons", "measure", "universal", "random mean", "random 5-95 %", "p"):
             table.add_column(col, justify="right")
         for row in ablation[ablation["scope"] == "all"].itertuples(index=False):
             for metric, name in (("delta_loss", "Δloss"), ("kl", "KL")):
                 table.add_row(str(row.checkpoint), str(row.n_neurons), name, f"{getattr(row, f'universal_{metric}'):.4g}",
-                              f"{getattr(row, f'random_{metric}_mean'):.4g}", _random_range(row, metric))
+                              f"{getattr(row, f'random_{metric}_mean'):.4g}", _random_range(row, metric),
+                              f"{getattr(row, f'{metric}_p'):.3g}")
         console.print(table)
+    contrasts = pd.read_csv(compare_dir / "universal_vs_rest_by_checkpoint.csv")
+    table = Table(title="Universal neurons against the rest (Mann-Whitney U, Holm-corrected p < 0.05; Cliff's delta)")
+    for col in ("checkpoint", "statistics that differ"):
+        table.add_column(col, justify="right" if col == "checkpoint" else "left")
+    for step, group in contrasts.groupby("checkpoint", sort=True):
+        differ = group[group["differs"].astype(bool)]
+        table.add_row(str(step), ", ".join(f"{r.statistic} {r.cliffs_delta:+.2f}" for r in differ.itertuples())
+                      or "none")
+    console.print(table)
     console.print(f"Comparison: [bold]{compare_dir}[/bold] (compare.html)")

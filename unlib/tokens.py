@@ -13,24 +13,32 @@ from unlib.h5read import H5Reader, read_h5
 from unlib.h5write import write_h5
 
 DEFAULT_N_TOKENS = 100_000  # analysed positions of a run (N_TOKENS)
+# Held-out tokens come from at least this many documents where the dataset has them: each
+# document gives at most 1/HELD_OUT_SPREAD of them (or one sequence, if that is more)
+HELD_OUT_SPREAD = 50
+# How held-out files are drawn (held_out_stream), recorded in them: a file drawn another way is not reused
+HELD_OUT_RULE = f"the documents after the analysed ones, each cut to max(one sequence, 1/{HELD_OUT_SPREAD} of the tokens)"
 
 
 def token_stream(texts: Iterable[str | np.ndarray], tokenizer, separator_id: int) -> Iterator[np.ndarray]:
-    """Token ids of each document followed by the separator token. A document of token ids
-    is taken as it is, less a leading separator (the BOS a tokenizer may have put there)."""
+    """Token ids of each document followed by the separator token. Token ids are split into
+    documents at the separator (so a token stream given as one array keeps its documents,
+    which the ablation's held-out tokens are drawn by), and each is taken as it is."""
     for text in texts:
         if text is None or isinstance(text, str) and not text:
             continue
         if isinstance(text, str):
-            ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+            documents = [np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)]
         else:
             ids = np.asarray(text, dtype=np.int64)
-            ids = ids[1:] if len(ids) and ids[0] == separator_id else ids
             if len(ids) and ids.max() >= len(tokenizer):
                 raise DatasetError(f"token id {ids.max()} is not in the tokenizer's vocabulary ({len(tokenizer)} "
                                    f"tokens): the token ids must come from the models' own tokenizer")
-        if len(ids):
-            yield np.append(ids, separator_id).astype(np.int32)
+            documents = np.split(ids, np.flatnonzero(ids == separator_id))
+            documents = [d[1:] if len(d) and d[0] == separator_id else d for d in documents]
+        for ids in documents:
+            if len(ids):
+                yield np.append(ids, separator_id).astype(np.int32)
 
 
 def first_tokens(texts: Iterable[str], tokenizer, separator_id: int, n: int) -> np.ndarray:
@@ -50,32 +58,65 @@ def write_tokens(path: str | Path, tokens: np.ndarray, attrs: dict, keep: np.nda
     write_h5(path, {"tokens": tokens, **({} if keep is None else {"keep": keep})}, attrs)
 
 
-def token_sequences(texts: Iterable[str | np.ndarray], tokenizer, bos_id: int, n_tokens: int, ctx_len: int,
-                    exclude_ids: list[int], skip_tokens: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Tokenize `texts` into BOS-led sequences of `ctx_len` tokens holding exactly `n_tokens`
-    kept (analysed) positions: (tokens, keep mask, position counts). With `skip_tokens`, the
-    sequences that a file of `skip_tokens` kept positions holds are skipped first, so the
-    result continues the same stream with none of that file's positions (held-out tokens)."""
+def packed_rows(stream: Iterator[np.ndarray], bos_id: int, ctx_len: int) -> Iterator[tuple[np.ndarray, int]]:
+    """BOS-led rows of `ctx_len` tokens packed from a token stream (documents run across
+    rows), each with how many documents the rows so far have begun; ends when the stream does."""
     per_seq = ctx_len - 1
-    stream = token_stream(texts, tokenizer, bos_id)
-    buffer, rows, kept, skipped = np.zeros(0, dtype=np.int32), [], 0, 0
-    while kept < n_tokens:
+    buffer, begun = np.zeros(0, dtype=np.int32), 0
+    while True:
         while len(buffer) < per_seq:
             ids = next(stream, None)
             if ids is None:
-                after = f" after the {skip_tokens} analysed before them" if skip_tokens else ""
-                raise DatasetError(f"dataset yields only {kept} analysed tokens{after}, fewer than the {n_tokens} asked "
-                                   f"for; lower N_TOKENS{' or ABLATION_TOKENS' if skip_tokens else ''} or use a larger "
-                                   f"dataset")
+                return
             buffer = np.concatenate([buffer, ids])
-        row = np.concatenate([[bos_id], buffer[:per_seq]]).astype(np.int32)
+            begun += 1
+        yield np.concatenate([[bos_id], buffer[:per_seq]]).astype(np.int32), begun
         buffer = buffer[per_seq:]
-        in_row = int(kept_positions(row[None], exclude_ids).sum())
-        if skipped < skip_tokens:  # a sequence of the file being skipped
-            skipped += in_row
-            continue
+
+
+def held_out_stream(stream: Iterator[np.ndarray], bos_id: int, ctx_len: int, exclude_ids: list[int],
+                    skip_tokens: int, n_tokens: int) -> Iterator[np.ndarray]:
+    """The ablation's documents: those after every document that the analysed file of
+    `skip_tokens` kept positions touches (it is packed again here to find them), each cut to
+    held_out_cap tokens and the separator, so that `n_tokens` held-out tokens come from many
+    documents however long some are, and share none with the analysed ones."""
+    skipped = 0
+    for row, _ in packed_rows(stream, bos_id, ctx_len):
+        skipped += int(kept_positions(row[None], exclude_ids).sum())
+        if skipped >= skip_tokens:
+            break
+    # the stream now stands after the last document the analysed rows begun
+    cap = held_out_cap(ctx_len, n_tokens)
+    for ids in stream:
+        yield np.append(ids[:-1][:cap], bos_id).astype(np.int32)
+
+
+def held_out_cap(ctx_len: int, n_tokens: int) -> int:
+    """The most tokens one held-out document gives: 1/HELD_OUT_SPREAD of `n_tokens`, or one
+    sequence's worth (ctx_len - 2 and the separator) if that is more."""
+    return max(ctx_len - 2, -(-n_tokens // HELD_OUT_SPREAD))
+
+
+def token_sequences(texts: Iterable[str | np.ndarray], tokenizer, bos_id: int, n_tokens: int, ctx_len: int,
+                    exclude_ids: list[int], skip_tokens: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Tokenize `texts` into BOS-led sequences of `ctx_len` tokens holding exactly `n_tokens`
+    kept (analysed) positions: (tokens, keep mask, counts: positions, and the documents the
+    sequences draw on). With `skip_tokens`, held-out tokens instead: from the documents after
+    those a file of `skip_tokens` kept positions draws on, each cut short (held_out_stream)."""
+    stream = token_stream(texts, tokenizer, bos_id)
+    if skip_tokens:
+        stream = held_out_stream(stream, bos_id, ctx_len, exclude_ids, skip_tokens, n_tokens)
+    rows, kept, documents = [], 0, 0
+    for row, documents in packed_rows(stream, bos_id, ctx_len):
         rows.append(row)
-        kept += in_row
+        kept += int(kept_positions(row[None], exclude_ids).sum())
+        if kept >= n_tokens:
+            break
+    if kept < n_tokens:
+        after = f" after the documents of the {skip_tokens} analysed ones" if skip_tokens else ""
+        raise DatasetError(f"dataset yields only {kept} analysed tokens{after}, fewer than the {n_tokens} asked "
+                           f"for; lower N_TOKENS{' or ABLATION_TOKENS' if skip_tokens else ''} or use a larger "
+                           f"dataset")
     tokens = np.stack(rows)
     keep = kept_positions(tokens, exclude_ids)
     excluded = int((~keep[:, 1:]).sum())
@@ -84,7 +125,8 @@ def token_sequences(texts: Iterable[str | np.ndarray], tokenizer, bos_id: int, n
         last = np.flatnonzero(keep[-1])[-surplus:]
         keep[-1, last] = False
     counts = {"n_sequences": len(tokens), "analysed_tokens": n_tokens, "positions": int(tokens.size),
-              "dropped_bos_column": len(tokens), "dropped_excluded": excluded, "dropped_past_budget": surplus}
+              "dropped_bos_column": len(tokens), "dropped_excluded": excluded, "dropped_past_budget": surplus,
+              "n_documents": documents}
     return tokens, keep, counts
 
 
@@ -110,11 +152,13 @@ POSITION_COUNTS = ("n_sequences", "positions", "analysed_tokens", "dropped_bos_c
 
 
 def token_file_record(path: str | Path) -> dict:
-    """What a token file records about its positions: the excluded ids, and how many
-    positions were analysed and dropped (and why)."""
+    """What a token file records about its positions: the excluded ids, how many positions
+    were analysed and dropped (and why), and how many documents they come from (None in a
+    file from before that was recorded)."""
     with H5Reader(path) as reader:
         attrs = reader.attrs
-    return {"exclude_ids": [int(i) for i in attrs["exclude_ids"]], "counts": {k: int(attrs[k]) for k in POSITION_COUNTS}}
+    return {"exclude_ids": [int(i) for i in attrs["exclude_ids"]], "counts": {k: int(attrs[k]) for k in POSITION_COUNTS},
+            "n_documents": int(attrs["n_documents"]) if "n_documents" in attrs else None}
 
 
 def write_token_stream(path: str | Path, texts: Iterable[str], tokenizer, separator_id: int,
