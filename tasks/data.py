@@ -24,7 +24,7 @@ class TokenizeDataset(TokenParams, PipelineTask):
     """n_tokens analysed positions of the dataset (documents in a seeded random order), as
     BOS-led sequences of ctx_len tokens with a mask of the positions kept (not BOS, not an
     excluded token). With skip_tokens, the ablation's held-out tokens: from the documents after
-    those the file of that many tokens draws on, one sequence's worth of each (HELD_OUT_RULE)."""
+    those the file of that many tokens draws on, each cut short (HELD_OUT_RULE)."""
 
     skip_tokens = luigi.IntParameter(default=0, description="kept positions of the file these tokens follow")
 

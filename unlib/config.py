@@ -400,7 +400,8 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("ablation_samples", int, 99, "random neuron sets matched to the universal set (p can reach 0.01)",
               "ablation files", check=check_ablation_samples),
     Parameter("ablation_control", str, ABLATION_CONTROLS[0], "random sets matched to the universal set per layer "
-              "and activation-frequency decile, dead neurons never drawn (matched), or per layer only (layer)",
+              "and activation-frequency decile, dead neurons only when no live one is left (matched), or per layer "
+              "only (layer)",
               "ablation files", check=check_ablation_control),
     Parameter("ablation_seed", int, 0, "seed of the random neuron sets", "ablation files"),
     Parameter("device", str, "auto", "auto (cuda when there is a GPU), cpu, cuda, cuda:N or mps", "",

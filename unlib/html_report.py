@@ -13,6 +13,7 @@ from unlib.ablation import few_documents_warning
 from unlib.contrasts import differences_sentence
 from unlib.paper_reference import paper_setup_differences, published_reference, rank_recall
 from unlib.plots import value_range
+from unlib.tokens import HELD_OUT_SPREAD
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
@@ -146,7 +147,8 @@ def ablation_html(run: dict, ablation: dict | None) -> str:
     documents = run.get("ablation_documents")
     held_out = (f'<span id="ablation-tokens">{run.get("ablation_tokens")}</span> held-out tokens (from '
                 f'<span id="ablation-documents">{documents if documents is not None else "—"}</span> documents after '
-                f"the analysed ones, each giving at most a 50th of them or one sequence, with the same exclusions)")
+                f"the analysed ones, each giving at most 1/{HELD_OUT_SPREAD} of them or one sequence, with the same "
+                f"exclusions)")
     warning = few_documents_warning(run.get("ablation_tokens") or 0, documents)
     few = f'<p class="warning" id="ablation-few-documents">Warning: {esc(warning)}.</p>' if warning else ""
     if summary.empty:
@@ -183,7 +185,7 @@ def ablation_html(run: dict, ablation: dict | None) -> str:
                      f"{esc(most['scope'])} alone changes the loss most ({_g(most['universal_delta_loss'])} nats).</p>")
     how_drawn = ("each universal neuron paired with a live neuron of its layer outside the universal set, drawn "
                  "from its own activation-frequency decile (the nearest decile with one left, where its own has none; "
-                 "dead neurons never drawn)" if control == "matched" else
+                 "dead neurons only when no live one is left)" if control == "matched" else
                  "drawn uniformly from each layer's neurons outside the universal set")
     seed = (f"<p>Random sets (<code>ABLATION_CONTROL={control}</code>): {how_drawn}; set k from the generator seeded "
             f"({run.get('ablation_seed')}, k). <code>p</code>: (1 + the random sets at least as harmful) / (1 + the "
