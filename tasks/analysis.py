@@ -19,7 +19,6 @@ from tasks.zoo import model_requirement
 from unlib.contrasts import universal_vs_rest
 from unlib.dataset import DOCUMENT_SEED
 from unlib.tokens import read_tokens, token_file_record
-from unlib.engine.layout import HALF_BLOCK_ROWS
 from unlib.engine.results import LayerResult
 from unlib.engine.tables import SPLIT_HALF_COLUMNS, excess_tables
 from unlib.checkpoints import model_location
@@ -28,7 +27,6 @@ from unlib.plots import UniversalNeuronVisualizer, corr_vs_baseline
 from unlib.selection import UniversalNeuronAnalyzer, jaccard_index, split_half_sets
 from unlib.stats import NeuronStatsGenerator
 from unlib.store import atomic_path, link_file, write_json
-from unlib.tokens import read_tokens, token_file_record
 
 # The tables a run's results folder shows beside its own files, linked from where they are
 # kept (keyed by what changes them, so runs differing only in threshold or top-k share them).
@@ -204,6 +202,8 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "n_neurons": int(summary["n_neurons"].sum()), "n_universal": int(summary["n_universal"].sum()),
             "n_dead": int(summary["n_dead"].sum()) if "n_dead" in summary else None,
-            "split_half_block_rows": HALF_BLOCK_ROWS, "n_universal_half_a": len(half_a),
+            "split_halves": {**json.loads(correlation["split_halves"]),
+                             "half_rows": [int(n) for n in correlation["half_rows"]]},
+            "n_universal_half_a": len(half_a),
             "n_universal_half_b": len(half_b), "split_half_jaccard": None if np.isnan(jaccard) else jaccard,
             "layers": summary.to_dict(orient="records")})

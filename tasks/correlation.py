@@ -16,20 +16,20 @@ import luigi
 
 from tasks.activations import CacheActivations
 from tasks.common import PipelineTask, TaskProgress
-from tasks.params import CorrelationParams
+from tasks.params import CORRELATION_METHOD, CorrelationParams
 from tasks.targets import H5Target, made_from, store
 from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
 from unlib.activations import ActivationCache, cache_bytes, cached_chunks, choose_feed, run_models
 from unlib.engine.engine import ExcessCorrelationEngine
-from unlib.engine.layout import HALF_BLOCK_ROWS, Unit
+from unlib.engine.layout import Unit
 from unlib.engine.memory import ModelFeed, parse_bytes
 from unlib.engine.results import DEAD_MATCH, PassResult, PassStats, collect, merge_partials
 from unlib.model_loading import mlp_shape, model_footprint
 from unlib.h5write import partial_path
 from unlib.memory_check import peak_memory
 from unlib.store import checkpoint_label, provenance, read_json, short_hash, write_json, write_once
-from unlib.tokens import read_tokens
+from unlib.tokens import halves_of, read_tokens
 
 logger = logging.getLogger("luigi-interface")
 
@@ -74,7 +74,7 @@ class CorrelationTask(CorrelationParams, PipelineTask):
         return {"models": [m.model_id for m in self.model_set.models], "checkpoint": self.checkpoint,
                 "dataset": dataset_id(self.dataset), "n_tokens": self.n_tokens, "ctx_len": self.ctx_len,
                 "exclude_tokens": self.exclude_tokens, "rotations": self.rotations, "rotation_seed": self.rotation_seed,
-                "half_block_rows": HALF_BLOCK_ROWS}
+                **CORRELATION_METHOD}
 
     def run_key(self) -> str:
         return f"{self.model_set.name}_{checkpoint_label(self.checkpoint)}_{short_hash(self.run_params())}"
@@ -118,8 +118,11 @@ class CorrelationBlock(CorrelationTask):
     units = luigi.Parameter(description="the group's units, row:first-last:col, comma-separated")
 
     def requires(self):
+        """The token file (the documents the halves are made of), then the activation caches,
+        or the models to run."""
         if self.feed[0]:
-            return [self.clone(CacheActivations, model=i) for i in range(len(self.model_set.models))]
+            return [self.clone(TokenizeDataset)] + [self.clone(CacheActivations, model=i)
+                                                    for i in range(len(self.model_set.models))]
         return [self.clone(TokenizeDataset)] + [t for m in self.model_set.models for t in model_requirement(m)]
 
     def output(self):
@@ -134,8 +137,9 @@ class CorrelationBlock(CorrelationTask):
         units = parse_units(self.units)
         engine = self.engine()
         needed = engine.layout.needed_layers(units)
+        split = halves_of(self.input()[0].path)
         if use_cache:
-            caches = [ActivationCache(t.path) for t in self.input()]
+            caches = [ActivationCache(t.path) for t in self.input()[1:]]
             n_tokens = caches[0].n_tokens
             chunks = lambda needed: cached_chunks(caches, engine.chunk_tokens, self.device, needed)  # noqa: E731
             read = sum(4 * c.n_tokens * c.d_mlp * len(layers) for c, layers in zip(caches, needed))
@@ -155,7 +159,7 @@ class CorrelationBlock(CorrelationTask):
             if not use_cache:  # the loader's library imported first: the measurement counts the pass, not the import
                 import transformer_lens.model_bridge  # noqa: F401
             # the measured peak, against the plan's, as the allocator runs (live=False: tuning it costs time)
-            result, peak = peak_memory(lambda: engine.run_pass(chunks, units, report), self.device, live=False)
+            result, peak = peak_memory(lambda: engine.run_pass(chunks, units, report, split), self.device, live=False)
         seconds, flops = time.monotonic() - start, result.stats.flops
         logger.warning("correlation block %s: %d tokens in %.1f s: %.0f tokens/s, %.1f GFLOP/s", self.units,
                        n_tokens, seconds, n_tokens / seconds, flops / seconds / 1e9)
@@ -164,7 +168,8 @@ class CorrelationBlock(CorrelationTask):
             "seconds": seconds, "flops": flops, "cache_bytes_read": read, "device": str(self.device),
             "stream_seconds": result.stats.stream_seconds, "reduce_seconds": result.stats.reduce_seconds,
             "rotation_seconds": result.stats.rotation_seconds, "rotations_drawn": len(engine.rotation_sizes(units)),
-            "planned_bytes": engine.pass_bytes(units), "peak_bytes": -1 if peak is None else peak})
+            "planned_bytes": engine.pass_bytes(units), "peak_bytes": -1 if peak is None else peak,
+            "split_halves": json.dumps(split.record())})
 
 
 class Correlations(CorrelationTask):
@@ -250,6 +255,7 @@ class Correlations(CorrelationTask):
                     "reference": names[ref], "others": [names[m] for m in layer.others],
                     "n_tokens": attrs[0]["n_tokens"], "rotations": self.rotations, "rotation_seed": self.rotation_seed,
                     "feed": attrs[0]["feed"], "feed_reason": attrs[0]["feed_reason"], "seconds": seconds,
-                    "gflops": gflops, "device": str(self.device), "passes": len(attrs), "half_rows": result.half_rows,
+                    "gflops": gflops, "device": str(self.device), "passes": len(attrs),
+                    "split_halves": attrs[0]["split_halves"],
                     "cache_bytes_read": sum(int(a["cache_bytes_read"]) for a in attrs),
                     "pass_timings": json.dumps([pass_timing(b.units, a) for b, a in zip(self.requires(), attrs)])})

@@ -10,6 +10,7 @@ import luigi
 from tasks.targets import ResultTarget, store
 from unlib.config import ABLATION_SETTINGS, BY_NAME, folder_defaults
 from unlib.dataset import dataset_inputs
+from unlib.engine.halves import DOCUMENT_RULE
 from unlib.model_loading import model_fingerprint
 from unlib.model_sets import ZOOS, ModelSet, resolve_model_set
 
@@ -83,12 +84,20 @@ class CheckpointParams(TokenParams, declaring("checkpoint")):
         return ResultTarget(path, {"task": self.get_task_family(), **params, "inputs": self.inputs()})
 
 
+# How the correlations are made where no parameter says: in the correlations' key and in the
+# provenance of every result read from them, so that a change rebuilds them all
+CORRELATION_METHOD = {"split_halves": DOCUMENT_RULE}
+
+
 class CorrelationParams(CheckpointParams, declaring("rotations", "rotation_seed", "cache", "corr_memory", "parallel")):
     # the index of the reference model in the set (REFERENCE resolved: a name or "all" is not a task's)
     reference = luigi.IntParameter(default=0, description="index of the reference model")
     all_references = luigi.BoolParameter(default=False, description="score every model in the same pass")
     # whether CORR_MEMORY was given (not measured): only a given one re-plans recorded blocks
     corr_memory_given = luigi.BoolParameter(default=False, significant=False)
+
+    def inputs(self) -> dict[str, str]:
+        return {**super().inputs(), **CORRELATION_METHOD}
 
 
 class RunParams(CorrelationParams, declaring("threshold", "top_k", "ablation", "ablation_tokens", "ablation_samples",

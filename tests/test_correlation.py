@@ -1,5 +1,5 @@
 """The correlation engine against numpy float64 on random and structured data, on all rows
-and on each half of them (even and odd blocks of HALF_BLOCK_ROWS rows)."""
+and on each half of them (even and odd blocks of HALF_BLOCK_ROWS rows, or whole documents)."""
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unlib.engine.engine import ExcessCorrelationEngine
-from unlib.engine.layout import HALF_BLOCK_ROWS
+from unlib.engine.halves import HALF_BLOCK_ROWS, MIN_HALF_ROWS, HalfSplit
 from unlib.engine.memory import MemoryBudgetError
 from unlib.engine.results import LayerResult, PassResult, collect, merge_partials
 from unlib.engine.rotations import haar_orthogonal
@@ -85,9 +85,13 @@ def test_rotated_baseline_matches_explicit_rotation(kind):
                 assert np.abs(expected - result.baseline_max_corr[k, r]).max() <= 1e-4
 
 
-def half_rows(n: int, half: int) -> np.ndarray:
-    """Row indices of half A (half 0: even blocks) or half B (half 1: odd blocks)."""
-    return np.flatnonzero((np.arange(n) // HALF_BLOCK_ROWS) % 2 == half)
+def half_rows(n: int, half: int, split: HalfSplit | None = None) -> np.ndarray:
+    """Row indices of half A (half 0) or half B (half 1): even or odd blocks, or with a split
+    of documents, the rows of its groups in that half."""
+    if split is None:
+        return np.flatnonzero((np.arange(n) // HALF_BLOCK_ROWS) % 2 == half)
+    group = np.searchsorted(split.starts, np.arange(n), side="right") - 1
+    return np.flatnonzero(split.halves[group] == half)
 
 
 def expected_max(data, reference: int, other: int, rows: np.ndarray, engine, n_rotations: int) -> np.ndarray:
@@ -101,10 +105,18 @@ def expected_max(data, reference: int, other: int, rows: np.ndarray, engine, n_r
     return c.reshape(len(x.T), len(versions), -1).max(axis=2).T
 
 
-@pytest.mark.parametrize("kind, chunk, passes", [("random", 337, "one"), ("structured", 5000, "one"),
-                                                 ("structured", 1500, "several")])
-def test_each_half_matches_numpy_on_its_blocks(kind, chunk, passes):
-    n = 3 * HALF_BLOCK_ROWS + 700  # half A: blocks 0 and 2; half B: block 1 and 700 rows of block 3
+# documents of 900-2,000 rows in 6,844: groups of at least 855 rows (1/8), and the document
+# longer than 1,711 rows (a quarter) cut in two; halves A 900 + 1000 + 1500, B 1000 + 1100 + 1344
+DOCUMENT_STARTS = np.array([0, 900, 2900, 4000, 5500])
+
+
+@pytest.mark.parametrize("kind, chunk, passes, documents", [("random", 337, "one", False),
+                                                            ("structured", 5000, "one", False),
+                                                            ("structured", 1500, "several", False),
+                                                            ("structured", 1500, "several", True)])
+def test_each_half_matches_numpy_on_its_rows(kind, chunk, passes, documents):
+    n = 3 * HALF_BLOCK_ROWS + 700  # blocks: half A blocks 0 and 2; half B block 1 and 700 rows of block 3
+    split = HalfSplit.by_document(DOCUMENT_STARTS, n) if documents else HalfSplit()
     data = make_data(kind, n=n, seed=5)
     # "several": room for one unit's two halves of accumulators at a time, so later passes
     # see only some layers of their row model (the others are not read)
@@ -113,14 +125,16 @@ def test_each_half_matches_numpy_on_its_blocks(kind, chunk, passes):
         budget = ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=2).least_memory()
     engine = ExcessCorrelationEngine(LAYERS, [0, 2], n_rotations=2, rotation_seed=4, memory_budget=budget)
     assert (len(engine.passes) > 1) == (passes == "several")
-    results = engine.run(chunks(data, chunk))  # chunk sizes that do not align with the blocks
-    assert engine.run_pass(chunks(data, chunk), engine.passes[-1]).half_rows == [2 * HALF_BLOCK_ROWS,
-                                                                                 HALF_BLOCK_ROWS + 700]
+    results = engine.run(chunks(data, chunk), split=split)  # chunk sizes that do not align with the blocks
+    counts = [len(half_rows(n, h, split if documents else None)) for h in range(2)]
+    assert engine.run_pass(chunks(data, chunk), engine.passes[-1], split=split).half_rows == counts
+    assert counts == ([3400, 3444] if documents else [2 * HALF_BLOCK_ROWS, HALF_BLOCK_ROWS + 700])
     worst = 0.0
     for ref in (0, 2):
         offsets = np.cumsum([0] + LAYERS[ref])
         for m in [m for m in range(3) if m != ref]:
-            for half, rows in [(0, half_rows(n, 0)), (1, half_rows(n, 1)), (None, np.arange(n))]:
+            for half, rows in [(h, half_rows(n, h, split if documents else None)) for h in range(2)] + [
+                    (None, np.arange(n))]:
                 expected = expected_max(data, ref, m, rows, engine, 2)
                 for result in results[ref]:
                     k = result.others.index(m)
@@ -131,12 +145,12 @@ def test_each_half_matches_numpy_on_its_blocks(kind, chunk, passes):
     assert worst <= 1e-4
 
 
-def test_halves_need_two_blocks_of_rows():
-    short = make_data("random", n=2 * HALF_BLOCK_ROWS - 1)
+def test_halves_need_enough_rows():
+    short = make_data("random", n=HALF_BLOCK_ROWS + MIN_HALF_ROWS - 1)
     result = ExcessCorrelationEngine(LAYERS, 0, n_rotations=1).run(chunks(short, 1000))[0][1]
     assert np.isnan(result.max_corr_halves).all() and np.isnan(result.baseline_max_corr_halves).all()
     assert np.isfinite(result.max_corr).all() and np.isfinite(result.baseline_max_corr).all()
-    enough = make_data("random", n=2 * HALF_BLOCK_ROWS)
+    enough = make_data("random", n=HALF_BLOCK_ROWS + MIN_HALF_ROWS)
     result = ExcessCorrelationEngine(LAYERS, 0, n_rotations=1).run(chunks(enough, 1000))[0][1]
     assert np.isfinite(result.max_corr_halves).all() and np.isfinite(result.baseline_max_corr_halves).all()
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from test_weight_stats import TOLERANCE, WEIGHT_COLUMNS, reference_weight_stats
-from unlib.engine.layout import HALF_BLOCK_ROWS
+from unlib.engine.halves import HalfSplit
 from unlib.engine.rotations import haar_orthogonal
 from unlib.engine.tables import EXCESS_COLUMNS, PAIRWISE_COLUMNS, SPLIT_HALF_COLUMNS
 from unlib.stats import STATS_COLUMNS
@@ -101,13 +101,20 @@ def test_pairwise_correlations_match_numpy_float64(run):
 
 
 def test_split_half_excess_matches_numpy_float64(run):
-    """Each half's excess correlation, from numpy on the cached activations of the rows in
-    even (half A) or odd (half B) blocks of HALF_BLOCK_ROWS tokens."""
+    """Each half's excess correlation, from numpy on the cached activations of the rows of its
+    documents: the documents are read off the token file here (a separator ends one), and
+    grouped into halves by the documented rule."""
     excess = run["excess"]
     ref, *others = [load_layers(p) for p in caches(run["store"])]
     n = ref[0].shape[0]
+    with h5py.File(next(run["store"].glob("tokens/*/*.h5")), "r") as f:
+        flat, kept = f["tokens"][:, 1:].ravel(), f["keep"][:, 1:].ravel()
+    document = np.concatenate([[0], np.cumsum(flat == 0)[:-1]])[kept]  # separators before each analysed row
+    split = HalfSplit.by_document(np.flatnonzero(np.diff(document)) + 1, n)
+    assert split.documents == document[-1] - document[0] + 1 >= 2
+    group = np.searchsorted(split.starts, np.arange(n), side="right") - 1
     for half, column in enumerate(["excess_half_a", "excess_half_b"]):
-        rows = (np.arange(n) // HALF_BLOCK_ROWS) % 2 == half
+        rows = split.halves[group] == half
         for layer in range(2):
             x = ref[layer][rows]
             per_other = []

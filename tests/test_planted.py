@@ -7,10 +7,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from unlib.activations import ActivationCache, cache_activations, cached_chunks
+from unlib.engine.halves import HalfSplit
 from unlib.exclusion import kept_positions
 from unlib.model_loading import load_model
 from unlib.model_sets import ModelSpec
 from unlib.notebook import MemoryEfficientExcessCorrelationComputer, run_engine
+from unlib.tokens import document_starts
 from unlib.zoo import train_tokenizer
 
 N_LAYERS, D_MODEL, D_MLP, VOCAB = 2, 32, 48, 300
@@ -47,7 +49,8 @@ def planted(tmp_path_factory):
     save_model(base, tokenizer, root / "b")
     torch.manual_seed(1)
     save_model(GPT2LMHeadModel(config), tokenizer, root / "c")
-    # 160 x 31 = 4960 analysed tokens: more than two blocks, so both halves are defined
+    # 160 x 31 = 4960 analysed tokens, one document (no separator but the BOS of column 0): cut
+    # into four pieces, two in each half, as the no-cache feed of the notebook API splits them
     tokens = rng.integers(1, len(tokenizer), size=(160, 32)).astype(np.int32)
     tokens[:, 0] = tokenizer.bos_token_id
     models = [load_model(ModelSpec(n, str(root / n)), None) for n in "abc"]
@@ -57,7 +60,10 @@ def planted(tmp_path_factory):
                           batch_size=16)
         caches.append(ActivationCache(root / f"{name}.h5"))
     sizes = [[D_MLP] * N_LAYERS] * 3
-    results = run_engine(lambda needed: cached_chunks(caches, 1000), sizes, reference=0, n_rotations=3)
+    split = HalfSplit.by_document(document_starts(tokens, kept_positions(tokens, []), tokenizer.bos_token_id),
+                                  caches[0].n_tokens)
+    assert split.record()["cut_documents"] == 1 and split.halves.tolist() == [0, 1, 0, 1]
+    results = run_engine(lambda needed: cached_chunks(caches, 1000), sizes, reference=0, n_rotations=3, split=split)
     return {"perms": perms, "results": results, "models": models, "tokens": tokens, "caches": caches}
 
 

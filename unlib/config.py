@@ -14,7 +14,7 @@ from typing import Any, Callable
 from unlib import UserError
 from unlib.ablation import ABLATION_CONTROLS, ABLATIONS
 from unlib.activations import cache_bytes, choose_feed
-from unlib.engine.layout import HALF_BLOCK_ROWS
+from unlib.engine.halves import HALF_BLOCK_ROWS
 from unlib.engine.memory import ModelFeed, ModelFootprint, default_memory_budget, parse_bytes
 from unlib.engine.planning import WorkPlan
 from unlib.dataset import check_dataset
@@ -189,9 +189,9 @@ def check_n_tokens(value: int, run: Resolution) -> int:
     """QUICK=1 makes the default a smoke run's 4,096 tokens."""
     if run.quick and value == DEFAULT_N_TOKENS:
         value = QUICK_TOKENS
-    if value < 2 * HALF_BLOCK_ROWS:  # the split-half error needs a block of tokens in each half
-        raise ValueError(f"N_TOKENS={value} is too small: use at least {2 * HALF_BLOCK_ROWS} tokens, two blocks of "
-                         f"{HALF_BLOCK_ROWS} for the split-half error (the default is {DEFAULT_N_TOKENS})")
+    if value < 2 * HALF_BLOCK_ROWS:  # the split-half error needs thousands of tokens in each half
+        raise ValueError(f"N_TOKENS={value} is too small: use at least {2 * HALF_BLOCK_ROWS} tokens, for the "
+                         f"split-half error (the default is {DEFAULT_N_TOKENS})")
     return value
 
 

@@ -199,6 +199,18 @@ def ablation_html(run: dict, ablation: dict | None) -> str:
             + image_tag(ablation["plot"], "ablation_impact"))
 
 
+def halves_text(split: dict) -> str:
+    """How the tokens were split into halves, in words (run.json's split_halves)."""
+    rows = " and ".join(f"{n:,}" for n in split["half_rows"])
+    if "documents" not in split:
+        return f"{split['rule']}: {rows} tokens"
+    cut = split["cut_documents"]
+    shared = (f"; {cut} document{'s' if cut != 1 else ''} longer than a quarter of the tokens cut into pieces, "
+              f"which may fall in both halves" if cut else "")
+    a, b = split["half_documents"]
+    return f"whole documents: {a} and {b} of {split['documents']}, {rows} tokens{shared}"
+
+
 def _card_html(card: dict) -> str:
     visible = lambda text: esc(text.replace("\n", "⏎").replace("\t", "⇥"))  # noqa: E731
     contexts = "".join(f'<div class="ctx">{visible(c["before"])}<mark>{visible(c["token"])}</mark>'
@@ -241,7 +253,7 @@ def run_report_html(run: dict, excess: pd.DataFrame, contrasts: pd.DataFrame, un
     comparable = published is not None and not paper_setup_differences(run, published)
     jaccard = run["split_half_jaccard"]  # None when neither half selects a neuron
     stability = (f'<p>Split-half stability: the universal sets selected by the same rule on each half of the tokens '
-                 f'(alternating blocks of {run["split_half_block_rows"]} tokens) hold '
+                 f'({esc(halves_text(run["split_halves"]))}) hold '
                  f'<span id="n-universal-half-a">{run["n_universal_half_a"]}</span> and '
                  f'<span id="n-universal-half-b">{run["n_universal_half_b"]}</span> neurons; their Jaccard overlap '
                  f'is <span id="split-half-jaccard">{"—" if jaccard is None else f"{jaccard:.3f}"}</span>. '

@@ -12,16 +12,20 @@ import torch
 from unlib import UserError
 from unlib.engine.comoments import Feed
 from unlib.engine.engine import ExcessCorrelationEngine
+from unlib.engine.halves import BLOCKS, HalfSplit
 from unlib.engine.results import LayerResult, PassStats
 from unlib.engine.tables import excess_tables
 
 
 def run_engine(chunks: Feed, layer_sizes: list[list[int]], reference: int = 0, n_rotations: int = 5,
                rotation_seed: int = 0, device: str = "cpu", memory_budget: int | None = None,
-               progress: Callable[[PassStats], None] | None = None) -> list[LayerResult]:
-    """Results of one reference model; `chunks(needed)` yields a fresh stream per pass."""
+               progress: Callable[[PassStats], None] | None = None, split: HalfSplit = BLOCKS
+               ) -> list[LayerResult]:
+    """Results of one reference model; `chunks(needed)` yields a fresh stream per pass;
+    `split`: the halves (default alternating blocks of rows; HalfSplit.by_document for
+    halves of whole documents, as the pipeline makes them)."""
     engine = ExcessCorrelationEngine(layer_sizes, [reference], n_rotations, rotation_seed, device, memory_budget)
-    return engine.run(chunks, progress)[reference]
+    return engine.run(chunks, progress, split)[reference]
 
 
 class MemoryEfficientExcessCorrelationComputer:
@@ -114,13 +118,16 @@ class MemoryEfficientExcessCorrelationComputer:
     def compute_results(self, dataset_path, reference: int = 0, n_rotations: int = 5, rotation_seed: int = 0,
                         batch_size: int = 32, keep=None, n_tokens: int | None = None, ctx_len: int | None = None,
                         exclude_tokens: str | None = None) -> list[LayerResult]:
-        """The engine's per-layer results for the reference model (see tokens())."""
+        """The engine's per-layer results for the reference model (see tokens()), with halves
+        of whole documents (the BOS of column 0 also ends a document), as the pipeline's."""
         from unlib.activations import model_chunks
+        from unlib.tokens import document_starts
 
         tokens, keep = self.tokens(dataset_path, keep, n_tokens, ctx_len, exclude_tokens)
         sizes = [[m.cfg.d_mlp] * m.cfg.n_layers for m in self.models]
+        split = HalfSplit.by_document(document_starts(tokens, keep, int(tokens[0, 0])), int(keep.sum()))
         return run_engine(lambda needed: model_chunks(self.models, tokens, keep, batch_size, self.device, needed), sizes,
-                          reference, n_rotations, rotation_seed, self.device)
+                          reference, n_rotations, rotation_seed, self.device, split=split)
 
     def compute_excess_correlations_for_all_neurons(self, dataset_path, reference: int = 0, n_rotations: int = 5,
                                                     rotation_seed: int = 0, batch_size: int = 32, keep=None,

@@ -8,6 +8,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from unlib.dataset import DatasetError
+from unlib.engine.halves import HalfSplit
 from unlib.exclusion import kept_positions
 from unlib.h5read import H5Reader, read_h5
 from unlib.h5write import write_h5
@@ -138,6 +139,31 @@ def write_token_sequences(path: str | Path, texts: Iterable[str | np.ndarray], t
     tokens, keep, counts = token_sequences(texts, tokenizer, bos_id, n_tokens, ctx_len, exclude_ids, skip_tokens)
     write_tokens(path, tokens, {**attrs, **counts, "bos_id": bos_id, "exclude_ids": exclude_ids}, keep)
     return counts
+
+
+def document_starts(tokens: np.ndarray, keep: np.ndarray, separator_id: int) -> np.ndarray:
+    """The analysed rows (kept positions, in order) at which a document begins after the
+    first: a document ends with the separator, which column 0 (each sequence's BOS) is not.
+    Read 8,192 sequences at a time, so a file of 100M tokens needs no stream-long array."""
+    starts = [np.zeros(0, dtype=np.int64)]
+    rows_before = 0
+    for s in range(0, len(tokens), 8192):
+        block, kept = tokens[s:s + 8192], keep[s:s + 8192]
+        seq, col = np.nonzero(block[:, 1:] == separator_id)
+        col += 1
+        # kept positions before this block, in the sequences before the separator's, and up to it in its own
+        per_seq = np.concatenate([[0], np.cumsum(kept.sum(axis=1))])
+        within = np.cumsum(kept, axis=1)
+        starts.append(rows_before + per_seq[seq] + within[seq, col])
+        rows_before += int(per_seq[-1])
+    return np.concatenate(starts)
+
+
+def halves_of(path: str | Path) -> HalfSplit:
+    """The split-half halves of a token file's analysed rows: whole documents (HalfSplit)."""
+    arrays, attrs = read_h5(path)
+    keep = arrays["keep"]
+    return HalfSplit.by_document(document_starts(arrays["tokens"], keep, int(attrs["bos_id"])), int(keep.sum()))
 
 
 def read_tokens(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

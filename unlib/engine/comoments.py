@@ -11,7 +11,8 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from unlib.engine.layout import FULL, HALVES, Layout, Unit, block_segments
+from unlib.engine.halves import BLOCKS, HalfSplit
+from unlib.engine.layout import FULL, HALVES, Layout, Unit
 from unlib.engine.results import PassStats
 
 # chunks(needed) -> per chunk, per model (tokens, all of the model's neurons) or None
@@ -162,15 +163,15 @@ class CoMoments:
 
 
 def stream(layout: Layout, chunks: Feed, units: list[Unit], device: torch.device, stats: PassStats,
-           progress: Callable[[PassStats], None] | None = None) -> CoMoments:
+           progress: Callable[[PassStats], None] | None = None, split: HalfSplit = BLOCKS) -> CoMoments:
     """One pass over the tokens: Chan-merged co-moments of every unit and the within-layer
-    co-moments of every layer the units need, per half, finished for the result step.
-    `progress(stats)` follows each chunk."""
+    co-moments of every layer the units need, per half of `split`, finished for the result
+    step. `progress(stats)` follows each chunk."""
     moments = CoMoments.zeros(layout, units, device)
     row = 0
     for chunk in chunks(moments.needed):
         t = next(a.shape[0] for a, layers in zip(chunk, moments.needed) if layers)
-        for half, lo, hi in block_segments(row, t):
+        for half, lo, hi in split.segments(row, t):
             moments.add_rows([None if a is None else a[lo:hi] for a in chunk], half, stats)
         row += t
         stats.tokens += t

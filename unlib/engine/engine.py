@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from unlib.engine.comoments import Feed, stream
+from unlib.engine.halves import BLOCKS, HalfSplit
 from unlib.engine.layout import Unit
 from unlib.engine.memory import ModelFeed
 from unlib.engine.planning import WorkPlan
@@ -18,7 +19,8 @@ from unlib.engine.rotations import layer_rotations
 class ExcessCorrelationEngine(WorkPlan):
     """Max and rotated-baseline correlations of the neurons of each reference model
     against every other model, from activations streamed in token chunks, on all rows
-    and on each half of them (even and odd blocks of HALF_BLOCK_ROWS rows).
+    and on each half of them (whole documents when a HalfSplit of them is given, else
+    alternating blocks of HALF_BLOCK_ROWS rows).
 
     Planning: see WorkPlan. Each pass (`run_pass`) takes the statistics of the layers it reads
     itself and keeps them in values of its own, never on the engine, so passes are independent
@@ -36,20 +38,21 @@ class ExcessCorrelationEngine(WorkPlan):
         super().__init__(layer_sizes, references, n_rotations, device, memory_budget, chunk_tokens, feed, n_tokens)
         self.rotation_seed = rotation_seed
 
-    def run(self, chunks: Feed, progress: Callable[[PassStats], None] | None = None) -> dict[int, list[LayerResult]]:
+    def run(self, chunks: Feed, progress: Callable[[PassStats], None] | None = None,
+            split: HalfSplit = BLOCKS) -> dict[int, list[LayerResult]]:
         """All passes; returns {reference model: [LayerResult per layer]}."""
-        return combine((self.run_pass(chunks, units, progress) for units in self.passes), self.layer_sizes,
+        return combine((self.run_pass(chunks, units, progress, split) for units in self.passes), self.layer_sizes,
                        self.references)
 
-    def run_pass(self, chunks: Feed, units: list[Unit], progress: Callable[[PassStats], None] | None = None
-                 ) -> PassResult:
+    def run_pass(self, chunks: Feed, units: list[Unit], progress: Callable[[PassStats], None] | None = None,
+                 split: HalfSplit = BLOCKS) -> PassResult:
         """One pass over the tokens for `units`, with the statistics of every layer it reads
         (within-layer co-moments, means, constant neurons) taken in the same pass: its
         partial best matches, which merge_partials combines with other passes' exactly, and
-        its cost. `progress(stats)` follows each chunk."""
+        its cost. `split`: which half each row is in. `progress(stats)` follows each chunk."""
         stats = PassStats()
         start = time.perf_counter()
-        moments = stream(self.layout, chunks, units, self.device, stats, progress)
+        moments = stream(self.layout, chunks, units, self.device, stats, progress, split)
         middle = time.perf_counter()
         entries = reduce_pass(moments, units, self.n_rotations, self.rotation_seed, stats)
         stats.stream_seconds = middle - start

@@ -3,25 +3,12 @@ blocks of a model pair) and which layers a pass over them reads and rotates."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
 
 import numpy as np
 
-HALF_BLOCK_ROWS = 2048  # rows per block: even blocks form half A, odd blocks half B
 HALVES = 2
 FULL = HALVES  # index of the full sample next to the halves (0: A, 1: B)
 BYTES = 4  # float32 accumulators and activations
-
-
-def block_segments(start: int, rows: int, block: int = HALF_BLOCK_ROWS) -> Iterator[tuple[int, int, int]]:
-    """(half, lo, hi) for the runs of a chunk's rows [lo, hi) that lie in one block, the
-    chunk's first row being row `start` of the stream."""
-    lo = 0
-    while lo < rows:
-        row = start + lo
-        hi = min(rows, lo + block - row % block)
-        yield (row // block) % HALVES, lo, hi
-        lo = hi
 
 
 @dataclasses.dataclass(frozen=True)

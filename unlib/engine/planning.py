@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from unlib.engine.layout import BYTES, HALF_BLOCK_ROWS, HALVES, Layout, Unit, units_of
+from unlib.engine.halves import HALF_BLOCK_ROWS
+from unlib.engine.layout import BYTES, HALVES, Layout, Unit, units_of
 from unlib.engine.memory import (HOST_CHUNKS, MemoryBudgetError, ModelFeed, chunk_tokens_for,
                                  default_memory_budget)
 from unlib.engine.rotations import ROTATION_LOOKAHEAD

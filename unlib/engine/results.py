@@ -8,7 +8,8 @@ from typing import Iterable
 
 import numpy as np
 
-from unlib.engine.layout import FULL, HALF_BLOCK_ROWS, HALVES
+from unlib.engine.halves import MIN_HALF_ROWS
+from unlib.engine.layout import FULL, HALVES
 from unlib.h5read import H5Reader, read_h5
 from unlib.h5write import write_h5
 
@@ -22,7 +23,8 @@ class LayerResult:
     """Correlations of one reference layer's neurons against each other model:
     arrays are indexed [other model, neuron] (baseline: [other model, rotation, neuron]);
     the *_halves arrays hold the same on half A and half B of the rows, [half, ...], NaN
-    when the rows do not fill two blocks."""
+    unless each half holds MIN_HALF_ROWS rows; `half_rows`: the rows in each half (None:
+    taken as equal)."""
 
     layer: int
     others: list[int]
@@ -32,6 +34,7 @@ class LayerResult:
     baseline_max_corr: np.ndarray
     max_corr_halves: np.ndarray
     baseline_max_corr_halves: np.ndarray
+    half_rows: tuple[int, int] | None = None
 
     ARRAYS = ("max_corr", "max_layer", "max_neuron", "baseline_max_corr", "max_corr_halves",
               "baseline_max_corr_halves")
@@ -39,7 +42,8 @@ class LayerResult:
     def save(self, path, attrs: dict) -> None:
         """Write atomically to an HDF5 file, with `attrs` as provenance."""
         write_h5(path, {name: getattr(self, name) for name in self.ARRAYS},
-                       {**attrs, "layer": self.layer, "other_index": self.others})
+                 {**attrs, "layer": self.layer, "other_index": self.others,
+                  **({} if self.half_rows is None else {"half_rows": list(self.half_rows)})})
 
     @staticmethod
     def attributes(path) -> dict:
@@ -50,8 +54,9 @@ class LayerResult:
     @classmethod
     def load(cls, path) -> "LayerResult":
         arrays, attrs = read_h5(path)
+        half_rows = tuple(int(n) for n in attrs["half_rows"]) if "half_rows" in attrs else None
         return cls(layer=int(attrs["layer"]), others=[int(i) for i in attrs["other_index"]],
-                   **{name: arrays[name] for name in cls.ARRAYS})
+                   **{name: arrays[name] for name in cls.ARRAYS}, half_rows=half_rows)
 
 
 @dataclasses.dataclass
@@ -124,7 +129,7 @@ def merge_partials(best: dict, entries: dict) -> None:
 def collect(best: dict, layer_sizes: list[list[int]], references: list[int],
             half_rows: list[int]) -> dict[int, list[LayerResult]]:
     """{reference: [LayerResult per layer]} from the merged entries of every pass; the
-    halves' arrays are NaN unless the rows fill two blocks (both halves hold one at least)."""
+    halves' arrays are NaN unless each half holds MIN_HALF_ROWS rows."""
     out = {}
     for ref in references:
         others = [m for m in range(len(layer_sizes)) if m != ref]
@@ -133,7 +138,7 @@ def collect(best: dict, layer_sizes: list[list[int]], references: list[int],
             entries = [best[(ref, l, m)] for m in others]
             halves = np.stack([e["max"][:HALVES] for e in entries], axis=1)
             base_halves = np.stack([e["base"][:HALVES] for e in entries], axis=1)
-            if min(half_rows) < HALF_BLOCK_ROWS:
+            if min(half_rows) < MIN_HALF_ROWS:
                 halves[:], base_halves[:] = np.nan, np.nan
             # A dead (constant) reference neuron correlates 0 with everything: no best match
             # is claimed for it (DEAD_MATCH), rather than the first neuron the argmax meets.
@@ -144,7 +149,8 @@ def collect(best: dict, layer_sizes: list[list[int]], references: list[int],
                                       max_corr=np.stack([e["max"][FULL] for e in entries]),
                                       max_layer=max_layer, max_neuron=max_neuron,
                                       baseline_max_corr=np.stack([e["base"][FULL] for e in entries]),
-                                      max_corr_halves=halves, baseline_max_corr_halves=base_halves))
+                                      max_corr_halves=halves, baseline_max_corr_halves=base_halves,
+                                      half_rows=(int(half_rows[0]), int(half_rows[1]))))
         out[ref] = layers
     return out
 

@@ -17,13 +17,17 @@ PAIRWISE_COLUMNS = ["layer", "neuron", "other_model", "max_corr", "max_layer", "
 Z_95 = 1.96  # two-sided 95 % normal quantile
 
 
-def split_half_error(half_a: np.ndarray, half_b: np.ndarray) -> np.ndarray:
+def split_half_error(half_a: np.ndarray, half_b: np.ndarray, half_rows: tuple[int, int] | None = None
+                     ) -> np.ndarray:
     """Standard error of a layer's full-sample excess correlations from its two halves'.
 
-    Per neuron se_i = |a_i - b_i| / 2 (the variance of the full-sample mean of two
-    independent halves); with one degree of freedom it is often far too small, so it is
-    floored by the layer's pooled se_L = sqrt(mean_i se_i^2): se = max(se_i, se_L)."""
-    per_neuron = np.abs(half_a - half_b) / 2
+    Per neuron se_i = |a_i - b_i| sqrt(n_A n_B) / n: an estimate's variance falls as 1/rows,
+    so var(a - b) = v (1/n_A + 1/n_B) for two independent halves and the full sample's is
+    v / n (|a_i - b_i| / 2 for equal halves, also where `half_rows` is None). With one degree
+    of freedom it is often far too small, so it is floored by the layer's pooled
+    se_L = sqrt(mean_i se_i^2): se = max(se_i, se_L)."""
+    n_a, n_b = half_rows or (1, 1)
+    per_neuron = np.abs(half_a - half_b) * np.sqrt(n_a * n_b) / (n_a + n_b)
     pooled = np.sqrt(np.mean(per_neuron ** 2))
     return np.maximum(per_neuron, pooled)
 
@@ -40,7 +44,7 @@ def excess_tables(results: list[LayerResult], model_names: list[str]) -> tuple[p
         baseline = r.baseline_max_corr.mean(axis=1)  # (others, neurons)
         score = (r.max_corr - baseline).mean(axis=0)
         half_a, half_b = (r.max_corr_halves - r.baseline_max_corr_halves.mean(axis=2)).mean(axis=1)
-        se = split_half_error(half_a, half_b)
+        se = split_half_error(half_a, half_b, r.half_rows)
         excess.append(pd.DataFrame({
             "layer": r.layer, "neuron": np.arange(d),
             "excess_correlation": score,
