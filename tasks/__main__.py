@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 
 from tasks import scheduler
+from tasks.common import show_notes
 from tasks.api import AnalysisFailed, build_analyses, plan_correlation, read_results, run_analysis
 from tasks.report import CompareCheckpoints, RunReport
 from tasks.targets import store
@@ -182,8 +183,23 @@ def clean_store(console: Console, confirm: bool) -> int:
     return 0
 
 
+# stdout's width in a file or pipe (rich would assume 80 columns and wrap paths and truncate
+# table cells): wide enough for every table the run prints
+PIPE_WIDTH = 240
+
+
+def stdout_console() -> Console:
+    """The console the run's summary prints to: a terminal's own width; in a file or pipe
+    PIPE_WIDTH, unless $COLUMNS says otherwise."""
+    console = Console()
+    if console.is_terminal or "COLUMNS" in os.environ:
+        return console
+    return Console(width=PIPE_WIDTH)
+
+
 def main(argv: list[str] | None = None) -> int:
-    console = Console(stderr=False)
+    console = stdout_console()
+    show_notes()
     args = parser().parse_args(seed_argv(sys.argv[1:] if argv is None else argv))
     try:
         config = RunConfig(**given_values(args))
@@ -238,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             title += f" (reference {root.model_set.models[root.reference].name})"
         print_summary(console, title, tables["layer_summary"], tables["universal"], str(root.results_dir()))
         print_ablation(console, root.run_dir())
-        console.print(f"Report: [bold]{root.output().path}[/bold]")
+        console.print(f"Report: [bold]{root.output().path}[/bold]", soft_wrap=True)
     console.print(f"Finished in {report.seconds:.1f} s: {len(report.ran_here)} tasks run here, "
                   f"{len(report.already_done)} already complete, {len(report.run_by_other_worker)} run by other workers")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import signal
 import time
 from pathlib import Path
@@ -20,6 +21,21 @@ from unlib import UserError
 from unlib.h5read import DamagedFile
 
 logger = logging.getLogger("luigi-interface")
+# A run's routine lines (the feed a correlation block reads and why, how fast it ran, progress
+# in a file or pipe): plain lines on stderr from the command line (show_notes), not warnings;
+# from Python, where the user configures logging
+notes = logging.getLogger("universal_neurons")
+
+
+def show_notes() -> None:
+    """Print the run's routine lines on stderr as they are, for the command line (once)."""
+    if notes.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    notes.addHandler(handler)
+    notes.setLevel(logging.INFO)
+    notes.propagate = False
 # The pipeline's Luigi settings: luigi.cfg at the top of the checkout, linked into this package
 # (so an installed copy finds it from any directory).
 LUIGI_CFG = Path(__file__).with_name("luigi.cfg")
@@ -109,18 +125,22 @@ class ResultTask(PipelineTask):
 
 
 class TaskProgress:
-    """Progress of a long step: a rich bar in a terminal (none in a notebook or a pipe, where
-    a finished bar would leave an empty line), and the task's progress percentage and
-    status message in the scheduler UI (throttled to once a second, since each is an HTTP
-    call to luigid)."""
+    """Progress of a long step: a rich bar in a terminal; elsewhere (a file, a pipe, a
+    notebook) a line at each quarter done, once the step has taken PIPE_PROGRESS_AFTER
+    seconds; and the task's progress percentage and status message in the scheduler UI
+    (throttled to once a second, since each is an HTTP call to luigid)."""
+
+    PIPE_PROGRESS_AFTER = 10.0
 
     def __init__(self, task: luigi.Task, description: str, total: int, unit: str = "tokens"):
         self.task, self.description, self.total, self.unit = task, description, total, unit
+        terminal = get_console().is_terminal
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                  TextColumn("{task.completed:,.0f}/{task.total:,.0f} " + unit),
-                                 TimeRemainingColumn(), transient=True, disable=not get_console().is_terminal)
+                                 TimeRemainingColumn(), transient=True, disable=not terminal)
         self.bar = self.progress.add_task(description, total=total)
         self.start = self.last = time.monotonic()
+        self.quarters_said = 4 if terminal else 0  # quarters done already said in a line
 
     def __enter__(self) -> "TaskProgress":
         self.progress.start()
@@ -138,3 +158,10 @@ class TaskProgress:
             self.task.set_progress_percentage(round(100 * done / max(self.total, 1), 1))
             self.task.set_status_message(f"{self.description}: {done:,}/{self.total:,} {self.unit} "
                                          f"({rate:,.0f} {self.unit}/s){extra}")
+        quarters = 4 * done // max(self.total, 1)
+        if quarters > self.quarters_said and now - self.start >= self.PIPE_PROGRESS_AFTER:
+            self.quarters_said = quarters
+            rate = done / max(now - self.start, 1e-9)
+            left = (self.total - done) / max(rate, 1e-9)
+            notes.info("%s: %s/%s %s (%d %%, %s %s/s, %.0f s left)%s", self.description, f"{done:,}",
+                       f"{self.total:,}", self.unit, 25 * quarters, f"{rate:,.0f}", self.unit, left, extra)

@@ -15,7 +15,7 @@ import time
 import luigi
 
 from tasks.activations import CacheActivations
-from tasks.common import PipelineTask, TaskProgress
+from tasks.common import PipelineTask, TaskProgress, notes
 from tasks.params import CORRELATION_METHOD, CorrelationParams
 from tasks.targets import H5Target, made_from, store
 from tasks.data import TokenizeDataset, dataset_id
@@ -150,7 +150,7 @@ class CorrelationBlock(CorrelationTask):
                                        engine.feed.sequences(engine.chunk_tokens), self.device)
             read = 0
         path = "activation caches" if use_cache else "models run batch by batch (no cache)"
-        logger.warning("correlation block %s: %s, because %s", self.units, path, why)
+        notes.info("correlation block %s: %s, because %s", self.units, path, why)
         start = time.monotonic()
         with TaskProgress(self, f"correlate {self.units} ({path})", n_tokens) as progress:
             def report(stats: PassStats) -> None:
@@ -161,7 +161,7 @@ class CorrelationBlock(CorrelationTask):
             # the measured peak, against the plan's, as the allocator runs (live=False: tuning it costs time)
             result, peak = peak_memory(lambda: engine.run_pass(chunks, units, report, split), self.device, live=False)
         seconds, flops = time.monotonic() - start, result.stats.flops
-        logger.warning("correlation block %s: %d tokens in %.1f s: %.0f tokens/s, %.1f GFLOP/s", self.units,
+        notes.info("correlation block %s: %d tokens in %.1f s: %.0f tokens/s, %.1f GFLOP/s", self.units,
                        n_tokens, seconds, n_tokens / seconds, flops / seconds / 1e9)
         result.save(self.output().path, {
             "provenance": self.output().expected, "made_from": inputs, "n_tokens": n_tokens, "feed": path, "feed_reason": why,

@@ -44,7 +44,7 @@ def run(tmp_path_factory, mini_zoo):
                    "--threshold", str(THRESHOLD), "--device", "cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = store / "results" / MODELS / f"checkpoint-300_n_tokens-{N_TOKENS}_threshold-{THRESHOLD}"
-    return {"store": store, "dir": results, "stdout": proc.stdout,
+    return {"store": store, "dir": results, "stdout": proc.stdout, "stderr": proc.stderr,
             "excess": pd.read_csv(results / "excess_correlation_scores.csv"),
             "pairwise": pd.read_csv(results / "pairwise_correlations.csv"),
             "stats": pd.read_csv(results / "neuron_stats.csv"),
@@ -62,8 +62,16 @@ def load_layers(path: Path) -> list[np.ndarray]:
         return [f[name][:].astype(np.float64) for name in sorted(f) if "." not in name]
 
 
-def test_summary_printed(run):
-    assert "Universal neurons" in run["stdout"] and str(run["dir"]) in run["stdout"].replace("\n", "")
+def test_summary_printed_whole_to_a_pipe(run):
+    """stdout is a pipe here: rich would wrap at 80 columns, splitting paths and truncating
+    the ablation table's cells and headers with an ellipsis."""
+    out = run["stdout"]
+    assert "Universal neurons" in out and f"Results: {run['dir']}\n" in out
+    assert f"Report: {run['dir'] / 'report.html'}\n" in out
+    header = next(line for line in out.split("Ablation:")[1].splitlines() if "scope" in line)
+    assert "\u2026" not in out and "universal" in header and "random mean" in header
+    # routine lines are plain lines on stderr, not warnings
+    assert "\ncorrelation block " in "\n" + run["stderr"] and "WARNING: correlation block" not in run["stderr"]
 
 
 def test_excess_scores_are_consistent(run):

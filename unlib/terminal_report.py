@@ -34,7 +34,7 @@ def print_summary(console: Console, title: str, layer_summary: pd.DataFrame, uni
             top_table.add_row(str(row.layer), str(row.neuron), f"{row.excess_correlation:.3f}",
                               f"{row.mean_corr:.3f}", f"{row.mean_baseline:.3f}")
         console.print(top_table)
-    console.print(f"Results: [bold]{results_dir}[/bold]")
+    console.print(f"Results: [bold]{results_dir}[/bold]", soft_wrap=True)
 
 
 def print_ablation(console: Console, results_dir: Path) -> None:
@@ -111,4 +111,4 @@ def print_comparison(console: Console, compare_dir: Path) -> None:
         table.add_row(str(step), ", ".join(f"{r.statistic} {r.cliffs_delta:+.2f}" for r in differ.itertuples())
                       or "none")
     console.print(table)
-    console.print(f"Comparison: [bold]{compare_dir}[/bold] (compare.html)")
+    console.print(f"Comparison: [bold]{compare_dir}[/bold] (compare.html)", soft_wrap=True)
