@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     show_notes()
     args = parser().parse_args(seed_argv(sys.argv[1:] if argv is None else argv))
     try:
-        config = RunConfig(**given_values(args))
+        given = given_values(args)
+        config = RunConfig(**given)
         if args.command == "scheduler":
             resolve(config, only=("scheduler_port", "scheduler_gpus"))
             code, line = scheduler.start(config.scheduler_port, config.scheduler_host, config.scheduler_gpus) \
@@ -220,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted before any work started", file=sys.stderr)
         return 130
-    central, why_not = (None, None) if config.scheduler == "local" else scheduler.find(config.scheduler_port)
+    # unless SCHEDULER_PORT is given, this store's luigid wherever its record says it listens
+    port = config.scheduler_port if "scheduler_port" in given else scheduler.store_port(config.scheduler_port)
+    central, why_not = (None, None) if config.scheduler == "local" else scheduler.find(port)
     if config.scheduler == "central" and why_not:
         print(f"error: SCHEDULER=central but {why_not}; start this store's with `make scheduler` "
               f"(another SCHEDULER_PORT if that one is taken) or use SCHEDULER=auto", file=sys.stderr)

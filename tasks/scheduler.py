@@ -94,6 +94,13 @@ def find(port: int) -> tuple[dict | None, str | None]:
     return None, f"no luigid started for this store answers on {host}:{port}"
 
 
+def store_port(default: int) -> int:
+    """The port this store's luigid answers on, where one does (used when SCHEDULER_PORT is not
+    given); else `default`."""
+    record = recorded()
+    return record["port"] if record else default
+
+
 def recorded() -> dict | None:
     """This store's luigid's record, if it answers at the recorded address with its token."""
     record = read_record()
@@ -145,7 +152,13 @@ def start(port: int, host: str = LOCAL, gpus: int | None = None) -> tuple[int, s
         return 2, (f"error: luigid cannot listen on {host}:{port} ({exc.strerror}); use SCHEDULER_HOST=<a name or "
                    f"address of this host> (0.0.0.0: every interface) and a free SCHEDULER_PORT")
     address = outbound_address() if host in WILDCARDS else host
-    gpus = max(1, torch.cuda.device_count()) if gpus is None else gpus  # NVML: no CUDA context
+    here_gpus = torch.cuda.device_count()  # NVML: no CUDA context
+    if gpus is not None:
+        slots = f"{gpus} GPU slot{'s' if gpus != 1 else ''} for CUDA tasks (SCHEDULER_GPUS)"
+    elif here_gpus:
+        gpus, slots = here_gpus, f"{here_gpus} GPU{'s' if here_gpus != 1 else ''}"
+    else:  # one slot, so that CUDA tasks of hosts sharing this luigid can still run
+        gpus, slots = 1, "no GPU on this host: 1 slot for CUDA tasks of hosts sharing it (SCHEDULER_GPUS=N for more)"
     d = scheduler_dir().resolve()
     (d / "logs").mkdir(parents=True, exist_ok=True)
     pid_file = d / "luigid.pid"
@@ -168,7 +181,7 @@ def start(port: int, host: str = LOCAL, gpus: int | None = None) -> tuple[int, s
             record_path().write_text(json.dumps({"host": address, "port": port, "token": token,
                                                  "hostname": socket.gethostname(), "pid": pid,
                                                  "started": psutil.Process(pid).create_time()}))
-            line = f"luigid on http://{address}:{port} (pid {pid}, {gpus} gpu, logs in {d / 'logs'})"
+            line = f"luigid on http://{address}:{port} (pid {pid}; {slots}; logs in {d / 'logs'})"
             if host not in WILDCARDS and is_loopback(host) and host != LOCAL:
                 line += (f"; note: {host} means this host only here ({socket.gethostbyname(host)}), so other hosts "
                          f"cannot reach it: use an address of this host they reach")

@@ -172,6 +172,24 @@ def test_a_scheduler_address_or_gpu_count_that_cannot_work_is_one_line(tmp_path)
         assert not (store / "scheduler" / "scheduler.json").exists()
 
 
+def test_a_run_finds_this_stores_luigid_on_the_port_it_was_started_on(mini_zoo, tmp_path):
+    """`make scheduler SCHEDULER_PORT=P`, then `make analyze` without SCHEDULER_PORT: the run
+    uses the luigid on P (it used to say it listens on P, not 8082, and run locally)."""
+    store, port = tmp_path / "store", free_port()
+    shutil.copytree(mini_zoo, store / "zoo")
+    started = scheduler(store, "start", port)
+    assert started.returncode == 0, started.stderr
+    gpus = torch.cuda.device_count()
+    assert (f"; {gpus} GPU" if gpus else "; no GPU on this host: 1 slot for CUDA tasks") in started.stdout
+    try:
+        proc = analyze(store, "--models", MODELS, "--checkpoint", "300", "--n-tokens", "4096", "--device", "cpu",
+                       "--scheduler", "auto")
+        assert proc.returncode == 0, proc.stderr
+        assert f"Scheduler: central luigid on 127.0.0.1:{port}; device: cpu" in proc.stdout
+    finally:
+        assert scheduler(store, "stop").stdout.startswith("luigid (pid")
+
+
 @pytest.mark.slow
 def test_a_luigid_not_started_for_this_store_is_never_used(fresh_run, tmp_path):
     store, other = tmp_path / "store", tmp_path / "other"

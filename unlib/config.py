@@ -422,7 +422,8 @@ PARAMETERS: tuple[Parameter, ...] = (
               "unset: the model set's", "tokens and everything after", set_default=True, check=check_dataset_value),
     Parameter("scheduler", str, "auto", "auto (this store's luigid when it runs, else local), local or central", "",
               commands=EXECUTING, check=check_scheduler),
-    Parameter("scheduler_port", int, 8082, "the port of this store's luigid", "",
+    Parameter("scheduler_port", int, 8082, "the port of this store's luigid; unset: the port it was started on "
+              "(make analyze), else 8082", "",
               commands=(*EXECUTING, "scheduler"), check=check_port),
     Parameter("scheduler_host", str, "127.0.0.1", "the address luigid listens on; one other hosts reach to share it",
               "", commands=("scheduler",)),
