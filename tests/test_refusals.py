@@ -285,3 +285,23 @@ def test_an_interpreter_without_the_dependencies(store):
     assert len(ours) == 1 and ours[0].startswith("error: the Python package '"), proc.stderr
     assert "is missing from" in ours[0] and "-m pip install -r requirements.txt" in ours[0]
     assert snapshot(store) == before
+
+
+def test_an_unreachable_hub_is_found_once_and_fast_and_every_fetch_is_named(store):
+    """Without HF_HUB_OFFLINE and with the hub unreachable (HF_ENDPOINT on a closed port), a
+    hub model set used to retry each call for ~30 s and name the first model only, with a
+    command the pinned huggingface_hub does not ship (huggingface-cli)."""
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    env.update(UNLIB_STORE=str(store), HF_ENDPOINT="http://127.0.0.1:9")
+    command = [sys.executable, "-m", "tasks", "analyze", "--scheduler", "local", "--models", "stanford-gpt2-small",
+               "--checkpoint", "1000", "--n-tokens", "10000000"]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Retry" not in proc.stderr, proc.stderr
+    models = resolve_model_set("stanford-gpt2-small").models
+    fetches = [f"`hf download {m.source} --revision checkpoint-1000`" for m in models]
+    assert all(fetch in lines[0] for fetch in fetches) and "`hf download --repo-type dataset NeelNanda/pile-10k`" \
+        in lines[0] and "huggingface-cli" not in lines[0], lines[0]
+    plan = subprocess.run([sys.executable, "-m", "tasks", "plan", "--models", "stanford-gpt2-small"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0 and "Retry" not in plan.stdout + plan.stderr, plan.stderr

@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 
+from unlib.hub import offline_unless_reachable
 from unlib.model_sets import ZOOS, ModelError, ModelSpec
 
 # Checkpoint subfolders of a local model: `checkpoint-<step>` (Hugging Face Trainer, Stanford
@@ -101,6 +102,7 @@ def model_location(spec: ModelSpec, checkpoint: int | None) -> tuple[str, str | 
         if not (Path(spec.source) / "config.json").exists() and steps:
             return str(steps[max(steps)]), None
         return spec.source, None
+    offline_unless_reachable()  # a hub model: asked once, so that an unreachable hub fails fast
     if checkpoint is None:
         return spec.source, None
     check_transformer_lens()  # a private function: its place and signature may change outside 4.x

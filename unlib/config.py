@@ -17,12 +17,13 @@ from unlib.activations import cache_bytes, choose_feed
 from unlib.engine.halves import HALF_BLOCK_ROWS
 from unlib.engine.memory import ModelFeed, ModelFootprint, default_memory_budget, parse_bytes
 from unlib.engine.planning import WorkPlan
-from unlib.dataset import check_dataset
+from unlib.dataset import OFFLINE_CORPUS, check_dataset, parse_dataset
+from unlib.hub import dataset_download, fetch_advice
 from unlib.exclusion import exclusion_ids, parse_exclusion
 from unlib.tokens import DEFAULT_N_TOKENS
 from unlib import checkpoints
-from unlib.model_loading import (check_same_tokenizer, check_weights, load_tokenizer, max_context, mlp_shape,
-                                 model_footprint, planned_footprint, resolve_device)
+from unlib.model_loading import (HubUnreachable, check_same_tokenizer, check_weights, load_tokenizer, max_context,
+                                 mlp_shape, model_footprint, planned_footprint, resolve_device)
 from unlib.model_sets import ModelError, ModelSet, resolve_model_set
 from unlib.store import Store, check_store
 
@@ -92,6 +93,7 @@ class Resolution:
     caches_bytes: int = 0  # the activation caches of every model
     free_disk: int = 0  # under the store
     work_plan: WorkPlan | None = None
+    given_dataset: str | None = None  # DATASET as given (checked after the models)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -127,11 +129,30 @@ def check_checkpoint(value: int | None, run: Resolution) -> int | None:
     if value is None and len(finals := {checkpoints.final_step(spec) for spec in run.model_set.models}) == 1:
         value = finals.pop()
     if not run.planning:
+        unreachable = []
         for spec in run.model_set.models:
             checkpoints.check_checkpoint(spec, value)
-            mlp_shape(spec, value)  # reads each config now, so an unreachable model fails before any work
+            try:
+                mlp_shape(spec, value)  # reads each config now, so an unreachable model fails before any work
+            except HubUnreachable as exc:
+                unreachable.append(exc)
+                continue
             check_weights(spec, value)  # a local folder's weights files: their headers, not the tensors
+        if unreachable:
+            raise ModelError(fetch_everything(unreachable, run))
     return value
+
+
+def fetch_everything(unreachable: list[HubUnreachable], run: Resolution) -> str:
+    """One line for models the hub cannot give: which, and every command that fetches what the
+    run needs (the models at their revisions, and a hub dataset)."""
+    commands = [exc.command for exc in unreachable]
+    dataset = parse_dataset(run.given_dataset or run.model_set.defaults.dataset)
+    if not dataset.files and dataset.name != OFFLINE_CORPUS:
+        commands.append(dataset_download(dataset.name))
+    names = ", ".join(exc.model for exc in unreachable)
+    return (f"cannot load model{'s' if len(unreachable) > 1 else ''} {names}: not in the local Hugging Face cache "
+            f"and the hub cannot be reached; {fetch_advice(commands)}, or pass local folders")
 
 
 def check_checkpoints(value: str, run: Resolution) -> str:
@@ -448,7 +469,7 @@ def resolve(config: RunConfig, planning: bool = False, only: tuple[str, ...] | N
     `planning` (make plan) resolves only what the correlation's plan needs, from the models'
     shapes: nothing is read from the store. `only`: check just these (the scheduler's)."""
     names = only or (PLAN_PARAMETERS if planning else [p.name for p in PARAMETERS])
-    run = Resolution({}, Store().root, planning or only is not None)
+    run = Resolution({}, Store().root, planning or only is not None, given_dataset=config.dataset)
     if not run.planning:
         check_store(run.store_root)
     for name in (p.name for p in PARAMETERS):

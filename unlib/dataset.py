@@ -22,6 +22,7 @@ import datasets
 import numpy as np
 
 from unlib import UserError
+from unlib.hub import dataset_download, fetch_advice, offline_unless_reachable
 from unlib.store import file_fingerprint, short_hash, slug
 
 OFFLINE_CORPUS = "python-stdlib"
@@ -280,12 +281,13 @@ def check_dataset(dataset: str) -> None:
     import huggingface_hub
 
     huggingface_hub.utils.logging.set_verbosity_error()
+    reachable = offline_unless_reachable()
     try:
         builder = datasets.load_dataset_builder(spec.name, spec.config)
     except Exception as exc:  # the hub raises many types; the user needs one line
-        raise DatasetError(f"cannot load dataset {spec.name!r}: {type(exc).__name__}: {str(exc).splitlines()[0]} "
-                           f"(offline: pre-fetch it on a connected machine, or use local files or "
-                           f"{OFFLINE_CORPUS})") from exc
+        unreachable = "" if reachable else f"; the hub cannot be reached: {fetch_advice([dataset_download(spec.name)])}"
+        raise DatasetError(f"cannot load dataset {spec.name!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                           f"{unreachable}; or use local files or {OFFLINE_CORPUS}") from exc
     splits = builder.info.splits
     if splits and spec.split not in splits:
         raise DatasetError(f"dataset {spec.name!r} has no split {spec.split!r}; it has: {', '.join(splits)} "
@@ -332,6 +334,7 @@ def load_texts(dataset: str, seed: int = DOCUMENT_SEED) -> Iterable[str | np.nda
         if "text" not in ds.column_names:
             raise DatasetError(f"dataset {dataset} has no 'text' column (columns: {ds.column_names})")
         return ds.shuffle(seed=seed)["text"]
+    offline_unless_reachable()
     try:
         ds = datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
     except Exception as exc:  # the hub raises many types; the user needs one line

@@ -13,6 +13,7 @@ import torch
 
 from unlib.checkpoints import model_location
 from unlib.engine.memory import ModelFootprint
+from unlib.hub import fetch_advice, model_download
 from unlib.model_sets import HUB_SHAPES, ZOOS, ModelError, ModelSet, ModelSpec
 from unlib.store import file_fingerprint, short_hash
 from unlib.zoo import TRAINING_STATE, quiet_transformers
@@ -83,7 +84,7 @@ def model_config(spec: ModelSpec, checkpoint: int | None):
     try:
         return AutoConfig.from_pretrained(location, revision=revision)
     except OSError as exc:
-        raise _unreachable(spec, revision) from exc
+        raise HubUnreachable(spec, revision) from exc
 
 
 def mlp_shape(spec: ModelSpec, checkpoint: int | None) -> tuple[int, int]:
@@ -126,11 +127,15 @@ def max_context(spec: ModelSpec) -> int | None:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
-def _unreachable(spec: ModelSpec, revision: str | None) -> ModelError:
-    at = f" --revision {revision}" if revision else ""
-    return ModelError(f"cannot load model {spec.name}{f' at {revision}' if revision else ''}: it is not in the "
-                      f"local Hugging Face cache and the hub cannot be reached; pre-fetch it on a connected "
-                      f"machine (`huggingface-cli download {spec.source}{at}`) or pass a local folder")
+class HubUnreachable(ModelError):
+    """A hub model neither in the local cache nor reachable; `command` fetches it."""
+
+    def __init__(self, spec: ModelSpec, revision: str | None):
+        self.model, self.command = spec.name, model_download(spec.source, revision)
+        super().__init__(f"cannot load model {spec.name}{f' at {revision}' if revision else ''}: it is not in the "
+                         f"local Hugging Face cache and the hub cannot be reached; {fetch_advice([self.command])}, "
+                         f"or pass a local folder")
+
 
 
 def load_tokenizer(model_set: ModelSet, store_root: str | Path | None = None):
@@ -159,7 +164,7 @@ def check_same_tokenizer(specs: tuple[ModelSpec, ...] | list[ModelSpec]) -> None
         try:
             vocabularies[spec.name] = AutoTokenizer.from_pretrained(location, revision=revision).get_vocab()
         except OSError as exc:
-            raise _unreachable(spec, revision) from exc
+            raise HubUnreachable(spec, revision) from exc
         except (ValueError, TypeError) as exc:  # transformers: no tokenizer class or files it can build one from
             raise ModelError(f"model {spec.name} has no usable tokenizer in {location} "
                              f"({str(exc).splitlines()[0][:120]}); save it with the model: "
@@ -261,7 +266,7 @@ def load_model(spec: ModelSpec, checkpoint: int | None, device: str = "cpu"):
             raise ModelError(f"cannot load model {spec.name} from {location} ({files}): {type(exc).__name__}: "
                              f"{reason}; save or download the model again") from exc
         if isinstance(exc, OSError):
-            raise _unreachable(spec, revision) from exc
+            raise HubUnreachable(spec, revision) from exc
         raise
     model.eval()
     return model
