@@ -49,13 +49,16 @@ class Ablation(RunParams, ResultTask):
         if self.ablation == "mean":  # from the statistics pass over the analysed tokens: no pass of its own
             means = torch.tensor(stats["post_mean"].to_numpy().reshape(-1, d_mlp))
         tokens, keep = read_tokens(self.input()["tokens"].path)
-        warning = few_documents_warning(self.ablation_n_tokens, token_file_record(self.input()["tokens"].path)["n_documents"])
-        if warning:
-            logger.warning("%s", warning)
-        model = load_model(spec, self.checkpoint, self.device)
-        distinct = len({tuple(s) for s in sets.values()})
-        with TaskProgress(self, f"ablate {distinct} neuron sets ({self.ablation})", int(keep[:, 1:].sum())) as progress:
-            base, results = ablation_metrics(model, tokens, keep, sets, means, self.batch_size, progress)
+        base, results = {}, {}
+        if sets:  # nothing universal: no pass over the held-out tokens, empty tables
+            record = token_file_record(self.input()["tokens"].path)
+            if warning := few_documents_warning(self.ablation_n_tokens, record["n_documents"]):
+                logger.warning("%s", warning)
+            model = load_model(spec, self.checkpoint, self.device)
+            distinct = len({tuple(s) for s in sets.values()})
+            with TaskProgress(self, f"ablate {distinct} neuron sets ({self.ablation})",
+                              int(keep[:, 1:].sum())) as progress:
+                base, results = ablation_metrics(model, tokens, keep, sets, means, self.batch_size, progress)
         table = ablation_table(base, results)
         summary = ablation_summary(table)
         out = self.output()

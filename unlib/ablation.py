@@ -105,7 +105,7 @@ def ablation_sets(universal: Neurons, d_mlp: int, n_random: int, seed: int,
     layer l, for each layer holding universal neurons; and each universal neuron alone (scope
     `neuron <l>:<n>`, condition `universal`)."""
     chosen = neuron_list(universal)
-    if not chosen:  # nothing to ablate: the original model alone is measured
+    if not chosen:  # nothing to ablate (the pipeline then runs no pass)
         return {}
     randoms = random_sets(chosen, d_mlp, n_random, seed, deciles)
     sets = {}
@@ -251,10 +251,10 @@ def neuron_table(results: dict[tuple[str, str], dict]) -> pd.DataFrame:
 
 def ablation_table(base: dict, results: dict[tuple[str, str], dict]) -> pd.DataFrame:
     """ablation.csv: per scope of a set (the neurons alone are in neuron_table), the original
-    model (condition `none`), then each set's row."""
+    model (condition `none`), then each set's row; no rows without sets."""
     results = {key: r for key, r in results.items() if not key[0].startswith(NEURON_SCOPE)}
     rows = []
-    for scope in dict.fromkeys(scope for scope, _ in results) or ["all"]:
+    for scope in dict.fromkeys(scope for scope, _ in results):
         rows.append({"scope": scope, "condition": "none", "n_neurons": 0, "loss": base["loss"], "delta_loss": 0.0,
                      "kl": 0.0, "top1_agreement": 1.0})
         rows += [{"scope": s, "condition": c, **r} for (s, c), r in results.items() if s == scope]

@@ -141,6 +141,8 @@ def ablation_html(run: dict, ablation: dict | None) -> str:
                 "says nothing about universal neurons. Run with <code>THRESHOLD</code> to measure it (from Python, "
                 "<code>unlib.ablation.ablate</code> ablates any set).</p>")
     table, summary = ablation["table"], ablation["summary"]
+    if summary.empty:
+        return '<p id="ablation-empty">No universal neurons at this threshold: nothing to ablate.</p>'
     base = float(table.loc[table["condition"] == "none", "loss"].iloc[0])
     how = ("replaced by its mean over the analysed tokens" if run.get("ablation", "mean") == "mean"
            else "set to 0")
@@ -151,9 +153,6 @@ def ablation_html(run: dict, ablation: dict | None) -> str:
                 f"exclusions)")
     warning = few_documents_warning(run.get("ablation_tokens") or 0, documents)
     few = f'<p class="warning" id="ablation-few-documents">Warning: {esc(warning)}.</p>' if warning else ""
-    if summary.empty:
-        return (f'<p id="ablation-empty">No universal neurons at this threshold: nothing to ablate. The reference '
-                f'model\'s loss on the {held_out} is <span id="ablation-loss">{_g(base)}</span> nats.</p>')
     overall = summary[summary["scope"] == "all"].iloc[0]
     n_random = int(overall["n_random"])
     control = run.get("ablation_control", "layer")
