@@ -197,6 +197,15 @@ def stdout_console() -> Console:
     return Console(width=PIPE_WIDTH)
 
 
+def say_what_report_runs(roots: list[RunReport]) -> None:
+    """make report rebuilds a finished analysis's page; where the variables describe an analysis
+    not finished (another THRESHOLD, say), it runs that first: said in one line, not silently."""
+    for root in roots:
+        if not root.requires()["analysis"].complete():
+            print(f"make report: no finished analysis in {root.run_dir()}: running it first (what it shares with "
+                  f"finished runs, such as their correlations, is reused)", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     console = stdout_console()
     show_notes()
@@ -231,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     why = f" ({why_not})" if why_not else ""
     where = f"central luigid on {central['host']}:{central['port']}" if central else "local"
     console.print(f"Scheduler: {where}{why}; device: {roots[0].device}", highlight=False)
+    if args.command == "report":
+        say_what_report_runs(roots)
     try:
         report = run_analysis(roots, workers=config.workers,
                               central=(central["host"], central["port"]) if central else None)

@@ -167,3 +167,35 @@ def test_final_weights_are_the_step_they_are_where_it_is_known():
     assert zoo.checkpoint == max(ZOOS["toy-zoo-mini"].save_steps) == 300
     assert resolve(RunConfig(models="stanford-gpt2-small", corr_memory="8G", device="cpu"),
                    planning=True).checkpoint is None
+
+
+def test_a_default_given_explicitly_is_the_same_run(tmp_path, monkeypatch):
+    """`excess_threshold=0.3` (the README's API example) on the toy zoo, whose threshold is 0.3,
+    wrote checkpoint-1000_threshold-0.3/, a copy of checkpoint-1000/; a fifth of N_TOKENS given
+    as ABLATION_TOKENS likewise made an ablation subfolder."""
+    from tasks.api import build_analyses
+    from unlib.model_sets import resolve_model_set
+
+    monkeypatch.setenv("UNLIB_STORE", str(tmp_path))
+
+    def folder(**given) -> str:
+        return str(build_analyses(RunConfig(models="toy-zoo-mini", checkpoint=300, device="cpu", corr_memory="1G",
+                                            **given))[0].run_dir().relative_to(tmp_path))
+
+    default = folder()
+    assert default == "results/toy-zoo-mini/checkpoint-300"
+    assert folder(threshold=resolve_model_set("toy-zoo-mini").defaults.threshold) == folder(ablation_tokens=20_000) == default
+    assert folder(threshold=0.2) == default + "_threshold-0.2"
+    assert folder(ablation_tokens=5_000) == default + "/ablation_ablation_tokens-5000"
+
+
+def test_make_report_says_when_it_runs_an_analysis_first(tmp_path, monkeypatch, capsys):
+    """`make report THRESHOLD=0.2` with no such analysis finished runs one: said, not silent."""
+    from tasks.__main__ import build, say_what_report_runs
+
+    monkeypatch.setenv("UNLIB_STORE", str(tmp_path))
+    roots = build("report", RunConfig(models="toy-zoo-mini", checkpoint=300, threshold=0.2, device="cpu",
+                                      corr_memory="1G"))
+    say_what_report_runs(roots)
+    assert capsys.readouterr().err.startswith(f"make report: no finished analysis in {roots[0].run_dir()}: "
+                                              f"running it first")

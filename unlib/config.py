@@ -223,9 +223,10 @@ def check_rotations(value: int, run: Resolution) -> int:
 
 
 def check_threshold(value: float | None, run: Resolution) -> float | None:
+    """The model set's own threshold given explicitly counts as unset: the same run, the same folder."""
     if value is not None and not -1.0 <= value <= 1.0:
         raise ValueError(f"THRESHOLD={value} is outside [-1, 1]: excess correlations are differences of correlations")
-    return value
+    return None if value == run.model_set.defaults.threshold else value
 
 
 def check_top_k(value: int | None, run: Resolution) -> int | None:
@@ -258,7 +259,7 @@ def check_ablation_tokens(value: int | None, run: Resolution) -> int | None:
                          f"(leave it unset for a fifth of N_TOKENS)")
     if (run.n_tokens // 5 if value is None else value) < 1:
         raise ValueError(f"N_TOKENS={run.n_tokens} leaves no held-out tokens for the ablation: set ABLATION_TOKENS")
-    return value
+    return None if value == run.n_tokens // 5 else value  # the default given explicitly: the same folder
 
 
 def check_ablation_control(value: str, run: Resolution) -> str:
