@@ -51,7 +51,10 @@ HELP = {"analyze": "analyse one checkpoint and write its report",
 def parser() -> argparse.ArgumentParser:
     """The command line: each command takes the run parameters (unlib.config.PARAMETERS) it
     uses, as flags; an option not given is None (unset), so RunConfig's default applies."""
-    p = OneLineParser(prog="python -m tasks", description="Universal neurons analysis", epilog=SEED_USAGE,
+    # the name it was called by: `universal-neurons` (the installed script) or `python -m tasks`
+    called = Path(sys.argv[0]).name
+    prog = "python -m tasks" if called in ("__main__.py", "-c", "") else called
+    p = OneLineParser(prog=prog, description="Universal neurons analysis", epilog=SEED_USAGE,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for command in COMMANDS:

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -28,7 +29,7 @@ from tasks.correlation import Correlations
 from tasks.data import TokenizeDataset
 from tasks.targets import store
 from unlib import UserError
-from unlib.config import RunConfig, check_workers, resolve
+from unlib.config import PARAMETERS, RunConfig, check_workers, resolve
 from unlib.dataset import TOKEN_IDS, check_token_ids
 from unlib.plan import CorrelationPlan
 from unlib.selection import UniversalNeuronAnalyzer
@@ -259,6 +260,17 @@ def _log_warning(message, category, filename, lineno, file=None, line=None) -> N
     logger.warning("%s", warnings.formatwarning(message, category, filename, lineno, line).rstrip())
 
 
+# The three parameters the seed's function names its own way; the others go by their names
+API_NAMES = {"checkpoint": "checkpoint_value", "threshold": "excess_threshold", "rotations": "n_rotation_samples"}
+
+
+def api_names(message: str) -> str:
+    """A refusal as a Python caller gives the values: `excess_threshold=5`, not `THRESHOLD=5`."""
+    for p in sorted(PARAMETERS, key=lambda p: -len(p.make_variable)):  # N_TOKENS before TOKENS-like prefixes
+        message = re.sub(rf"\b{p.make_variable}\b", API_NAMES.get(p.name, p.name), message)
+    return message
+
+
 def run_universal_neurons_analysis(model_names: str | list[str] | None = None, dataset_path=None,
                                    checkpoint_value: int | None = None, excess_threshold: float | None = None,
                                    n_rotation_samples: int | None = None, store_dir: str | None = None,
@@ -284,7 +296,11 @@ def run_universal_neurons_analysis(model_names: str | list[str] | None = None, d
     values.update({k: v for k, v in seed_names.items() if v is not None})
     config = RunConfig(**values)
     with quiet_run():
-        roots = build_analyses(config)
+        try:
+            roots = build_analyses(config)
+        except ValueError as exc:  # UserError and the parameter checks, which name Make's variables
+            exc.args = (api_names(str(exc)),)
+            raise
         run_analysis(roots, workers=config.workers)
     if str(config.reference) == "all":
         return {root.model_set.models[root.reference].name: read_results(root) for root in roots}

@@ -89,6 +89,14 @@ def test_every_commands_help_prints(capsys):
         assert exit_.value.code == 0 and "--from-make" in capsys.readouterr().out, command
 
 
+@pytest.mark.parametrize("argv0, usage", [("/env/bin/universal-neurons", "usage: universal-neurons "),
+                                          (str(REPO / "tasks" / "__main__.py"), "usage: python -m tasks ")])
+def test_the_usage_names_the_command_as_it_was_called(monkeypatch, capsys, argv0, usage):
+    monkeypatch.setattr(sys, "argv", [argv0])
+    parser().print_usage()
+    assert capsys.readouterr().out.startswith(usage)
+
+
 def test_the_luigi_parameters_follow_from_the_description():
     """A task's run parameter is significant exactly when the description says it changes
     outputs, with its default, unless the run resolves it first (then the task requires it)."""

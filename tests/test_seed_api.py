@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
+from unlib.config import PARAMETERS
 from unlib.engine.tables import DEAD_COLUMN, EXCESS_COLUMNS, SPLIT_HALF_COLUMNS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -203,6 +204,22 @@ def test_bad_token_ids_are_one_clear_error(notebook, monkeypatch, ids, message):
     assert message in str(error.value)
     if "vocabulary" not in message:  # refused before anything is written
         assert set(notebook["store"].glob("datasets/*")) == saved
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"excess_threshold": 5}, "excess_threshold=5 is outside [-1, 1]"),
+    ({"n_tokens": 100}, "n_tokens=100 is too small"),
+    ({"checkpoint_value": 123}, "has no checkpoint at step 123")])
+def test_api_refusals_name_the_api_arguments(tmp_path, monkeypatch, given, message):
+    """The refusals name the arguments as the caller wrote them, not Make's variables
+    (THRESHOLD=5 for excess_threshold=5)."""
+    from universal_neurons_clean import run_universal_neurons_analysis
+
+    monkeypatch.setenv("UNLIB_STORE", str(tmp_path))
+    with pytest.raises(ValueError) as error:
+        run_universal_neurons_analysis(model_names="toy-zoo-mini", device="cpu", **given)
+    assert str(error.value).startswith(message) or message in str(error.value), str(error.value)
+    assert not any(p.make_variable + "=" in str(error.value) for p in PARAMETERS)
 
 
 def test_importing_prints_nothing(tmp_path):
