@@ -43,7 +43,7 @@ def run(tmp_path_factory, mini_zoo):
     proc = analyze(store, "--models", MODELS, "--checkpoint", "300", "--n-tokens", str(N_TOKENS),
                    "--threshold", str(THRESHOLD), "--device", "cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = store / "results" / MODELS / f"checkpoint-300_n_tokens-{N_TOKENS}_threshold-{THRESHOLD}"
+    results = store / "results" / MODELS / f"checkpoint-300_n_tokens-{N_TOKENS}"
     return {"store": store, "dir": results, "stdout": proc.stdout, "stderr": proc.stderr,
             "excess": pd.read_csv(results / "excess_correlation_scores.csv"),
             "pairwise": pd.read_csv(results / "pairwise_correlations.csv"),
@@ -273,8 +273,8 @@ def test_all_references_without_cache_give_the_cached_numbers(run, tmp_path):
                    "--threshold", str(THRESHOLD), "--device", "cpu", "--reference", "all", "--cache", "0")
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / "activations").exists(), "CACHE=0 must not write activation caches"
-    base = f"checkpoint-300_n_tokens-{N_TOKENS}_threshold-{THRESHOLD}"
-    by_reference = lambda ref: f"checkpoint-300_n_tokens-{N_TOKENS}_reference-{ref}_threshold-{THRESHOLD}"  # noqa
+    base = f"checkpoint-300_n_tokens-{N_TOKENS}"
+    by_reference = lambda ref: f"checkpoint-300_n_tokens-{N_TOKENS}_reference-{ref}"  # noqa
     streamed = pd.read_csv(tmp_path / "results" / MODELS / base / "pairwise_correlations.csv")
     np.testing.assert_allclose(streamed["max_corr"], run["pairwise"]["max_corr"], atol=1e-5)
     np.testing.assert_allclose(streamed["baseline_max_corr"], run["pairwise"]["baseline_max_corr"], atol=1e-5)

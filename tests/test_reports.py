@@ -88,7 +88,7 @@ def store(tmp_path_factory, mini_zoo):
 
 
 def run_dir(store: Path, step: int) -> Path:
-    return store / "results" / MODELS / f"checkpoint-{step}_n_tokens-6000_threshold-0.1"
+    return store / "results" / MODELS / f"checkpoint-{step}_n_tokens-6000"
 
 
 def text_of(html: str, element_id: str) -> str:
@@ -155,7 +155,7 @@ def test_report_rebuilds_from_existing_results(store, tmp_path):
 
 
 def test_compare_outputs_match_the_per_checkpoint_runs(store):
-    out = store / "results" / MODELS / "compare-100-300_n_tokens-6000_threshold-0.1"
+    out = store / "results" / MODELS / "compare-100-300_n_tokens-6000"
     universal = {s: pd.read_csv(run_dir(store, s) / "universal_neurons.csv") for s in (100, 300)}
     by = pd.read_csv(out / "universality_by_checkpoint.csv")
     overall = by[by.layer.astype(str) == "all"].set_index("checkpoint")
@@ -211,7 +211,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.mark.parametrize("page", ["report", "compare"])
 def test_pages_render_in_headless_chromium(store, tmp_path, page):
     path = run_dir(store, 300) / "report.html" if page == "report" else \
-        store / "results" / MODELS / "compare-100-300_n_tokens-6000_threshold-0.1" / "compare.html"
+        store / "results" / MODELS / "compare-100-300_n_tokens-6000" / "compare.html"
     shot = tmp_path / "shot.png"
     subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -226,6 +226,45 @@ def test_pages_render_in_headless_chromium(store, tmp_path, page):
     assert blue > 2000, f"embedded images did not render ({blue} plot-coloured pixels)"
 
 
+# Appended to a copy of a page: once it has loaded, every element reaching past the page's right
+# edge, and how wide the page scrolls, written into the DOM for --dump-dom to return.
+OVERFLOW_CHECK = """<script>window.addEventListener("load", () => {
+  const width = document.documentElement.clientWidth;
+  const wide = [...document.querySelectorAll("body *")].filter(e => e.getBoundingClientRect().right > width + 0.5)
+    .map(e => e.tagName + " " + Math.round(e.getBoundingClientRect().width) + " px: "
+              + e.textContent.slice(0, 40));
+  const out = document.createElement("pre");
+  out.id = "overflow-check";
+  out.textContent = JSON.stringify({width: width, scroll: document.documentElement.scrollWidth, wide: wide});
+  document.body.appendChild(out);
+});</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
+@pytest.mark.parametrize("page", ["report", "compare"])
+def test_no_element_is_wider_than_the_page(store, tmp_path, page):
+    """At 1000 and 1400 px the 17-column ablation table and the comparison's tables ran past
+    the page's edge."""
+    source = run_dir(store, 300) / "report.html" if page == "report" else \
+        store / "results" / MODELS / "compare-100-300_n_tokens-6000" / "compare.html"
+    copy = tmp_path / "page.html"
+    copy.write_text(source.read_text() + OVERFLOW_CHECK)
+    for width in (1000, 1400):
+        dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                              f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={width},900",
+                              "--virtual-time-budget=5000", "--dump-dom", copy.as_uri()],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+        found = json.loads(html_unescape(re.search(r'<pre id="overflow-check">(.*?)</pre>', dom).group(1)))
+        assert found["scroll"] <= found["width"] and not found["wide"], (width, found)
+
+
+def html_unescape(text: str) -> str:
+    import html
+
+    return html.unescape(text)
+
+
 def test_null_control_at_initialisation(store):
     """Untrained models share no neurons: at step 0 the excess correlations scatter around
     zero and nothing reaches the threshold; the report says so. (The scatter, mean |excess|
@@ -233,7 +272,7 @@ def test_null_control_at_initialisation(store):
     split-half error being 0.005; the signed mean is within 0.001 of zero.)"""
     proc = cli(store, "analyze", "--checkpoint", "0", *ARGS[:2], "--n-tokens", "20000", *ARGS[4:])
     assert proc.returncode == 0, proc.stderr
-    out = store / "results" / MODELS / "checkpoint-0_n_tokens-20000_threshold-0.1"
+    out = store / "results" / MODELS / "checkpoint-0_n_tokens-20000"
     excess = pd.read_csv(out / "excess_correlation_scores.csv")["excess_correlation"]
     assert abs(excess.mean()) < 0.01 and excess.abs().mean() < 0.03 and excess.max() < 0.1
     html = (out / "report.html").read_text()

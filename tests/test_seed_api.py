@@ -24,7 +24,7 @@ from unlib.engine.tables import DEAD_COLUMN, EXCESS_COLUMNS, SPLIT_HALF_COLUMNS
 REPO = Path(__file__).resolve().parent.parent
 MODELS, CHECKPOINT, N_TOKENS, THRESHOLD, BATCH = "toy-zoo-mini", 300, 8192, 0.1, 16
 TABLES = ("excess", "pairwise", "stats", "universal", "layer_summary")
-RESULTS = f"results/{MODELS}/checkpoint-{CHECKPOINT}_n_tokens-{N_TOKENS}_threshold-{THRESHOLD}"
+RESULTS = f"results/{MODELS}/checkpoint-{CHECKPOINT}_n_tokens-{N_TOKENS}"  # THRESHOLD: the set's own
 
 # The seed's notebook cell, with this project's model set; it saves what it got for the test.
 NOTEBOOK = f"""

@@ -21,8 +21,9 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; 
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.8em; }
 table { border-collapse: collapse; margin: .6em 0; font-size: .9em; }
 th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
+td { white-space: nowrap; } td.l, td.wrap { white-space: normal; }
 th { background: #f4f4f4; } td.l, th.l { text-align: left; }
-img { max-width: 100%; border: 1px solid #eee; margin: .4em 0; }
+img { max-width: 100%; box-sizing: border-box; border: 1px solid #eee; margin: .4em 0; }
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 1em; }
 .card { border: 1px solid #ccc; border-radius: 6px; padding: .6em 1em; }
 .card h3 { margin: .2em 0; } .ctx { font-family: monospace; font-size: .85em; white-space: pre-wrap; margin: .15em 0; }
@@ -48,13 +49,28 @@ def svg_tag(svg: str, alt: str) -> str:
 def table_html(df: pd.DataFrame, float_format: str = "{:.3f}", key: str | None = None) -> str:
     """A plain HTML table; with `key`, each row carries data-<key>="<its value in that column>"
     so scripts and tests can find it."""
-    head = "".join(f"<th>{esc(c)}</th>" for c in df.columns)
+    # a long column name may wrap after its underscores, so wide tables fit the page
+    head = "".join(f"<th>{esc(c).replace('_', '_<wbr>')}</th>" for c in df.columns)
     rows = []
     for _, row in df.astype(object).iterrows():  # object dtype keeps integers integers
         cells = "".join(f'<td data-col="{esc(c)}">{esc(_cell(v, float_format))}</td>' for c, v in row.items())
         attr = f' data-{esc(key)}="{esc(row[key])}"' if key else ""
         rows.append(f"<tr{attr}>{cells}</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def by_measure(summary: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """An ablation summary (one row per scope or checkpoint, 17 columns) as two rows each, one
+    per measure (loss change, KL): the universal set's value, the random sets' mean and 5-95 %
+    range, z and p; narrow enough for the page."""
+    rows = []
+    for row in summary.to_dict("records"):  # integers stay integers
+        for metric, label in (("delta_loss", "Δloss"), ("kl", "KL")):
+            rows.append({**{k: row[k] for k in keys}, "measure": label, "universal": row[f"universal_{metric}"],
+                         "random_mean": row[f"random_{metric}_mean"],
+                         "random_5-95 %": f"{_g(row[f'random_{metric}_q05'])} to {_g(row[f'random_{metric}_q95'])}",
+                         "z": row.get(f"{metric}_z", np.nan), "p": row[f"{metric}_p"]})
+    return pd.DataFrame(rows)
 
 
 def _cell(value, float_format: str) -> str:
@@ -194,7 +210,8 @@ def ablation_html(run: dict, ablation: dict | None) -> str:
     alone = ("" if neurons is None or neurons.empty else
              f"<p>Each universal neuron ablated alone (<code>ablation_neurons.csv</code>), the ten that change the "
              f"loss most:</p>{table_html(neurons.head(10), '{:.4g}')}")
-    return (few + sentence + table_html(summary, "{:.4g}", key="scope") + seed + alone
+    return (few + sentence + table_html(by_measure(summary, ["scope", "n_neurons"]), "{:.4g}", key="scope") + seed
+            + alone
             + image_tag(ablation["plot"], "ablation_impact"))
 
 
@@ -266,13 +283,16 @@ def run_report_html(run: dict, excess: pd.DataFrame, contrasts: pd.DataFrame, un
     properties = (f'<p id="contrasts-sentence">{esc(differences_sentence(contrasts))}</p>'
                   + table_html(contrasts, "{:.4g}", key="statistic"))
     cards_html = "".join(_card_html(c) for c in cards) or "<p>No universal neurons at this threshold.</p>"
+    # the fraction depends on the cut: said beside it, so that it is not read against another's
+    selection = (f"as the {run['top_k']} highest excess correlations (TOP_K)" if run.get("top_k") is not None
+                 else f"at excess correlation ≥ {run['threshold']:g}")
     title = f"Universal neurons: {run['model_set']} {run.get('run_name', '')}"
     return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>{STYLE}</style></head><body>
 <h1>{esc(title)}</h1>
 <h2>Summary</h2>
 <p class="big"><span id="n-universal">{n_universal}</span> of <span id="n-neurons">{n_neurons}</span> neurons
-universal (<span id="fraction">{n_universal / max(n_neurons, 1):.2%}</span>)</p>
+universal (<span id="fraction">{n_universal / max(n_neurons, 1):.2%}</span>) <span id="selection">{esc(selection)}</span></p>
 {stability}
 {dead_html(run)}
 {null_control_html(run, excess)}
@@ -355,7 +375,4 @@ def ablation_by_checkpoint_html(steps: list[int], ablation: pd.DataFrame | None)
                 f'random sets (5-95 %: {_g(last["random_delta_loss_q05"])} to {_g(last["random_delta_loss_q95"])}); '
                 f"the table gives every checkpoint, all layers together (<code>ablation_by_checkpoint.csv</code> "
                 f"has each layer).{missing}</p>")
-    columns = ["checkpoint", "n_neurons", "universal_delta_loss", "random_delta_loss_mean", "random_delta_loss_q05",
-               "random_delta_loss_q95", "delta_loss_p", "universal_kl", "random_kl_mean", "random_kl_q05",
-               "random_kl_q95", "kl_p"]
-    return sentence + table_html(overall[columns], "{:.4g}", key="checkpoint")
+    return sentence + table_html(by_measure(overall, ["checkpoint", "n_neurons"]), "{:.4g}", key="checkpoint")

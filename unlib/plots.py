@@ -244,8 +244,10 @@ def ablation_impact_plot(table: pd.DataFrame, summary: pd.DataFrame, path: str |
 
 def ablation_by_checkpoint_plot(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
     """Per scope across checkpoints, the universal set's loss change and KL (solid) against the
-    matched random sets' mean (dashed) and 5-95 % range (shaded)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    matched random sets' mean (dashed) and 5-95 % range (shaded); one legend, below the axes,
+    where it covers no data."""
+    legend_rows = -(-2 * table["scope"].nunique() // 3)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4 + 0.25 * legend_rows))
     for ax, (metric, label) in zip(axes, ABLATION_METRICS):
         for scope, d in table.groupby("scope", sort=False):
             line, = ax.plot(d["checkpoint"], d[f"universal_{metric}"], marker="o", lw=2.5 if scope == "all" else 1.2,
@@ -256,11 +258,13 @@ def ablation_by_checkpoint_plot(table: pd.DataFrame, path: str | Path, title: st
                             color=line.get_color(), alpha=0.15)
         ax.set_xlabel("training step")
         ax.set_ylabel(label)
-        if len(table):
-            ax.legend(fontsize=7)
+    bottom = 0.0
     if table.empty:
         axes[0].text(0.5, 0.5, "no universal neurons at any checkpoint:\nnothing to ablate", ha="center", va="center",
                      transform=axes[0].transAxes)
+    else:
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+        bottom = (0.28 * legend_rows + 0.1) / fig.get_figheight()
     fig.suptitle(f"Ablation of universal neurons across training {title}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     _save(fig, Path(path))
