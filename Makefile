@@ -9,7 +9,7 @@ endif
 
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup lock analyze report compare plan clean-store test test-all browser bench rehearse scheduler scheduler-stop
+.PHONY: setup lock analyze report compare plan clean-store test test-all browser bench rehearse readme-figures scheduler scheduler-stop
 
 setup: $(SETUP)
 
@@ -59,6 +59,11 @@ bench: $(SETUP)
 # and no caches, killed and resumed with other WORKERS and CORR_MEMORY (bench/rehearse.py).
 rehearse: $(SETUP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.rehearse
+
+# The README's "What the default analysis finds", measured again on this machine and written
+# into README.md with its name and the date (bench/readme_figures.py).
+readme-figures: $(SETUP)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.readme_figures
 
 # The Luigi central scheduler (web UI at http://127.0.0.1:8082, or SCHEDULER_HOST:SCHEDULER_PORT);
 # state, pid file and logs under store/scheduler/.

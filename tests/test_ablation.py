@@ -346,7 +346,7 @@ def test_summary_p_values_are_permutation_p_values(run):
 
 def test_report_section_shows_the_csv_numbers(run):
     from PIL import Image
-    from test_reports import rows, text_of
+    from test_reports import text_of
 
     html = (run["dir"] / "report.html").read_text()
     summary, table = run["summary"], run["table"]
@@ -360,11 +360,18 @@ def test_report_section_shows_the_csv_numbers(run):
                             ("random-delta-loss-q95", "random_delta_loss_q95"), ("random-kl-mean", "random_kl_mean"),
                             ("random-kl-q05", "random_kl_q05"), ("random-kl-q95", "random_kl_q95")]:
         assert float(text_of(html, f"ablation-{element}")) == pytest.approx(overall[column], rel=1e-3), element
-    shown = rows(html, "scope")
-    assert set(shown) == set(summary["scope"])
+    # the summary table: a row per scope and measure
+    shown = {}
+    for scope, body in re.findall(r'<tr data-scope="([^"]*)">(.*?)</tr>', html):
+        cells = dict(re.findall(r'<td data-col="([^"]*)">([^<]*)</td>', body))
+        shown[(scope, cells["measure"])] = cells
+    assert set(shown) == {(s, m) for s in summary["scope"] for m in ("Δloss", "KL")}
     for row in summary.itertuples(index=False):
-        for column in ("universal_delta_loss", "random_delta_loss_mean", "delta_loss_p", "universal_kl", "kl_p"):
-            assert float(shown[row.scope][column]) == pytest.approx(getattr(row, column), rel=1e-3, abs=1e-9)
+        for metric, measure in (("delta_loss", "Δloss"), ("kl", "KL")):
+            cells = shown[(row.scope, measure)]
+            for shown_as, column in (("universal", f"universal_{metric}"), ("random_mean", f"random_{metric}_mean"),
+                                     ("p", f"{metric}_p")):
+                assert float(cells[shown_as]) == pytest.approx(getattr(row, column), rel=1e-3, abs=1e-9)
     sentence = re.sub(r"<[^>]+>", "", re.search(r'id="ablation-sentence">(.*?)</p>', html).group(1))
     assert "more harmful" in sentence and "held-out tokens" in sentence
     image = np.asarray(Image.open(run["dir"] / "plots" / "ablation_impact.png").convert("L"), dtype=float)

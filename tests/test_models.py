@@ -37,7 +37,7 @@ def test_pythia_set_is_the_four_160m_seeds_with_step_revisions():
     assert model_location(pythia.models[0], None) == ("EleutherAI/pythia-160m", None)
     with pytest.raises(ModelError, match="no checkpoint at step 700; nearest: 512 or 1000"):
         check_checkpoint(pythia.models[0], 700)
-    with pytest.raises(ModelError, match="huggingface-cli download EleutherAI/pythia-160m-seed3 --revision step4000"):
+    with pytest.raises(ModelError, match="hf download EleutherAI/pythia-160m-seed3 --revision step4000"):
         mlp_shape(pythia.models[3], 4000)
     # a hub model outside the checkpointed families has no schedule: CHECKPOINT is refused
     with pytest.raises(ModelError, match="has no training checkpoints"):
@@ -46,7 +46,7 @@ def test_pythia_set_is_the_four_160m_seeds_with_step_revisions():
 
 def test_unreachable_hub_model_is_a_clear_error():
     spec = resolve_model_set("stanford-gpt2-small").models[0]
-    with pytest.raises(ModelError, match="not in the local Hugging Face cache.*huggingface-cli download"):
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache.*hf download"):
         mlp_shape(spec, 1000)
     with pytest.raises(ModelError, match="at checkpoint-1000"):
         load_model(spec, 1000)

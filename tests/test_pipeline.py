@@ -296,7 +296,7 @@ def test_all_references_without_cache_give_the_cached_numbers(run, tmp_path):
     (["--models", "stanford-gpt2-small", "--checkpoint", "1234"], "nearest: 1200 or 1250"),
     (["--models", "pythia-160m", "--checkpoint", "700"], "nearest: 512 or 1000"),
     (["--models", "pythia-160m", "--checkpoint", "4000"],
-     "huggingface-cli download EleutherAI/pythia-160m --revision step4000"),
+     "`hf download EleutherAI/pythia-160m --revision step4000`"),
     (["--n-tokens", "many"], "N_TOKENS must be an integer, not 'many'"),
     (["--models", MODELS, "--n-tokens", "4000"], "N_TOKENS=4000 is too small: use at least 4096 tokens"),
     (["--models", MODELS, "--corr-memory", "lots"], "CORR_MEMORY='lots' is not a size"),

@@ -225,7 +225,7 @@ def test_bad_input_one_line_nonzero_exit_store_untouched(case, mini_zoo, tmp_pat
         "no_gpu": (["--models", MODELS, "--device", "cuda"], "no CUDA GPU"),
         "no_disk": (["--models", MODELS, "--n-tokens", str(10**13), "--cache", "1"], "not enough free disk"),
         "no_dataset": (["--models", MODELS, "--dataset", "no-such-org/no-such-set"], "cannot load dataset"),
-        "hub_model": (["--models", "stanford-gpt2-medium", "--checkpoint", "400000"], "huggingface-cli download"),
+        "hub_model": (["--models", "stanford-gpt2-medium", "--checkpoint", "400000"], "`hf download stanford-crfm/arwen-gpt2-medium-x21 --revision checkpoint-400000`"),
         "rotations": (["--models", MODELS, "--rotations", "0"], "ROTATIONS=0 must be at least 1"),
         "top_k": (["--models", MODELS, "--top-k", "-3"], "TOP_K=-3 must be a positive"),
     }[case]
