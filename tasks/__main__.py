@@ -3,14 +3,17 @@ as the `universal-neurons` command, which takes the seed document's flags too (s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rich.console import Console
 
@@ -199,6 +202,36 @@ def stdout_console() -> Console:
     return console if console.is_terminal else Console(width=PIPE_WIDTH)
 
 
+@contextlib.contextmanager
+def ctrl_c_never_lost() -> Iterator[None]:
+    """Ctrl-C stops the run even when it lands while the process forks a worker: Python ignores
+    a KeyboardInterrupt raised in os.fork's callbacks (logging's lock release), and the run
+    would go on to its end. So until one has left this block, it is raised again every 0.2 s."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+        yield
+        return
+    pending = False
+
+    def interrupt(signum, frame):
+        nonlocal pending
+        pending = True
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        raise KeyboardInterrupt
+
+    def again(signum, frame):
+        if pending:
+            interrupt(signum, frame)
+
+    previous = signal.signal(signal.SIGINT, interrupt), signal.signal(signal.SIGALRM, again)
+    try:
+        yield
+    finally:
+        pending = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGALRM, previous[1])
+
+
 def say_what_report_runs(roots: list[RunReport]) -> None:
     """make report rebuilds a finished analysis's page; where the variables describe an analysis
     not finished (another THRESHOLD, say), it runs that first: said in one line, not silently."""
@@ -245,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         say_what_report_runs(roots)
     try:
-        report = run_analysis(roots, workers=config.workers,
-                              central=(central["host"], central["port"]) if central else None)
+        with ctrl_c_never_lost():
+            report = run_analysis(roots, workers=config.workers,
+                                  central=(central["host"], central["port"]) if central else None)
     except KeyboardInterrupt:
         print("interrupted: finished files are kept and nothing unfinished counts as done; run the same command "
               "again to resume", file=sys.stderr)
