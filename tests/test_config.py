@@ -207,3 +207,24 @@ def test_make_report_says_when_it_runs_an_analysis_first(tmp_path, monkeypatch, 
     say_what_report_runs(roots)
     assert capsys.readouterr().err.startswith(f"make report: no finished analysis in {roots[0].run_dir()}: "
                                               f"running it first")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the ignored one, reported
+def test_a_ctrl_c_that_python_ignores_is_raised_again():
+    """A KeyboardInterrupt raised where Python only reports it (here a __del__; in a run, the
+    at-fork callbacks of the fork that starts a worker) used to be lost, and the run went on."""
+    import signal
+    import time
+
+    from tasks.__main__ import ctrl_c_never_lost
+
+    class InterruptedWhileFreed:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the handler runs here, and its KeyboardInterrupt is ignored
+
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_never_lost():
+            InterruptedWhileFreed()  # freed at once
+            time.sleep(2)  # raised again within 0.2 s
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
