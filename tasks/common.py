@@ -152,16 +152,15 @@ class TaskProgress:
     def __call__(self, done: int, total: int | None = None, extra: str = "") -> None:
         self.progress.update(self.bar, completed=done)
         now = time.monotonic()
+        rate = done / max(now - self.start, 1e-9)
         if now - self.last >= 1.0 or done >= self.total:
             self.last = now
-            rate = done / max(now - self.start, 1e-9)
             self.task.set_progress_percentage(round(100 * done / max(self.total, 1), 1))
             self.task.set_status_message(f"{self.description}: {done:,}/{self.total:,} {self.unit} "
                                          f"({rate:,.0f} {self.unit}/s){extra}")
         quarters = 4 * done // max(self.total, 1)
         if quarters > self.quarters_said and now - self.start >= self.PIPE_PROGRESS_AFTER:
             self.quarters_said = quarters
-            rate = done / max(now - self.start, 1e-9)
             left = (self.total - done) / max(rate, 1e-9)
             notes.info("%s: %s/%s %s (%d %%, %s %s/s, %.0f s left)%s", self.description, f"{done:,}",
                        f"{self.total:,}", self.unit, 25 * quarters, f"{rate:,.0f}", self.unit, left, extra)

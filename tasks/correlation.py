@@ -29,7 +29,7 @@ from unlib.model_loading import mlp_shape, model_footprint
 from unlib.h5write import partial_path
 from unlib.memory_check import peak_memory
 from unlib.store import checkpoint_label, provenance, read_json, short_hash, write_json, write_once
-from unlib.tokens import halves_of, read_tokens
+from unlib.tokens import document_halves, halves_of, read_tokens
 
 logger = logging.getLogger("luigi-interface")
 
@@ -137,14 +137,15 @@ class CorrelationBlock(CorrelationTask):
         units = parse_units(self.units)
         engine = self.engine()
         needed = engine.layout.needed_layers(units)
-        split = halves_of(self.input()[0].path)
         if use_cache:
+            split = halves_of(self.input()[0].path)
             caches = [ActivationCache(t.path) for t in self.input()[1:]]
             n_tokens = caches[0].n_tokens
             chunks = lambda needed: cached_chunks(caches, engine.chunk_tokens, self.device, needed)  # noqa: E731
             read = sum(4 * c.n_tokens * c.d_mlp * len(layers) for c, layers in zip(caches, needed))
         else:
             tokens, keep = read_tokens(self.input()[0].path)
+            split = document_halves(tokens, keep)
             n_tokens = int(keep.sum())
             chunks = functools.partial(run_models, models, self.checkpoint, tokens, keep,
                                        engine.feed.sequences(engine.chunk_tokens), self.device)

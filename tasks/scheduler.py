@@ -95,10 +95,9 @@ def find(port: int) -> tuple[dict | None, str | None]:
 
 
 def store_port(default: int) -> int:
-    """The port this store's luigid answers on, where one does (used when SCHEDULER_PORT is not
-    given); else `default`."""
-    record = recorded()
-    return record["port"] if record else default
+    """The port this store's record names (where `make scheduler` started its luigid; used when
+    SCHEDULER_PORT is not given), else `default`: find() then asks it once whether it answers."""
+    return read_record().get("port", default)
 
 
 def recorded() -> dict | None:

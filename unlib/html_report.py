@@ -21,7 +21,7 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; 
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.8em; }
 table { border-collapse: collapse; margin: .6em 0; font-size: .9em; }
 th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
-td { white-space: nowrap; } td.l, td.wrap { white-space: normal; }
+td { white-space: nowrap; }
 th { background: #f4f4f4; } td.l, th.l { text-align: left; }
 img { max-width: 100%; box-sizing: border-box; border: 1px solid #eee; margin: .4em 0; }
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 1em; }

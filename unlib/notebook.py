@@ -22,7 +22,7 @@ def run_engine(chunks: Feed, layer_sizes: list[list[int]], reference: int = 0, n
                progress: Callable[[PassStats], None] | None = None, split: HalfSplit = BLOCKS
                ) -> list[LayerResult]:
     """Results of one reference model; `chunks(needed)` yields a fresh stream per pass;
-    `split`: the halves (default alternating blocks of rows; HalfSplit.by_document for
+    `split`: the halves (default alternating blocks of rows; unlib.tokens.document_halves for
     halves of whole documents, as the pipeline makes them)."""
     engine = ExcessCorrelationEngine(layer_sizes, [reference], n_rotations, rotation_seed, device, memory_budget)
     return engine.run(chunks, progress, split)[reference]
@@ -121,11 +121,11 @@ class MemoryEfficientExcessCorrelationComputer:
         """The engine's per-layer results for the reference model (see tokens()), with halves
         of whole documents (the BOS of column 0 also ends a document), as the pipeline's."""
         from unlib.activations import model_chunks
-        from unlib.tokens import document_starts
+        from unlib.tokens import document_halves
 
         tokens, keep = self.tokens(dataset_path, keep, n_tokens, ctx_len, exclude_tokens)
         sizes = [[m.cfg.d_mlp] * m.cfg.n_layers for m in self.models]
-        split = HalfSplit.by_document(document_starts(tokens, keep, int(tokens[0, 0])), int(keep.sum()))
+        split = document_halves(tokens, keep)
         return run_engine(lambda needed: model_chunks(self.models, tokens, keep, batch_size, self.device, needed), sizes,
                           reference, n_rotations, rotation_seed, self.device, split=split)
 

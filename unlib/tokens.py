@@ -159,11 +159,15 @@ def document_starts(tokens: np.ndarray, keep: np.ndarray, separator_id: int) -> 
     return np.concatenate(starts)
 
 
+def document_halves(tokens: np.ndarray, keep: np.ndarray) -> HalfSplit:
+    """The split-half halves of BOS-led sequences' analysed rows: whole documents (HalfSplit),
+    the BOS of column 0 being also the separator that ends a document."""
+    return HalfSplit.by_document(document_starts(tokens, keep, int(tokens[0, 0])), int(keep.sum()))
+
+
 def halves_of(path: str | Path) -> HalfSplit:
-    """The split-half halves of a token file's analysed rows: whole documents (HalfSplit)."""
-    arrays, attrs = read_h5(path)
-    keep = arrays["keep"]
-    return HalfSplit.by_document(document_starts(arrays["tokens"], keep, int(attrs["bos_id"])), int(keep.sum()))
+    """The document_halves of a token file."""
+    return document_halves(*read_tokens(path))
 
 
 def read_tokens(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

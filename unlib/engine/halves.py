@@ -50,7 +50,7 @@ class HalfSplit:
         bounds = bounds[(bounds >= 0) & (bounds <= n_rows)]
         longest = -(-n_rows // LONGEST_DOCUMENT)
         least = max(1, min(HALF_BLOCK_ROWS, n_rows // 8))
-        group_starts, group_docs, piece_docs, cut = [], [], [], 0
+        group_starts, group_docs, cut = [], [], 0
         for doc, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
             pieces = -(-(hi - lo) // longest)
             cut += pieces > 1
