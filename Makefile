@@ -52,6 +52,7 @@ browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq chromium >/dev/null; } || echo "chromium not installed: the rendering tests will skip"
 
+# DEVICE=cuda: only the GPU section (precision modes, the stream's rate, projected paper runs).
 bench: $(SETUP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.run
 

@@ -25,6 +25,8 @@ from rich.table import Table
 from bench.reference import PAPER_BATCH_TOKENS, paper_max_correlations
 from unlib.engine.engine import ExcessCorrelationEngine
 from unlib.engine.layout import BYTES, HALVES
+from unlib.engine.planning import WorkPlan
+from unlib.engine.precision import DOCUMENTED_ERROR, ERROR_BOUND, PRECISIONS, default_precision
 from unlib.engine.results import PassStats, combine
 from unlib.plan import matmul_rate
 
@@ -175,6 +177,147 @@ def engine_vs_paper(n_models: int, rotations: int, repeats: int = 3) -> dict:
             "goal": ">= 1.3x" if rotations == 1 else ">= 4x" if rotations == 5 else ""}
 
 
+def toy_zoo_caches() -> list:
+    """The toy zoo's step-1000 activation caches of the default analysis (100,000 tokens), made by
+    `make analyze CHECKPOINT=1000` first where the store lacks them (the zoo trained once)."""
+    from unlib.activations import ActivationCache
+    from unlib.store import Store
+
+    pattern = "activations/toy-zoo-*--seed-*/checkpoint-1000/*_n100000_*.h5"
+    if len(sorted(Store().root.glob(pattern))) < 5:
+        subprocess.run([sys.executable, "-m", "tasks", "analyze", "--checkpoint", "1000"], check=True,
+                       capture_output=True, cwd=Path(__file__).resolve().parent.parent)
+    return [ActivationCache(p) for p in sorted(Store().root.glob(pattern))[:5]]
+
+
+def float64_correlations(data: list[torch.Tensor], engine: ExcessCorrelationEngine) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's (model 0's) max correlations against each other model, and its max
+    correlations against their layers rotated by the engine's own rotations, in float64 on
+    the data's device: (others, neurons) and (others, rotations, neurons); NaN for a
+    reference neuron constant over the tokens."""
+    x = [d.double() - d.double().mean(0) for d in data]
+    norm = [c.norm(dim=0) for c in x]
+    scale = [torch.where(n > 0, 1 / n, torch.zeros_like(n)) for n in norm]
+    maxes, baselines = [], []
+    for m in range(1, len(data)):
+        cross = (x[0].T @ x[m]) * scale[0][:, None]
+        maxes.append((cross * scale[m]).amax(1))
+        samples = []
+        for r in range(engine.n_rotations):
+            parts = []
+            for k, d in enumerate(engine.layer_sizes[m]):
+                cols = slice(k * d, (k + 1) * d)
+                q = engine.rotation(m, k, r).to(x[m].device, torch.float64)
+                rotated = (x[m][:, cols] @ q).norm(dim=0)
+                parts.append(cross[:, cols] @ q * torch.where(rotated > 0, 1 / rotated, torch.zeros_like(rotated)))
+            samples.append(torch.cat(parts, 1).amax(1))
+        baselines.append(torch.stack(samples))
+    dead = (norm[0] == 0).cpu().numpy()
+    maxes, baselines = torch.stack(maxes).cpu().numpy(), torch.stack(baselines).cpu().numpy()
+    maxes[:, dead], baselines[:, :, dead] = np.nan, np.nan
+    return maxes, baselines
+
+
+def precision_errors(data: list[torch.Tensor], sizes: list[list[int]], threshold: float, device: str,
+                     rotations: int = 5) -> dict:
+    """Per PRECISION mode, the engine (REFERENCE=0, from memory) against float64 on `data`: the
+    largest |difference| of a max correlation and of a rotated-baseline max correlation, and
+    how many neurons enter or leave the universal set (excess >= threshold)."""
+    truth_max, truth_base = float64_correlations(data, ExcessCorrelationEngine(sizes, [0], rotations, 0, device))
+    live = ~np.isnan(truth_max[0])
+    truth_set = set(np.flatnonzero(live & ((truth_max - truth_base.mean(1)).mean(0) >= threshold)))
+    out = {}
+    for mode in PRECISIONS:
+        engine = ExcessCorrelationEngine(sizes, [0], rotations, 0, device, precision=mode)
+        layers = engine.run(source(data))[0]
+        got_max = np.concatenate([r.max_corr for r in layers], axis=1)
+        got_base = np.concatenate([r.baseline_max_corr for r in layers], axis=2)
+        got_set = set(np.flatnonzero(live & ((got_max - got_base.mean(1)).mean(0) >= threshold)))
+        out[mode] = {"max_corr_error": float(np.abs(got_max - truth_max)[:, live].max()),
+                     "baseline_error": float(np.abs(got_base - truth_base)[:, :, live].max()),
+                     "universal_changed": len(got_set ^ truth_set), "universal": len(truth_set)}
+    return out
+
+
+def precision_rates(device: str, sizes: list[list[int]], n_tokens: int, seconds: float = 3.0) -> dict:
+    """Per PRECISION mode: the machine's matmul rate in the stream's GEMM shape, and the engine's
+    stream (REFERENCE=all, R=5, from memory) on `sizes`: its rate, its share of that mode's
+    matmul rate, its speedup over fp32, and the share of the correlation's time spent drawing
+    rotations."""
+    data = [a.to(device) for a in synthetic(sizes, n_tokens)]
+    d, width = max(max(s) for s in sizes), max(sum(s) for s in sizes)
+    out = {}
+    for mode in PRECISIONS:
+        rate = matmul_rate(2048, d, width, device, seconds, precision=mode)
+        engine = ExcessCorrelationEngine(sizes, list(range(len(sizes))), 5, 0, device, precision=mode)
+        start = time.perf_counter()
+        passes = [engine.run_pass(source(data), units) for units in engine.passes]
+        total = time.perf_counter() - start
+        stats = PassStats.total(p.stats for p in passes)
+        out[mode] = {"matmul_gflops": rate / 1e9, "stream_gflops": stats.flops / stats.stream_seconds / 1e9,
+                     "stream_over_matmul": stats.flops / stats.stream_seconds / rate,
+                     "stream_s": stats.stream_seconds, "total_s": total,
+                     "rotation_share": stats.rotation_seconds / total}
+    for mode in PRECISIONS:
+        out[mode]["stream_speedup"] = out["fp32"]["stream_s"] / out[mode]["stream_s"]
+    return out
+
+
+def fastest_within_bound(errors: dict, rates: dict) -> str:
+    """The default the measurements choose: the fastest stream among the modes whose errors are
+    below ERROR_BOUND."""
+    fine = [m for m in PRECISIONS if max(errors[m]["max_corr_error"], errors[m]["baseline_error"]) < ERROR_BOUND]
+    return max(fine, key=lambda m: rates[m]["stream_gflops"])
+
+
+def precision_modes() -> dict:
+    """The precision table on this CPU: errors on the toy zoo's step-1000 caches (5 models x
+    2 x 256 neurons, 100,000 tokens, R=5) against float64, rates on the engine_vs_machine
+    shape (4 models x 4 x 512, 32k tokens), and the default the measurements choose against
+    the one the code holds (unlib.engine.precision.default_precision)."""
+    from unlib.model_sets import ZOO_DEFAULTS
+
+    caches = toy_zoo_caches()
+    data = [torch.from_numpy(np.concatenate([c.read(l) for l in range(len(c.layers))], axis=1)) for c in caches]
+    sizes = [[int(d.shape[1]) // len(c.layers)] * len(c.layers) for c, d in zip(caches, data)]
+    errors = precision_errors(data, sizes, ZOO_DEFAULTS["toy-zoo"].threshold, "cpu")
+    del data
+    rates = precision_rates("cpu", [[512] * 4] * 4, 8 * CHUNK)
+    chosen = fastest_within_bound(errors, rates)
+    return {"errors": errors, "rates": rates, "measured_default": chosen, "code_default": default_precision("cpu"),
+            "error_bound": ERROR_BOUND}
+
+
+# The paper's three runs (docs/paper-runs.md): models x layers x neurons, REFERENCE=0, R=5
+PAPER_RUNS = {"stanford-gpt2-small": [[3072] * 12] * 5, "stanford-gpt2-medium": [[4096] * 24] * 5,
+              "pythia-160m": [[3072] * 12] * 4}
+
+
+def cuda_section() -> dict:
+    """`make bench DEVICE=cuda`: the precision table on the GPU (errors against float64 on
+    synthetic activations of the toy zoo's shape, on the device), the stream's rate per mode
+    on GPT-2-small shapes (2 models x 12 x 3072, REFERENCE=all) against the card's matmul rate
+    in that mode, the share of the correlation's time spent drawing rotations, and the
+    correlation's projected wall time for the paper's three runs at 10M and 100M tokens in the
+    measured default (forward passes not included)."""
+    device = "cuda"
+    sizes = [[256, 256]] * 5
+    errors = precision_errors([a.to(device) for a in synthetic(sizes, 8 * CHUNK)], sizes, 0.3, device)
+    rates = precision_rates(device, [[3072] * 12] * 2, 4 * CHUNK)
+    chosen = fastest_within_bound(errors, rates)
+    rate, share = rates[chosen]["stream_gflops"] * 1e9, rates[chosen]["rotation_share"]
+    per_draw = rates[chosen]["total_s"] * share / (2 * 12 * 5)  # seconds per 3072 x 3072 draw
+    projected = {}
+    for name, run_sizes in PAPER_RUNS.items():
+        plan = WorkPlan(run_sizes, 0, 5, "cpu", 64 * 2**30, precision=chosen)  # planning touches no device
+        draws = sum(len(plan.rotation_sizes(u)) for u in plan.passes)
+        draw_s = draws * per_draw * (max(run_sizes[0]) / 3072) ** 2
+        projected[name] = {f"{n // 10**6}M_tokens_hours": (sum(plan.stream_flops(u, n) for u in plan.passes) / rate
+                                                           + draw_s) / 3600 for n in (10**7, 10**8)}
+    return {"device": torch.cuda.get_device_name(0), "errors": errors, "rates": rates, "measured_default": chosen,
+            "code_default": default_precision(device), "projected_correlation": projected}
+
+
 PROBE = """
 import sys
 import bench.run as b
@@ -319,13 +462,53 @@ def workers() -> dict:
             "goal": "<= 1 (more workers never slower)"}
 
 
+def precision_rows(table: Table, section: dict, where: str) -> None:
+    """The precision table's rows: per mode its errors against float64, the change in the
+    universal set, its rates and its speedup over fp32; then the default it chooses."""
+    for mode in PRECISIONS:
+        e, r = section["errors"][mode], section["rates"][mode]
+        table.add_row(f"{where} PRECISION={mode}: max |diff| from float64 (max_corr, baseline); universal set changed",
+                      f"{e['max_corr_error']:.1e}, {e['baseline_error']:.1e}; {e['universal_changed']} of "
+                      f"{e['universal']}", f"<= {DOCUMENTED_ERROR[mode]:.0e} (documented)")
+        table.add_row(f"{where} PRECISION={mode}: stream / matmul rate; speedup over fp32; rotation share",
+                      f"{r['stream_over_matmul']:.2f} ({r['stream_gflops']:,.0f} / {r['matmul_gflops']:,.0f} GFLOP/s); "
+                      f"{r['stream_speedup']:.2f}x; {r['rotation_share']:.0%}",
+                      ">= 0.9 (fp32, CPU)" if mode == "fp32" and where == "cpu" else "")
+    table.add_row(f"{where} default PRECISION: fastest within {ERROR_BOUND:g} of float64",
+                  f"measured {section['measured_default']}, code {section['code_default']}", "the same")
+
+
+def cuda_main(console: Console) -> int:
+    """`make bench DEVICE=cuda`: only the GPU section."""
+    if not torch.cuda.is_available():
+        console.print("error: DEVICE=cuda but no CUDA GPU is available here; run make bench on the GPU host")
+        return 2
+    start = time.perf_counter()
+    section = cuda_section()
+    out = OUT.with_name("results-cuda.json")
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, **section}, indent=2)
+                   + "\n")
+    table = Table(title=f"make bench DEVICE=cuda ({section['device']}, {time.strftime('%Y-%m-%d')})")
+    for col in ("measure", "value", "goal"):
+        table.add_column(col)
+    precision_rows(table, section, "cuda")
+    for name, hours in section["projected_correlation"].items():
+        table.add_row(f"projected correlation, {name}", ", ".join(f"{k.split('_')[0]} tokens {v:.2f} h"
+                                                                  for k, v in hours.items()), "")
+    console.print(table)
+    console.print(f"Wrote {out} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
 def main() -> int:
     console = Console()
     torch.manual_seed(0)
+    if os.environ.get("DEVICE", "").lower().startswith("cuda"):
+        return cuda_main(console)
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
                f"{torch.get_num_threads()} torch threads", "torch": torch.__version__}
     paper = [(m, r) for m in (2, 5) for r in (1, 5)]
-    steps = [("engine_vs_machine", engine_vs_machine),
+    steps = [("precision", precision_modes), ("engine_vs_machine", engine_vs_machine),
              *[(f"vs_paper_{m}_models_R{r}", lambda m=m, r=r: engine_vs_paper(m, r)) for m, r in paper],
              ("memory", memory), ("plan_vs_measured", plan_vs_measured),
              ("scaling", scaling), ("projection", projection), ("workers", workers)]
@@ -340,6 +523,7 @@ def main() -> int:
     for col in ("measure", "value", "goal"):
         table.add_column(col)
     r = results
+    precision_rows(table, r["precision"], "cpu")
     e = r["engine_vs_machine"]
     table.add_row("engine (HDF5 feed) / machine fp32 matmul rate", f"{e['ratio']:.2f} ({e['engine_gflops']:.0f} / "
                   f"{e['machine_gflops']:.0f} GFLOP/s; from memory {e['ratio_from_memory']:.2f})", e["goal"])

@@ -9,6 +9,7 @@ from pathlib import Path
 import luigi
 import numpy as np
 import pandas as pd
+import torch
 
 from tasks.common import ResultTask, TaskProgress
 from tasks.correlation import correlations_of
@@ -19,6 +20,7 @@ from tasks.zoo import model_requirement
 from unlib.contrasts import universal_vs_rest
 from unlib.dataset import DOCUMENT_SEED
 from unlib.tokens import read_tokens, token_file_record
+from unlib.engine.precision import DOCUMENTED_ERROR, ERROR_BOUND
 from unlib.engine.results import LayerResult
 from unlib.engine.tables import SPLIT_HALF_COLUMNS, excess_tables
 from unlib.checkpoints import model_location
@@ -196,6 +198,9 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
             "ablation_documents": (token_file_record(self.input()["held_out"].path)["n_documents"]
                                    if "held_out" in self.input() else None),
             "ablation_control": self.ablation_control, "ablation_seed": self.ablation_seed, "device": self.device,
+            "precision": {"mode": self.effective_precision, "chosen": "PRECISION" if self.precision else
+                          f"the default on {torch.device(self.device).type} (fastest within {ERROR_BOUND:g} of float64)",
+                          "documented_error": DOCUMENTED_ERROR[self.effective_precision]},
             "correlation_seconds": round(float(correlation["seconds"]), 2), "correlation_feed": correlation["feed"],
             "cache_bytes_read": int(correlation["cache_bytes_read"]),
             **correlation_timings(correlation),

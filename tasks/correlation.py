@@ -16,7 +16,7 @@ import luigi
 
 from tasks.activations import CacheActivations
 from tasks.common import PipelineTask, TaskProgress, notes
-from tasks.params import CORRELATION_METHOD, CorrelationParams
+from tasks.params import CorrelationParams
 from tasks.targets import H5Target, made_from, store
 from tasks.data import TokenizeDataset, dataset_id
 from tasks.zoo import model_requirement
@@ -67,14 +67,15 @@ class CorrelationTask(CorrelationParams, PipelineTask):
         feed = None if self.feed[0] else ModelFeed(tuple(model_footprint(m, self.checkpoint)
                                                          for m in self.model_set.models), self.ctx_len)
         return ExcessCorrelationEngine(self.layer_sizes, self.references, self.rotations, self.rotation_seed,
-                                       self.device, parse_bytes(self.corr_memory), feed=feed, n_tokens=self.n_tokens)
+                                       self.device, parse_bytes(self.corr_memory), feed=feed, n_tokens=self.n_tokens,
+                                       precision=self.effective_precision)
 
     def run_params(self) -> dict:
         """The parameters that name the correlation folder (inputs' content is checked, not named)."""
         return {"models": [m.model_id for m in self.model_set.models], "checkpoint": self.checkpoint,
                 "dataset": dataset_id(self.dataset), "n_tokens": self.n_tokens, "ctx_len": self.ctx_len,
                 "exclude_tokens": self.exclude_tokens, "rotations": self.rotations, "rotation_seed": self.rotation_seed,
-                **CORRELATION_METHOD}
+                **self.correlation_method()}
 
     def run_key(self) -> str:
         return f"{self.model_set.name}_{checkpoint_label(self.checkpoint)}_{short_hash(self.run_params())}"
@@ -167,7 +168,7 @@ class CorrelationBlock(CorrelationTask):
         result.save(self.output().path, {
             "provenance": self.output().expected, "made_from": inputs, "n_tokens": n_tokens, "feed": path, "feed_reason": why,
             "seconds": seconds, "flops": flops, "cache_bytes_read": read, "device": str(self.device),
-            "stream_seconds": result.stats.stream_seconds, "reduce_seconds": result.stats.reduce_seconds,
+            "precision": engine.precision, "stream_seconds": result.stats.stream_seconds, "reduce_seconds": result.stats.reduce_seconds,
             "rotation_seconds": result.stats.rotation_seconds, "rotations_drawn": len(engine.rotation_sizes(units)),
             "planned_bytes": engine.pass_bytes(units), "peak_bytes": -1 if peak is None else peak,
             "split_halves": json.dumps(split.record())})
@@ -256,7 +257,7 @@ class Correlations(CorrelationTask):
                     "reference": names[ref], "others": [names[m] for m in layer.others],
                     "n_tokens": attrs[0]["n_tokens"], "rotations": self.rotations, "rotation_seed": self.rotation_seed,
                     "feed": attrs[0]["feed"], "feed_reason": attrs[0]["feed_reason"], "seconds": seconds,
-                    "gflops": gflops, "device": str(self.device), "passes": len(attrs),
-                    "split_halves": attrs[0]["split_halves"],
+                    "gflops": gflops, "device": str(self.device), "precision": self.effective_precision,
+                    "passes": len(attrs), "split_halves": attrs[0]["split_halves"],
                     "cache_bytes_read": sum(int(a["cache_bytes_read"]) for a in attrs),
                     "pass_timings": json.dumps([pass_timing(b.units, a) for b, a in zip(self.requires(), attrs)])})

@@ -11,6 +11,7 @@ from tasks.targets import ResultTarget, store
 from unlib.config import ABLATION_SETTINGS, BY_NAME, folder_defaults
 from unlib.dataset import dataset_inputs
 from unlib.engine.halves import DOCUMENT_RULE
+from unlib.engine.precision import default_precision
 from unlib.model_loading import model_fingerprint
 from unlib.model_sets import ZOOS, ModelSet, resolve_model_set
 
@@ -89,15 +90,26 @@ class CheckpointParams(TokenParams, declaring("checkpoint")):
 CORRELATION_METHOD = {"split_halves": DOCUMENT_RULE}
 
 
-class CorrelationParams(CheckpointParams, declaring("rotations", "rotation_seed", "cache", "corr_memory", "parallel")):
+class CorrelationParams(CheckpointParams, declaring("rotations", "rotation_seed", "precision", "cache", "corr_memory",
+                                                   "parallel")):
     # the index of the reference model in the set (REFERENCE resolved: a name or "all" is not a task's)
     reference = luigi.IntParameter(default=0, description="index of the reference model")
     all_references = luigi.BoolParameter(default=False, description="score every model in the same pass")
     # whether CORR_MEMORY was given (not measured): only a given one re-plans recorded blocks
     corr_memory_given = luigi.BoolParameter(default=False, significant=False)
 
+    @property
+    def effective_precision(self) -> str:
+        """PRECISION, or the device's default where it is unset."""
+        return self.precision or default_precision(self.device)
+
+    def correlation_method(self) -> dict[str, str]:
+        """How the correlations are made beyond the named parameters: the split rule and the
+        products' precision (the device's default can differ between hosts of one store)."""
+        return {**CORRELATION_METHOD, "precision": self.effective_precision}
+
     def inputs(self) -> dict[str, str]:
-        return {**super().inputs(), **CORRELATION_METHOD}
+        return {**super().inputs(), **self.correlation_method()}
 
 
 class RunParams(CorrelationParams, declaring("threshold", "top_k", "ablation", "ablation_tokens", "ablation_samples",

@@ -10,7 +10,7 @@ from tasks.ablation import Ablation
 from tasks.activations import CacheActivations
 from tasks.analysis import Plots, SelectUniversal, UniversalNeuronsAnalysis, write_csv
 from tasks.common import ResultTask
-from tasks.params import CORRELATION_METHOD, RunParams
+from tasks.params import RunParams
 from tasks.targets import store
 from tasks.data import TokenizeDataset
 from tasks.zoo import model_requirement
@@ -97,7 +97,7 @@ class CompareCheckpoints(RunParams, ResultTask):
         return store().compare(self.model_set.name, self.steps, self.variant())
 
     def inputs(self) -> dict[str, str]:
-        return {**self.token_inputs(), **CORRELATION_METHOD, **{f"{name} at step {step}": fingerprint for step in self.steps
+        return {**self.token_inputs(), **self.correlation_method(), **{f"{name} at step {step}": fingerprint for step in self.steps
                                           for name, fingerprint in self.clone(checkpoint=step).model_inputs().items()}}
 
     def output(self):

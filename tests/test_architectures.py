@@ -63,10 +63,11 @@ def save(model, tokenizer, path: Path) -> Path:
 
 
 def analyze(store: Path, models: list[Path], *args: str) -> Path:
-    """Run the pipeline on a list of model folders; the results folder."""
+    """Run the pipeline on a list of model folders (fp32 products: numpy float64's numbers to
+    float32 rounding); the results folder."""
     env = {**os.environ, "UNLIB_STORE": str(store), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "tasks", "analyze", "--scheduler", "local", "--device", "cpu",
-                           "--models", ",".join(map(str, models)), "--dataset", "python-stdlib",
+                           "--precision", "fp32", "--models", ",".join(map(str, models)), "--dataset", "python-stdlib",
                            "--n-tokens", str(N_TOKENS), "--threshold", "0.3", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -20,6 +20,7 @@ from PIL import Image
 
 from test_weight_stats import TOLERANCE, WEIGHT_COLUMNS, reference_weight_stats
 from unlib.engine.halves import HalfSplit
+from unlib.engine.precision import default_precision
 from unlib.engine.rotations import haar_orthogonal
 from unlib.engine.tables import EXCESS_COLUMNS, PAIRWISE_COLUMNS, SPLIT_HALF_COLUMNS
 from unlib.stats import STATS_COLUMNS
@@ -28,11 +29,16 @@ from conftest import REPO, cli_in_process
 MODELS = "toy-zoo-mini"
 N_TOKENS = 6000
 THRESHOLD = 0.1
+# the results folder: PRECISION=fp32 (see analyze) names it where the CPU's default differs
+BASE = f"checkpoint-300_n_tokens-{N_TOKENS}" + ("" if default_precision("cpu") == "fp32" else "_precision-fp32")
 
 
 def analyze(store: Path, *args: str) -> subprocess.CompletedProcess:
+    """The pipeline with fp32 products, so that its numbers are float64's to float32 rounding
+    (each PRECISION's own rounding: test_precision.py)."""
     env = {**os.environ, "UNLIB_STORE": str(store), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "tasks", "analyze", "--scheduler", "local", *args],
+    return subprocess.run([sys.executable, "-m", "tasks", "analyze", "--scheduler", "local", "--precision", "fp32",
+                           *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -43,7 +49,7 @@ def run(tmp_path_factory, mini_zoo):
     proc = analyze(store, "--models", MODELS, "--checkpoint", "300", "--n-tokens", str(N_TOKENS),
                    "--threshold", str(THRESHOLD), "--device", "cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = store / "results" / MODELS / f"checkpoint-300_n_tokens-{N_TOKENS}"
+    results = store / "results" / MODELS / BASE
     return {"store": store, "dir": results, "stdout": proc.stdout, "stderr": proc.stderr,
             "excess": pd.read_csv(results / "excess_correlation_scores.csv"),
             "pairwise": pd.read_csv(results / "pairwise_correlations.csv"),
@@ -224,7 +230,7 @@ def test_a_new_threshold_reruns_only_selection_plots_and_report(run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     ran = {task.split("_")[0] for task in json.loads((tmp_path / "tasks.json").read_text())["ran_here"]}
     assert ran == {"SelectUniversal", "Plots", "UniversalNeuronsAnalysis", "Ablation", "RunReport"}
-    other = run["store"] / "results" / MODELS / f"checkpoint-300_n_tokens-{N_TOKENS}_threshold-0.25"
+    other = run["store"] / "results" / MODELS / (BASE + "_threshold-0.25")
     for name in ("neuron_stats.csv", "excess_correlation_scores.csv", "pairwise_correlations.csv"):
         assert (other / name).read_bytes() == (run["dir"] / name).read_bytes()
         assert (other / name).stat().st_ino == (run["dir"] / name).stat().st_ino, "one file, linked"
@@ -259,7 +265,7 @@ def test_other_parameters_do_not_overwrite_and_nothing_is_recomputed(run):
     proc = analyze(run["store"], "--models", MODELS, "--checkpoint", "300", "--n-tokens", str(N_TOKENS),
                    "--top-k", "5", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
-    top = pd.read_csv(run["store"] / "results" / MODELS / f"checkpoint-300_n_tokens-{N_TOKENS}_top_k-5"
+    top = pd.read_csv(run["store"] / "results" / MODELS / (BASE + "_top_k-5")
                       / "universal_neurons.csv")
     assert len(top) == 5
     assert list(top["neuron"]) == list(run["excess"].sort_values("excess_correlation", ascending=False)["neuron"][:5])
@@ -273,8 +279,8 @@ def test_all_references_without_cache_give_the_cached_numbers(run, tmp_path):
                    "--threshold", str(THRESHOLD), "--device", "cpu", "--reference", "all", "--cache", "0")
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / "activations").exists(), "CACHE=0 must not write activation caches"
-    base = f"checkpoint-300_n_tokens-{N_TOKENS}"
-    by_reference = lambda ref: f"checkpoint-300_n_tokens-{N_TOKENS}_reference-{ref}"  # noqa
+    base = BASE
+    by_reference = lambda ref: f"{BASE}_reference-{ref}"  # noqa
     streamed = pd.read_csv(tmp_path / "results" / MODELS / base / "pairwise_correlations.csv")
     np.testing.assert_allclose(streamed["max_corr"], run["pairwise"]["max_corr"], atol=1e-5)
     np.testing.assert_allclose(streamed["baseline_max_corr"], run["pairwise"]["baseline_max_corr"], atol=1e-5)

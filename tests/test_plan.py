@@ -12,6 +12,7 @@ import torch
 from tasks.api import plan_correlation
 from unlib.config import RunConfig
 from unlib.engine.engine import ExcessCorrelationEngine
+from unlib.engine.precision import default_precision
 
 from conftest import REPO, cli_in_process
 
@@ -96,7 +97,7 @@ def test_make_plan_prints_the_five_gpt2_medium_seeds_without_weights_or_store(tm
                           cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "8.05e+08 streaming, 6.29e+07 reducing, 20 Haar rotations" in proc.stdout
-    assert "GFLOP/s float32 matmul" in proc.stdout and not store.exists()
+    assert f"GFLOP/s {default_precision('cpu')} matmul" in proc.stdout and not store.exists()
     assert np.isfinite(float(proc.stdout.split("estimated time")[1].split()[0].replace(",", "")))
 
 

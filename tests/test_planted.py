@@ -63,7 +63,8 @@ def planted(tmp_path_factory):
     split = HalfSplit.by_document(document_starts(tokens, kept_positions(tokens, []), tokenizer.bos_token_id),
                                   caches[0].n_tokens)
     assert split.record()["cut_documents"] == 1 and split.halves.tolist() == [0, 1, 0, 1]
-    results = run_engine(lambda needed: cached_chunks(caches, 1000), sizes, reference=0, n_rotations=3, split=split)
+    results = run_engine(lambda needed: cached_chunks(caches, 1000), sizes, reference=0, n_rotations=3, split=split,
+                         precision="fp32")
     return {"perms": perms, "results": results, "models": models, "tokens": tokens, "caches": caches}
 
 
@@ -95,7 +96,8 @@ def test_cache_holds_float32_activations_without_bos(planted):
 
 def test_no_cache_feed_gives_the_cached_numbers(planted):
     computer = MemoryEfficientExcessCorrelationComputer(planted["models"], labels=list("abc"))
-    streamed = computer.compute_results(planted["tokens"], reference=0, n_rotations=3)
+    # fp32 products: the feeds' float32 rounding differs, which bf16 would round further
+    streamed = computer.compute_results(planted["tokens"], reference=0, n_rotations=3, precision="fp32")
     for a, b in zip(streamed, planted["results"]):  # the feeds chunk differently (992 tokens, all at once)
         assert np.abs(a.max_corr - b.max_corr).max() <= 1e-5
         assert np.abs(a.baseline_max_corr - b.baseline_max_corr).max() <= 1e-5

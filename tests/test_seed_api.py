@@ -19,12 +19,15 @@ import pytest
 import torch
 
 from unlib.config import PARAMETERS
+from unlib.engine.precision import default_precision
 from unlib.engine.tables import DEAD_COLUMN, EXCESS_COLUMNS, SPLIT_HALF_COLUMNS
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS, CHECKPOINT, N_TOKENS, THRESHOLD, BATCH = "toy-zoo-mini", 300, 8192, 0.1, 16
 TABLES = ("excess", "pairwise", "stats", "universal", "layer_summary")
-RESULTS = f"results/{MODELS}/checkpoint-{CHECKPOINT}_n_tokens-{N_TOKENS}"  # THRESHOLD: the set's own
+# THRESHOLD: the set's own; PRECISION=fp32 (numpy float64's numbers to float32 rounding) names the folder
+RESULTS = f"results/{MODELS}/checkpoint-{CHECKPOINT}_n_tokens-{N_TOKENS}" + \
+    ("" if default_precision("cpu") == "fp32" else "_precision-fp32")
 
 # The seed's notebook cell, with this project's model set; it saves what it got for the test.
 NOTEBOOK = f"""
@@ -33,7 +36,7 @@ from universal_neurons_clean import (run_universal_neurons_analysis, MemoryEffic
 
 results = run_universal_neurons_analysis(model_names="{MODELS}", dataset_path="python-stdlib",
                                          checkpoint_value={CHECKPOINT}, excess_threshold={THRESHOLD},
-                                         n_tokens={N_TOKENS}, batch_size={BATCH}, device="cpu")
+                                         n_tokens={N_TOKENS}, batch_size={BATCH}, device="cpu", precision="fp32")
 analyzer = UniversalNeuronAnalyzer(results["excess"])
 universal = analyzer.identify_universal_neurons(excess_threshold={THRESHOLD})
 
@@ -92,7 +95,8 @@ def test_the_notebook_gives_the_command_lines_results(notebook, tmp_path):
     env = {**os.environ, "UNLIB_STORE": str(store), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "tasks", "analyze", "--scheduler", "local", "--models", MODELS,
                            "--checkpoint", str(CHECKPOINT), "--n-tokens", str(N_TOKENS), "--threshold", str(THRESHOLD),
-                           "--batch-size", str(BATCH), "--device", "cpu"],
+                           "--batch-size", str(BATCH), "--device", "cpu",
+                           "--precision", "fp32"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     files = {"excess": "excess_correlation_scores", "pairwise": "pairwise_correlations", "stats": "neuron_stats",
@@ -141,7 +145,7 @@ def test_the_computer_on_the_set_name_gives_the_pipelines_scores(notebook, monke
     computer = MemoryEfficientExcessCorrelationComputer(MODELS, device="cpu", checkpoint=CHECKPOINT)
     assert computer.model_names == [f"{MODELS}/seed-{s}" for s in range(3)]
     excess = computer.compute_excess_correlations_for_all_neurons("python-stdlib", n_tokens=N_TOKENS,
-                                                                  batch_size=BATCH)
+                                                                  batch_size=BATCH, precision="fp32")
     pipeline = notebook["tables"]["excess"]
     # the same tokens (tokenized by the same code); the activations stream in other chunks
     assert np.abs(excess["excess_correlation"] - pipeline["excess_correlation"]).max() < 1e-5
@@ -177,7 +181,7 @@ def test_dataset_path_takes_token_ids(notebook, monkeypatch):
     ids = torch.from_numpy(stream.astype(np.int64))
     results = run_universal_neurons_analysis(model_names=MODELS, dataset_path=ids, checkpoint_value=CHECKPOINT,
                                              excess_threshold=THRESHOLD, n_tokens=N_TOKENS, batch_size=BATCH,
-                                             device="cpu")
+                                             device="cpu", precision="fp32")
     saved = notebook["store"].glob("datasets/token-ids-*.npy")
     assert any(np.array_equal(np.load(p), ids.numpy()) for p in saved)
     (from_ids,) = [p for p in notebook["store"].glob(f"tokens/*/*_n{N_TOKENS}_*.h5") if p != token_file]

@@ -17,6 +17,7 @@ from unlib.activations import cache_bytes, choose_feed
 from unlib.engine.halves import HALF_BLOCK_ROWS
 from unlib.engine.memory import ModelFeed, ModelFootprint, default_memory_budget, parse_bytes
 from unlib.engine.planning import WorkPlan
+from unlib.engine.precision import check_precision, default_precision
 from unlib.dataset import OFFLINE_CORPUS, check_dataset, parse_dataset
 from unlib.hub import dataset_download, fetch_advice
 from unlib.exclusion import exclusion_ids, parse_exclusion
@@ -283,6 +284,16 @@ def check_device(value: str, run: Resolution) -> str:
     return resolve_device(value)
 
 
+def check_precision_value(value: str | None, run: Resolution) -> str | None:
+    """Unset stays unset: the device's default (unlib.engine.precision.default_precision), and
+    so does the device's default given explicitly (it names no folder of its own)."""
+    if value is None:
+        return None
+    value = value.strip().lower()
+    check_precision(value, run.values["device"])
+    return None if value == default_precision(run.values["device"]) else value
+
+
 def check_workers(value: int, run: Resolution | None = None) -> int:
     """Refuse a number of Luigi workers below one (no worker would ever run a task)."""
     if not isinstance(value, int) or value < 1:
@@ -319,7 +330,7 @@ def check_corr_memory(value: str | None, run: Resolution) -> str:
             raise ValueError(f"CORR_MEMORY={value!r} is not a size: use e.g. 8G, 512M or a number of bytes") from None
     feed = None if run.feed[0] else ModelFeed(tuple(f for _, f in run.footprints()), run.ctx_len)
     run.work_plan = WorkPlan(run.layer_sizes(), run.references, run.rotations, run.device, budget, feed=feed,
-                             n_tokens=run.n_tokens)
+                             n_tokens=run.n_tokens, precision=run.values["precision"] or default_precision(run.device))
     return str(budget)
 
 
@@ -428,6 +439,10 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("ablation_seed", int, 0, "seed of the random neuron sets", "ablation files"),
     Parameter("device", str, "auto", "auto (cuda when there is a GPU), cpu, cuda, cuda:N or mps", "",
               resolved=True, check=check_device),
+    Parameter("precision", str, None, "the correlation's matrix products: fp32, tf32, bf16 or bf16x3 (operands "
+              "rounded, sums in float32; measured errors in docs/performance.md); unset: the device's fastest within "
+              "1e-3 of float64 (bf16 on a CPU with AMX, tf32 on a GPU, else fp32)", "correlations and everything after",
+              check=check_precision_value),
     Parameter("workers", int, min(2, os.cpu_count() or 1), "Luigi worker processes", "", check=check_workers),
     Parameter("parallel", int, None, "correlation blocks to split the work into, at least; unset: one per worker "
               "(per GPU on cuda)", "", resolved=True, check=check_parallel),
@@ -482,7 +497,7 @@ def resolve(config: RunConfig, planning: bool = False, only: tuple[str, ...] | N
 
 # make plan: the correlation's parameters only (the rest keep their given values, unchecked)
 PLAN_PARAMETERS = ("models", "checkpoint", "reference", "ctx_len", "quick", "n_tokens", "rotations", "device",
-                   "workers", "parallel", "cache", "corr_memory")
+                   "precision", "workers", "parallel", "cache", "corr_memory")
 
 
 # what only the ablation reads: a change moves its files (and the report, run.json), not the others

@@ -258,10 +258,13 @@ def run_report_html(run: dict, excess: pd.DataFrame, contrasts: pd.DataFrame, un
         shown["positions"] = (f"{p['positions']:,} in {p['n_sequences']:,} sequences: {p['analysed_tokens']:,} analysed; "
                               f"dropped {p['dropped_bos_column']:,} BOS, {p['dropped_excluded']:,} excluded tokens, "
                               f"{p['dropped_past_budget']:,} past the budget")
+    if isinstance(run.get("precision"), dict):
+        p = run["precision"]
+        shown["precision"] = f"{p['mode']} ({p['chosen']}; documented error {p['documented_error']:g} of float64)"
     keys = ("model_set", "models", "reference", "checkpoint", "dataset", "dataset_id", "document_seed", "n_tokens",
             "ctx_len", "exclude_tokens", "exclude_ids", "positions", "rotations", "rotation_seed", "threshold", "top_k",
             "ablation", "ablation_tokens", "ablation_documents", "ablation_samples", "ablation_control", "ablation_seed", "device",
-            "correlation_seconds",
+            "precision", "correlation_seconds",
             "finished")
     params = pd.DataFrame([(k, shown.get(k, run[k])) for k in keys if k in run], columns=["parameter", "value"])
     params["value"] = params["value"].map(lambda v: ", ".join(map(str, v)) if isinstance(v, list) else str(v))

@@ -13,18 +13,21 @@ from unlib import UserError
 from unlib.engine.comoments import Feed
 from unlib.engine.engine import ExcessCorrelationEngine
 from unlib.engine.halves import BLOCKS, HalfSplit
+from unlib.engine.precision import default_precision
 from unlib.engine.results import LayerResult, PassStats
 from unlib.engine.tables import excess_tables
 
 
 def run_engine(chunks: Feed, layer_sizes: list[list[int]], reference: int = 0, n_rotations: int = 5,
                rotation_seed: int = 0, device: str = "cpu", memory_budget: int | None = None,
-               progress: Callable[[PassStats], None] | None = None, split: HalfSplit = BLOCKS
-               ) -> list[LayerResult]:
+               progress: Callable[[PassStats], None] | None = None, split: HalfSplit = BLOCKS,
+               precision: str | None = None) -> list[LayerResult]:
     """Results of one reference model; `chunks(needed)` yields a fresh stream per pass;
     `split`: the halves (default alternating blocks of rows; unlib.tokens.document_halves for
-    halves of whole documents, as the pipeline makes them)."""
-    engine = ExcessCorrelationEngine(layer_sizes, [reference], n_rotations, rotation_seed, device, memory_budget)
+    halves of whole documents, as the pipeline makes them); `precision`: the products'
+    (unlib.engine.precision; None: the device's default, as the pipeline's)."""
+    engine = ExcessCorrelationEngine(layer_sizes, [reference], n_rotations, rotation_seed, device, memory_budget,
+                                     precision=precision or default_precision(device))
     return engine.run(chunks, progress, split)[reference]
 
 
@@ -117,9 +120,10 @@ class MemoryEfficientExcessCorrelationComputer:
 
     def compute_results(self, dataset_path, reference: int = 0, n_rotations: int = 5, rotation_seed: int = 0,
                         batch_size: int = 32, keep=None, n_tokens: int | None = None, ctx_len: int | None = None,
-                        exclude_tokens: str | None = None) -> list[LayerResult]:
+                        exclude_tokens: str | None = None, precision: str | None = None) -> list[LayerResult]:
         """The engine's per-layer results for the reference model (see tokens()), with halves
-        of whole documents (the BOS of column 0 also ends a document), as the pipeline's."""
+        of whole documents (the BOS of column 0 also ends a document) and the products'
+        precision (None: the device's default), as the pipeline's."""
         from unlib.activations import model_chunks
         from unlib.tokens import document_halves
 
@@ -127,15 +131,16 @@ class MemoryEfficientExcessCorrelationComputer:
         sizes = [[m.cfg.d_mlp] * m.cfg.n_layers for m in self.models]
         split = document_halves(tokens, keep)
         return run_engine(lambda needed: model_chunks(self.models, tokens, keep, batch_size, self.device, needed), sizes,
-                          reference, n_rotations, rotation_seed, self.device, split=split)
+                          reference, n_rotations, rotation_seed, self.device, split=split, precision=precision)
 
     def compute_excess_correlations_for_all_neurons(self, dataset_path, reference: int = 0, n_rotations: int = 5,
                                                     rotation_seed: int = 0, batch_size: int = 32, keep=None,
                                                     n_tokens: int | None = None, ctx_len: int | None = None,
-                                                    exclude_tokens: str | None = None) -> pd.DataFrame:
+                                                    exclude_tokens: str | None = None,
+                                                    precision: str | None = None) -> pd.DataFrame:
         """The excess-correlation table of the reference model (the columns of
         excess_correlation_scores.csv) over `dataset_path`: a dataset path or name, or token
         ids (see tokens())."""
         results = self.compute_results(dataset_path, reference, n_rotations, rotation_seed, batch_size, keep,
-                                       n_tokens, ctx_len, exclude_tokens)
+                                       n_tokens, ctx_len, exclude_tokens, precision)
         return excess_tables(results, self.model_names)[0]

@@ -11,6 +11,7 @@ import time
 import torch
 
 from unlib.engine.planning import WorkPlan
+from unlib.engine.precision import Products
 
 GiB = 2**30
 
@@ -96,26 +97,31 @@ def _best_seconds(fn, device: torch.device, repeats: int) -> float:
     return best
 
 
-def matmul_rate(t: int, rows: int, cols: int, device: str | torch.device = "cpu", seconds: float = 1.0) -> float:
-    """Float32 FLOP/s of the engine's GEMM shape (t x rows)^T (t x cols) on `device`, sustained
-    over at least `seconds` of back-to-back products: a single product of a few milliseconds
-    catches a CPU's short bursts (on a shared 2-core VM one shape read 77 to 160 GFLOP/s),
-    which a long run does not keep up."""
+def matmul_rate(t: int, rows: int, cols: int, device: str | torch.device = "cpu", seconds: float = 1.0,
+                precision: str = "fp32") -> float:
+    """FLOP/s of the engine's GEMM shape (t x rows)^T (t x cols) on `device` with the stream's
+    products in `precision` (unlib.engine.precision; bf16x3's three products count as one),
+    sustained over at least `seconds` of back-to-back products: a single product of a few
+    milliseconds catches a CPU's short bursts (on a shared 2-core VM one shape read 77 to 160
+    GFLOP/s), which a long run does not keep up."""
     device = torch.device(device)
-    a, b = torch.randn(t, rows, device=device), torch.randn(t, cols, device=device)
+    products = Products(precision, device)
+    a = products.operand(torch.randn(t, rows, device=device))
+    b = products.operand(torch.randn(t, cols, device=device))
     acc = torch.zeros(rows, cols, device=device)
-    _best_seconds(lambda: acc.addmm_(a.T, b), device, 1)  # warm-up: allocation, kernel choice
-    calls, batch, start = 0, 1, time.perf_counter()
-    while True:
-        for _ in range(batch):
-            acc.addmm_(a.T, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        calls += batch
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return 2.0 * t * rows * cols * calls / elapsed
-        batch = calls  # double the products before the next look at the clock (no sync per product)
+    with products.switches():
+        _best_seconds(lambda: products.add(acc, a, b), device, 1)  # warm-up: allocation, kernel choice
+        calls, batch, start = 0, 1, time.perf_counter()
+        while True:
+            for _ in range(batch):
+                products.add(acc, a, b)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            calls += batch
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return 2.0 * t * rows * cols * calls / elapsed
+            batch = calls  # double the products before the next look at the clock (no sync per product)
 
 
 def qr_seconds_per_cube(device: str | torch.device = "cpu", n: int = 512, repeats: int = 3) -> float:
@@ -126,7 +132,7 @@ def qr_seconds_per_cube(device: str | torch.device = "cpu", n: int = 512, repeat
 
 
 def measured_rates(plan: CorrelationPlan) -> tuple[float, float] | None:
-    """(float32 matmul FLOP/s in the plan's GEMM shape, seconds per n^3 of a QR) measured on the
+    """(matmul FLOP/s in the plan's GEMM shape and precision, seconds per n^3 of a QR) measured on the
     plan's device, or None when that device is not on this machine."""
     device = plan.engine.device
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -134,7 +140,8 @@ def measured_rates(plan: CorrelationPlan) -> tuple[float, float] | None:
     sizes = plan.engine.layer_sizes
     d = max(max(s) for s in sizes)
     t = min(plan.engine.chunk_tokens, 2048)  # a block-bounded run of a chunk, one GEMM
-    return matmul_rate(t, d, min(4 * d, max(sum(s) for s in sizes)), device), qr_seconds_per_cube(device)
+    return (matmul_rate(t, d, min(4 * d, max(sum(s) for s in sizes)), device, precision=plan.engine.precision),
+            qr_seconds_per_cube(device))
 
 
 def human_time(seconds: float) -> str:
@@ -155,7 +162,7 @@ def describe(plan: CorrelationPlan, names: list[str], rates: tuple[float, float]
     chunk = engine.chunk_tokens
     lines = [
         f"models          {len(names)} ({shape} neurons), {plan.n_tokens:,} tokens, reference {refs}, "
-        f"{engine.n_rotations} rotations, on {engine.device}",
+        f"{engine.n_rotations} rotations, on {engine.device}, {engine.precision} products",
         f"memory budget   {engine.memory_budget / GiB:,.2f} GiB a task on {engine.device.type} (CORR_MEMORY)",
         f"accumulators    {plan.accumulator_bytes / GiB:,.2f} GiB: {passes} pass{'es' if passes != 1 else ''} over "
         f"the tokens (the floor, accumulators / budget: {plan.floor_passes})",
@@ -182,6 +189,6 @@ def describe(plan: CorrelationPlan, names: list[str], rates: tuple[float, float]
     else:
         matmul, qr = rates
         lines.append(f"estimated time  {human_time(plan.seconds(matmul, qr))} of compute on {engine.device} "
-                     f"(measured here: {matmul / 1e9:,.1f} GFLOP/s float32 matmul, "
+                     f"(measured here: {matmul / 1e9:,.1f} GFLOP/s {engine.precision} matmul, "
                      f"QR {qr * 1e9:.2f} s per 1000^3)")
     return lines

@@ -13,6 +13,7 @@ import torch
 
 from unlib.engine.halves import BLOCKS, HalfSplit
 from unlib.engine.layout import FULL, HALVES, Layout, Unit
+from unlib.engine.precision import Products
 from unlib.engine.results import PassStats
 
 # chunks(needed) -> per chunk, per model (tokens, all of the model's neurons) or None
@@ -35,6 +36,7 @@ class CoMoments:
 
     layout: Layout
     device: torch.device
+    products: Products
     needed: list[set[int]]
     cross: dict[Unit, torch.Tensor]
     within: list[list[torch.Tensor | None]]
@@ -47,8 +49,9 @@ class CoMoments:
     inv_stds: dict[tuple[int, int], torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def zeros(cls, layout: Layout, units: list[Unit], device: torch.device) -> "CoMoments":
-        """Empty accumulators for a pass over `units`."""
+    def zeros(cls, layout: Layout, units: list[Unit], products: Products) -> "CoMoments":
+        """Empty accumulators for a pass over `units`, its products computed by `products`."""
+        device = products.device
         needed = layout.needed_layers(units)
         cross = {u: torch.zeros(HALVES, layout.unit_rows(u), sum(layout.layer_sizes[u.col_model]), device=device)
                  for u in units}
@@ -58,7 +61,7 @@ class CoMoments:
                    for l, d in enumerate(sizes)] for m, sizes in enumerate(layout.layer_sizes)]
         means = [[torch.zeros(int(off[-1]), device=device) for off in layout.offsets] for _ in range(HALVES)]
         n_models = len(layout.layer_sizes)
-        return cls(layout, device, needed, cross, within, means, [0] * HALVES,
+        return cls(layout, device, products, needed, cross, within, means, [0] * HALVES,
                    [[None] * n_models for _ in range(HALVES)], [[None] * n_models for _ in range(HALVES)])
 
     def add_rows(self, part: list[torch.Tensor | None], half: int, stats: PassStats) -> None:
@@ -84,27 +87,30 @@ class CoMoments:
             x = torch.empty(t + 1, part[m].shape[1], device=self.device)
             torch.sub(part[m], mean, out=x[:t])
             torch.mul(delta, scale, out=x[t])
-            centred.append(x)
+            if not layout.rotated(m):  # only the variances are used: the diagonal, from the float32 rows
+                for l in sorted(layers):
+                    x_l = x[:, layout.layer_slice(m, l)]
+                    self.within[m][l][half].add_((x_l * x_l).sum(0))
+            centred.append(self.products.operand(x))
             self.means[half][m] += delta * (t / (n + t))
         # One GEMM per row layer, whatever the unit's block of layers: every product then has
         # the same shape however the work is split into units, passes and tasks, so the
         # results are bitwise the same.
-        for u, acc in self.cross.items():
-            base = int(layout.offsets[u.row_model][u.row_layers[0]])
-            for l in u.row_layers:
-                rows = layout.layer_slice(u.row_model, l)
-                acc[half][rows.start - base:rows.stop - base].addmm_(centred[u.row_model][:, rows].T,
-                                                                     centred[u.col_model])
-            stats.flops += 2.0 * t * acc[half].numel()
-        for m, layers in enumerate(self.needed):
-            rotated = layout.rotated(m)
-            for l in sorted(layers):
-                x = centred[m][:, layout.layer_slice(m, l)]
-                if rotated:
-                    self.within[m][l][half].addmm_(x.T, x)
+        with self.products.switches():
+            for u, acc in self.cross.items():
+                base = int(layout.offsets[u.row_model][u.row_layers[0]])
+                for l in u.row_layers:
+                    rows = layout.layer_slice(u.row_model, l)
+                    self.products.add(acc[half][rows.start - base:rows.stop - base],
+                                      Products.columns(centred[u.row_model], rows), centred[u.col_model])
+                stats.flops += 2.0 * t * acc[half].numel()
+            for m, layers in enumerate(self.needed):
+                if not layout.rotated(m):
+                    continue
+                for l in sorted(layers):
+                    x = Products.columns(centred[m], layout.layer_slice(m, l))
+                    self.products.add(self.within[m][l][half], x, x)
                     stats.flops += 2.0 * t * layout.layer_sizes[m][l] ** 2
-                else:  # only the variances are used: the diagonal
-                    self.within[m][l][half].add_((x * x).sum(0))
         self.counts[half] += t
 
     def finish(self) -> None:
@@ -162,12 +168,12 @@ class CoMoments:
         return self.inv_stds[key]
 
 
-def stream(layout: Layout, chunks: Feed, units: list[Unit], device: torch.device, stats: PassStats,
+def stream(layout: Layout, chunks: Feed, units: list[Unit], products: Products, stats: PassStats,
            progress: Callable[[PassStats], None] | None = None, split: HalfSplit = BLOCKS) -> CoMoments:
     """One pass over the tokens: Chan-merged co-moments of every unit and the within-layer
-    co-moments of every layer the units need, per half of `split`, finished for the result
-    step. `progress(stats)` follows each chunk."""
-    moments = CoMoments.zeros(layout, units, device)
+    co-moments of every layer the units need, per half of `split`, with the products in
+    `products`' precision, finished for the result step. `progress(stats)` follows each chunk."""
+    moments = CoMoments.zeros(layout, units, products)
     row = 0
     for chunk in chunks(moments.needed):
         t = next(a.shape[0] for a, layers in zip(chunk, moments.needed) if layers)

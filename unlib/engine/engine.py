@@ -11,6 +11,7 @@ from unlib.engine.halves import BLOCKS, HalfSplit
 from unlib.engine.layout import Unit
 from unlib.engine.memory import ModelFeed
 from unlib.engine.planning import WorkPlan
+from unlib.engine.precision import Products, self_check
 from unlib.engine.reduction import reduce_pass
 from unlib.engine.results import LayerResult, PassResult, PassStats, combine
 from unlib.engine.rotations import layer_rotations
@@ -34,8 +35,10 @@ class ExcessCorrelationEngine(WorkPlan):
 
     def __init__(self, layer_sizes: list[list[int]], references: list[int] | int = 0, n_rotations: int = 5,
                  rotation_seed: int = 0, device: str | torch.device = "cpu", memory_budget: int | None = None,
-                 chunk_tokens: int | None = None, feed: ModelFeed | None = None, n_tokens: int | None = None):
-        super().__init__(layer_sizes, references, n_rotations, device, memory_budget, chunk_tokens, feed, n_tokens)
+                 chunk_tokens: int | None = None, feed: ModelFeed | None = None, n_tokens: int | None = None,
+                 precision: str = "fp32"):
+        super().__init__(layer_sizes, references, n_rotations, device, memory_budget, chunk_tokens, feed, n_tokens,
+                         precision)
         self.rotation_seed = rotation_seed
 
     def run(self, chunks: Feed, progress: Callable[[PassStats], None] | None = None,
@@ -51,8 +54,10 @@ class ExcessCorrelationEngine(WorkPlan):
         partial best matches, which merge_partials combines with other passes' exactly, and
         its cost. `split`: which half each row is in. `progress(stats)` follows each chunk."""
         stats = PassStats()
+        products = Products(self.precision, self.device)
+        self_check(products)
         start = time.perf_counter()
-        moments = stream(self.layout, chunks, units, self.device, stats, progress, split)
+        moments = stream(self.layout, chunks, units, products, stats, progress, split)
         middle = time.perf_counter()
         entries = reduce_pass(moments, units, self.n_rotations, self.rotation_seed, stats)
         stats.stream_seconds = middle - start

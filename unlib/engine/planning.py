@@ -10,6 +10,7 @@ from unlib.engine.halves import HALF_BLOCK_ROWS
 from unlib.engine.layout import BYTES, HALVES, Layout, Unit, units_of
 from unlib.engine.memory import (HOST_CHUNKS, MemoryBudgetError, ModelFeed, chunk_tokens_for,
                                  default_memory_budget)
+from unlib.engine.precision import Products
 from unlib.engine.rotations import ROTATION_LOOKAHEAD
 
 
@@ -18,12 +19,16 @@ class WorkPlan:
     reference (split into blocks of the row model's layers when the memory budget demands),
     as many as fit the budget per pass over the tokens (`passes`); `groups(n)` splits the
     passes further for n tasks. `feed`: how the activations arrive, from caches (None) or
-    from the models run on the device (a ModelFeed), which the memory of a pass counts."""
+    from the models run on the device (a ModelFeed), which the memory of a pass counts.
+    `precision`: the stream's products (unlib.engine.precision), whose operands the memory of
+    a pass counts too."""
 
     def __init__(self, layer_sizes: list[list[int]], references: list[int] | int = 0, n_rotations: int = 5,
                  device: str | torch.device = "cpu", memory_budget: int | None = None,
-                 chunk_tokens: int | None = None, feed: ModelFeed | None = None, n_tokens: int | None = None):
+                 chunk_tokens: int | None = None, feed: ModelFeed | None = None, n_tokens: int | None = None,
+                 precision: str = "fp32"):
         self.layout = Layout(layer_sizes, references)
+        self.precision = precision
         self.n_rotations = n_rotations
         self.device = torch.device(device)
         self.memory_budget = memory_budget or default_memory_budget(self.device)
@@ -76,7 +81,8 @@ class WorkPlan:
         (HOST_CHUNKS, or as many as n_tokens fill), and on a GPU the chunk in use. Models: their weights, the chunk they
         fill and the largest forward pass's working memory, all on the device. Both: the
         centred copy of one block-bounded run of the chunk and the square of one layer's run
-        (the variances of a model no baseline rotates)."""
+        (the variances of a model no baseline rotates), and the operands' extra copies of it
+        (bf16x3's two parts, bf16's copy on a GPU)."""
         needed = self.layout.needed_layers(units)
         width, rows = self.layout.width(needed), self.chunk_rows()
         chunks = HOST_CHUNKS
@@ -85,7 +91,8 @@ class WorkPlan:
             chunks = min(HOST_CHUNKS, -(-self.n_tokens // rows))
         chunk = BYTES * rows * width
         run = min(rows, HALF_BLOCK_ROWS) + 1
-        centred = BYTES * run * (width + max(max(s) for s in self.layer_sizes))
+        extra = Products(self.precision, self.device).extra_copies()
+        centred = BYTES * run * (int((1 + extra) * width) + max(max(s) for s in self.layer_sizes))
         on_gpu = self.device.type != "cpu"
         if self.feed is None:
             return centred + (chunk if on_gpu else 0), chunks * chunk
