@@ -8,7 +8,7 @@ import torch
 from unlib import UserError
 from unlib.engine.engine import ExcessCorrelationEngine
 from unlib.engine.planning import WorkPlan
-from unlib.engine.precision import DOCUMENTED_ERROR, PRECISIONS, Products, round_to_tf32_
+from unlib.engine.precision import DOCUMENTED_ERROR, PRECISIONS, Products, round_to_tf32_, self_check
 
 SIZES = [[128, 128], [128, 128], [128, 128]]
 ROTATIONS = 2
@@ -109,3 +109,13 @@ def test_bf16x3_needs_memory_for_its_second_part():
 def test_an_unknown_mode_is_refused_in_one_line():
     with pytest.raises(UserError, match="must be one of fp32, tf32, bf16, bf16x3"):
         ExcessCorrelationEngine(SIZES, [0], precision="fp16")
+
+
+def test_a_mode_this_torch_cannot_run_is_refused_before_the_stream():
+    """The GPU's bf16 path (bfloat16 operands, addmm into float32) taken on the CPU, where torch
+    has no such kernel: the self-check refuses it in one line, naming modes that run."""
+    products = Products("bf16", "cpu")
+    products.on_gpu = True
+    assert products.operand(torch.ones(4, 2))[0].dtype == torch.bfloat16
+    with pytest.raises(UserError, match=r"PRECISION=bf16 cannot run on cpu with torch .*use PRECISION=fp32 or tf32"):
+        self_check(products)

@@ -19,6 +19,7 @@ of the products are rounded.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
@@ -40,6 +41,7 @@ DOCUMENTED_ERROR = {"fp32": 1e-6, "tf32": 1e-4, "bf16": 5e-4, "bf16x3": 5e-6}
 GPU_DEFAULT = "tf32"
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_amx_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in AMX tiles (Linux reports the flag)."""
     try:
