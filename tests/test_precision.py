@@ -98,12 +98,13 @@ def test_bf16x3_parts_sum_to_the_float32_operand_to_its_rounding():
     assert float(relative.max()) < 2**-15
 
 
-def test_bf16x3_needs_memory_for_its_second_part():
+def test_bf16x3_needs_memory_for_its_parts():
     sizes = [[512] * 2] * 2
     fp32, split = (WorkPlan(sizes, 0, precision=p, memory_budget=2**34) for p in ("fp32", "bf16x3"))
     units = fp32.passes[0]
     grown = split.stream_bytes(units)[0] - fp32.stream_bytes(units)[0]
-    assert grown == 4 * (2048 + 1) * 2048  # one float32 copy of a block-bounded run of both models' centred rows
+    # a float32 copy of a block-bounded run of both models' centred rows, and oneDNN's bfloat16 copies
+    assert grown == 4 * (2048 + 1) * 2560
 
 
 def test_an_unknown_mode_is_refused_in_one_line():

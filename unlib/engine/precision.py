@@ -126,10 +126,12 @@ class Products:
             yield
 
     def extra_copies(self) -> float:
-        """Centred blocks the operands hold besides the centred rows themselves (float32 sizes)."""
-        if self.precision == "bf16x3":
-            return 1.0  # float32 hi on the CPU; hi and lo in bfloat16 on a GPU
-        return 0.5 if self.precision == "bf16" and self.on_gpu else 0.0
+        """Working copies of the centred rows the products hold besides them, in float32 sizes:
+        on a GPU bf16's cast of every model's rows, on the CPU oneDNN's bfloat16 copies of one
+        GEMM's two operands (about a quarter of the rows of two or three models: measured with
+        unlib/memory_check.py); bf16x3's two parts besides."""
+        buffers = 0.5 if self.on_gpu else 0.25
+        return {"bf16": buffers, "bf16x3": 1.0 + (0.0 if self.on_gpu else buffers)}.get(self.precision, 0.0)
 
 
 @contextlib.contextmanager
