@@ -293,28 +293,32 @@ PAPER_RUNS = {"stanford-gpt2-small": [[3072] * 12] * 5, "stanford-gpt2-medium": 
               "pythia-160m": [[3072] * 12] * 4}
 
 
-def cuda_section() -> dict:
+def device_section(device: str = "cuda", rate_sizes: list[list[int]] | None = None, rate_tokens: int = 4 * CHUNK,
+                   error_tokens: int = 8 * CHUNK, seconds: float = 3.0) -> dict:
     """`make bench DEVICE=cuda`: the precision table on the GPU (errors against float64 on
     synthetic activations of the toy zoo's shape, on the device), the stream's rate per mode
-    on GPT-2-small shapes (2 models x 12 x 3072, REFERENCE=all) against the card's matmul rate
-    in that mode, the share of the correlation's time spent drawing rotations, and the
-    correlation's projected wall time for the paper's three runs at 10M and 100M tokens in the
-    measured default (forward passes not included)."""
-    device = "cuda"
+    on GPT-2-small shapes (default 2 models x 12 x 3072, REFERENCE=all) against the card's
+    matmul rate in that mode, the share of the correlation's time spent drawing rotations, and
+    the correlation's projected wall time for the paper's three runs at 10M and 100M tokens in
+    the measured default (forward passes not included). Smaller shapes run it on a CPU (tests)."""
+    rate_sizes = rate_sizes or [[3072] * 12] * 2
     sizes = [[256, 256]] * 5
-    errors = precision_errors([a.to(device) for a in synthetic(sizes, 8 * CHUNK)], sizes, 0.3, device)
-    rates = precision_rates(device, [[3072] * 12] * 2, 4 * CHUNK)
+    errors = precision_errors([a.to(device) for a in synthetic(sizes, error_tokens)], sizes, 0.3, device)
+    rates = precision_rates(device, rate_sizes, rate_tokens, seconds)
     chosen = fastest_within_bound(errors, rates)
     rate, share = rates[chosen]["stream_gflops"] * 1e9, rates[chosen]["rotation_share"]
-    per_draw = rates[chosen]["total_s"] * share / (2 * 12 * 5)  # seconds per 3072 x 3072 draw
+    width = max(rate_sizes[0])
+    draws_measured = len(rate_sizes) * len(rate_sizes[0]) * 5  # every layer rotated (REFERENCE=all), R = 5
+    per_draw = rates[chosen]["total_s"] * share / draws_measured  # seconds per width x width draw
     projected = {}
     for name, run_sizes in PAPER_RUNS.items():
         plan = WorkPlan(run_sizes, 0, 5, "cpu", 64 * 2**30, precision=chosen)  # planning touches no device
         draws = sum(len(plan.rotation_sizes(u)) for u in plan.passes)
-        draw_s = draws * per_draw * (max(run_sizes[0]) / 3072) ** 2
+        draw_s = draws * per_draw * (max(run_sizes[0]) / width) ** 2
         projected[name] = {f"{n // 10**6}M_tokens_hours": (sum(plan.stream_flops(u, n) for u in plan.passes) / rate
                                                            + draw_s) / 3600 for n in (10**7, 10**8)}
-    return {"device": torch.cuda.get_device_name(0), "errors": errors, "rates": rates, "measured_default": chosen,
+    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or device
+    return {"device": name, "errors": errors, "rates": rates, "measured_default": chosen,
             "code_default": default_precision(device), "projected_correlation": projected}
 
 
@@ -484,7 +488,7 @@ def cuda_main(console: Console) -> int:
         console.print("error: DEVICE=cuda but no CUDA GPU is available here; run make bench on the GPU host")
         return 2
     start = time.perf_counter()
-    section = cuda_section()
+    section = device_section()
     out = OUT.with_name("results-cuda.json")
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, **section}, indent=2)
                    + "\n")

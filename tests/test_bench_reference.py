@@ -1,5 +1,6 @@
 """bench/'s reference, the paper's streaming Pearson algorithm, against numpy float64, so
-that `make bench` compares the engine with a correct implementation of it."""
+that `make bench` compares the engine with a correct implementation of it; and the GPU
+section of `make bench` (DEVICE=cuda), run on the CPU at small shapes."""
 import numpy as np
 import torch
 
@@ -33,3 +34,22 @@ def test_paper_algorithm_matches_numpy_with_and_without_rotation():
         for got, y_version in zip([plain, *rotated], versions):
             expected = np.corrcoef(x.T, y_version.T)[:x.shape[1], x.shape[1]:].max(axis=1)
             assert np.abs(got.numpy() - expected).max() < 1e-5
+
+
+def test_the_gpu_section_runs_on_the_cpu_at_small_shapes():
+    """make bench DEVICE=cuda's section, on the CPU at small shapes: every mode's error against
+    float64 within its documented bound, rates for every mode, a default chosen among the modes
+    within 1e-3, and projections that grow tenfold with the tokens' stream."""
+    from bench.run import PAPER_RUNS, device_section
+    from unlib.engine.precision import DOCUMENTED_ERROR, ERROR_BOUND, PRECISIONS
+
+    section = device_section("cpu", [[128] * 2] * 2, 4096, error_tokens=8192, seconds=0.2)
+    for mode in PRECISIONS:
+        errors = section["errors"][mode]
+        assert max(errors["max_corr_error"], errors["baseline_error"]) <= DOCUMENTED_ERROR[mode], (mode, errors)
+        assert section["rates"][mode]["stream_gflops"] > 0 and 0 <= section["rates"][mode]["rotation_share"] < 1
+    chosen = section["errors"][section["measured_default"]]
+    assert max(chosen["max_corr_error"], chosen["baseline_error"]) < ERROR_BOUND
+    assert set(section["projected_correlation"]) == set(PAPER_RUNS)
+    for hours in section["projected_correlation"].values():
+        assert 5 < hours["100M_tokens_hours"] / hours["10M_tokens_hours"] <= 10
