@@ -26,7 +26,9 @@ from bench.reference import PAPER_BATCH_TOKENS, paper_max_correlations
 from unlib.engine.engine import ExcessCorrelationEngine
 from unlib.engine.layout import BYTES, HALVES
 from unlib.engine.planning import WorkPlan
-from unlib.engine.precision import DOCUMENTED_ERROR, ERROR_BOUND, PRECISIONS, default_precision
+from unlib import UserError
+from unlib.engine.precision import (DOCUMENTED_ERROR, ERROR_BOUND, PRECISIONS, Products, default_precision,
+                                   self_check)
 from unlib.engine.results import PassStats, combine
 from unlib.plan import matmul_rate
 
@@ -218,6 +220,18 @@ def float64_correlations(data: list[torch.Tensor], engine: ExcessCorrelationEngi
     return maxes, baselines
 
 
+def modes_here(device: str) -> list[str]:
+    """The PRECISION modes `device` runs (a CPU whose oneDNN has no bfloat16 refuses bf16)."""
+    here = []
+    for mode in PRECISIONS:
+        try:
+            self_check(Products(mode, device))
+            here.append(mode)
+        except UserError:
+            pass
+    return here
+
+
 def precision_errors(data: list[torch.Tensor], sizes: list[list[int]], threshold: float, device: str,
                      rotations: int = 5) -> dict:
     """Per PRECISION mode, the engine (REFERENCE=0, from memory) against float64 on `data`: the
@@ -227,7 +241,7 @@ def precision_errors(data: list[torch.Tensor], sizes: list[list[int]], threshold
     live = ~np.isnan(truth_max[0])
     truth_set = set(np.flatnonzero(live & ((truth_max - truth_base.mean(1)).mean(0) >= threshold)))
     out = {}
-    for mode in PRECISIONS:
+    for mode in modes_here(device):
         engine = ExcessCorrelationEngine(sizes, [0], rotations, 0, device, precision=mode)
         layers = engine.run(source(data))[0]
         got_max = np.concatenate([r.max_corr for r in layers], axis=1)
@@ -247,7 +261,7 @@ def precision_rates(device: str, sizes: list[list[int]], n_tokens: int, seconds:
     data = [a.to(device) for a in synthetic(sizes, n_tokens)]
     d, width = max(max(s) for s in sizes), max(sum(s) for s in sizes)
     out = {}
-    for mode in PRECISIONS:
+    for mode in modes_here(device):
         rate = matmul_rate(2048, d, width, device, seconds, precision=mode)
         engine = ExcessCorrelationEngine(sizes, list(range(len(sizes))), 5, 0, device, precision=mode)
         start = time.perf_counter()
@@ -257,8 +271,9 @@ def precision_rates(device: str, sizes: list[list[int]], n_tokens: int, seconds:
         out[mode] = {"matmul_gflops": rate / 1e9, "stream_gflops": stats.flops / stats.stream_seconds / 1e9,
                      "stream_over_matmul": stats.flops / stats.stream_seconds / rate,
                      "stream_s": stats.stream_seconds, "total_s": total,
-                     "rotation_share": stats.rotation_seconds / total}
-    for mode in PRECISIONS:
+                     "rotation_share": stats.rotation_seconds / total,
+                     "rotations_drawn": sum(len(engine.rotation_sizes(u)) for u in engine.passes)}
+    for mode in out:
         out[mode]["stream_speedup"] = out["fp32"]["stream_s"] / out[mode]["stream_s"]
     return out
 
@@ -266,8 +281,8 @@ def precision_rates(device: str, sizes: list[list[int]], n_tokens: int, seconds:
 def fastest_within_bound(errors: dict, rates: dict) -> str:
     """The default the measurements choose: the fastest stream among the modes whose errors are
     below ERROR_BOUND."""
-    fine = [m for m in PRECISIONS if max(errors[m]["max_corr_error"], errors[m]["baseline_error"]) < ERROR_BOUND]
-    return max(fine, key=lambda m: rates[m]["stream_gflops"])
+    fine = [m for m in errors if max(errors[m]["max_corr_error"], errors[m]["baseline_error"]) < ERROR_BOUND]
+    return max(fine, key=lambda m: rates[m]["stream_gflops"], default="fp32")
 
 
 def precision_modes() -> dict:
@@ -308,12 +323,12 @@ def device_section(device: str = "cuda", rate_sizes: list[list[int]] | None = No
     chosen = fastest_within_bound(errors, rates)
     rate, share = rates[chosen]["stream_gflops"] * 1e9, rates[chosen]["rotation_share"]
     width = max(rate_sizes[0])
-    draws_measured = len(rate_sizes) * len(rate_sizes[0]) * 5  # every layer rotated (REFERENCE=all), R = 5
-    per_draw = rates[chosen]["total_s"] * share / draws_measured  # seconds per width x width draw
+    per_draw = rates[chosen]["total_s"] * share / rates[chosen]["rotations_drawn"]  # a width x width draw
     projected = {}
     for name, run_sizes in PAPER_RUNS.items():
         plan = WorkPlan(run_sizes, 0, 5, "cpu", 64 * 2**30, precision=chosen)  # planning touches no device
         draws = sum(len(plan.rotation_sizes(u)) for u in plan.passes)
+        # a draw is mostly its host Gaussian (n^2 numbers); its QR (n^3) on the device is the smaller part
         draw_s = draws * per_draw * (max(run_sizes[0]) / width) ** 2
         projected[name] = {f"{n // 10**6}M_tokens_hours": (sum(plan.stream_flops(u, n) for u in plan.passes) / rate
                                                            + draw_s) / 3600 for n in (10**7, 10**8)}
@@ -469,7 +484,7 @@ def workers() -> dict:
 def precision_rows(table: Table, section: dict, where: str) -> None:
     """The precision table's rows: per mode its errors against float64, the change in the
     universal set, its rates and its speedup over fp32; then the default it chooses."""
-    for mode in PRECISIONS:
+    for mode in section["errors"]:
         e, r = section["errors"][mode], section["rates"][mode]
         table.add_row(f"{where} PRECISION={mode}: max |diff| from float64 (max_corr, baseline); universal set changed",
                       f"{e['max_corr_error']:.1e}, {e['baseline_error']:.1e}; {e['universal_changed']} of "

@@ -16,6 +16,7 @@ from test_production import REPO, env_for, free_port, luigid  # noqa: F401  (lui
 from test_shared import scheduler
 from conftest import same_tables
 from unlib.engine.engine import ExcessCorrelationEngine
+from unlib.engine.precision import default_precision
 from unlib.model_sets import ZOOS
 
 MODELS = "toy-zoo-mini"
@@ -166,9 +167,10 @@ def test_a_multi_pass_plan_gives_the_single_pass_results(one_worker, tmp_path):
     store = tmp_path / "store"
     inputs_of(one_worker, store)
     sizes = [[ZOO.d_mlp] * ZOO.n_layers] * len(ZOO.seeds)
-    roomy = ExcessCorrelationEngine(sizes, [0], 5, 0, "cpu", 2**30, n_tokens=N_TOKENS)
+    mode = default_precision("cpu")  # the pipeline's products, whose operands the plan counts
+    roomy = ExcessCorrelationEngine(sizes, [0], 5, 0, "cpu", 2**30, n_tokens=N_TOKENS, precision=mode)
     budget = roomy.least_memory()  # one row layer a pass
-    assert len(ExcessCorrelationEngine(sizes, [0], 5, 0, "cpu", budget, n_tokens=N_TOKENS).passes) == 4
+    assert len(ExcessCorrelationEngine(sizes, [0], 5, 0, "cpu", budget, n_tokens=N_TOKENS, precision=mode).passes) == 4
     finish(analyze(store, "--scheduler", "local", "--workers", "1", "--corr-memory", str(budget),
                    "--report-tasks", str(tmp_path / "report.json")))
     assert sum(t.startswith("CorrelationBlock") for t in correlation_tasks(tmp_path / "report.json")) == 4
@@ -221,7 +223,8 @@ def test_an_explicit_corr_memory_too_small_for_the_recorded_blocks_plans_anew(th
     (plan,) = store.glob("correlation/*/blocks/plan-ref-0.json")
     recorded = json.loads(plan.read_text())
     sizes = [[ZOO.d_mlp] * ZOO.n_layers] * len(ZOO.seeds)
-    budget = ExcessCorrelationEngine(sizes, [0], 5, 0, "cpu", 2**30, n_tokens=N_TOKENS).least_memory()  # a row layer a pass
+    budget = ExcessCorrelationEngine(sizes, [0], 5, 0, "cpu", 2**30, n_tokens=N_TOKENS,
+                                     precision=default_precision("cpu")).least_memory()  # a row layer a pass
     ran, err = rerun_the_correlation(store, tmp_path / "report.json", "--workers", "1", "--corr-memory", str(budget))
     replanned = json.loads(plan.read_text())["groups"]
     kept = set(replanned) & set(recorded["groups"])  # a finished block of the same units is not redone

@@ -11,7 +11,7 @@ of the products are rounded.
 - bf16: operands rounded to bfloat16 (7 mantissa bits). On the CPU, torch's oneDNN switch
   (torch.backends.mkldnn.matmul.fp32_precision = "bf16", AMX where the CPU has it); on a GPU
   torch has no such switch, so the operands are cast and multiplied into float32 (addmm's
-  out_dtype, torch >= 2.8).
+  out_dtype into a float32 accumulator, torch >= 2.10).
 - bf16x3: each operand split into two bfloat16 parts, x = hi + lo, and three products
   hi·hi + hi·lo + lo·hi (the lo·lo term is below float32's rounding): about float32's
   accuracy at bf16 speed; torch has no switch for it, so the split is written here.
@@ -118,9 +118,9 @@ class Products:
         if self.on_gpu:
             with _fp32_precision(torch.backends.cuda.matmul, "tf32" if self.precision == "tf32" else "ieee"):
                 yield
-        elif self.device.type == "cpu":
-            with _fp32_precision(torch.backends.mkldnn.matmul, "bf16" if self.precision in ("bf16", "bf16x3")
-                                 else "ieee"):
+        elif self.device.type == "cpu":  # torch < 2.9 has no mkldnn.matmul: the global setting instead
+            with _fp32_precision(getattr(torch.backends.mkldnn, "matmul", None),
+                                 "bf16" if self.precision in ("bf16", "bf16x3") else "ieee"):
                 yield
         else:
             yield
@@ -136,9 +136,9 @@ class Products:
 
 @contextlib.contextmanager
 def _fp32_precision(backend, value: str) -> Iterator[None]:
-    """Set `backend.fp32_precision` (torch >= 2.9) for the block; older torch: its TF32 flag
-    (CUDA) or the global float32 matmul precision ("medium" lets oneDNN use bf16)."""
-    if hasattr(backend, "fp32_precision"):
+    """Set `backend.fp32_precision` (torch >= 2.9) for the block; older torch (or no such
+    backend): the global float32 matmul precision ("high": TF32, "medium": oneDNN's bf16)."""
+    if backend is not None and hasattr(backend, "fp32_precision"):
         before = backend.fp32_precision
         backend.fp32_precision = value
         try:
@@ -170,6 +170,9 @@ def self_check(products: Products) -> None:
     # each operand rounded to 2^-9 (bf16) or 2^-12 (tf32) relative: a sum of 512 products of
     # unit Gaussians then errs by up to about 0.4 or 0.05
     worst = float((acc.double().cpu() - want).abs().max())
+    if products.precision == "bf16" and worst < 1e-3:  # oneDNN computes in float32 on CPUs without bf16
+        raise UserError(f"PRECISION=bf16 computes in float32 on this {products.device.type} (no bfloat16 "
+                        "matrix units torch can use); use PRECISION=fp32, the same numbers")
     if worst > {"bf16": 2.0, "tf32": 0.25}.get(products.precision, 1e-3):
         raise UserError(f"PRECISION={products.precision} on {products.device} gave products off by {worst:.3g} "
                         "from float64; use PRECISION=fp32")
