@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from unlib.engine.engine import ExcessCorrelationEngine
-from unlib.engine.precision import default_precision
 from unlib.engine.memory import ModelFeed
 
 T = TypeVar("T")
@@ -152,7 +151,9 @@ def measure_pass(shape: Shape, folder: str | Path, feed: str, n_tokens: int, dev
     """Run one pass of the engine over every unit (reference model 0, two rotations) of
     `shape`'s models in `folder` (prepare), from their activation caches (feed "caches") or
     from the models (feed "models", loaded inside the measurement: their weights count), with
-    the device's default products (the pipeline's), and measure its peak memory against the plan's."""
+    fp32 products, and measure its peak memory against the plan's. (Under bf16 on the CPU,
+    oneDNN's bfloat16 buffers made the measured peak vary from run to run: 0.76 to 1.12 of the
+    plan on the first shape.)"""
     import time
 
     from unlib.activations import ActivationCache, cached_chunks, model_chunks, run_models
@@ -164,8 +165,7 @@ def measure_pass(shape: Shape, folder: str | Path, feed: str, n_tokens: int, dev
     tokens, keep = random_tokens(shape, n_tokens)
     model_feed = None if feed == "caches" else ModelFeed(tuple(model_footprint(s, None) for s in specs), shape.ctx_len)
     sizes = [[shape.d_mlp] * shape.n_layers for _ in range(shape.n_models)]
-    engine = ExcessCorrelationEngine(sizes, 0, 2, 0, device, 2**42, chunk_tokens, feed=model_feed, n_tokens=n_tokens,
-                                     precision=default_precision(device))
+    engine = ExcessCorrelationEngine(sizes, 0, 2, 0, device, 2**42, chunk_tokens, feed=model_feed, n_tokens=n_tokens)
     units = engine.passes[0]
     # the libraries' one-time setup (imports, thread pools, first-call caches) before the
     # measurement: the plan counts a pass's memory, not the interpreter's

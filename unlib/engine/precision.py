@@ -128,8 +128,8 @@ class Products:
     def extra_copies(self) -> float:
         """Working copies of the centred rows the products hold besides them, in float32 sizes:
         on a GPU bf16's cast of every model's rows, on the CPU oneDNN's bfloat16 copies of one
-        GEMM's two operands (about a quarter of the rows of two or three models: measured with
-        unlib/memory_check.py); bf16x3's two parts besides."""
+        GEMM's two operands (about a quarter of the rows of two or three models; measured with
+        unlib/memory_check.py, they varied from run to run); bf16x3's two parts besides."""
         buffers = 0.5 if self.on_gpu else 0.25
         return {"bf16": buffers, "bf16x3": 1.0 + (0.0 if self.on_gpu else buffers)}.get(self.precision, 0.0)
 
