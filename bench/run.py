@@ -26,9 +26,7 @@ from bench.reference import PAPER_BATCH_TOKENS, paper_max_correlations
 from unlib.engine.engine import ExcessCorrelationEngine
 from unlib.engine.layout import BYTES, HALVES
 from unlib.engine.planning import WorkPlan
-from unlib import UserError
-from unlib.engine.precision import (DOCUMENTED_ERROR, ERROR_BOUND, PRECISIONS, Products, default_precision,
-                                   self_check)
+from unlib.engine.precision import DOCUMENTED_ERROR, ERROR_BOUND, default_precision, runnable_precisions
 from unlib.engine.results import PassStats, combine
 from unlib.plan import matmul_rate
 
@@ -220,18 +218,6 @@ def float64_correlations(data: list[torch.Tensor], engine: ExcessCorrelationEngi
     return maxes, baselines
 
 
-def modes_here(device: str) -> list[str]:
-    """The PRECISION modes `device` runs (a CPU whose oneDNN has no bfloat16 refuses bf16)."""
-    here = []
-    for mode in PRECISIONS:
-        try:
-            self_check(Products(mode, device))
-            here.append(mode)
-        except UserError:
-            pass
-    return here
-
-
 def precision_errors(data: list[torch.Tensor], sizes: list[list[int]], threshold: float, device: str,
                      rotations: int = 5) -> dict:
     """Per PRECISION mode, the engine (REFERENCE=0, from memory) against float64 on `data`: the
@@ -241,7 +227,7 @@ def precision_errors(data: list[torch.Tensor], sizes: list[list[int]], threshold
     live = ~np.isnan(truth_max[0])
     truth_set = set(np.flatnonzero(live & ((truth_max - truth_base.mean(1)).mean(0) >= threshold)))
     out = {}
-    for mode in modes_here(device):
+    for mode in runnable_precisions(device):
         engine = ExcessCorrelationEngine(sizes, [0], rotations, 0, device, precision=mode)
         layers = engine.run(source(data))[0]
         got_max = np.concatenate([r.max_corr for r in layers], axis=1)
@@ -261,7 +247,7 @@ def precision_rates(device: str, sizes: list[list[int]], n_tokens: int, seconds:
     data = [a.to(device) for a in synthetic(sizes, n_tokens)]
     d, width = max(max(s) for s in sizes), max(sum(s) for s in sizes)
     out = {}
-    for mode in modes_here(device):
+    for mode in runnable_precisions(device):
         rate = matmul_rate(2048, d, width, device, seconds, precision=mode)
         engine = ExcessCorrelationEngine(sizes, list(range(len(sizes))), 5, 0, device, precision=mode)
         start = time.perf_counter()

@@ -40,12 +40,12 @@ def test_the_gpu_section_runs_on_the_cpu_at_small_shapes():
     """make bench DEVICE=cuda's section, on the CPU at small shapes: every mode's error against
     float64 within its documented bound, rates for every mode, a default chosen among the modes
     within 1e-3, and projections that grow tenfold with the tokens' stream."""
-    from bench.run import PAPER_RUNS, device_section, modes_here
-    from unlib.engine.precision import DOCUMENTED_ERROR, ERROR_BOUND
+    from bench.run import PAPER_RUNS, device_section
+    from unlib.engine.precision import DOCUMENTED_ERROR, ERROR_BOUND, runnable_precisions
 
     section = device_section("cpu", [[128] * 2] * 2, 4096, error_tokens=8192, seconds=0.2)
-    assert list(section["errors"]) == list(section["rates"]) == modes_here("cpu")
-    for mode in modes_here("cpu"):
+    assert list(section["errors"]) == list(section["rates"]) == runnable_precisions("cpu")
+    for mode in runnable_precisions("cpu"):
         errors = section["errors"][mode]
         assert max(errors["max_corr_error"], errors["baseline_error"]) <= DOCUMENTED_ERROR[mode], (mode, errors)
         assert section["rates"][mode]["stream_gflops"] > 0 and 0 <= section["rates"][mode]["rotation_share"] < 1

@@ -10,7 +10,8 @@ import torch
 from unlib import UserError
 from unlib.engine.engine import ExcessCorrelationEngine
 from unlib.engine.planning import WorkPlan
-from unlib.engine.precision import DOCUMENTED_ERROR, PRECISIONS, Products, round_to_tf32_, self_check
+from unlib.engine.precision import (DOCUMENTED_ERROR, PRECISIONS, Products, round_to_tf32_, runnable_precisions,
+                                   self_check)
 
 SIZES = [[128, 128], [128, 128], [128, 128]]
 ROTATIONS = 2
@@ -71,19 +72,10 @@ def engine_errors(data: list[np.ndarray], truth, precision: str) -> tuple[float,
     return float(np.abs(got - truth[0]).max()), float(np.abs(got_base - truth[1]).max())
 
 
-def bf16_runs_here() -> bool:
-    """Whether this CPU's oneDNN multiplies bfloat16 (elsewhere PRECISION=bf16 is refused)."""
-    try:
-        self_check(Products("bf16", "cpu"))
-        return True
-    except UserError:
-        return False
-
-
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_each_mode_stays_within_its_documented_error_of_float64(data_and_truth, precision):
-    if precision == "bf16" and not bf16_runs_here():
-        pytest.skip("this CPU's oneDNN computes bf16 in float32: PRECISION=bf16 is refused here")
+    if precision not in runnable_precisions("cpu"):
+        pytest.skip(f"PRECISION={precision} is refused on this CPU (its oneDNN computes bf16 in float32)")
     data, truth = data_and_truth
     mkldnn = torch.backends.mkldnn.matmul.fp32_precision
     max_error, baseline_error = engine_errors(data, truth, precision)

@@ -11,7 +11,7 @@ from unlib.engine.halves import BLOCKS, HalfSplit
 from unlib.engine.layout import Unit
 from unlib.engine.memory import ModelFeed
 from unlib.engine.planning import WorkPlan
-from unlib.engine.precision import Products, self_check
+from unlib.engine.precision import self_check
 from unlib.engine.reduction import reduce_pass
 from unlib.engine.results import LayerResult, PassResult, PassStats, combine
 from unlib.engine.rotations import layer_rotations
@@ -54,10 +54,9 @@ class ExcessCorrelationEngine(WorkPlan):
         partial best matches, which merge_partials combines with other passes' exactly, and
         its cost. `split`: which half each row is in. `progress(stats)` follows each chunk."""
         stats = PassStats()
-        products = Products(self.precision, self.device)
-        self_check(products)
+        self_check(self.products)
         start = time.perf_counter()
-        moments = stream(self.layout, chunks, units, products, stats, progress, split)
+        moments = stream(self.layout, chunks, units, self.products, stats, progress, split)
         middle = time.perf_counter()
         entries = reduce_pass(moments, units, self.n_rotations, self.rotation_seed, stats)
         stats.stream_seconds = middle - start

@@ -31,6 +31,7 @@ class WorkPlan:
         self.precision = precision
         self.n_rotations = n_rotations
         self.device = torch.device(device)
+        self.products = Products(precision, self.device)  # refuses a mode the device cannot run
         self.memory_budget = memory_budget or default_memory_budget(self.device)
         self.chunk_tokens = chunk_tokens or chunk_tokens_for(self.layout.width())
         self.feed = feed
@@ -91,7 +92,7 @@ class WorkPlan:
             chunks = min(HOST_CHUNKS, -(-self.n_tokens // rows))
         chunk = BYTES * rows * width
         run = min(rows, HALF_BLOCK_ROWS) + 1
-        extra = Products(self.precision, self.device).extra_copies()
+        extra = self.products.extra_copies()
         centred = BYTES * run * (int((1 + extra) * width) + max(max(s) for s in self.layer_sizes))
         on_gpu = self.device.type != "cpu"
         if self.feed is None:

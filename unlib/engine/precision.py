@@ -154,6 +154,19 @@ def _fp32_precision(backend, value: str) -> Iterator[None]:
         torch.set_float32_matmul_precision(before)
 
 
+def runnable_precisions(device: str | torch.device) -> list[str]:
+    """The modes `device` runs: those whose self-check passes (a CPU whose oneDNN has no
+    bfloat16 refuses bf16; a torch without addmm's out_dtype refuses a GPU's bf16)."""
+    here = []
+    for mode in PRECISIONS:
+        try:
+            self_check(Products(mode, device))
+            here.append(mode)
+        except UserError:
+            pass
+    return here
+
+
 def self_check(products: Products) -> None:
     """Multiply a small block through `products` and compare with float64: a mode this torch
     or device cannot run, or runs wrong, is refused in one line before a stream starts."""
