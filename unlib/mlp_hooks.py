@@ -15,7 +15,8 @@ def is_gated(model) -> bool:
 def processed_weights(model) -> dict[str, torch.Tensor]:
     """A bridge's MLP and unembedding weights after HookedTransformer's default processing (fold
     LayerNorm, centre writing weights, centre the unembedding), as float64 CPU tensors: W_in
-    (layers, d_model, d_mlp), b_in (layers, d_mlp), W_out (layers, d_mlp, d_model), W_U (d_model, vocab).
+    (layers, d_model, d_mlp), b_in (layers, d_mlp), W_out (layers, d_mlp, d_model), W_U (d_model, vocab)
+    and the attention queries W_Q (layers, heads, d_model, d_head).
     For a gated MLP, W_in is the gate (what `hook_pre` reads) and b_in its bias, zero where the
     model has none; the up projection (`hook_pre_linear`) only scales the gated output."""
     # A copy is processed so that the caller's bridge keeps its raw weights, hooks and activations.
@@ -31,7 +32,8 @@ def processed_weights(model) -> dict[str, torch.Tensor]:
         b_in = None
     b_in = torch.zeros(w_in.shape[0], w_in.shape[2]) if b_in is None else b_in
     return {name: t.detach().double().cpu() for name, t in
-            (("W_in", w_in), ("b_in", b_in), ("W_out", processed.W_out), ("W_U", processed.W_U))}
+            (("W_in", w_in), ("b_in", b_in), ("W_out", processed.W_out), ("W_U", processed.W_U),
+                                                  ("W_Q", processed.W_Q))}
 
 
 def hook_post(layer: int) -> str:

@@ -30,7 +30,7 @@ def _standardised(mu3: torch.Tensor, mu4: torch.Tensor, var: torch.Tensor,
     return skew, kurt
 
 
-def _moments(values: torch.Tensor, dim: int) -> tuple[torch.Tensor, ...]:
+def moments(values: torch.Tensor, dim: int) -> tuple[torch.Tensor, ...]:
     """Mean, variance, skew and (Pearson, normal = 3) kurtosis along `dim`, float64; a
     constant series has variance 0, skew 0 and kurtosis 3."""
     v = values.double()
@@ -104,7 +104,7 @@ class NeuronStatsGenerator:
             wout = w_out[layer]
             in_norm, out_norm = win.norm(dim=1), wout.norm(dim=1)
             cos_vocab = (wout / out_norm[:, None].clamp_min(1e-300)) @ w_u_unit  # (d_mlp, vocab)
-            v_mean, v_var, v_skew, v_kurt = _moments(cos_vocab, dim=1)
+            v_mean, v_var, v_skew, v_kurt = moments(cos_vocab, dim=1)
             frames.append(pd.DataFrame({
                 "layer": layer, "neuron": np.arange(win.shape[0]),
                 "w_in_norm": in_norm.numpy(), "w_out_norm": out_norm.numpy(),

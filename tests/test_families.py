@@ -1,0 +1,196 @@
+"""Neuron families against planted ground truth: variance reduction of a planted feature, a
+previous-token neuron (sequence starts included), a unigram neuron and an attention-deactivation
+neuron built into a GPT-2 with `transformers`, and prediction, suppression, partition and
+entropy neurons from constructed unembeddings."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from unlib.explain import FeatureMatrix, VarianceReduction, positional_mi
+from unlib.features import TokenFeatures, Variable, token_features
+from unlib.roles import (ENTROPY_NULL_FRACTION, PARTITION_VAR, PREDICTION_KURT, effective_null_space, null_fraction,
+                         random_vocab_var, role_of, vocab_moments)
+
+BYTES = ["<|endoftext|>"] + [chr(i) for i in range(32, 127)] + ["\n"]  # the BOS, printable ASCII and newline
+
+
+def exact_vr(a: np.ndarray, f: np.ndarray) -> float:
+    """VR by its definition, in float64: [Var(a) - (n0/n) Var(a|f=0) - (n1/n) Var(a|f=1)] / Var(a)."""
+    n, n1 = len(a), int(f.sum())
+    return (a.var() - (n - n1) / n * a[~f].var() - n1 / n * a[f].var()) / a.var()
+
+
+def one_feature(f: np.ndarray) -> FeatureMatrix:
+    return FeatureMatrix(TokenFeatures([Variable("token", ["f"], np.where(f, 0, -1))],
+                                       np.ones(len(f), dtype=np.int64), 0, 0))
+
+
+def test_variance_reduction_of_a_planted_feature_is_pq_delta_squared_over_the_variance():
+    rng = np.random.default_rng(0)
+    n, p, delta, sigma = 400_000, 0.3, 2.0, 1.5
+    f = rng.random(n) < p
+    a = (delta * f + sigma * rng.standard_normal(n)).astype(np.float32)
+    acc = VarianceReduction(one_feature(f), 1)
+    for start in range(0, n, 30_000):  # in chunks, as from a cache
+        acc.add(a[start:start + 30_000, None])
+    vr, _ = acc.result()
+    expected = p * (1 - p) * delta ** 2 / (p * (1 - p) * delta ** 2 + sigma ** 2)
+    assert vr[0, 0] == pytest.approx(exact_vr(a.astype(np.float64), f), abs=1e-9)
+    assert vr[0, 0] == pytest.approx(expected, abs=0.005)
+
+
+def test_a_previous_byte_neuron_scores_on_the_previous_token_not_the_current_one():
+    rng = np.random.default_rng(1)
+    n_seq, ctx = 600, 32
+    tokens = rng.integers(1, len(BYTES), size=(n_seq, ctx))
+    tokens[:, 0] = 0  # BOS-led rows, no separators inside
+    keep = np.ones(tokens.shape, dtype=bool)
+    keep[:, 0] = False
+    x = BYTES.index("e")
+    # many rows end with the byte: np.roll across rows would see it before the next row's first token
+    tokens[::2, -1] = x
+    previous = np.zeros(tokens.shape, dtype=bool)
+    previous[:, 1:] = tokens[:, :-1] == x
+    a = (3.0 * previous + 0.1 * rng.standard_normal(tokens.shape))[keep]
+    features = FeatureMatrix(token_features(tokens, keep, BYTES))
+    acc = VarianceReduction(features, 1)
+    acc.add(a[:, None])
+    vr = acc.result()[0][:, 0]
+    vr_of = dict(zip(features.names, vr))
+    assert features.names[int(vr.argmax())] == "prev 'e'"
+    assert vr_of["prev 'e'"] == pytest.approx(exact_vr(a, previous[keep]), abs=1e-9)
+    assert vr_of["prev 'e'"] > 0.8 and vr_of["'e'"] < 0.01
+    # the first analysed position's previous token is its own row's BOS, never the row before's last
+    first = features.matrix[:, features.names.index("prev 'e'")].toarray().ravel().reshape(n_seq, ctx - 1)[:, 0]
+    assert not first.any()
+
+
+def test_positional_mutual_information_of_a_neuron_firing_only_early():
+    per_position = np.full(64, 1000)
+    fired = np.zeros((64, 2))
+    fired[:8, 0] = 1000  # fires at positions 0-7 only: I = H(1/8) in nats
+    fired[:, 1] = 500  # fires half the time everywhere: no information
+    p = 1 / 8
+    assert positional_mi(fired, per_position) == pytest.approx([-(p * np.log(p) + (1 - p) * np.log(1 - p)), 0],
+                                                               abs=1e-12)
+
+
+def unembedding(assign: dict[int, torch.Tensor], vocab: int = 257, d: int = 16, seed: int = 0) -> torch.Tensor:
+    """W_U (d, vocab) whose columns are random directions orthogonal to e_0, except those given."""
+    g = torch.Generator().manual_seed(seed)
+    w_u = torch.randn(d, vocab, generator=g, dtype=torch.float64)
+    w_u[0] = 0
+    for v, column in assign.items():
+        w_u[:, v] = column
+    return w_u
+
+
+def test_prediction_suppression_and_partition_neurons_from_their_vocabulary_composition():
+    e0 = torch.zeros(16, dtype=torch.float64)
+    e0[0] = 1
+    promoted = unembedding({v: e0 for v in range(10)})
+    half = unembedding({v: e0 if v % 2 else -e0 for v in range(257)})
+    w_out = torch.stack([e0, -e0])[None]  # layer 0: neuron 0 writes e_0, neuron 1 writes -e_0
+    _, var, skew, kurt = vocab_moments(w_out, promoted)
+    p = 10 / 257  # a 10-token indicator over 257 tokens: raw kurtosis 23.7, skew 4.77
+    assert kurt[0, 0].item() == pytest.approx((1 - 3 * p * (1 - p)) / (p * (1 - p)), rel=1e-9)
+    assert kurt[0, 0].item() == pytest.approx(23.7, abs=0.1) and skew[0, 0].item() == pytest.approx(4.77, abs=0.01)
+    assert skew[0, 1].item() == pytest.approx(-skew[0, 0].item())
+    _, half_var, _, half_kurt = vocab_moments(w_out, half)
+    evidence = pd.DataFrame({"vocab_kurt": [kurt[0, 0].item(), kurt[0, 1].item(), half_kurt[0, 0].item()],
+                             "vocab_skew": [skew[0, 0].item(), skew[0, 1].item(), 0.0],
+                             "vocab_var": [var[0, 0].item(), var[0, 1].item(), half_var[0, 0].item()],
+                             "null_fraction": 0.0, "deactivation_z": np.nan})
+    assert half_kurt[0, 0].item() == pytest.approx(1.0, abs=1e-3) and half_kurt[0, 0].item() < PREDICTION_KURT
+    assert half_var[0, 0].item() > PARTITION_VAR * random_vocab_var(half)
+    assert list(role_of(evidence, PARTITION_VAR * random_vocab_var(half), 4.0)) == ["prediction", "suppression",
+                                                                                    "partition"]
+
+
+def test_a_neuron_writing_into_the_unembeddings_null_space_is_an_entropy_neuron_with_no_logit_effect():
+    g = torch.Generator().manual_seed(2)
+    d, k = 16, 4
+    w_u = torch.randn(d, 257, generator=g, dtype=torch.float64)
+    w_u[d - k:] *= 1e-4  # the last k directions are almost never read by any token
+    w_out = torch.randn(1, 3, d, generator=g, dtype=torch.float64)
+    w_out[0, 0, :d - k] = 0  # neuron 0 writes only there, the others mostly elsewhere
+    w_out[0, 1:, d - k:] *= 0.2
+    basis, record = effective_null_space(w_u, w_out)
+    assert record["k"] == k
+    fraction = null_fraction(w_out[0], basis)
+    assert fraction[0].item() == pytest.approx(1.0, abs=1e-9) and fraction[0].item() >= ENTROPY_NULL_FRACTION
+    assert fraction[1:].max().item() < ENTROPY_NULL_FRACTION
+    logits = w_out[0] @ w_u
+    assert logits[0].abs().max().item() < 1e-3 * logits[1:].abs().max().item()
+
+
+UNIGRAM_NEURON, DEACTIVATION_NEURON, HEAD = 5, 7, (1, 2)
+
+
+@pytest.fixture(scope="module")
+def built_gpt2(tmp_path_factory):
+    """A random GPT-2 (transformers) with two planted layer-0 neurons: UNIGRAM_NEURON reads the
+    centred embedding of "=" (weak positions and attention, so the MLP sees the token), and
+    DEACTIVATION_NEURON writes W_Q k_BOS of HEAD; with byte tokens of held-out Python text."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from unlib.dataset import offline_corpus
+    from unlib.mlp_hooks import processed_weights
+    from unlib.model_loading import load_model
+    from unlib.model_sets import ModelSpec
+    from unlib.roles import bos_keys
+    from unlib.tokens import token_sequences
+    from unlib.zoo import train_tokenizer
+
+    root = tmp_path_factory.mktemp("families")
+    tokenizer = train_tokenizer(offline_corpus("train")["text"][:20], 257, 10**5, root / "tokenizer")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_inner=64, n_positions=64, vocab_size=257,
+                                       bos_token_id=0, eos_token_id=0))
+    token = tokenizer("=", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        model.transformer.wpe.weight.mul_(0.01)
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.mul_(0.01)
+            block.attn.c_proj.bias.zero_()
+        embedding = model.transformer.wte.weight[token]
+        centred = (embedding - embedding.mean()) / (embedding - embedding.mean()).norm()
+        mlp = model.transformer.h[0].mlp
+        mlp.c_fc.weight[:, UNIGRAM_NEURON] = 4 / 32 ** 0.5 * centred  # 4 on "=", about -2 +- 0.7 elsewhere
+        mlp.c_fc.bias[UNIGRAM_NEURON] = -2.0
+    spec = ModelSpec("planted", str(root / "model"))
+    model.save_pretrained(spec.source)
+    tokenizer.save_pretrained(spec.source)
+    bridge = load_model(spec, None)
+    layer, head = HEAD
+    direction = processed_weights(bridge)["W_Q"][layer, head] @ bos_keys(bridge, 0)[layer, head]
+    with torch.no_grad():
+        mlp.c_proj.weight[DEACTIVATION_NEURON] = direction.float()
+    model.save_pretrained(spec.source)
+    texts = offline_corpus("heldout")["text"]
+    tokens, keep, _ = token_sequences(texts, tokenizer, 0, 20_000, 64, [0])
+    return load_model(spec, None), tokenizer, tokens, keep, token
+
+
+def test_planted_unigram_and_attention_deactivation_neurons_are_found_in_a_gpt2(built_gpt2):
+    from unlib.families import explain_neurons
+    from unlib.stats import NeuronStatsGenerator
+
+    model, tokenizer, tokens, keep, token = built_gpt2
+    stats = NeuronStatsGenerator(model).compute(tokens, keep)
+    explained = explain_neurons(model, tokenizer, tokens, keep, stats)
+    unigram = explained.families.set_index(["layer", "neuron"]).loc[(0, UNIGRAM_NEURON)]
+    assert unigram["input_family"] == "unigram" and unigram["best_feature"] == repr(tokenizer.decode([token]))
+    assert unigram["best_vr"] > 0.5
+    roles = explained.roles[explained.roles["layer"] == 0].set_index("neuron")
+    planted = roles.loc[DEACTIVATION_NEURON]
+    assert (planted["deactivation_layer"], planted["deactivation_head"]) == HEAD
+    assert planted["role"] == "attention deactivation"
+    assert planted["deactivation_z"] > explained.record["deactivation_z"]
+    assert roles["deactivation_z"].idxmax() == DEACTIVATION_NEURON
+    assert (roles["role"] == "attention deactivation").sum() <= 3  # the rest: random, at the Gaussian baseline
+    # the last layer has no later head
+    assert (explained.roles.loc[explained.roles["layer"] == 1, "deactivation_head"] == -1).all()
