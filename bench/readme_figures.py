@@ -95,6 +95,19 @@ def ablation_text(summary: pd.DataFrame, layer_control: pd.DataFrame, run_record
     return text
 
 
+def families_text(counts: pd.DataFrame, record: dict) -> str:
+    """The sentence on neuron families (family_counts.csv)."""
+    counts = counts.assign(enriched=counts["enriched"].fillna(""))
+    among = lambda column: ", ".join(f"{int(row[column])} {row['family']}" for _, row in  # noqa: E731
+                                     counts[counts[column] > 0].sort_values(column, ascending=False).iterrows())
+    differ = counts[counts["enriched"] != ""]
+    verdict = ("no family's share differs between them" if differ.empty else "universal neurons differ in " +
+               ", ".join(f"{r.family} ({r.enriched}, p = {r.p_holm:.2g})" for r in differ.itertuples()))
+    return (f"Their [families](docs/method.md#neuron-families) (`family_counts.csv`): {among('n_universal')} "
+            f"among the {record['n_universal']} universal neurons; {among('n_all')} among all "
+            f"{record['n_neurons']}; {verdict} (two-sided Fisher exact tests, Holm-corrected).")
+
+
 def compare_text(folder: Path, seconds: float) -> str:
     """The sentences across training (make compare)."""
     by_step = pd.read_csv(folder / "universality_by_checkpoint.csv")
@@ -152,6 +165,7 @@ def section(store: Path, seconds: float, compare_seconds: float) -> str:
         f"{record['split_half_jaccard']:.2f}; the median split-half standard error of an excess correlation is "
         f"{excess['excess_se'].median():.3f} (95 % intervals {width:.2f} wide). "
         + contrasts_text(contrasts, n_live - record["n_universal"]) + " "
+        + families_text(pd.read_csv(results / f"checkpoint-{STEP}" / "family_counts.csv"), record) + " "
         + ablation_text(summary, layer_control, record) + " "
         + compare_text(results / f"compare-{'-'.join(map(str, STEPS))}", compare_seconds))
     return wrap(text)

@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         title = f"{root.model_set.name} {root.run_name()}"
         if len(roots) > 1:
             title += f" (reference {root.model_set.models[root.reference].name})"
-        print_summary(console, title, tables["layer_summary"], tables["universal"], str(root.results_dir()))
+        print_summary(console, title, tables["layer_summary"], tables["universal"], str(root.results_dir()),
+                      tables["families"], tables["family_counts"])
         print_ablation(console, root.run_dir())
         console.print(f"Report: [bold]{root.output().path}[/bold]", soft_wrap=True)
     console.print(f"Finished in {report.seconds:.1f} s: {len(report.ran_here)} tasks run here, "

@@ -11,29 +11,35 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tasks.activations import CacheActivations
 from tasks.common import ResultTask, TaskProgress
 from tasks.correlation import correlations_of
 from tasks.params import CheckpointParams, CorrelationParams, RunParams
 from tasks.targets import store
 from tasks.data import TokenizeDataset, dataset_id, held_out_tokens
 from tasks.zoo import model_requirement
+from unlib.activations import ActivationCache
 from unlib.contrasts import universal_vs_rest
+from unlib.families import explain_neurons, family_counts, write_variance_reduction
 from unlib.dataset import DOCUMENT_SEED
 from unlib.tokens import read_tokens, token_file_record
 from unlib.engine.precision import DOCUMENTED_ERROR, ERROR_BOUND
 from unlib.engine.results import LayerResult
+from unlib.h5read import H5Reader
 from unlib.engine.tables import SPLIT_HALF_COLUMNS, excess_tables
 from unlib.checkpoints import model_location
-from unlib.model_loading import load_model, model_fingerprint
-from unlib.plots import UniversalNeuronVisualizer, corr_vs_baseline
+from unlib.model_loading import load_model, load_tokenizer, model_fingerprint, training_vocabulary
+from unlib.plots import UniversalNeuronVisualizer, corr_vs_baseline, family_shares_plot
 from unlib.selection import UniversalNeuronAnalyzer, jaccard_index, split_half_sets
 from unlib.stats import NeuronStatsGenerator
 from unlib.store import atomic_path, link_file, write_json
 
 # The tables a run's results folder shows beside its own files, linked from where they are
 # kept (keyed by what changes them, so runs differing only in threshold or top-k share them).
-SHARED_TABLES = ("excess_correlation_scores.csv", "pairwise_correlations.csv", "neuron_stats.csv")
+SHARED_TABLES = ("excess_correlation_scores.csv", "pairwise_correlations.csv", "neuron_stats.csv",
+                 "neuron_explanations.csv", "neuron_roles.csv", "families.csv")
 CONTRASTS = "universal_vs_rest.csv"  # each statistic tested, universal neurons against the rest
+FAMILY_COUNTS = "family_counts.csv"  # each family among the universal neurons and the rest, tested
 
 
 def write_csv(df: pd.DataFrame, path: str) -> None:
@@ -91,6 +97,57 @@ class NeuronStats(CheckpointParams, ResultTask):
         write_csv(stats, self.output().path)
 
 
+class NeuronFamilies(CheckpointParams, ResultTask):
+    """What explains each neuron of the reference model and what its weights do: the neuron
+    explanations, roles and families tables and the full variance-reduction matrices, kept per
+    model, checkpoint and token file (shared by every run on them). Read from the model's
+    activation cache where the run caches (`from_cache`), else from forward passes."""
+
+    reference = luigi.IntParameter(default=0, description="index of the model in the set")
+    from_cache = luigi.BoolParameter(default=False, significant=False, description="read the activation cache")
+    TABLES = ("neuron_explanations.csv", "neuron_roles.csv", "families.csv")
+    MATRIX = "variance_reduction.h5"
+
+    def requires(self):
+        cache = {"cache": self.clone(CacheActivations, model=self.reference)} if self.from_cache else {}
+        return {"tokens": self.clone(TokenizeDataset), "model": model_requirement(self.model_set.models[self.reference]),
+                "stats": self.clone(NeuronStats), **cache}
+
+    def inputs(self) -> dict[str, str]:
+        return self.clone(NeuronStats).inputs()
+
+    def output(self):
+        spec = self.model_set.models[self.reference]
+        folder = store().families(spec.model_id, self.checkpoint, Path(self.clone(TokenizeDataset).output().path))
+        return {name: self.result_target(folder / name, ignore=("reference",)) for name in self.TABLES + (self.MATRIX,)}
+
+    def write(self):
+        tokens, keep = read_tokens(self.input()["tokens"].path)
+        spec = self.model_set.models[self.reference]
+        model = load_model(spec, self.checkpoint, self.device)
+        cache = ActivationCache(self.input()["cache"].path) if "cache" in self.input() else None
+        stats = pd.read_csv(self.input()["stats"].path)
+        with TaskProgress(self, "neuron families", int(keep.sum())) as progress:
+            explained = explain_neurons(model, load_tokenizer(self.model_set, store().root), tokens, keep, stats,
+                                        training_vocabulary(self.model_set, store().root), cache, self.batch_size,
+                                        progress)
+        out = self.output()
+        for name, table in zip(self.TABLES, (explained.explanations, explained.roles, explained.families)):
+            write_csv(table, out[name].path)
+        write_variance_reduction(out[self.MATRIX].path, explained)
+
+
+def h5_record(path: str) -> str:
+    """The `record` attribute of a store HDF5 file, verified (a damaged file is set aside)."""
+    with H5Reader(path) as reader:
+        return reader.attrs["record"]
+
+
+def families_of(task: CorrelationParams) -> NeuronFamilies:
+    """The run's NeuronFamilies task: reading the activation cache when the run's correlations do."""
+    return task.clone(NeuronFamilies, from_cache=correlations_of(task).feed[0])
+
+
 class SelectUniversal(RunParams, ResultTask):
     """universal_neurons.csv: excess scores and statistics of the selected neurons."""
 
@@ -114,11 +171,11 @@ class Plots(RunParams, ResultTask):
     """The run's figures."""
 
     NAMES = ("excess_correlation_distribution", "universal_neurons_by_layer", "excess_correlation_vs_properties",
-             "max_correlation_vs_baseline")
+             "max_correlation_vs_baseline", "neuron_families")
 
     def requires(self):
         return {"excess": self.clone(ExcessCorrelation), "stats": self.clone(NeuronStats),
-                "universal": self.clone(SelectUniversal)}
+                "universal": self.clone(SelectUniversal), "families": families_of(self)}
 
     def output(self):
         return {name: self.shared_target(self.results_dir() / "plots" / f"{name}.png") for name in self.NAMES}
@@ -136,6 +193,8 @@ class Plots(RunParams, ResultTask):
         viz.universal_by_layer(out["universal_neurons_by_layer"].path, universal)
         viz.excess_vs_properties(out["excess_correlation_vs_properties"].path)
         corr_vs_baseline(excess, float(cut), out["max_correlation_vs_baseline"].path, title)
+        families = pd.read_csv(self.input()["families"]["families.csv"].path)
+        family_shares_plot(family_counts(families, universal), out["neuron_families"].path, title)
 
 
 def correlation_timings(attrs: dict) -> dict:
@@ -160,16 +219,17 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
         held_out = {} if self.top_k is not None else {"held_out": held_out_tokens(self)}
         return {"excess": self.clone(ExcessCorrelation), "universal": self.clone(SelectUniversal),
                 "plots": self.clone(Plots), "stats": self.clone(NeuronStats), "correlations": correlations_of(self),
-                "tokens": self.clone(TokenizeDataset), **held_out}
+                "tokens": self.clone(TokenizeDataset), "families": families_of(self), **held_out}
 
     def output(self):
         d = self.results_dir()
         return {"run": self.result_target(self.run_dir() / "run.json"),
-                **{name: self.shared_target(d / name) for name in SHARED_TABLES + (CONTRASTS,)}}
+                **{name: self.shared_target(d / name) for name in SHARED_TABLES + (CONTRASTS, FAMILY_COUNTS)}}
 
     def write(self):
         tables = self.input()
-        sources = (tables["excess"]["excess"], tables["excess"]["pairwise"], tables["stats"])
+        sources = (tables["excess"]["excess"], tables["excess"]["pairwise"], tables["stats"],
+                   *(tables["families"][name] for name in NeuronFamilies.TABLES))
         for name, source in zip(SHARED_TABLES, sources):
             if not self.output()[name].exists():  # shared with runs of other ablation settings
                 link_file(source.path, self.output()[name].path)
@@ -178,6 +238,10 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
         if not self.output()[CONTRASTS].exists():
             stats = pd.read_csv(tables["stats"].path)
             write_csv(universal_vs_rest(stats, universal, excess), self.output()[CONTRASTS].path)
+        families = pd.read_csv(tables["families"]["families.csv"].path)
+        counts = family_counts(families, universal)
+        if not self.output()[FAMILY_COUNTS].exists():
+            write_csv(counts, self.output()[FAMILY_COUNTS].path)
         summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)
         half_a, half_b = split_half_sets(excess, self.effective_threshold, self.top_k)
         jaccard = jaccard_index(half_a, half_b)
@@ -211,4 +275,6 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
                              "half_rows": [int(n) for n in correlation["half_rows"]]},
             "n_universal_half_a": len(half_a),
             "n_universal_half_b": len(half_b), "split_half_jaccard": None if np.isnan(jaccard) else jaccard,
-            "layers": summary.to_dict(orient="records")})
+            "layers": summary.to_dict(orient="records"),
+            "families": {**json.loads(h5_record(tables["families"][NeuronFamilies.MATRIX].path)),
+                         "counts": counts[["family", "n_universal", "n_all", "p_holm"]].to_dict(orient="records")}})

@@ -200,12 +200,14 @@ def run_graph(roots: list[luigi.Task], workers: int = RunConfig.workers,
 
 
 def read_results(root: UniversalNeuronsAnalysis) -> dict[str, pd.DataFrame]:
-    """The run's tables: excess, pairwise, stats, universal, layer_summary."""
+    """The run's tables: excess, pairwise, stats, universal, families, family_counts, layer_summary."""
     d = root.results_dir()
     out = {"excess": pd.read_csv(d / "excess_correlation_scores.csv"),
            "pairwise": pd.read_csv(d / "pairwise_correlations.csv"),
            "stats": pd.read_csv(d / "neuron_stats.csv"),
-           "universal": pd.read_csv(d / "universal_neurons.csv")}
+           "universal": pd.read_csv(d / "universal_neurons.csv"),
+           "families": pd.read_csv(d / "families.csv"),
+           "family_counts": pd.read_csv(d / "family_counts.csv")}
     out["layer_summary"] = UniversalNeuronAnalyzer(out["excess"]).layer_summary(out["universal"])
     return out
 

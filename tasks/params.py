@@ -17,7 +17,7 @@ from unlib.model_sets import ZOOS, ModelSet, resolve_model_set
 
 # The tasks whose run() computes on DEVICE (models and correlations): only they take a `gpu`
 # resource and a GPU of their own; the others (tokens, merges, tables, plots) run on the CPU.
-DEVICE_TASKS = ("CacheActivations", "CorrelationBlock", "NeuronStats", "Ablation", "RunReport")
+DEVICE_TASKS = ("CacheActivations", "CorrelationBlock", "NeuronStats", "NeuronFamilies", "Ablation", "RunReport")
 OPTIONAL = {int: luigi.OptionalIntParameter, float: luigi.OptionalFloatParameter, str: luigi.OptionalParameter}
 REQUIRED = {int: luigi.IntParameter, float: luigi.FloatParameter, str: luigi.Parameter}
 

@@ -17,7 +17,7 @@ from tasks.zoo import model_requirement
 from unlib import compare, plots
 from unlib.activations import ActivationCache
 from unlib.html_report import compare_report_html, run_report_html
-from unlib.model_loading import load_model, load_tokenizer
+from unlib.model_loading import load_model, load_tokenizer, training_vocabulary
 from unlib.neuron_cards import neuron_cards
 from unlib.selection import UniversalNeuronAnalyzer, split_half_sets
 from unlib.store import atomic_path, read_json
@@ -58,9 +58,11 @@ class RunReport(RunParams, ResultTask):
         model = load_model(self.model_set.models[self.reference], self.checkpoint, self.device)
         tokens, keep = read_tokens(self.input()["tokens"].path)
         cache = self.clone(CacheActivations, model=self.reference).output()  # the run's, if it cached
+        families = pd.read_csv(analysis["families.csv"].path)
         cards = neuron_cards(model, load_tokenizer(self.model_set, store().root), tokens, keep, universal, pairwise,
                              top=TOP_CARDS, batch_size=self.batch_size,
-                             cache=ActivationCache(cache.path) if cache.exists() else None)
+                             cache=ActivationCache(cache.path) if cache.exists() else None, families=families,
+                             vocabulary=training_vocabulary(self.model_set, store().root))
         summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)
         ablation = None
         if "ablation" in self.input():
@@ -68,7 +70,7 @@ class RunReport(RunParams, ResultTask):
             ablation = {"table": pd.read_csv(targets["table"].path), "summary": pd.read_csv(targets["summary"].path),
                         "neurons": pd.read_csv(targets["neurons"].path), "plot": Path(targets["plot"].path)}
         write_text(self.output().path, run_report_html(run, excess, contrasts, universal, summary, figures, cards,
-                                                       ablation))
+                                                       ablation, pd.read_csv(analysis["family_counts.csv"].path)))
 
 
 class CompareCheckpoints(RunParams, ResultTask):
@@ -77,9 +79,9 @@ class CompareCheckpoints(RunParams, ResultTask):
     checkpoints = luigi.ListParameter(description="training steps to compare")
 
     TABLES = ("universality_by_checkpoint", "persistence", "persistence_half_a", "persistence_half_b", "jaccard",
-              "neuron_trajectories", "universal_vs_rest_by_checkpoint")
+              "neuron_trajectories", "universal_vs_rest_by_checkpoint", "families_by_checkpoint")
     FIGURES = ("universality_by_checkpoint", "persistence", "jaccard", "neuron_trajectories",
-               "excess_correlation_distributions")
+               "excess_correlation_distributions", "families_by_checkpoint")
     ABLATION = "ablation_by_checkpoint"  # its table and figure, unless TOP_K (then no ablation runs)
 
     def requires(self):
@@ -122,10 +124,12 @@ class CompareCheckpoints(RunParams, ResultTask):
         contrasts = pd.concat([pd.read_csv(tables["universal_vs_rest.csv"].path).assign(checkpoint=step)
                                for step, tables in self.input()["analysis"].items()])
         contrasts = contrasts[["checkpoint"] + [c for c in contrasts.columns if c != "checkpoint"]]
+        families = compare.families_by_checkpoint({step: pd.read_csv(tables["family_counts.csv"].path)
+                                                   for step, tables in self.input()["analysis"].items()})
         out = {name: Path(target.path) for name, target in self.output().items()}
         tables = dict(zip(self.TABLES, [by_checkpoint, persistence.reset_index(),
                                         *(t.reset_index() for t in persistence_halves), jaccard.reset_index(),
-                                        trajectories, contrasts]))
+                                        trajectories, contrasts, families]))
         for name, table in tables.items():
             write_csv(table, out[f"{name}.csv"])
         title = f"({self.model_set.name})"
@@ -137,6 +141,7 @@ class CompareCheckpoints(RunParams, ResultTask):
         plots.matrix_heatmap(jaccard, figures["jaccard"], f"Jaccard overlap of universal sets {title}", "Jaccard")
         plots.trajectories_plot(trajectories, figures["neuron_trajectories"], title=title)
         plots.distributions_plot(excess, figures["excess_correlation_distributions"], title)
+        plots.families_by_checkpoint_plot(families, figures["families_by_checkpoint"], title)
         ablation = None
         if "ablation" in self.input():
             ablation = compare.ablation_by_checkpoint({step: pd.read_csv(targets["summary"].path)
@@ -146,4 +151,4 @@ class CompareCheckpoints(RunParams, ResultTask):
             plots.ablation_by_checkpoint_plot(ablation, figures[self.ABLATION], title)
         write_text(out["report"], compare_report_html(self.model_set.name, self.steps, by_checkpoint, persistence,
                                                       jaccard, trajectories, figures, persistence_halves, contrasts,
-                                                      ablation))
+                                                      ablation, families))

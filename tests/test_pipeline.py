@@ -198,6 +198,52 @@ def test_plots_are_real_images(run):
         assert image.std() > 10, f"{name} looks blank"
 
 
+def test_neuron_families_match_numpy_float64(run):
+    """Every neuron of the reference model explained: the VR of the token-identity features
+    (in the store's matrix and as best_vr) against its definition computed in numpy float64
+    from the token file and the reference model's activation cache; families and their counts
+    consistent with the universal set."""
+    from transformers import AutoTokenizer
+
+    from unlib.families import FAMILIES
+
+    d, store = run["dir"], run["store"]
+    explained, families = pd.read_csv(d / "neuron_explanations.csv"), pd.read_csv(d / "families.csv")
+    counts = pd.read_csv(d / "family_counts.csv")
+    assert len(explained) == len(families) == len(run["excess"]) == 128
+    assert set(families["family"]) <= set(FAMILIES) and families["best_vr"].between(0, 1).all()
+    assert counts["n_universal"].sum() == len(run["universal"]) and counts["n_all"].sum() == 128
+    assert (counts["n_universal"] + counts["n_rest"] == counts["n_all"]).all()
+    (tokens_file,) = store.glob(f"tokens/*/*_n{N_TOKENS}_*.h5")
+    with h5py.File(tokens_file, "r") as f:
+        analysed = f["tokens"][:][f["keep"][:]]
+    (cache,) = store.glob("activations/*seed-0/checkpoint-300/*.h5")
+    layers = load_layers(cache)
+    (matrix,) = store.glob("families/*seed-0/checkpoint-300/*/variance_reduction.h5")
+    tokenizer = AutoTokenizer.from_pretrained(str(next(store.glob("zoo/*/tokenizer"))))
+    by_name: dict[str, list[int]] = {}
+    for i in range(len(tokenizer)):
+        by_name.setdefault(repr(tokenizer.decode([i])), []).append(i)
+    with h5py.File(matrix, "r") as f:
+        names = json.loads(f.attrs["features"])
+        groups = json.loads(f.attrs["groups"])
+        vr = [f[f"layer_{l:03d}"][:] for l in range(len(layers))]
+    identity = [i for i, g in enumerate(groups) if g == "token"]
+    assert len(identity) > 20
+    for layer, a in enumerate(layers):
+        # the best VR of each neuron is the largest in its column of the matrix
+        best = explained[explained["layer"] == layer].sort_values("neuron")["best_vr"].to_numpy()
+        np.testing.assert_allclose(best, vr[layer].max(0), atol=1e-6)
+        total = ((a - a.mean(0)) ** 2).sum(0)
+        for row in identity[::7]:
+            f = np.isin(analysed, by_name[names[row]])
+            between = f.sum() * (a[f].mean(0) - a.mean(0)) ** 2 + (~f).sum() * (a[~f].mean(0) - a.mean(0)) ** 2
+            expected = np.where(total > 0, between / np.where(total > 0, total, 1), 0)
+            np.testing.assert_allclose(vr[layer][row], expected, atol=2e-6)
+    record = json.loads((d / "run.json").read_text())["families"]
+    assert record["n_features"] == len(names) and record["vocabulary"].endswith("token ids seen in training")
+
+
 def test_run_record(run):
     record = json.loads((run["dir"] / "run.json").read_text())
     assert record["checkpoint"] == 300 and record["threshold"] == THRESHOLD and record["rotations"] == 5

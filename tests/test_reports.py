@@ -138,7 +138,17 @@ def test_run_report_numbers_equal_the_csvs(store):
     assert int(text_of(html, "n-universal-half-a")) == record["n_universal_half_a"]
     assert float(text_of(html, "median-excess-se")) == pytest.approx(excess["excess_se"].median(), abs=6e-5)
     assert html.count("<mark>") == 5 * len(cards)
-    assert html.count("data:image/png;base64,") == 5  # the run's plots, the ablation plot among them
+    assert html.count("data:image/png;base64,") == 6  # the run's plots, the ablation plot among them
+    # families: the section's table is family_counts.csv, each card names its neuron's family
+    counts = pd.read_csv(d / "family_counts.csv").set_index("family")
+    shown_counts = rows(html, "family")
+    assert set(shown_counts) == set(counts.index)
+    for family, row in shown_counts.items():
+        assert int(row["n_universal"]) == counts.loc[family, "n_universal"]
+        assert int(row["n_all"]) == counts.loc[family, "n_all"]
+    families = pd.read_csv(d / "families.csv").set_index(["layer", "neuron"])
+    assert re.findall(r'class="family-name">([^<]*)<', html) == [
+        families.loc[(int(l), int(n)), "family"] for l, n in cards]
     assert html.count("data:image/svg+xml;base64,") == len(cards)  # a histogram per card
     assert "final weights" not in html and "<td data-col=\"value\">300</td>" in html
 
@@ -183,8 +193,18 @@ def test_compare_outputs_match_the_per_checkpoint_runs(store):
                  "excess_correlation_distributions"):
         assert (out / f"{name}.png").stat().st_size > 5000
     html = (out / "compare.html").read_text()
-    assert html.count("data:image/png;base64,") == 6
+    assert html.count("data:image/png;base64,") == 7
     assert rows(html, "checkpoint")["300"]["n_universal"] == str(len(universal[300]))
+    # the families at each step are that run's family_counts.csv (every family at every step)
+    families = pd.read_csv(out / "families_by_checkpoint.csv")
+    assert (out / "families_by_checkpoint.png").stat().st_size > 5000
+    for s in (100, 300):
+        own = pd.read_csv(run_dir(store, s) / "family_counts.csv").set_index("family")
+        at_step = families[families.checkpoint == s].set_index("family")
+        assert at_step["n_all"].sum() == 128 and at_step["n_universal"].sum() == len(universal[s])
+        assert (at_step.loc[own.index, ["n_universal", "n_all"]] == own[["n_universal", "n_all"]]).all().all()
+        assert (at_step.drop(index=own.index)["n_all"] == 0).all()
+    assert "Neuron families across training" in html and 'id="families-first"' in html
     # the ablation impact per checkpoint is each run's ablation summary
     ablation = pd.read_csv(out / "ablation_by_checkpoint.csv")
     assert (out / "ablation_by_checkpoint.png").stat().st_size > 5000

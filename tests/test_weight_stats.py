@@ -148,3 +148,25 @@ def test_neuron_cards_rank_the_vocabulary_with_the_processed_weights(toy):
         raw = (model.W_out[layer][neuron] @ model.W_U).detach().numpy()
         raw_differs |= card["promoted"] != [f"t{i}" for i in np.argsort(-raw)[:8]]
     assert raw_differs, "the raw weights rank the vocabulary the same way: the test would not see a raw W_U"
+
+
+def test_neuron_cards_list_only_tokens_the_training_data_held(toy):
+    """Given the training vocabulary, promoted and suppressed tokens are the top and bottom of
+    the direct logit effect over those ids only (a never-trained token's unembedding is noise)."""
+    fold = reference_fold(toy["dir"])
+    universal = pd.DataFrame({"layer": [1], "neuron": [10], "excess_correlation": [0.9], "excess_ci_low": 0.5,
+                              "excess_ci_high": 0.95, "excess_half_a": 0.7, "excess_half_b": 0.8})
+    pairwise = pd.DataFrame({"layer": [1], "neuron": [10], "other_model": "b", "max_corr": 0.9, "max_layer": 0,
+                             "max_neuron": 0, "baseline_max_corr": 0.1})
+    tokens = np.random.default_rng(0).integers(1, 97, (4, 16)).astype(np.int32)
+    vocabulary = np.arange(1, 97, 3)
+    families = pd.DataFrame({"layer": [1], "neuron": [10], "family": ["unigram"], "best_feature": ["'x'"],
+                             "best_vr": [0.4]})
+    (card,) = neuron_cards(toy["model"], IdTokenizer(), tokens, kept_positions(tokens, []), universal, pairwise,
+                           contexts=2, vocabulary=vocabulary, families=families)
+    logits = fold["W_out"][1][10] @ fold["W_U"]
+    order = vocabulary[np.argsort(-logits[vocabulary])]
+    assert card["promoted"] == [f"t{i}" for i in order[:8]]
+    assert card["suppressed"] == [f"t{i}" for i in order[::-1][:8]]
+    assert card["promoted"] != [f"t{i}" for i in np.argsort(-logits)[:8]]  # the whole vocabulary ranks otherwise
+    assert (card["family"], card["best_feature"], card["best_vr"]) == ("unigram", "'x'", 0.4)

@@ -90,3 +90,25 @@ def ablation_by_checkpoint(summaries: dict[int, pd.DataFrame]) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=["checkpoint", *SUMMARY_COLUMNS])
     return pd.concat(frames, ignore_index=True)[["checkpoint", *SUMMARY_COLUMNS]]
+
+
+def families_by_checkpoint(counts: dict[int, pd.DataFrame]) -> pd.DataFrame:
+    """Every checkpoint's family_counts.csv, `checkpoint` first, every family at every step
+    (0 where a step has none of it)."""
+    table = pd.concat([c.assign(checkpoint=step) for step, c in sorted(counts.items())], ignore_index=True)
+    families = list(dict.fromkeys(table["family"]))
+    full = pd.MultiIndex.from_product([sorted(counts), families], names=["checkpoint", "family"])
+    table = table.set_index(["checkpoint", "family"]).reindex(full).reset_index()
+    table[["n_universal", "n_rest", "n_all"]] = table[["n_universal", "n_rest", "n_all"]].fillna(0).astype(int)
+    table["enriched"] = table["enriched"].fillna("")
+    return table
+
+
+def first_above_chance(table: pd.DataFrame) -> dict[str, int | None]:
+    """Per family, the first checkpoint at which universal neurons hold it more often than the
+    rest do (family_counts' two-sided Fisher test, Holm-corrected: `enriched` == "more")."""
+    first = {}
+    for family, group in table.groupby("family", sort=False):
+        steps = group.loc[group["enriched"] == "more", "checkpoint"]
+        first[family] = int(steps.min()) if len(steps) else None
+    return first

@@ -5,6 +5,7 @@ any loaded model (a notebook's, or the pipeline's NeuronFamilies task)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Callable, Iterator
 
 import numpy as np
@@ -15,6 +16,7 @@ from scipy.stats import fisher_exact
 from unlib.contrasts import ALPHA, holm
 from unlib.explain import EXPLAINED_VR, FeatureMatrix, VarianceReduction, explanations
 from unlib.features import GROUP_FAMILY, token_features, token_pieces
+from unlib.h5write import write_h5
 from unlib.roles import ROLES, WeightRoles
 
 INPUT_FAMILIES = tuple(dict.fromkeys(GROUP_FAMILY.values()))
@@ -85,6 +87,14 @@ class Explained:
     feature_names: list[str]
     feature_groups: list[str]
     record: dict
+
+
+def write_variance_reduction(path, explained: Explained) -> None:
+    """variance_reduction.h5: one (features, d_mlp) float32 dataset per layer (`layer_000`, ...),
+    the features' names and groups and how the roles were decided (JSON attributes)."""
+    write_h5(path, {f"layer_{layer:03d}": vr.astype(np.float32) for layer, vr in enumerate(explained.variance_reduction)},
+             {"features": json.dumps(explained.feature_names), "groups": json.dumps(explained.feature_groups),
+              "record": json.dumps(explained.record)})
 
 
 def explain_neurons(model, tokenizer, tokens: np.ndarray, keep: np.ndarray, stats: pd.DataFrame,

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from unlib.ablation import few_documents_warning
+from unlib.compare import first_above_chance
 from unlib.contrasts import differences_sentence
 from unlib.paper_reference import paper_setup_differences, published_reference, rank_recall
 from unlib.plots import value_range
@@ -227,6 +228,38 @@ def halves_text(split: dict) -> str:
     return f"whole documents: {a} and {b} of {split['documents']}, {rows} tokens{shared}"
 
 
+def families_html(run: dict, counts: pd.DataFrame) -> str:
+    """The report's families section: what each family means, the cuts this run's model got,
+    and each family's count among the universal neurons and the rest, tested."""
+    r = run.get("families", {})
+    drop = r.get("null_space_drop_ratio")
+    null_space = (f"{r['null_space_k']} bottom singular directions (spectrum drop ×{drop:.3g})" if r.get("null_space_k")
+                  else f"none (the spectrum's largest drop, ×{drop:.3g}, is below ×2)" if drop else "none")
+    differ = counts[counts["enriched"].fillna("") != ""]  # read back from CSV, '' is NaN
+    sentence = ("No family's share differs between universal neurons and the rest (two-sided Fisher exact test, "
+                "Holm-corrected)." if differ.empty else
+                "Universal neurons differ from the rest (two-sided Fisher exact test, Holm p &lt; 0.05) in: " +
+                "; ".join(f"{esc(row.family)} ({row.enriched} often: {row.n_universal} of the universal, "
+                          f"{row.share_all:.1%} of all)" for row in differ.itertuples()) + ".")
+    return (f"<p>Each neuron has one family: its role from its weights where it has one (entropy, attention "
+            f"deactivation, prediction, suppression, partition, in that order), else the family of the token "
+            f"feature that explains most of its activation variance (variance reduction ≥ "
+            f"{r.get('explained_vr', 0.05):g}), else unexplained. This model: {r.get('n_features', '?')} features over "
+            f"{esc(r.get('vocabulary', ''))}; unembedding null space: {esc(null_space)}, where an entropy neuron "
+            f"writes at least {r.get('entropy_null_fraction', 0.5):.2f} of |w_out|; "
+            f"attention deactivation beyond z = {r.get('deactivation_z', float('nan')):.2f} over "
+            f"{r.get('deactivation_pairs', 0):,} neuron–head pairs; partition above vocab_var "
+            f"{r.get('partition_var', float('nan')):.4f}. Definitions: docs/method.md, \"Neuron families\".</p>"
+            f'<p id="families-sentence">{sentence}</p>' + table_html(counts, "{:.4g}", key="family"))
+
+
+def _explained(card: dict) -> str:
+    if "best_feature" not in card:
+        return ""
+    return (f' · best feature <span class="best-feature">{esc(card["best_feature"])}</span> '
+            f'(variance reduction {card["best_vr"]:.2f})')
+
+
 def _card_html(card: dict) -> str:
     visible = lambda text: esc(text.replace("\n", "⏎").replace("\t", "⇥"))  # noqa: E731
     contexts = "".join(f'<div class="ctx">{visible(c["before"])}<mark>{visible(c["token"])}</mark>'
@@ -239,6 +272,8 @@ def _card_html(card: dict) -> str:
             f' (95 % interval <span class="ci-low">{number(low)}</span> to <span class="ci-high">{number(high)}</span>;'
             f' half A <span class="half-a">{number(half_a)}</span>, half B <span class="half-b">{number(half_b)}</span>)'
             f'</small></h3>'
+            f'<p class="family"><b>Family</b> <span class="family-name">{esc(card.get("family", "—"))}</span>'
+            f'{_explained(card)}</p>'
             f'{table_html(card["matches"], key="other_model")}{svg_tag(card["histogram"], "activation histogram")}'
             f"<p><b>Top-activating contexts</b></p>{contexts}"
             f"<p><b>Promotes</b> {tokens(card['promoted'])}<br><b>Suppresses</b> {tokens(card['suppressed'])}</p></div>")
@@ -246,10 +281,10 @@ def _card_html(card: dict) -> str:
 
 def run_report_html(run: dict, excess: pd.DataFrame, contrasts: pd.DataFrame, universal: pd.DataFrame,
                     layer_summary: pd.DataFrame, plots: dict[str, Path], cards: list[dict],
-                    ablation: dict | None = None) -> str:
+                    ablation: dict | None, family_counts: pd.DataFrame) -> str:
     """The self-contained per-run report (images embedded as data URIs); `contrasts`:
     universal_vs_rest.csv; `ablation`: the run's ablation table, summary and plot ({"table",
-    "summary", "plot"}), None when not run (TOP_K)."""
+    "summary", "plot"}), None when not run (TOP_K); `family_counts`: family_counts.csv."""
     n_neurons, n_universal = len(excess), len(universal)
     shown = {"checkpoint": run.get("checkpoint") if run.get("checkpoint") is not None else "final weights",
              "top_k": run.get("top_k") if run.get("top_k") is not None else "none (threshold)"}
@@ -309,6 +344,8 @@ universal (<span id="fraction">{n_universal / max(n_neurons, 1):.2%}</span>) <sp
 <p>Each statistic (definitions in the README) over the universal neurons and over the other live neurons (dead
 ones left out): medians, Cliff's delta (P(universal &gt; rest) − P(universal &lt; rest)), the two-sided
 Mann-Whitney U test's p-value and Holm's correction across the statistics.</p>{properties}
+<h2>Neuron families</h2>
+{families_html(run, family_counts)}
 <h2>Top universal neurons</h2><div class="cards">{cards_html}</div>
 </body></html>"""
 
@@ -322,7 +359,7 @@ def range_matrix(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
 def compare_report_html(model_set: str, steps: list[int], by_checkpoint: pd.DataFrame, persistence: pd.DataFrame,
                         jaccard: pd.DataFrame, trajectories: pd.DataFrame, plots: dict[str, Path],
                         persistence_halves: tuple[pd.DataFrame, pd.DataFrame], contrasts: pd.DataFrame,
-                        ablation: pd.DataFrame | None = None) -> str:
+                        ablation: pd.DataFrame | None, families: pd.DataFrame) -> str:
     """The self-contained report across checkpoints; `contrasts`: each checkpoint's
     universal_vs_rest.csv (a `checkpoint` column first); `ablation`: the universal set's
     ablation impact per checkpoint (compare.ablation_by_checkpoint), None when not run (TOP_K)."""
@@ -342,11 +379,29 @@ of the tokens; <code>split_half_jaccard</code>: the overlap of those two sets.</
 {matrix(range_matrix(*persistence_halves))}
 <h2>Jaccard overlap of universal sets</h2>{matrix(jaccard)}
 <h2>Functional impact across training</h2>{ablation_by_checkpoint_html(steps, ablation)}
+<h2>Neuron families across training</h2>{families_by_checkpoint_html(families)}
 <h2>Universal neurons against the rest, by checkpoint</h2>{contrasts_by_checkpoint_html(contrasts)}
 <h2>Figures</h2>{figures}
 <h2>Neurons universal at any checkpoint</h2><p>{len(trajectories)} neurons; the top 30 by excess correlation at the last step:</p>
 {table_html(trajectories.head(30), "{:.3f}")}
 </body></html>"""
+
+
+def families_by_checkpoint_html(table: pd.DataFrame) -> str:
+    """The comparison's families section: per family and step, universal neurons / all neurons
+    of the family, and the first step at which universal neurons hold it more often than the rest."""
+    cells = table.assign(cell=table["n_universal"].astype(str) + " / " + table["n_all"].astype(str)
+                         + np.where(table["enriched"] == "more", " ▲", np.where(table["enriched"] == "fewer", " ▼", "")))
+    grid = cells.pivot(index="family", columns="checkpoint", values="cell").reindex(
+        list(dict.fromkeys(table["family"]))).reset_index().rename(columns=str)
+    first = first_above_chance(table)
+    said = "; ".join(f"{esc(f)} at step {s}" for f, s in first.items() if s is not None)
+    sentence = (f"Universal neurons first hold a family more often than the rest: {said}." if said else
+                "At no step do universal neurons hold any family more often than the rest.")
+    return (f"<p>Each cell: the family's universal neurons / all its neurons at that step; ▲ (▼) where universal "
+            f"neurons hold it more (less) often than the rest (two-sided Fisher exact test, Holm-corrected "
+            f"across families at each step).</p><p id=\"families-first\">{sentence}</p>"
+            + table_html(grid, key="family"))
 
 
 def contrasts_by_checkpoint_html(contrasts: pd.DataFrame) -> str:

@@ -9,10 +9,12 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from unlib.checkpoints import model_location
 from unlib.engine.memory import ModelFootprint
+from unlib.h5read import read_h5
 from unlib.hub import fetch_advice, model_download
 from unlib.model_sets import HUB_SHAPES, ZOOS, ModelError, ModelSet, ModelSpec
 from unlib.store import file_fingerprint, short_hash
@@ -149,6 +151,17 @@ def load_tokenizer(model_set: ModelSet, store_root: str | Path | None = None):
         return AutoTokenizer.from_pretrained(str(Store(store_root).zoo_tokenizer_dir(ZOOS[model_set.zoo].zoo_id)))
     location, revision = model_location(model_set.models[0], None)
     return AutoTokenizer.from_pretrained(location, revision=revision)
+
+
+def training_vocabulary(model_set: ModelSet, store_root: str | Path | None = None) -> np.ndarray | None:
+    """The token ids a toy zoo's training data held (its train_tokens.h5, verified), or None
+    for other models, whose training data is not at hand: every id counts."""
+    from unlib.store import Store
+
+    if not model_set.zoo:
+        return None
+    arrays, _ = read_h5(Store(store_root).zoo_training_tokens(ZOOS[model_set.zoo].zoo_id))
+    return np.unique(arrays["tokens"])
 
 
 def check_same_tokenizer(specs: tuple[ModelSpec, ...] | list[ModelSpec]) -> None:

@@ -268,3 +268,40 @@ def ablation_by_checkpoint_plot(table: pd.DataFrame, path: str | Path, title: st
     fig.suptitle(f"Ablation of universal neurons across training {title}")
     fig.tight_layout(rect=(0, bottom, 1, 1))
     _save(fig, Path(path))
+
+
+def family_shares_plot(counts: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """Each family's share of the universal neurons beside its share of all neurons (family_counts.csv),
+    the families whose Holm-corrected Fisher test says universal neurons differ marked with *."""
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(counts) + 1.5))
+    y = np.arange(len(counts))
+    ax.barh(y - 0.2, counts["share_universal"], height=0.4, color="#c44e52", label="universal neurons")
+    ax.barh(y + 0.2, counts["share_all"], height=0.4, color="#4c72b0", label="all neurons")
+    marks = np.where(counts["enriched"].fillna("") != "", " *", "")
+    ax.set_yticks(y, [f"{f}{m}" for f, m in zip(counts["family"], marks)])
+    ax.invert_yaxis()
+    ax.set_xlabel("share of the neurons")
+    ax.set_title(f"Neuron families {title}\n* universal neurons differ from the rest (Fisher, Holm p < 0.05)")
+    ax.legend(loc="lower right")
+    _save(fig, Path(path))
+
+
+def families_by_checkpoint_plot(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """Per family across training: its count among the universal neurons (left) and its share
+    of all neurons (right); a ring where universal neurons hold it more often than the rest."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for family, group in table.groupby("family", sort=False):
+        group = group.sort_values("checkpoint")
+        line, = left.plot(group["checkpoint"], group["n_universal"], marker="o", label=family)
+        more = group[group["enriched"] == "more"]
+        left.scatter(more["checkpoint"], more["n_universal"], s=160, facecolors="none", edgecolors=line.get_color())
+        right.plot(group["checkpoint"], group["share_all"], marker="o", color=line.get_color())
+    left.set_xlabel("training step")
+    left.set_ylabel("universal neurons of the family")
+    left.set_title("among universal neurons\n(ring: more often than the rest, Fisher, Holm p < 0.05)")
+    right.set_xlabel("training step")
+    right.set_ylabel("share of all neurons")
+    right.set_title("among all neurons")
+    left.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"Neuron families across training {title}")
+    _save(fig, Path(path))

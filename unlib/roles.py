@@ -26,7 +26,9 @@ from unlib.stats import moments
 
 PREDICTION_KURT = 10.0
 PARTITION_VAR = 5.0
-ENTROPY_NULL_FRACTION = 0.5  # |P_null w_out| / |w_out| of an entropy neuron
+# |P_null w_out| / |w_out| of an entropy neuron: at least this, and twice what a random direction
+# has (sqrt(k / d)), which matters where the null space is a large part of the residual stream
+ENTROPY_NULL_FRACTION = 0.5
 NULL_DROP = 2.0  # the least ratio of neighbouring singular values that marks a null space
 DEACTIVATION_ALPHA = 0.05  # family-wise, against the Gaussian baseline over all pairs
 ROLES = ("entropy", "attention deactivation", "prediction", "suppression", "partition")
@@ -113,11 +115,12 @@ def deactivation_scores(w_out: torch.Tensor, w_q: torch.Tensor, k_bos: torch.Ten
     return scores, direction.norm(dim=2) / d_model ** 0.5
 
 
-def role_of(evidence: pd.DataFrame, partition_var: float, deactivation_z: float) -> np.ndarray:
+def role_of(evidence: pd.DataFrame, partition_var: float, deactivation_z: float,
+            null_fraction_cut: float = ENTROPY_NULL_FRACTION) -> np.ndarray:
     """Each neuron's role from its evidence (columns vocab_kurt, vocab_skew, vocab_var,
     null_fraction, deactivation_z): the first of ROLES it meets, '' for none."""
     heavy = evidence["vocab_kurt"] > PREDICTION_KURT
-    meets = {"entropy": evidence["null_fraction"] >= ENTROPY_NULL_FRACTION,
+    meets = {"entropy": evidence["null_fraction"] >= null_fraction_cut,
              "attention deactivation": evidence["deactivation_z"] >= deactivation_z,
              "prediction": heavy & (evidence["vocab_skew"] > 0), "suppression": heavy & (evidence["vocab_skew"] < 0),
              "partition": ~heavy & (evidence["vocab_var"] > partition_var)}
@@ -146,6 +149,7 @@ class WeightRoles:
         # Bonferroni over every (neuron, later head) pair against the Gaussian baseline
         self.deactivation_cut = float(norm.isf(DEACTIVATION_ALPHA / max(self.n_pairs, 1)))
         self.partition_var = PARTITION_VAR * random_vocab_var(self.w_u)
+        self.null_fraction_cut = max(ENTROPY_NULL_FRACTION, 2 * (self.null_space["k"] / self.basis.shape[0]) ** 0.5)
 
     def entropy_by_norm(self) -> np.ndarray:
         """The paper's entropy-neuron query, scaled to any model: in the last sixth of the
@@ -177,12 +181,12 @@ class WeightRoles:
             "deactivation_score": np.where(has_head, (best_z * self.baseline_sd.reshape(-1)[best.reshape(-1)]).numpy(),
                                            np.nan),
             "deactivation_z": np.where(has_head, best_z.numpy(), np.nan)})
-        out["role"] = role_of(out, self.partition_var, self.deactivation_cut)
+        out["role"] = role_of(out, self.partition_var, self.deactivation_cut, self.null_fraction_cut)
         return out[ROLE_COLUMNS]
 
     def record(self) -> dict:
         """What the roles were decided with: the null space's size and drop, the cuts."""
         return {"null_space_k": self.null_space["k"], "null_space_drop_ratio": self.null_space["drop_ratio"],
                 "random_vocab_var": random_vocab_var(self.w_u), "prediction_kurt": PREDICTION_KURT,
-                "partition_var": self.partition_var, "entropy_null_fraction": ENTROPY_NULL_FRACTION,
+                "partition_var": self.partition_var, "entropy_null_fraction": self.null_fraction_cut,
                 "deactivation_pairs": self.n_pairs, "deactivation_z": self.deactivation_cut}

@@ -135,6 +135,12 @@ class Store:
         tokens_name = f"{tokens_file.parent.name}__{tokens_file.stem}"
         return self.root / "stats" / slug(model_id) / checkpoint_label(checkpoint) / tokens_name / "neuron_stats.csv"
 
+    def families(self, model_id: str, checkpoint: int | None, tokens_file: Path) -> Path:
+        """The folder of a model's neuron families over one token file (explanations, roles,
+        families, variance reduction): shared, like its neuron statistics, by every run on them."""
+        tokens_name = f"{tokens_file.parent.name}__{tokens_file.stem}"
+        return self.root / "families" / slug(model_id) / checkpoint_label(checkpoint) / tokens_name
+
     def correlation_block(self, run_key: str, references: str, units: str) -> Path:
         """A correlation block's partial results: named by its references and a hash of its units."""
         return self.root / "correlation" / run_key / "blocks" / f"ref-{references}_units-{short_hash(units, 16)}.h5"

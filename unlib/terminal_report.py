@@ -13,8 +13,9 @@ from unlib.ablation import few_documents_warning
 
 
 def print_summary(console: Console, title: str, layer_summary: pd.DataFrame, universal_df: pd.DataFrame,
-                  results_dir: str, top: int = 10) -> None:
-    """Neurons analysed, universal count and fraction per layer, and the top neurons."""
+                  results_dir: str, families: pd.DataFrame, family_counts: pd.DataFrame, top: int = 10) -> None:
+    """Neurons analysed, universal count and fraction per layer, the top neurons with their
+    families and best features, and the families' counts."""
     table = Table(title=f"Universal neurons: {title}")
     dead = "n_dead" in layer_summary.columns  # dead: constant over the tokens, never universal
     for col in ("layer", "neurons", "universal", "fraction") + (("dead",) if dead else ()):
@@ -28,12 +29,21 @@ def print_summary(console: Console, title: str, layer_summary: pd.DataFrame, uni
     console.print(table)
     if len(universal_df):
         top_table = Table(title=f"Top {min(top, len(universal_df))} universal neurons")
-        for col in ("layer", "neuron", "excess", "mean corr", "mean baseline"):
+        for col in ("layer", "neuron", "excess", "mean corr", "mean baseline", "family", "best feature (VR)"):
             top_table.add_column(col, justify="right")
+        labels = families.set_index(["layer", "neuron"])
         for row in universal_df.head(top).itertuples():
+            label = labels.loc[(row.layer, row.neuron)]
             top_table.add_row(str(row.layer), str(row.neuron), f"{row.excess_correlation:.3f}",
-                              f"{row.mean_corr:.3f}", f"{row.mean_baseline:.3f}")
+                              f"{row.mean_corr:.3f}", f"{row.mean_baseline:.3f}", str(label["family"]),
+                              f"{label['best_feature']} ({label['best_vr']:.2f})")
         console.print(top_table)
+    counted = family_counts[family_counts["n_universal"] > 0].sort_values("n_universal", ascending=False)
+    differ = family_counts[family_counts["enriched"].fillna("") != ""]
+    console.print("Families of the universal neurons: " + ", ".join(f"{r.n_universal} {r.family}" for r in
+                                                                     counted.itertuples())
+                  + (f" (differing from the rest: {', '.join(f'{r.family} ({r.enriched})' for r in differ.itertuples())})"
+                     if len(differ) else " (no family differs from the rest, Fisher, Holm)"), soft_wrap=True)
     console.print(f"Results: [bold]{results_dir}[/bold]", soft_wrap=True)
 
 
@@ -90,6 +100,18 @@ def print_comparison(console: Console, compare_dir: Path) -> None:
     for step, row in persistence.iterrows():
         matrix.add_row(str(step), *("" if pd.isna(v) else f"{v:.2f}" for v in row))
     console.print(matrix)
+    families = pd.read_csv(compare_dir / "families_by_checkpoint.csv")
+    families["enriched"] = families["enriched"].fillna("")
+    table = Table(title="Neuron families across training: universal / all neurons (▲ more often than the rest)")
+    steps = sorted(families["checkpoint"].unique())
+    table.add_column("family")
+    for step in steps:
+        table.add_column(str(step), justify="right")
+    for family, group in families.groupby("family", sort=False):
+        cells = group.set_index("checkpoint")
+        table.add_row(family, *(f"{cells.loc[s, 'n_universal']} / {cells.loc[s, 'n_all']}"
+                                f"{' ▲' if cells.loc[s, 'enriched'] == 'more' else ''}" for s in steps))
+    console.print(table)
     ablation_path = compare_dir / "ablation_by_checkpoint.csv"
     if ablation_path.exists():
         ablation = pd.read_csv(ablation_path)
