@@ -2,18 +2,24 @@
 matched random neurons, on held-out tokens."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import luigi
 import pandas as pd
 import torch
 
-from tasks.analysis import ExcessCorrelation, NeuronStats, SelectUniversal, write_csv
+from tasks.analysis import ExcessCorrelation, NeuronFamilies, NeuronStats, SelectUniversal, write_csv
 from tasks.common import ResultTask, TaskProgress, logger
-from tasks.params import RunParams
+from tasks.params import HeldOutParams, RunParams
+from tasks.targets import store
 from tasks.data import held_out_tokens
 from tasks.zoo import model_requirement
 from unlib import plots
 from unlib.ablation import (ablation_metrics, ablation_sets, ablation_summary, ablation_table, few_documents_warning,
                             frequency_deciles, neuron_list, neuron_table)
+from unlib.interventions import causal_checks, first_tokens
 from unlib.model_loading import load_model, mlp_shape
+from unlib.store import checkpoint_label
 from unlib.tokens import read_tokens, token_file_record
 
 
@@ -67,3 +73,43 @@ class Ablation(RunParams, ResultTask):
         write_csv(neuron_table(results), out["neurons"].path)
         plots.ablation_impact_plot(table, summary, out["plot"].path,
                                    f"({self.model_set.name}, {self.run_name()}, {self.ablation} ablation)")
+
+
+class Interventions(HeldOutParams, ResultTask):
+    """interventions.csv, interventions_summary.csv and interventions.png: the paper's causal
+    checks on the held-out tokens, kept per model, checkpoint, held-out file and ABLATION_SEED
+    (shared by every run on them). The top entropy and attention-deactivation candidates of
+    neuron_roles.csv, and random neurons of their layers (seeded by ABLATION_SEED), have their
+    activation fixed to each value of a sweep; loss, entropy, final LayerNorm scale and the BOS
+    attention of the candidates' heads are recorded."""
+
+    reference = luigi.IntParameter(default=0, description="index of the model in the set")
+    from_cache = luigi.BoolParameter(default=False, significant=False, description="the families read the cache")
+    FILES = ("interventions.csv", "interventions_summary.csv", "interventions.png")
+
+    def requires(self):
+        return {"families": self.clone(NeuronFamilies), "tokens": held_out_tokens(self),
+                "model": model_requirement(self.model_set.models[self.reference])}
+
+    def inputs(self) -> dict[str, str]:
+        return self.clone(NeuronFamilies).inputs()
+
+    def output(self):
+        spec = self.model_set.models[self.reference]
+        folder = store().interventions(spec.model_id, self.checkpoint, Path(held_out_tokens(self).output().path),
+                                       self.ablation_seed)
+        return {name: self.result_target(folder / name, ignore=("reference",)) for name in self.FILES}
+
+    def write(self):
+        spec = self.model_set.models[self.reference]
+        roles = pd.read_csv(self.input()["families"]["neuron_roles.csv"].path)
+        tokens, keep = read_tokens(self.input()["tokens"].path)
+        model = load_model(spec, self.checkpoint, self.device)
+        swept = 2 * int(first_tokens(tokens, keep)[1].sum())  # two sweeps over the first held-out tokens
+        with TaskProgress(self, "causal checks of entropy and deactivation candidates", swept) as progress:
+            sweep, summary = causal_checks(model, tokens, keep, roles, self.ablation_seed, self.batch_size, progress)
+        out = self.output()
+        write_csv(sweep, out["interventions.csv"].path)
+        write_csv(summary, out["interventions_summary.csv"].path)
+        plots.interventions_plot(sweep, summary, out["interventions.png"].path,
+                                 f"({self.model_set.name}, {checkpoint_label(self.checkpoint)})")

@@ -17,7 +17,8 @@ from unlib.model_sets import ZOOS, ModelSet, resolve_model_set
 
 # The tasks whose run() computes on DEVICE (models and correlations): only they take a `gpu`
 # resource and a GPU of their own; the others (tokens, merges, tables, plots) run on the CPU.
-DEVICE_TASKS = ("CacheActivations", "CorrelationBlock", "NeuronStats", "NeuronFamilies", "Ablation", "RunReport")
+DEVICE_TASKS = ("CacheActivations", "CorrelationBlock", "NeuronStats", "NeuronFamilies", "Ablation", "Interventions",
+                "RunReport")
 OPTIONAL = {int: luigi.OptionalIntParameter, float: luigi.OptionalFloatParameter, str: luigi.OptionalParameter}
 REQUIRED = {int: luigi.IntParameter, float: luigi.FloatParameter, str: luigi.Parameter}
 
@@ -112,13 +113,16 @@ class CorrelationParams(CheckpointParams, declaring("rotations", "rotation_seed"
         return {**super().inputs(), **self.correlation_method()}
 
 
-class RunParams(CorrelationParams, declaring("threshold", "top_k", "ablation", "ablation_tokens", "ablation_samples",
-                                             "ablation_control", "ablation_seed")):
+class HeldOutParams(CheckpointParams, declaring("ablation_tokens", "ablation_seed")):
 
     @property
     def ablation_n_tokens(self) -> int:
         """The held-out tokens the ablation is measured on: ABLATION_TOKENS, or a fifth of N_TOKENS."""
         return self.n_tokens // 5 if self.ablation_tokens is None else self.ablation_tokens
+
+
+class RunParams(CorrelationParams, HeldOutParams, declaring("threshold", "top_k", "ablation", "ablation_samples",
+                                                            "ablation_control")):
 
     @property
     def effective_threshold(self) -> float:

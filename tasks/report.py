@@ -6,10 +6,11 @@ from pathlib import Path
 import luigi
 import pandas as pd
 
-from tasks.ablation import Ablation
+from tasks.ablation import Ablation, Interventions
 from tasks.activations import CacheActivations
 from tasks.analysis import Plots, SelectUniversal, UniversalNeuronsAnalysis, write_csv
 from tasks.common import ResultTask
+from tasks.correlation import correlations_of
 from tasks.params import RunParams
 from tasks.targets import store
 from tasks.data import TokenizeDataset
@@ -20,7 +21,7 @@ from unlib.html_report import compare_report_html, run_report_html
 from unlib.model_loading import load_model, load_tokenizer, training_vocabulary
 from unlib.neuron_cards import neuron_cards
 from unlib.selection import UniversalNeuronAnalyzer, split_half_sets
-from unlib.store import atomic_path, read_json
+from unlib.store import atomic_path, link_file, read_json
 from unlib.tokens import read_tokens
 
 TOP_CARDS = 20
@@ -37,7 +38,8 @@ class RunReport(RunParams, ResultTask):
 
     def requires(self):
         # with TOP_K the page says why there is no ablation instead of running one
-        ablation = {"ablation": self.clone(Ablation)} if self.top_k is None else {}
+        checks = self.clone(Interventions, from_cache=correlations_of(self).feed[0])
+        ablation = {"ablation": self.clone(Ablation), "interventions": checks} if self.top_k is None else {}
         return {"analysis": self.clone(UniversalNeuronsAnalysis), "plots": self.clone(Plots),
                 "universal": self.clone(SelectUniversal), "tokens": self.clone(TokenizeDataset),
                 "model": model_requirement(self.model_set.models[self.reference]), **ablation}
@@ -64,13 +66,20 @@ class RunReport(RunParams, ResultTask):
                              cache=ActivationCache(cache.path) if cache.exists() else None, families=families,
                              vocabulary=training_vocabulary(self.model_set, store().root))
         summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)
-        ablation = None
+        ablation = interventions = None
         if "ablation" in self.input():
             targets = self.input()["ablation"]
             ablation = {"table": pd.read_csv(targets["table"].path), "summary": pd.read_csv(targets["summary"].path),
                         "neurons": pd.read_csv(targets["neurons"].path), "plot": Path(targets["plot"].path)}
+            checks = self.input()["interventions"]
+            # shown in the run's folder too (links: the files are shared by every threshold)
+            for name, target in checks.items():
+                link_file(target.path, self.run_dir() / ("plots" if name.endswith(".png") else "") / name)
+            interventions = {"summary": pd.read_csv(checks["interventions_summary.csv"].path),
+                             "plot": Path(checks["interventions.png"].path)}
         write_text(self.output().path, run_report_html(run, excess, contrasts, universal, summary, figures, cards,
-                                                       ablation, pd.read_csv(analysis["family_counts.csv"].path)))
+                                                       ablation, pd.read_csv(analysis["family_counts.csv"].path),
+                                                       interventions))
 
 
 class CompareCheckpoints(RunParams, ResultTask):
@@ -142,7 +151,7 @@ class CompareCheckpoints(RunParams, ResultTask):
         plots.trajectories_plot(trajectories, figures["neuron_trajectories"], title=title)
         plots.distributions_plot(excess, figures["excess_correlation_distributions"], title)
         plots.families_by_checkpoint_plot(families, figures["families_by_checkpoint"], title)
-        ablation = None
+        ablation = interventions = None
         if "ablation" in self.input():
             ablation = compare.ablation_by_checkpoint({step: pd.read_csv(targets["summary"].path)
                                                        for step, targets in self.input()["ablation"].items()})

@@ -156,6 +156,7 @@ def built_gpt2(tmp_path_factory):
         for block in model.transformer.h:
             block.attn.c_proj.weight.mul_(0.01)
             block.attn.c_proj.bias.zero_()
+        model.transformer.h[1].attn.c_attn.weight[:, :64] *= 30  # sharp attention in layer 1: queries and keys
         embedding = model.transformer.wte.weight[token]
         centred = (embedding - embedding.mean()) / (embedding - embedding.mean()).norm()
         mlp = model.transformer.h[0].mlp
@@ -168,18 +169,18 @@ def built_gpt2(tmp_path_factory):
     layer, head = HEAD
     direction = processed_weights(bridge)["W_Q"][layer, head] @ bos_keys(bridge, 0)[layer, head]
     with torch.no_grad():
-        mlp.c_proj.weight[DEACTIVATION_NEURON] = direction.float()
+        mlp.c_proj.weight[DEACTIVATION_NEURON] = 2 * direction.float() / direction.norm()
     model.save_pretrained(spec.source)
     texts = offline_corpus("heldout")["text"]
     tokens, keep, _ = token_sequences(texts, tokenizer, 0, 20_000, 64, [0])
-    return load_model(spec, None), tokenizer, tokens, keep, token
+    return load_model(spec, None), tokenizer, tokens, keep, token, spec.source
 
 
 def test_planted_unigram_and_attention_deactivation_neurons_are_found_in_a_gpt2(built_gpt2):
     from unlib.families import explain_neurons
     from unlib.stats import NeuronStatsGenerator
 
-    model, tokenizer, tokens, keep, token = built_gpt2
+    model, tokenizer, tokens, keep, token, _ = built_gpt2
     stats = NeuronStatsGenerator(model).compute(tokens, keep)
     explained = explain_neurons(model, tokenizer, tokens, keep, stats)
     unigram = explained.families.set_index(["layer", "neuron"]).loc[(0, UNIGRAM_NEURON)]
@@ -194,3 +195,96 @@ def test_planted_unigram_and_attention_deactivation_neurons_are_found_in_a_gpt2(
     assert (roles["role"] == "attention deactivation").sum() <= 3  # the rest: random, at the Gaussian baseline
     # the last layer has no later head
     assert (explained.roles.loc[explained.roles["layer"] == 1, "deactivation_head"] == -1).all()
+
+
+def test_the_planted_deactivation_neuron_turns_its_head_to_bos_when_fixed_higher(built_gpt2):
+    from unlib.interventions import activation_sweep, head_column
+
+    model, tokenizer, tokens, keep, _, _ = built_gpt2
+    tokens, keep = tokens[:8], keep[:8]
+    sweep = activation_sweep(model, tokens, keep, [(0, DEACTIVATION_NEURON)], [HEAD], queries_only=True)
+    attention = sweep[sweep["layer"] == 0][head_column(*HEAD)].to_numpy()
+    assert (np.diff(attention) > 0).all() and attention[-1] > 2 * attention[1]
+
+
+def test_a_neuron_writing_into_the_null_space_raises_the_entropy_with_no_direct_logit_effect(built_gpt2, tmp_path):
+    """A GPT-2 whose token embeddings (tied to the unembedding) leave the last 4 residual
+    dimensions empty: a last-layer neuron writing e_31 - e_30 has null fraction 1 and no direct
+    logit effect, and fixing it higher raises the final LayerNorm's scale and the entropy."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from unlib.interventions import activation_sweep
+    from unlib.mlp_hooks import processed_weights
+    from unlib.model_loading import load_model
+    from unlib.model_sets import ModelSpec
+    from unlib.roles import WeightRoles
+    from unlib.stats import NeuronStatsGenerator
+
+    _, tokenizer, tokens, keep, _, _ = built_gpt2
+    tokens, keep = tokens[:16], keep[:16]
+    torch.manual_seed(1)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_inner=64, n_positions=64, vocab_size=257,
+                                       bos_token_id=0, eos_token_id=0))
+    neuron = 9
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(20)  # confident predictions: entropy has room to rise
+        model.transformer.wte.weight[:, 28:] = 0
+        direction = torch.zeros(32)
+        direction[31], direction[30] = 1.0, -1.0
+        model.transformer.h[1].mlp.c_proj.weight[neuron] = direction
+    spec = ModelSpec("null-space", str(tmp_path / "model"))
+    model.save_pretrained(spec.source)
+    tokenizer.save_pretrained(spec.source)
+    bridge = load_model(spec, None)
+    stats = NeuronStatsGenerator(bridge).compute(tokens, keep)
+    weights = WeightRoles(bridge, stats, 0)
+    roles = weights.table().set_index(["layer", "neuron"])
+    assert weights.null_space["k"] >= 1
+    assert roles.loc[(1, neuron), "null_fraction"] == pytest.approx(1.0, abs=1e-6)
+    assert roles.loc[(1, neuron), "role"] == "entropy"
+    processed = processed_weights(bridge)
+    logits = processed["W_out"][1, neuron] @ processed["W_U"]
+    assert logits.abs().max().item() < 1e-6 * processed["W_out"][1, neuron].norm().item()
+    sweep = activation_sweep(bridge, tokens, keep, [(1, neuron)], [])
+    fixed = sweep[sweep["layer"] == 1]
+    assert (np.diff(fixed["entropy"].to_numpy()[1:]) > 0).all() and (np.diff(fixed["ln_scale"].to_numpy()[1:]) > 0).all()
+    assert fixed["entropy"].iloc[-1] > fixed["entropy"].iloc[1] + 0.5
+
+
+def test_a_sweep_equals_the_hugging_face_model_with_the_neuron_fixed(built_gpt2):
+    """One sweep condition against transformers' own GPT-2 with a forward hook fixing the GELU
+    output of that neuron, loss, entropy and final LayerNorm scale in numpy float64."""
+    from transformers import GPT2LMHeadModel
+
+    from unlib.interventions import activation_sweep
+
+    model, _, tokens, keep, _, folder = built_gpt2
+    tokens, keep = tokens[:6], keep[:6]
+    layer, neuron, value = 0, DEACTIVATION_NEURON, 6.0
+    sweep = activation_sweep(model, tokens, keep, [(layer, neuron)], [], values=(value,))
+    row = sweep[sweep["layer"] == layer].iloc[0]
+    hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+
+    def fix(module, args, out):
+        out = out.clone()
+        out[..., neuron] = value
+        return out
+
+    scales = []
+    hf.transformer.h[layer].mlp.act.register_forward_hook(fix)
+    hf.transformer.ln_f.register_forward_hook(
+        lambda module, args, out: scales.append(np.sqrt(args[0].double().var(-1, unbiased=False).numpy()
+                                                        + module.eps)))
+    with torch.no_grad():
+        logits = hf(torch.from_numpy(tokens.astype(np.int64))).logits.double().numpy()
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    targets = tokens[:, 1:]
+    loss = -np.take_along_axis(log_probs[:, :-1], targets[..., None], -1)[..., 0][keep[:, 1:]].mean()
+    entropy = -(np.exp(log_probs) * log_probs).sum(-1)[keep].mean()
+    expected = {"loss": loss, "entropy": entropy, "ln_scale": scales[0][keep].mean()}
+    unchanged = sweep.iloc[0]
+    for column, value in expected.items():  # float32 against float64: within 1e-5
+        assert row[column] == pytest.approx(value, rel=1e-5)
+        # and the fix moves each by more than twice that: a missed hook would fail the test
+        assert abs(row[column] - unchanged[column]) > 2e-5 * abs(value)

@@ -299,7 +299,11 @@ def test_another_ablation_moves_only_the_files_that_read_it(run, tmp_path):
     files = ["ablation.csv", "ablation_summary.csv", "ablation_neurons.csv", "plots/ablation_impact.png", "report.html",
              "run.json"]
     seals = [f".sealed/{f}.json" if "/" not in f else f"plots/.sealed/{f.split('/')[1]}.json" for f in files]
-    assert sorted(p.relative_to(other).as_posix() for p in other.rglob("*") if p.is_file()) == sorted(files + seals)
+    # the causal checks read no ABLATION_SAMPLES: the report shows the same files, linked
+    shown = ["interventions.csv", "interventions_summary.csv", "plots/interventions.png"]
+    assert all((other / f).stat().st_ino == (run["dir"] / f).stat().st_ino for f in shown)
+    assert sorted(p.relative_to(other).as_posix() for p in other.rglob("*") if p.is_file()) == sorted(
+        files + seals + shown)
     assert json.loads((other / "run.json").read_text())["ablation_samples"] == 3
     conditions = set(pd.read_csv(other / "ablation.csv")["condition"])
     assert conditions == {"none", "universal", "random-0", "random-1", "random-2"}

@@ -138,7 +138,17 @@ def test_run_report_numbers_equal_the_csvs(store):
     assert int(text_of(html, "n-universal-half-a")) == record["n_universal_half_a"]
     assert float(text_of(html, "median-excess-se")) == pytest.approx(excess["excess_se"].median(), abs=6e-5)
     assert html.count("<mark>") == 5 * len(cards)
-    assert html.count("data:image/png;base64,") == 6  # the run's plots, the ablation plot among them
+    assert html.count("data:image/png;base64,") == 7  # the run's plots, the ablation's and the causal checks' among them
+    # the causal checks: three candidates of each kind against 19 random neurons of their layer
+    checks = pd.read_csv(d / "interventions_summary.csv")
+    assert list(checks["kind"]) == ["entropy"] * 3 + ["deactivation"] * 3 and (checks["n_controls"] == 19).all()
+    assert checks["p"].between(1 / 20, 1).all()
+    steepest = np.maximum(checks["control_max"].abs(), checks["control_min"].abs())
+    assert ((checks["slope"].abs() >= steepest) == (checks["p"] == 1 / 20)).all()
+    sweep = pd.read_csv(d / "interventions.csv")
+    for kind, group in checks.groupby("kind"):  # the unchanged model, then each swept neuron at 8 values
+        assert (sweep["sweep"] == kind).sum() == 1 + (3 + 19 * group["layer"].nunique()) * 8
+    assert "Causal checks" in html and f"p = {checks['p'].iloc[0]:.2g}" in text_of(html, "interventions-sentence")
     # families: the section's table is family_counts.csv, each card names its neuron's family
     counts = pd.read_csv(d / "family_counts.csv").set_index("family")
     shown_counts = rows(html, "family")

@@ -436,7 +436,8 @@ PARAMETERS: tuple[Parameter, ...] = (
               "and activation-frequency decile, dead neurons only when no live one is left (matched), or per layer "
               "only (layer)",
               "ablation files", check=check_ablation_control),
-    Parameter("ablation_seed", int, 0, "seed of the random neuron sets", "ablation files"),
+    Parameter("ablation_seed", int, 0,
+              "seed of the random neuron sets (the ablation's and the causal checks' controls)", "ablation files"),
     Parameter("device", str, "auto", "auto (cuda when there is a GPU), cpu, cuda, cuda:N or mps", "",
               resolved=True, check=check_device),
     Parameter("precision", str, None, "the correlation's matrix products: fp32, tf32, bf16 or bf16x3 (operands "

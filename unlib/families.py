@@ -92,7 +92,8 @@ class Explained:
 def write_variance_reduction(path, explained: Explained) -> None:
     """variance_reduction.h5: one (features, d_mlp) float32 dataset per layer (`layer_000`, ...),
     the features' names and groups and how the roles were decided (JSON attributes)."""
-    write_h5(path, {f"layer_{layer:03d}": vr.astype(np.float32) for layer, vr in enumerate(explained.variance_reduction)},
+    layers = {f"layer_{layer:03d}": vr.astype(np.float32) for layer, vr in enumerate(explained.variance_reduction)}
+    write_h5(path, layers,
              {"features": json.dumps(explained.feature_names), "groups": json.dumps(explained.feature_groups),
               "record": json.dumps(explained.record)})
 

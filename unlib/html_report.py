@@ -253,6 +253,28 @@ def families_html(run: dict, counts: pd.DataFrame) -> str:
             f'<p id="families-sentence">{sentence}</p>' + table_html(counts, "{:.4g}", key="family"))
 
 
+def interventions_html(interventions: dict | None) -> str:
+    """The causal checks: what was swept, the summary table and its figure."""
+    if interventions is None:
+        return "<p>Not run with TOP_K (they read the ablation's held-out tokens).</p>"
+    summary = interventions["summary"]
+    shown = pd.DataFrame({"candidate": [f"L{r.layer}.{r.neuron}" for r in summary.itertuples()],
+                          "kind": summary["kind"],
+                          "head": [f"{r.head_layer}.{r.head}" if r.head >= 0 else "" for r in summary.itertuples()],
+                          "slope": summary["slope"], "random_min": summary["control_min"],
+                          "random_max": summary["control_max"], "p": summary["p"]})
+    said = "; ".join(f"L{r.layer}.{r.neuron} ({r.kind}{f', head {r.head_layer}.{r.head}' if r.head >= 0 else ''}): "
+                     f"slope {r.slope:.3g} against {r.control_min:.3g} to {r.control_max:.3g}, p = {r.p:.2g}"
+                     for r in summary.itertuples())
+    return (f"<p>On the first held-out tokens, each candidate's post-activation is fixed at every position to each "
+            f"value of the paper's sweep (−0.17, 0, 1, …, 6), and so is that of {int(summary['n_controls'].max())} "
+            f"random neurons of its layer: the slope of the next-token entropy (entropy candidates: the highest null "
+            f"fractions) or of its head's attention to BOS (deactivation candidates: the highest z) against the "
+            f"fixed value, beside the random neurons' slopes; p = (1 + k) / (1 + n) for k of the n random neurons "
+            f"with a slope at least as steep (absolute value).</p><p id=\"interventions-sentence\">{esc(said)}.</p>"
+            + table_html(shown, "{:.3g}", key="candidate") + image_tag(interventions["plot"], "interventions"))
+
+
 def _explained(card: dict) -> str:
     if "best_feature" not in card:
         return ""
@@ -281,10 +303,11 @@ def _card_html(card: dict) -> str:
 
 def run_report_html(run: dict, excess: pd.DataFrame, contrasts: pd.DataFrame, universal: pd.DataFrame,
                     layer_summary: pd.DataFrame, plots: dict[str, Path], cards: list[dict],
-                    ablation: dict | None, family_counts: pd.DataFrame) -> str:
+                    ablation: dict | None, family_counts: pd.DataFrame, interventions: dict | None) -> str:
     """The self-contained per-run report (images embedded as data URIs); `contrasts`:
     universal_vs_rest.csv; `ablation`: the run's ablation table, summary and plot ({"table",
-    "summary", "plot"}), None when not run (TOP_K); `family_counts`: family_counts.csv."""
+    "summary", "plot"}), None when not run (TOP_K); `family_counts`: family_counts.csv;
+    `interventions`: the causal checks' summary and plot ({"summary", "plot"}), None with TOP_K."""
     n_neurons, n_universal = len(excess), len(universal)
     shown = {"checkpoint": run.get("checkpoint") if run.get("checkpoint") is not None else "final weights",
              "top_k": run.get("top_k") if run.get("top_k") is not None else "none (threshold)"}
@@ -346,6 +369,8 @@ ones left out): medians, Cliff's delta (P(universal &gt; rest) − P(universal &
 Mann-Whitney U test's p-value and Holm's correction across the statistics.</p>{properties}
 <h2>Neuron families</h2>
 {families_html(run, family_counts)}
+<h3>Causal checks</h3>
+{interventions_html(interventions)}
 <h2>Top universal neurons</h2><div class="cards">{cards_html}</div>
 </body></html>"""
 

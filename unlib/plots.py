@@ -305,3 +305,30 @@ def families_by_checkpoint_plot(table: pd.DataFrame, path: str | Path, title: st
     left.legend(fontsize=8, loc="upper left")
     fig.suptitle(f"Neuron families across training {title}")
     _save(fig, Path(path))
+
+
+def interventions_plot(sweep: pd.DataFrame, summary: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """The causal checks: the next-token entropy against the fixed activation of the entropy
+    candidates (left), and the BOS attention of its head for each deactivation candidate
+    (right), with the random neurons of the same layer in grey."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, kind in zip(axes, ("entropy", "deactivation")):
+        rows = summary[summary["kind"] == kind]
+        fixed = sweep[(sweep["sweep"] == kind) & (sweep["layer"] >= 0)]
+        candidates = set(zip(rows["layer"], rows["neuron"]))
+        is_control = np.array([(l, n) not in candidates for l, n in zip(fixed["layer"], fixed["neuron"])], dtype=bool)
+        for r in rows.itertuples():
+            controls = fixed[(fixed["layer"] == r.layer).to_numpy() & is_control]
+            for _, group in controls.groupby("neuron"):
+                ax.plot(group["value"], group[r.metric], color="#bbbbbb", lw=0.7, zorder=1)
+            own = fixed[(fixed["layer"] == r.layer) & (fixed["neuron"] == r.neuron)]
+            head = f" → head {r.head_layer}.{r.head}" if kind == "deactivation" else ""
+            ax.plot(own["value"], own[r.metric], marker="o", lw=2, zorder=2,
+                    label=f"L{r.layer}.{r.neuron}{head} (p = {r.p:.2g})")
+        ax.set_xlabel("fixed post-activation")
+        ax.set_ylabel("next-token entropy (nats)" if kind == "entropy" else "attention to BOS")
+        ax.set_title("entropy candidates" if kind == "entropy" else "attention-deactivation candidates")
+        if len(rows):
+            ax.legend(fontsize=8)
+    fig.suptitle(f"Causal checks {title}; grey: random neurons of the candidates' layers")
+    _save(fig, Path(path))
