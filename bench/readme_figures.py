@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from unlib import compare
+
 REPO = Path(__file__).resolve().parent.parent
 
 BEGIN, END = "<!-- readme-figures: begin (make readme-figures writes this section) -->", "<!-- readme-figures: end -->"
@@ -126,6 +128,14 @@ def compare_text(folder: Path, seconds: float) -> str:
     always = [s for s, group in contrasts.groupby("statistic", sort=False) if group["differs"].all()]
     text += (f"; at every step universal neurons differ from the rest in {', '.join(always)}" if always
              else "; no statistic differs from the rest at every step")
+    families = pd.read_csv(folder / "families_by_checkpoint.csv")
+    families["enriched"] = families["enriched"].fillna("")
+    first = {f: s for f, s in compare.first_above_chance(families).items() if s is not None}
+    unigram = families[families["family"] == "unigram"]
+    text += ("; unigram neurons among the universal ones: " + ", ".join(str(n) for n in unigram["n_universal"])
+             + (f"; families first held by universal neurons more often than the rest: "
+                + ", ".join(f"{f} at step {s}" for f, s in first.items()) if first else
+                "; at no step do universal neurons hold a family more often than the rest (Fisher, Holm)"))
     return text + (f" ([`make compare`](docs/paper-runs.md#across-training-make-compare) "
                    f"`CHECKPOINTS=\"{' '.join(map(str, STEPS))}\"`, {seconds / 60:.1f} minutes here).")
 
