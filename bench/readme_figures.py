@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from unlib import compare
+from unlib.families import read_counts
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,7 +100,6 @@ def ablation_text(summary: pd.DataFrame, layer_control: pd.DataFrame, run_record
 
 def families_text(counts: pd.DataFrame, record: dict) -> str:
     """The sentence on neuron families (family_counts.csv)."""
-    counts = counts.assign(enriched=counts["enriched"].fillna(""))
     among = lambda column: ", ".join(f"{int(row[column])} {row['family']}" for _, row in  # noqa: E731
                                      counts[counts[column] > 0].sort_values(column, ascending=False).iterrows())
     differ = counts[counts["enriched"] != ""]
@@ -128,8 +128,7 @@ def compare_text(folder: Path, seconds: float) -> str:
     always = [s for s, group in contrasts.groupby("statistic", sort=False) if group["differs"].all()]
     text += (f"; at every step universal neurons differ from the rest in {', '.join(always)}" if always
              else "; no statistic differs from the rest at every step")
-    families = pd.read_csv(folder / "families_by_checkpoint.csv")
-    families["enriched"] = families["enriched"].fillna("")
+    families = read_counts(folder / "families_by_checkpoint.csv")
     first = {f: s for f, s in compare.first_above_chance(families).items() if s is not None}
     unigram = families[families["family"] == "unigram"]
     text += ("; unigram neurons among the universal ones: " + ", ".join(str(n) for n in unigram["n_universal"])
@@ -175,7 +174,7 @@ def section(store: Path, seconds: float, compare_seconds: float) -> str:
         f"{record['split_half_jaccard']:.2f}; the median split-half standard error of an excess correlation is "
         f"{excess['excess_se'].median():.3f} (95 % intervals {width:.2f} wide). "
         + contrasts_text(contrasts, n_live - record["n_universal"]) + " "
-        + families_text(pd.read_csv(results / f"checkpoint-{STEP}" / "family_counts.csv"), record) + " "
+        + families_text(read_counts(results / f"checkpoint-{STEP}" / "family_counts.csv"), record) + " "
         + ablation_text(summary, layer_control, record) + " "
         + compare_text(results / f"compare-{'-'.join(map(str, STEPS))}", compare_seconds))
     return wrap(text)

@@ -31,6 +31,7 @@ from tasks.targets import store
 from unlib import UserError
 from unlib.config import PARAMETERS, RunConfig, check_workers, resolve
 from unlib.dataset import TOKEN_IDS, check_token_ids
+from unlib.families import read_counts
 from unlib.plan import CorrelationPlan
 from unlib.selection import UniversalNeuronAnalyzer
 from unlib.store import atomic_path
@@ -207,7 +208,7 @@ def read_results(root: UniversalNeuronsAnalysis) -> dict[str, pd.DataFrame]:
            "stats": pd.read_csv(d / "neuron_stats.csv"),
            "universal": pd.read_csv(d / "universal_neurons.csv"),
            "families": pd.read_csv(d / "families.csv"),
-           "family_counts": pd.read_csv(d / "family_counts.csv")}
+           "family_counts": read_counts(d / "family_counts.csv")}
     out["layer_summary"] = UniversalNeuronAnalyzer(out["excess"]).layer_summary(out["universal"])
     return out
 

@@ -17,6 +17,7 @@ from tasks.data import TokenizeDataset
 from tasks.zoo import model_requirement
 from unlib import compare, plots
 from unlib.activations import ActivationCache
+from unlib.families import read_counts
 from unlib.html_report import compare_report_html, run_report_html
 from unlib.model_loading import load_model, load_tokenizer, training_vocabulary
 from unlib.neuron_cards import neuron_cards
@@ -78,7 +79,7 @@ class RunReport(RunParams, ResultTask):
             interventions = {"summary": pd.read_csv(checks["interventions_summary.csv"].path),
                              "plot": Path(checks["interventions.png"].path)}
         write_text(self.output().path, run_report_html(run, excess, contrasts, universal, summary, figures, cards,
-                                                       ablation, pd.read_csv(analysis["family_counts.csv"].path),
+                                                       ablation, read_counts(analysis["family_counts.csv"].path),
                                                        interventions))
 
 
@@ -133,7 +134,7 @@ class CompareCheckpoints(RunParams, ResultTask):
         contrasts = pd.concat([pd.read_csv(tables["universal_vs_rest.csv"].path).assign(checkpoint=step)
                                for step, tables in self.input()["analysis"].items()])
         contrasts = contrasts[["checkpoint"] + [c for c in contrasts.columns if c != "checkpoint"]]
-        families = compare.families_by_checkpoint({step: pd.read_csv(tables["family_counts.csv"].path)
+        families = compare.families_by_checkpoint({step: read_counts(tables["family_counts.csv"].path)
                                                    for step, tables in self.input()["analysis"].items()})
         out = {name: Path(target.path) for name, target in self.output().items()}
         tables = dict(zip(self.TABLES, [by_checkpoint, persistence.reset_index(),

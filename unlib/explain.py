@@ -28,31 +28,38 @@ EXPLANATION_COLUMNS = ["layer", "neuron", "best_feature", "best_vr", "best_famil
 
 
 class FeatureMatrix:
-    """The usable features of a TokenFeatures as a sparse (positions x features) 0/1 matrix."""
+    """The usable features of a TokenFeatures: per analysed position and variable the index of
+    its feature among the usable ones (-1 for none), and the 0/1 (positions x features) sparse
+    matrix of a slice of positions, built when it is read (the whole would take ~12 bytes per
+    position and feature present)."""
 
     def __init__(self, features: TokenFeatures):
         n = len(features.positions)
-        columns, rows, names, groups, offset = [], [], [], [], 0
+        columns, names, groups, offset = [], [], [], 0
         floor = max(MIN_COUNT, int(np.ceil(MIN_FREQUENCY * n)))
         for variable in features.variables:
             counts = np.bincount(variable.codes[variable.codes >= 0], minlength=len(variable.names))
             usable = np.flatnonzero((counts >= floor) & (n - counts >= floor))
-            new_index = np.full(len(variable.names), -1)
+            if len(usable) == 0:
+                continue
+            new_index = np.full(len(variable.names), -1, dtype=np.int32)
             new_index[usable] = offset + np.arange(len(usable))
-            mapped = np.where(variable.codes >= 0, new_index[np.maximum(variable.codes, 0)], -1)
-            at = np.flatnonzero(mapped >= 0)
-            rows.append(at)
-            columns.append(mapped[at])
+            columns.append(np.where(variable.codes >= 0, new_index[np.maximum(variable.codes, 0)], -1))
             names += [variable.names[i] for i in usable]
             groups += [variable.group] * len(usable)
             offset += len(usable)
-        rows, columns = np.concatenate(rows), np.concatenate(columns)
-        self.matrix = scipy.sparse.csr_matrix((np.ones(len(rows)), (rows, columns)), shape=(n, offset))
+        self.columns = np.stack(columns, axis=1).astype(np.int32)
         self.names, self.groups = names, groups
         self.families = [GROUP_FAMILY[g] for g in groups]
-        self.counts = np.asarray(self.matrix.sum(axis=0)).ravel()
+        self.counts = np.bincount(self.columns[self.columns >= 0], minlength=offset).astype(np.float64)
         self.positions = features.positions
         self.n = n
+
+    def matrix(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
+        """The 0/1 (positions start..stop x features) matrix."""
+        rows, variables = np.nonzero(self.columns[start:stop] >= 0)
+        return scipy.sparse.csr_matrix((np.ones(len(rows)), (rows, self.columns[start:stop][rows, variables])),
+                                       shape=(stop - start, len(self.names)))
 
 
 class VarianceReduction:
@@ -70,11 +77,13 @@ class VarianceReduction:
 
     def add(self, activations: np.ndarray) -> None:
         a = np.asarray(activations, dtype=np.float64)
-        rows = slice(self.done, self.done + len(a))
+        start, stop = self.done, self.done + len(a)
         if self.shift is None:
             self.shift = a.mean(0)
-        self.sums += self.features.matrix[rows].T @ a
-        np.add.at(self.fired, self.features.positions[rows], a > 0)
+        self.sums += self.features.matrix(start, stop).T @ a
+        at = scipy.sparse.csr_matrix((np.ones(len(a)), (np.arange(len(a)), self.features.positions[start:stop])),
+                                     shape=(len(a), len(self.fired)))
+        self.fired += at.T @ (a > 0)
         self.total += a.sum(0)
         self.squares += ((a - self.shift) ** 2).sum(0)
         self.done += len(a)

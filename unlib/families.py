@@ -26,6 +26,12 @@ COUNT_COLUMNS = ["family", "n_universal", "n_rest", "n_all", "share_universal", 
                  "fisher_p", "p_holm", "enriched"]
 
 
+def read_counts(path) -> pd.DataFrame:
+    """family_counts.csv or families_by_checkpoint.csv, `enriched` '' where the test found no
+    difference (which pandas would read as NaN)."""
+    return pd.read_csv(path, converters={"enriched": str})
+
+
 def neuron_families(explained: pd.DataFrame, roles: pd.DataFrame) -> pd.DataFrame:
     """families.csv: one family per neuron, its weight role where it has one (entropy,
     attention deactivation, prediction, suppression, partition, in that order), else what

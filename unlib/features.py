@@ -134,30 +134,33 @@ def _document_features(pieces: list[str], ids: np.ndarray) -> dict[str, np.ndarr
     lengths = np.array([len(pieces[i]) for i in ids], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     text = "".join(pieces[i] for i in ids)
-    chars = np.array(list(text)) if text else np.zeros(0, dtype="<U1")
+    if not text:  # tokens that decode to nothing (special tokens): no text feature
+        none = np.zeros(len(ids), dtype=bool)
+        return {"column": np.zeros(len(ids), np.int64), "indent": np.zeros(len(ids), np.int64),
+                **{name: none for name in SYNTAX_FLAGS}, "python": np.full(len(ids), -1), "python_complete": False}
+    chars = np.array(list(text))
     n = len(text)
     newline = chars == "\n"
     # index of the last newline at or before each character (-1: none)
-    last_newline = np.maximum.accumulate(np.where(newline, np.arange(n), -1)) if n else np.zeros(0, np.int64)
+    last_newline = np.maximum.accumulate(np.where(newline, np.arange(n), -1))
     lines = text.split("\n")
-    indents = np.array([len(line) - len(line.lstrip(" \t")) + 3 * line[:len(line) - len(line.lstrip(" \t"))].count("\t")
-                        for line in lines])
-    line_of = np.concatenate([[0], np.cumsum(newline)[:-1]]) if n else np.zeros(0, np.int64)
+    leads = [line[:len(line) - len(line.lstrip(" \t"))] for line in lines]
+    indents = np.array([len(lead) + 3 * lead.count("\t") for lead in leads])  # a tab counts 4
+    line_of = np.concatenate([[0], np.cumsum(newline)[:-1]])
     depth = np.cumsum(np.isin(chars, list(OPENERS)).astype(np.int64) - np.isin(chars, list(CLOSERS)))
-    depth = depth - np.minimum(np.minimum.accumulate(depth), 0) if n else depth  # a walk reflected at 0
+    depth = depth - np.minimum(np.minimum.accumulate(depth), 0)  # a walk reflected at 0
     python, complete = _python_classes(text)
     stripped = np.array([len(pieces[i]) - len(pieces[i].lstrip()) for i in ids], dtype=np.int64)
     first = np.minimum(starts + stripped, max(n - 1, 0))  # the token's first visible character
     has_text = stripped < lengths
     column = starts - (np.where(starts > 0, last_newline[np.maximum(starts - 1, 0)], -1) + 1)
-    column = np.where(starts > 0, column, starts)
-    indent = indents[line_of[first]] if n else np.zeros(len(ids), np.int64)
+    indent = indents[line_of[first]]
     # the previous visible character before each token, for sentence starts
     visible = np.where(~np.isin(chars, [" ", "\t", "\n", "\r"]), np.arange(n), -1)
-    last_visible = np.maximum.accumulate(visible) if n else visible
+    last_visible = np.maximum.accumulate(visible)
     before = np.where(starts > 0, last_visible[np.maximum(starts - 1, 0)], -1)
-    prev_char = np.where(before >= 0, chars[np.maximum(before, 0)] if n else "", "")
-    alnum = np.char.isalnum(chars) if n else np.zeros(0, bool)
+    prev_char = np.where(before >= 0, chars[np.maximum(before, 0)], "")
+    alnum = np.char.isalnum(chars)
     line_start_col = column <= indent  # nothing but indentation before it on its line
     return {
         "column": column,
@@ -165,9 +168,8 @@ def _document_features(pieces: list[str], ids: np.ndarray) -> dict[str, np.ndarr
         "inside brackets": (depth[np.maximum(starts - 1, 0)] > 0) & (starts > 0),
         "start of line": has_text & line_start_col,
         "start of sentence": has_text & ((before < 0) | np.isin(prev_char, [".", "!", "?"])),
-        "continues a word": (starts > 0) & alnum[first] & alnum[np.maximum(starts - 1, 0)] & (stripped == 0)
-        if n else np.zeros(len(ids), bool),
-        "python": np.where(has_text, python[first] if n else -1, -1),
+        "continues a word": (starts > 0) & alnum[first] & alnum[np.maximum(starts - 1, 0)] & (stripped == 0),
+        "python": np.where(has_text, python[first], -1),
         "python_complete": complete,
     }
 
@@ -206,7 +208,7 @@ def token_features(tokens: np.ndarray, keep: np.ndarray, pieces: list[str]) -> T
     variables = []
 
     def add(group: str, names: list[str], codes: np.ndarray) -> None:
-        variables.append(Variable(group, names, codes[keep].astype(np.int64)))
+        variables.append(Variable(group, names, codes[keep].astype(np.int32)))
 
     for key, (names, per_id) in vocab.items():
         group = key.split(" ")[0]

@@ -235,7 +235,7 @@ def families_html(run: dict, counts: pd.DataFrame) -> str:
     drop = r.get("null_space_drop_ratio")
     null_space = (f"{r['null_space_k']} bottom singular directions (spectrum drop ×{drop:.3g})" if r.get("null_space_k")
                   else f"none (the spectrum's largest drop, ×{drop:.3g}, is below ×2)" if drop else "none")
-    differ = counts[counts["enriched"].fillna("") != ""]  # read back from CSV, '' is NaN
+    differ = counts[counts["enriched"] != ""]
     sentence = ("No family's share differs between universal neurons and the rest (two-sided Fisher exact test, "
                 "Holm-corrected)." if differ.empty else
                 "Universal neurons differ from the rest (two-sided Fisher exact test, Holm p &lt; 0.05) in: " +

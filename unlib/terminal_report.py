@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from unlib.ablation import few_documents_warning
+from unlib.families import read_counts
 
 
 def print_summary(console: Console, title: str, layer_summary: pd.DataFrame, universal_df: pd.DataFrame,
@@ -39,7 +40,7 @@ def print_summary(console: Console, title: str, layer_summary: pd.DataFrame, uni
                               f"{label['best_feature']} ({label['best_vr']:.2f})")
         console.print(top_table)
     counted = family_counts[family_counts["n_universal"] > 0].sort_values("n_universal", ascending=False)
-    differ = family_counts[family_counts["enriched"].fillna("") != ""]
+    differ = family_counts[family_counts["enriched"] != ""]
     console.print("Families of the universal neurons: " + ", ".join(f"{r.n_universal} {r.family}" for r in
                                                                      counted.itertuples())
                   + (f" (differing from the rest: {', '.join(f'{r.family} ({r.enriched})' for r in differ.itertuples())})"
@@ -100,8 +101,7 @@ def print_comparison(console: Console, compare_dir: Path) -> None:
     for step, row in persistence.iterrows():
         matrix.add_row(str(step), *("" if pd.isna(v) else f"{v:.2f}" for v in row))
     console.print(matrix)
-    families = pd.read_csv(compare_dir / "families_by_checkpoint.csv")
-    families["enriched"] = families["enriched"].fillna("")
+    families = read_counts(compare_dir / "families_by_checkpoint.csv")
     table = Table(title="Neuron families across training: universal / all neurons (▲ more often than the rest)")
     steps = sorted(families["checkpoint"].unique())
     table.add_column("family")
