@@ -36,7 +36,7 @@ def test_variance_reduction_of_a_planted_feature_is_pq_delta_squared_over_the_va
     acc = VarianceReduction(one_feature(f), 1)
     for start in range(0, n, 30_000):  # in chunks, as from a cache
         acc.add(a[start:start + 30_000, None])
-    vr, _ = acc.result()
+    vr, _, _ = acc.result()
     expected = p * (1 - p) * delta ** 2 / (p * (1 - p) * delta ** 2 + sigma ** 2)
     assert vr[0, 0] == pytest.approx(exact_vr(a.astype(np.float64), f), abs=1e-9)
     assert vr[0, 0] == pytest.approx(expected, abs=0.005)
@@ -289,3 +289,38 @@ def test_a_sweep_equals_the_hugging_face_model_with_the_neuron_fixed(built_gpt2)
         assert row[column] == pytest.approx(value, rel=1e-5)
         # and the fix moves each by more than twice that: a missed hook would fail the test
         assert abs(row[column] - unchanged[column]) > 2e-5 * abs(value)
+
+
+def test_sentencepiece_tokens_keep_the_space_that_starts_a_word():
+    """Llama-style tokenizers (Metaspace) drop the leading space of a text's first token when one
+    token is decoded alone; the pieces keep it, so rejoined documents keep their words apart."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from unlib.features import token_pieces
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    text = "the cat sat on the mat and the dog sat on the log"
+    tok.train_from_iterator([text] * 20, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
+    pieces = token_pieces(tokenizer)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert "".join(pieces[i] for i in ids).strip() == text
+    assert tokenizer.decode([ids[1]]) == tokenizer.decode([ids[1]]).lstrip()  # decoded alone: no space
+    assert pieces[ids[1]].startswith(" ")  # "▁cat" (or its first part) begins a word
+
+
+def test_prose_is_not_python_and_tab_indented_code_starts_its_lines_once():
+    from unlib.features import _document_features
+
+    prose = "It's a $5 book, isn't it? Yes."
+    pieces = [chr(i) for i in range(128)]
+    assert not _document_features(pieces, np.array([ord(c) for c in prose]))["python_complete"]
+    code = "if x:\n\ty = 1\n"
+    found = _document_features(pieces, np.array([ord(c) for c in code]))
+    assert found["python_complete"]
+    starts = [code[i] for i in np.flatnonzero(found["start of line"])]
+    assert starts == ["i", "y"]  # not the " ", "=" or "1" after the tab
+    assert found["indent"][code.index("y")] == 1  # one tab: 4 columns

@@ -23,6 +23,7 @@ from unlib.features import GROUP_FAMILY, TokenFeatures
 # reliably: the paper kept unigrams seen > 3,000 times in 10M tokens (3e-4), at least 20 here.
 MIN_FREQUENCY, MIN_COUNT = 3e-4, 20
 EXPLAINED_VR = 0.05  # below this best VR a neuron's activation is unexplained (the paper's cut)
+DEAD = "dead"  # the family of a neuron constant over the analysed tokens: nothing to explain
 EXPLANATION_COLUMNS = ["layer", "neuron", "best_feature", "best_vr", "best_family", "second_feature", "second_vr",
                        "second_family", "positional_mi", "family"]
 
@@ -48,6 +49,9 @@ class FeatureMatrix:
             names += [variable.names[i] for i in usable]
             groups += [variable.group] * len(usable)
             offset += len(usable)
+        if not columns:
+            raise ValueError(f"no token feature is present at {floor} of the {n} analysed positions and absent from "
+                             f"as many: too few tokens to explain neurons")
         self.columns = np.stack(columns, axis=1).astype(np.int32)
         self.names, self.groups = names, groups
         self.families = [GROUP_FAMILY[g] for g in groups]
@@ -88,9 +92,9 @@ class VarianceReduction:
         self.squares += ((a - self.shift) ** 2).sum(0)
         self.done += len(a)
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """(VR (features, d_mlp), positional MI in nats (d_mlp,)); a neuron of zero variance
-        has VR 0 for every feature."""
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(VR (features, d_mlp), positional MI in nats (d_mlp,), dead (d_mlp,)): a dead neuron,
+        constant over the analysed tokens, has VR 0 for every feature."""
         n = self.features.n
         if self.done != n:
             raise ValueError(f"{self.done} activation rows added for {n} analysed positions")
@@ -101,7 +105,8 @@ class VarianceReduction:
         m0 = (self.total - self.sums) / (n - n1)
         safe = np.where(var > 0, var, np.inf)
         vr = np.clip(n1 * (n - n1) / n ** 2 * (m1 - m0) ** 2 / safe, 0, 1)
-        return vr, positional_mi(self.fired, np.bincount(self.features.positions, minlength=len(self.fired)))
+        mi = positional_mi(self.fired, np.bincount(self.features.positions, minlength=len(self.fired)))
+        return vr, mi, ~(var > 0)
 
 
 def positional_mi(fired: np.ndarray, per_position: np.ndarray) -> np.ndarray:
@@ -119,22 +124,24 @@ def positional_mi(fired: np.ndarray, per_position: np.ndarray) -> np.ndarray:
     return np.nan_to_num((weight * (on + off)).sum(0))
 
 
-def explain_layer(features: FeatureMatrix, chunks: Iterable[np.ndarray], d_mlp: int) -> tuple[np.ndarray, np.ndarray]:
-    """VR (features, d_mlp) and positional MI of one layer from its activation row chunks."""
+def explain_layer(features: FeatureMatrix, chunks: Iterable[np.ndarray],
+                  d_mlp: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """VR (features, d_mlp), positional MI and dead neurons of one layer from its activation row chunks."""
     acc = VarianceReduction(features, d_mlp)
     for chunk in chunks:
         acc.add(chunk)
     return acc.result()
 
 
-def explanations(features: FeatureMatrix, vr: list[np.ndarray], mi: list[np.ndarray]) -> pd.DataFrame:
+def explanations(features: FeatureMatrix, vr: list[np.ndarray], mi: list[np.ndarray],
+                 dead: list[np.ndarray]) -> pd.DataFrame:
     """neuron_explanations.csv: per neuron its best feature and VR, the best feature of another
-    family, its positional MI, and the family its best feature explains it as (or
-    "unexplained" below EXPLAINED_VR)."""
+    family, its positional MI, and the family its best feature explains it as ("unexplained"
+    below EXPLAINED_VR, "dead" for a neuron constant over the tokens)."""
     families = np.array(features.families)
     names = np.array(features.names)
     frames = []
-    for layer, (v, m) in enumerate(zip(vr, mi)):
+    for layer, (v, m, constant) in enumerate(zip(vr, mi, dead)):
         best = v.argmax(0)
         other = np.where(families[:, None] != families[best][None, :], v, -1.0)
         second = other.argmax(0)
@@ -144,5 +151,5 @@ def explanations(features: FeatureMatrix, vr: list[np.ndarray], mi: list[np.ndar
             "layer": layer, "neuron": cols, "best_feature": names[best], "best_vr": best_vr,
             "best_family": families[best], "second_feature": names[second], "second_vr": second_vr,
             "second_family": families[second], "positional_mi": m,
-            "family": np.where(best_vr >= EXPLAINED_VR, families[best], "unexplained")}))
+            "family": np.where(constant, DEAD, np.where(best_vr >= EXPLAINED_VR, families[best], "unexplained"))}))
     return pd.concat(frames, ignore_index=True)[EXPLANATION_COLUMNS]

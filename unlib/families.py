@@ -14,13 +14,13 @@ import torch
 from scipy.stats import fisher_exact
 
 from unlib.contrasts import ALPHA, holm
-from unlib.explain import EXPLAINED_VR, FeatureMatrix, VarianceReduction, explanations
+from unlib.explain import DEAD, EXPLAINED_VR, FeatureMatrix, VarianceReduction, explanations
 from unlib.features import GROUP_FAMILY, token_features, token_pieces
 from unlib.h5write import write_h5
 from unlib.roles import ROLES, WeightRoles
 
 INPUT_FAMILIES = tuple(dict.fromkeys(GROUP_FAMILY.values()))
-FAMILIES = ROLES + INPUT_FAMILIES + ("unexplained",)
+FAMILIES = ROLES + INPUT_FAMILIES + ("unexplained", DEAD)
 FAMILY_COLUMNS = ["layer", "neuron", "family", "role", "input_family", "best_feature", "best_vr"]
 COUNT_COLUMNS = ["family", "n_universal", "n_rest", "n_all", "share_universal", "share_all", "odds_ratio",
                  "fisher_p", "p_holm", "enriched"]
@@ -33,29 +33,35 @@ def read_counts(path) -> pd.DataFrame:
 
 
 def neuron_families(explained: pd.DataFrame, roles: pd.DataFrame) -> pd.DataFrame:
-    """families.csv: one family per neuron, its weight role where it has one (entropy,
-    attention deactivation, prediction, suppression, partition, in that order), else what
-    explains its activation (best VR at least EXPLAINED_VR), else "unexplained"."""
+    """families.csv: one family per neuron: "dead" for a neuron constant over the tokens (its
+    weights do nothing), else its weight role where it has one (entropy, attention deactivation,
+    prediction, suppression, partition, in that order), else what explains its activation (best
+    VR at least EXPLAINED_VR), else "unexplained"."""
     merged = explained.merge(roles[["layer", "neuron", "role"]], on=["layer", "neuron"])
     merged["input_family"] = merged["family"]
-    merged["family"] = np.where(merged["role"].fillna("") != "", merged["role"], merged["input_family"])
+    has_role = (merged["role"].fillna("") != "") & (merged["input_family"] != DEAD)
+    merged["family"] = np.where(has_role, merged["role"], merged["input_family"])
     return merged[FAMILY_COLUMNS]
 
 
 def family_counts(families: pd.DataFrame, universal: pd.DataFrame) -> pd.DataFrame:
     """family_counts.csv: per family, how many universal neurons and how many of the rest have
-    it, and whether universal neurons have it more or less often than the rest: a two-sided
-    Fisher exact test per family, Holm-corrected across the families present."""
+    it, and whether universal neurons have it more or less often than the other live neurons: a
+    two-sided Fisher exact test per family, Holm-corrected across the families present. Dead
+    neurons are counted but left out of the tests (never universal, they would make every
+    family look more common among universal neurons), as in universal_vs_rest.csv."""
     is_universal = families.set_index(["layer", "neuron"]).index.isin(
         list(zip(universal["layer"].astype(int), universal["neuron"].astype(int))))
-    n_u, n_r = int(is_universal.sum()), int((~is_universal).sum())
+    live = (families["family"] != DEAD).to_numpy()
+    n_u, n_r = int((is_universal & live).sum()), int((~is_universal & live).sum())
     rows = []
     for family in FAMILIES:
         has = (families["family"] == family).to_numpy()
         a, b = int((has & is_universal).sum()), int((has & ~is_universal).sum())
         if a + b == 0:
             continue
-        odds, p = fisher_exact([[a, n_u - a], [b, n_r - b]]) if n_u and n_r else (np.nan, np.nan)
+        tested = family != DEAD and n_u and n_r
+        odds, p = fisher_exact([[a, n_u - a], [b, n_r - b]]) if tested else (np.nan, np.nan)
         rows.append({"family": family, "n_universal": a, "n_rest": b, "n_all": a + b,
                      "share_universal": a / n_u if n_u else np.nan, "share_all": (a + b) / len(families),
                      "odds_ratio": odds, "fisher_p": p})
@@ -120,8 +126,8 @@ def explain_neurons(model, tokenizer, tokens: np.ndarray, keep: np.ndarray, stat
             acc.add(layer)
         if progress is not None:
             progress(accs[0].done, matrix.n)
-    vr, mi = zip(*(acc.result() for acc in accs))
-    explained = explanations(matrix, list(vr), list(mi))
+    vr, mi, dead = zip(*(acc.result() for acc in accs))
+    explained = explanations(matrix, list(vr), list(mi), list(dead))
     weights = WeightRoles(model, stats, int(tokens[0, 0]), vocabulary)
     roles = weights.table()
     record = {**weights.record(), "explained_vr": EXPLAINED_VR, "n_features": len(matrix.names),

@@ -57,8 +57,13 @@ class TokenFeatures:
 
 
 def token_pieces(tokenizer) -> list[str]:
-    """The text of each token id on its own."""
-    return [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    """The text each token id adds after another token: decoded after a fixed first token and
+    that token's text cut off, because a SentencePiece tokenizer (Llama's) drops the leading
+    space of a text's first token, and a token's space is what separates words."""
+    first = tokenizer("a", add_special_tokens=False)["input_ids"][0]
+    decode = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
+    start = len(decode([first]))
+    return [decode([first, i])[start:] for i in range(len(tokenizer))]
 
 
 def normalised(piece: str, merges: bool) -> str:
@@ -100,8 +105,9 @@ def _cuts(limit: int) -> list[int]:
 
 def _python_classes(text: str) -> tuple[np.ndarray, bool]:
     """Per character of `text`, the index in PYTHON_CLASSES of the Python token it lies in (-1
-    outside any), and whether tokenize read the text to its end (the characters after a
-    tokenize error have none)."""
+    outside any), and whether tokenize read the text to its end as Python: without an error
+    and without a stray character (an ERRORTOKEN, which Python before 3.12 yields where 3.12
+    raises: prose's apostrophes, `$`, `?`). The characters after an error have no class."""
     codes = np.full(len(text), -1, dtype=np.int8)
     line_starts = np.concatenate([[0], np.cumsum([len(line) for line in io.StringIO(text).readlines()])])
     complete = True
@@ -116,6 +122,7 @@ def _python_classes(text: str) -> tuple[np.ndarray, bool]:
             elif tokenize.tok_name[tok.type].startswith("FSTRING"):
                 name = "STRING"
             else:
+                complete &= tok.type != tokenize.ERRORTOKEN or not tok.string.strip()
                 continue
             (r0, c0), (r1, c1) = tok.start, tok.end
             if r0 - 1 >= len(line_starts) - 1 and name != "NEWLINE":
@@ -145,6 +152,7 @@ def _document_features(pieces: list[str], ids: np.ndarray) -> dict[str, np.ndarr
     last_newline = np.maximum.accumulate(np.where(newline, np.arange(n), -1))
     lines = text.split("\n")
     leads = [line[:len(line) - len(line.lstrip(" \t"))] for line in lines]
+    lead_chars = np.array([len(lead) for lead in leads])
     indents = np.array([len(lead) + 3 * lead.count("\t") for lead in leads])  # a tab counts 4
     line_of = np.concatenate([[0], np.cumsum(newline)[:-1]])
     depth = np.cumsum(np.isin(chars, list(OPENERS)).astype(np.int64) - np.isin(chars, list(CLOSERS)))
@@ -161,7 +169,7 @@ def _document_features(pieces: list[str], ids: np.ndarray) -> dict[str, np.ndarr
     before = np.where(starts > 0, last_visible[np.maximum(starts - 1, 0)], -1)
     prev_char = np.where(before >= 0, chars[np.maximum(before, 0)], "")
     alnum = np.char.isalnum(chars)
-    line_start_col = column <= indent  # nothing but indentation before it on its line
+    line_start_col = column <= lead_chars[line_of[first]]  # nothing but indentation before it on its line
     return {
         "column": column,
         "indent": np.minimum(indent // 4, MAX_INDENT),

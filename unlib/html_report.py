@@ -258,8 +258,11 @@ def interventions_html(interventions: dict | None) -> str:
     if interventions is None:
         return "<p>Not run with TOP_K (they read the ablation's held-out tokens).</p>"
     summary = interventions["summary"]
+    if summary.empty:
+        return ("<p>No candidate to check: the unembedding has no null space and no neuron meets the paper's "
+                "entropy query, and no head comes after an MLP layer.</p>")
     shown = pd.DataFrame({"candidate": [f"L{r.layer}.{r.neuron}" for r in summary.itertuples()],
-                          "kind": summary["kind"],
+                          "kind": summary["kind"], "role": summary["role"].fillna(""),
                           "head": [f"{r.head_layer}.{r.head}" if r.head >= 0 else "" for r in summary.itertuples()],
                           "slope": summary["slope"], "random_min": summary["control_min"],
                           "random_max": summary["control_max"], "p": summary["p"]})

@@ -23,8 +23,8 @@ CONTROLS = 19  # random neurons per layer holding a candidate: a permutation p c
 # design), so a few sequences suffice, and (candidates + controls) x values passes are affordable
 SWEEP_TOKENS = 1024
 SWEEP_COLUMNS = ["layer", "neuron", "value", "loss", "entropy", "ln_scale"]
-SUMMARY_COLUMNS = ["kind", "layer", "neuron", "head_layer", "head", "metric", "slope", "control_mean", "control_min",
-                   "control_max", "n_controls", "p"]
+SUMMARY_COLUMNS = ["kind", "layer", "neuron", "role", "head_layer", "head", "metric", "slope", "control_mean",
+                   "control_min", "control_max", "n_controls", "p"]
 
 
 def head_column(layer: int, head: int) -> str:
@@ -159,11 +159,14 @@ def control_neurons(candidates: list[tuple[int, int]], d_mlp: int, seed: int) ->
 
 def intervention_candidates(roles: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """The neurons the causal checks sweep: the CANDIDATES highest null fractions (entropy, in
-    whatever layers they are) and deactivation z-scores (with their head)."""
-    entropy = roles.sort_values("null_fraction", ascending=False).head(CANDIDATES)
+    whatever layers they are; where the unembedding has no null space, the paper's candidates
+    by norm) and deactivation z-scores (with their head), whether or not they pass the role's
+    cut (the check says whether the best of them act)."""
+    by_null = roles[roles["null_fraction"] > 0].sort_values(["null_fraction", "layer", "neuron"], ascending=False)
+    entropy = by_null if len(by_null) else roles[roles["entropy_by_norm"]]
     paired = roles[roles["deactivation_head"] >= 0]
-    deactivation = paired.sort_values("deactivation_z", ascending=False).head(CANDIDATES)
-    return {"entropy": entropy, "deactivation": deactivation}
+    deactivation = paired.sort_values(["deactivation_z", "layer", "neuron"], ascending=False)
+    return {"entropy": entropy.head(CANDIDATES), "deactivation": deactivation.head(CANDIDATES)}
 
 
 def intervention_summary(kind: str, sweep: pd.DataFrame, candidates: pd.DataFrame,
@@ -179,9 +182,10 @@ def intervention_summary(kind: str, sweep: pd.DataFrame, candidates: pd.DataFram
         slopes = sweep_slopes(sweep, column)
         own = float(slopes.loc[(r.layer, r.neuron)])
         others = np.array([slopes.loc[c] for c in controls if c[0] == r.layer])
+        spread = (others.mean(), others.min(), others.max()) if len(others) else (np.nan,) * 3
         rows.append({"kind": kind, "layer": r.layer, "neuron": r.neuron, "head_layer": head[0], "head": head[1],
-                     "metric": column, "slope": own, "control_mean": others.mean(), "control_min": others.min(),
-                     "control_max": others.max(), "n_controls": len(others),
+                     "metric": column, "slope": own, "control_mean": spread[0], "control_min": spread[1],
+                     "control_max": spread[2], "n_controls": len(others), "role": r.role,
                      "p": (1 + int((np.abs(others) >= abs(own)).sum())) / (1 + len(others))})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
@@ -198,6 +202,8 @@ def causal_checks(model, tokens: np.ndarray, keep: np.ndarray, roles: pd.DataFra
     total = 2 * int(keep.sum())
     sweeps, summaries = [], []
     for step, (kind, candidates) in enumerate(intervention_candidates(roles).items()):
+        if candidates.empty:  # no null space and no candidate by norm; one layer, so no later head
+            continue
         chosen = [(int(r.layer), int(r.neuron)) for r in candidates.itertuples()]
         controls = control_neurons(chosen, model.cfg.d_mlp, seed)
         heads = sorted({(int(r.deactivation_layer), int(r.deactivation_head)) for r in candidates.itertuples()}) \
@@ -208,5 +214,7 @@ def causal_checks(model, tokens: np.ndarray, keep: np.ndarray, roles: pd.DataFra
                                  queries_only=kind == "deactivation", progress=done)
         sweeps.append(sweep.assign(sweep=kind))
         summaries.append(intervention_summary(kind, sweep, candidates, controls))
+    if not sweeps:
+        return pd.DataFrame(columns=["sweep"] + SWEEP_COLUMNS), pd.DataFrame(columns=SUMMARY_COLUMNS)
     sweep = pd.concat(sweeps, ignore_index=True)
     return sweep[["sweep"] + [c for c in sweep.columns if c != "sweep"]], pd.concat(summaries, ignore_index=True)

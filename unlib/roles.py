@@ -47,8 +47,8 @@ def vocab_moments(w_out: torch.Tensor, w_u: torch.Tensor) -> tuple[torch.Tensor,
     """Mean, variance, skew and kurtosis over the vocabulary of cos(w_out, W_U[:, v]) for each
     neuron of w_out (layers, d_mlp, d_model): the vocab_* statistics of unlib.stats."""
     unit_u = w_u / w_u.norm(dim=0, keepdim=True).clamp_min(1e-300)
-    cosines = (w_out / w_out.norm(dim=2, keepdim=True).clamp_min(1e-300)) @ unit_u
-    return moments(cosines, dim=2)
+    per_layer = [moments((w / w.norm(dim=1, keepdim=True).clamp_min(1e-300)) @ unit_u, dim=1) for w in w_out]
+    return tuple(torch.stack(m) for m in zip(*per_layer))  # a layer at a time: (d_mlp, vocab) float64 each
 
 
 def effective_null_space(w_u: torch.Tensor, w_out: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -63,8 +63,11 @@ def effective_null_space(w_u: torch.Tensor, w_out: torch.Tensor) -> tuple[torch.
     if float(w_out.sum(-1).abs().max()) <= 1e-6 * float(w_out.abs().max()):
         ones = torch.ones(d, 1, dtype=w_u.dtype) / d ** 0.5
         space = torch.linalg.qr(torch.cat([ones, space], dim=1))[0][:, 1:d]
-    u, s, _ = torch.linalg.svd(space.T @ w_u, full_matrices=True)
-    s = torch.cat([s, torch.zeros(u.shape[0] - len(s), dtype=s.dtype)])
+    # the left singular vectors and values from the (d x d) Gram matrix: an SVD would also make
+    # the (vocab x vocab) right factor, 20 GB at GPT-2's vocabulary
+    reduced = space.T @ w_u
+    eigenvalues, vectors = torch.linalg.eigh(reduced @ reduced.T)
+    s, u = eigenvalues.flip(0).clamp_min(0).sqrt(), vectors.flip(1)  # descending, zero where no token reaches
     half = len(s) // 2
     below = s[half + 1:].clamp_min(1e-12 * float(s[0]))
     ratios = s[half:-1] / below
