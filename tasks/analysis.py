@@ -3,6 +3,7 @@ the root task of one analysis run."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -42,9 +43,20 @@ CONTRASTS = "universal_vs_rest.csv"  # each statistic tested, universal neurons 
 FAMILY_COUNTS = "family_counts.csv"  # each family among the universal neurons and the rest, tested
 
 
+def csv_text(df: pd.DataFrame) -> str:
+    return df.to_csv(index=False, float_format="%.6g")
+
+
 def write_csv(df: pd.DataFrame, path: str) -> None:
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.6g")
+        tmp.write_text(csv_text(df), encoding="utf-8")
+
+
+def write_changed_csv(df: pd.DataFrame, path: str) -> None:
+    """write_csv, unless the file already holds exactly this table (a file shared by several
+    runs keeps its identity, and its seal, while what it shows is unchanged)."""
+    if not os.path.exists(path) or Path(path).read_text(encoding="utf-8") != csv_text(df):
+        write_csv(df, path)
 
 
 class ExcessCorrelation(CorrelationParams, ResultTask):
@@ -230,18 +242,18 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
         tables = self.input()
         sources = (tables["excess"]["excess"], tables["excess"]["pairwise"], tables["stats"],
                    *(tables["families"][name] for name in NeuronFamilies.TABLES))
+        # these files are shared with runs of other ablation settings: left as they are (their
+        # seals too) unless what they show was rebuilt since
         for name, source in zip(SHARED_TABLES, sources):
-            if not self.output()[name].exists():  # shared with runs of other ablation settings
-                link_file(source.path, self.output()[name].path)
+            target = self.output()[name].path
+            if not os.path.exists(target) or not os.path.samefile(source.path, target):
+                link_file(source.path, target)
         excess = pd.read_csv(self.input()["excess"]["excess"].path)
         universal = pd.read_csv(self.input()["universal"].path)
-        if not self.output()[CONTRASTS].exists():
-            stats = pd.read_csv(tables["stats"].path)
-            write_csv(universal_vs_rest(stats, universal, excess), self.output()[CONTRASTS].path)
-        families = pd.read_csv(tables["families"]["families.csv"].path)
-        counts = family_counts(families, universal)
-        if not self.output()[FAMILY_COUNTS].exists():
-            write_csv(counts, self.output()[FAMILY_COUNTS].path)
+        stats = pd.read_csv(tables["stats"].path)
+        write_changed_csv(universal_vs_rest(stats, universal, excess), self.output()[CONTRASTS].path)
+        counts = family_counts(pd.read_csv(tables["families"]["families.csv"].path), universal)
+        write_changed_csv(counts, self.output()[FAMILY_COUNTS].path)
         summary = UniversalNeuronAnalyzer(excess).layer_summary(universal)
         half_a, half_b = split_half_sets(excess, self.effective_threshold, self.top_k)
         jaccard = jaccard_index(half_a, half_b)
