@@ -157,6 +157,10 @@ def test_run_report_numbers_equal_the_csvs(store):
     for family, row in shown_counts.items():
         assert int(row["n_universal"]) == counts.loc[family, "n_universal"]
         assert int(row["n_all"]) == counts.loc[family, "n_all"]
+    enriched = counts.loc[counts["enriched"].notna(), "enriched"]
+    sentence = text_of(html, "families-sentence")
+    assert sentence.startswith("No family's share differs") == enriched.empty
+    assert "nan" not in sentence and all(f"{family} ({how} often" in sentence for family, how in enriched.items())
     families = pd.read_csv(d / "families.csv").set_index(["layer", "neuron"])
     assert re.findall(r'class="family-name">([^<]*)<', html) == [
         families.loc[(int(l), int(n)), "family"] for l, n in cards]

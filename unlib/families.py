@@ -29,7 +29,9 @@ COUNT_COLUMNS = ["family", "n_universal", "n_rest", "n_all", "share_universal", 
 def read_counts(path) -> pd.DataFrame:
     """family_counts.csv or families_by_checkpoint.csv, `enriched` '' where the test found no
     difference (which pandas would read as NaN)."""
-    return pd.read_csv(path, converters={"enriched": str})
+    counts = pd.read_csv(path)
+    counts["enriched"] = counts["enriched"].astype(object).where(counts["enriched"].notna(), "")
+    return counts
 
 
 def neuron_families(explained: pd.DataFrame, roles: pd.DataFrame) -> pd.DataFrame:
