@@ -155,9 +155,10 @@ def h5_record(path: str) -> str:
         return reader.attrs["record"]
 
 
-def families_of(task: CorrelationParams) -> NeuronFamilies:
-    """The run's NeuronFamilies task: reading the activation cache when the run's correlations do."""
-    return task.clone(NeuronFamilies, from_cache=correlations_of(task).feed[0])
+def with_run_feed(task: CorrelationParams, cls: type[luigi.Task]) -> luigi.Task:
+    """The run's task of class `cls` (NeuronFamilies, or what requires it), reading the activation
+    cache (its `from_cache`) when the run's correlations do."""
+    return task.clone(cls, from_cache=correlations_of(task).feed[0])
 
 
 class SelectUniversal(RunParams, ResultTask):
@@ -187,7 +188,7 @@ class Plots(RunParams, ResultTask):
 
     def requires(self):
         return {"excess": self.clone(ExcessCorrelation), "stats": self.clone(NeuronStats),
-                "universal": self.clone(SelectUniversal), "families": families_of(self)}
+                "universal": self.clone(SelectUniversal), "families": with_run_feed(self, NeuronFamilies)}
 
     def output(self):
         return {name: self.shared_target(self.results_dir() / "plots" / f"{name}.png") for name in self.NAMES}
@@ -231,7 +232,7 @@ class UniversalNeuronsAnalysis(RunParams, ResultTask):
         held_out = {} if self.top_k is not None else {"held_out": held_out_tokens(self)}
         return {"excess": self.clone(ExcessCorrelation), "universal": self.clone(SelectUniversal),
                 "plots": self.clone(Plots), "stats": self.clone(NeuronStats), "correlations": correlations_of(self),
-                "tokens": self.clone(TokenizeDataset), "families": families_of(self), **held_out}
+                "tokens": self.clone(TokenizeDataset), "families": with_run_feed(self, NeuronFamilies), **held_out}
 
     def output(self):
         d = self.results_dir()

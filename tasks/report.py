@@ -8,9 +8,8 @@ import pandas as pd
 
 from tasks.ablation import Ablation, Interventions
 from tasks.activations import CacheActivations
-from tasks.analysis import Plots, SelectUniversal, UniversalNeuronsAnalysis, write_csv
+from tasks.analysis import Plots, SelectUniversal, UniversalNeuronsAnalysis, with_run_feed, write_csv
 from tasks.common import ResultTask
-from tasks.correlation import correlations_of
 from tasks.params import RunParams
 from tasks.targets import store
 from tasks.data import TokenizeDataset
@@ -39,7 +38,7 @@ class RunReport(RunParams, ResultTask):
 
     def requires(self):
         # with TOP_K the page says why there is no ablation instead of running one
-        checks = self.clone(Interventions, from_cache=correlations_of(self).feed[0])
+        checks = with_run_feed(self, Interventions)
         ablation = {"ablation": self.clone(Ablation), "interventions": checks} if self.top_k is None else {}
         return {"analysis": self.clone(UniversalNeuronsAnalysis), "plots": self.clone(Plots),
                 "universal": self.clone(SelectUniversal), "tokens": self.clone(TokenizeDataset),
@@ -152,7 +151,7 @@ class CompareCheckpoints(RunParams, ResultTask):
         plots.trajectories_plot(trajectories, figures["neuron_trajectories"], title=title)
         plots.distributions_plot(excess, figures["excess_correlation_distributions"], title)
         plots.families_by_checkpoint_plot(families, figures["families_by_checkpoint"], title)
-        ablation = interventions = None
+        ablation = None
         if "ablation" in self.input():
             ablation = compare.ablation_by_checkpoint({step: pd.read_csv(targets["summary"].path)
                                                        for step, targets in self.input()["ablation"].items()})

@@ -10,8 +10,6 @@ tells of the position). Variances are population variances (the paper's pandas d
 by a factor (n-1)/n, nothing at these n)."""
 from __future__ import annotations
 
-from typing import Iterable
-
 import numpy as np
 import pandas as pd
 import scipy.sparse
@@ -122,15 +120,6 @@ def positional_mi(fired: np.ndarray, per_position: np.ndarray) -> np.ndarray:
         on = xlogy(p_t, p_t) - xlogy(p_t, np.broadcast_to(p, p_t.shape))
         off = xlogy(1 - p_t, 1 - p_t) - xlogy(1 - p_t, np.broadcast_to(1 - p, p_t.shape))
     return np.nan_to_num((weight * (on + off)).sum(0))
-
-
-def explain_layer(features: FeatureMatrix, chunks: Iterable[np.ndarray],
-                  d_mlp: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """VR (features, d_mlp), positional MI and dead neurons of one layer from its activation row chunks."""
-    acc = VarianceReduction(features, d_mlp)
-    for chunk in chunks:
-        acc.add(chunk)
-    return acc.result()
 
 
 def explanations(features: FeatureMatrix, vr: list[np.ndarray], mi: list[np.ndarray],

@@ -47,14 +47,6 @@ class TokenFeatures:
     n_python_documents: int  # documents Python's tokenize read to their end
     n_documents: int
 
-    @property
-    def names(self) -> list[str]:
-        return [name for v in self.variables for name in v.names]
-
-    @property
-    def groups(self) -> list[str]:
-        return [v.group for v in self.variables for _ in v.names]
-
 
 def token_pieces(tokenizer) -> list[str]:
     """The text each token id adds after another token: decoded after a fixed first token and

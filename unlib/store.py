@@ -144,9 +144,7 @@ class Store:
     def interventions(self, model_id: str, checkpoint: int | None, held_out_file: Path, seed: int) -> Path:
         """The folder of a model's causal checks on one held-out token file with one seed of
         random controls: shared by every run that reads them, whatever its threshold."""
-        tokens_name = f"{held_out_file.parent.name}__{held_out_file.stem}"
-        return self.root / "families" / slug(model_id) / checkpoint_label(checkpoint) / tokens_name / \
-            f"interventions_seed-{seed}"
+        return self.families(model_id, checkpoint, held_out_file) / f"interventions_seed-{seed}"
 
     def correlation_block(self, run_key: str, references: str, units: str) -> Path:
         """A correlation block's partial results: named by its references and a hash of its units."""
