@@ -28,6 +28,8 @@ from unlib.engine.layout import BYTES, HALVES
 from unlib.engine.planning import WorkPlan
 from unlib.engine.precision import DOCUMENTED_ERROR, ERROR_BOUND, default_precision, runnable_precisions
 from unlib.engine.results import PassStats, combine
+from unlib.memory_check import Shape, build_models
+from unlib.engine.rotations import gaussian, haar_orthogonal
 from unlib.plan import matmul_rate
 
 OUT = Path(__file__).resolve().parent / "results.json"
@@ -264,6 +266,25 @@ def precision_rates(device: str, sizes: list[list[int]], n_tokens: int, seconds:
     return out
 
 
+def rotation_draws(device: str, n: int = 3072, repeats: int = 2) -> dict:
+    """One Haar draw of an n x n rotation on `device` (GPT-2-small's width by default): the
+    seconds of its Gaussian and of its float32 QR (the least over `repeats`), and how far Q is
+    from orthogonal (max |Q^T Q - I|, in float64)."""
+    def timed(fn):
+        def run():
+            out = fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            return out
+        return best_of(repeats, run)
+    gaussian_s, z = timed(lambda: gaussian(n, [0, 1, 2, 3], device))
+    qr_s, q = timed(lambda: haar_orthogonal(n, [0, 1, 2, 3], device))
+    q = q.double()
+    eye = torch.eye(n, dtype=torch.float64, device=q.device)
+    return {"n": n, "gaussian_s": gaussian_s, "qr_s": qr_s - gaussian_s, "draw_s": qr_s,
+            "orthogonality": float((q.T @ q - eye).abs().max())}
+
+
 def fastest_within_bound(errors: dict, rates: dict) -> str:
     """The default the measurements choose: the fastest stream among the modes whose errors are
     below ERROR_BOUND."""
@@ -286,7 +307,7 @@ def precision_modes() -> dict:
     rates = precision_rates("cpu", [[512] * 4] * 4, 8 * CHUNK)
     chosen = fastest_within_bound(errors, rates)
     return {"errors": errors, "rates": rates, "measured_default": chosen, "code_default": default_precision("cpu"),
-            "error_bound": ERROR_BOUND}
+            "error_bound": ERROR_BOUND, "rotation_draw": rotation_draws("cpu")}
 
 
 # The paper's three runs (docs/paper-runs.md): models x layers x neurons, REFERENCE=0, R=5
@@ -295,32 +316,78 @@ PAPER_RUNS = {"stanford-gpt2-small": [[3072] * 12] * 5, "stanford-gpt2-medium": 
 
 
 def device_section(device: str = "cuda", rate_sizes: list[list[int]] | None = None, rate_tokens: int = 4 * CHUNK,
-                   error_tokens: int = 8 * CHUNK, seconds: float = 3.0) -> dict:
+                   error_tokens: int = 8 * CHUNK, seconds: float = 3.0,
+                   pipeline_shape: Shape = Shape(5, 12, 3072, 768, 1024), pipeline_tokens: int = 4 * CHUNK) -> dict:
     """`make bench DEVICE=cuda`: the precision table on the GPU (errors against float64 on
     synthetic activations of the toy zoo's shape, on the device), the stream's rate per mode
     on GPT-2-small shapes (default 2 models x 12 x 3072, REFERENCE=all) against the card's
-    matmul rate in that mode, the share of the correlation's time spent drawing rotations, and
-    the correlation's projected wall time for the paper's three runs at 10M and 100M tokens in
-    the measured default (forward passes not included). Smaller shapes run it on a CPU (tests)."""
+    matmul rate in that mode, the share of the correlation's time spent drawing rotations, one
+    Haar draw at the stream's width, the correlation's projected wall time for the paper's
+    three runs at 10M and 100M tokens in the measured default (forward passes not included),
+    and an end-to-end analysis of five GPT-2-small-shaped random-weight models (16,384 tokens:
+    their activation caches take 11 GiB). Smaller shapes run it on a CPU (tests)."""
     rate_sizes = rate_sizes or [[3072] * 12] * 2
     sizes = [[256, 256]] * 5
     errors = precision_errors([a.to(device) for a in synthetic(sizes, error_tokens)], sizes, 0.3, device)
     rates = precision_rates(device, rate_sizes, rate_tokens, seconds)
     chosen = fastest_within_bound(errors, rates)
-    rate, share = rates[chosen]["stream_gflops"] * 1e9, rates[chosen]["rotation_share"]
-    width = max(rate_sizes[0])
-    per_draw = rates[chosen]["total_s"] * share / rates[chosen]["rotations_drawn"]  # a width x width draw
+    rate = rates[chosen]["stream_gflops"] * 1e9
+    draw = rotation_draws(device, max(rate_sizes[0]))
     projected = {}
     for name, run_sizes in PAPER_RUNS.items():
         plan = WorkPlan(run_sizes, 0, 5, "cpu", 64 * 2**30, precision=chosen)  # planning touches no device
-        draws = sum(len(plan.rotation_sizes(u)) for u in plan.passes)
-        # a draw is mostly its host Gaussian (n^2 numbers); its QR (n^3) on the device is the smaller part
-        draw_s = draws * per_draw * (max(run_sizes[0]) / width) ** 2
+        # a draw is mostly its QR (n^3); its Gaussian (n^2) is the smaller part
+        draw_s = sum(draw["draw_s"] * (n / draw["n"]) ** 3 for u in plan.passes for n in plan.rotation_sizes(u))
         projected[name] = {f"{n // 10**6}M_tokens_hours": (sum(plan.stream_flops(u, n) for u in plan.passes) / rate
                                                            + draw_s) / 3600 for n in (10**7, 10**8)}
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or device
     return {"device": name, "errors": errors, "rates": rates, "measured_default": chosen,
-            "code_default": default_precision(device), "projected_correlation": projected}
+            "code_default": default_precision(device), "rotation_draw": draw, "projected_correlation": projected,
+            "pipeline": pipeline_stages(device, pipeline_shape, pipeline_tokens)}
+
+
+STAGES = """
+import json, sys
+from tasks.activations import CacheActivations
+from tasks.analysis import NeuronStats
+from tasks.api import build_analyses, graph_tasks, quiet_run, run_graph
+from tasks.correlation import Correlations
+from tasks.data import TokenizeDataset
+from unlib.config import RunConfig
+device, n_tokens, ctx_len, *models = sys.argv[1:]
+config = RunConfig(models=",".join(models), dataset="python-stdlib", n_tokens=int(n_tokens), ctx_len=int(ctx_len),
+                   exclude_tokens="bos", device=device, cache="1", workers=1)
+seconds = {}
+with quiet_run():
+    roots = build_analyses(config)
+    seconds["tokenize"] = run_graph(graph_tasks(roots, TokenizeDataset), 1).seconds
+    for correlation in graph_tasks(roots, Correlations):
+        correlation.record_plan()
+    for stage, kind in (("forward", CacheActivations), ("correlation", Correlations), ("statistics", NeuronStats)):
+        seconds[stage] = run_graph(graph_tasks(roots, kind), 1).seconds
+    seconds["rest"] = run_graph(roots, 1).seconds
+print(json.dumps({"seconds": seconds, "run": json.loads(open(roots[0].output()["run"].path).read())}))
+"""
+
+
+def pipeline_stages(device: str, shape: Shape, n_tokens: int) -> dict:
+    """`make analyze` on random-weight GPT-2 models of `shape` built on the spot (the toy
+    zoo's byte-level tokenizer, python-stdlib, caches written), one stage at a time in a fresh
+    store and process: the seconds of each stage and the tokens per second of the forward
+    passes (all models, activations cached), the correlation and the neuron statistics."""
+    with tempfile.TemporaryDirectory() as tmp:
+        models = build_models(shape, Path(tmp) / "models", tokenizer=True)
+        out = subprocess.run([sys.executable, "-c", STAGES, device, str(n_tokens), str(min(512, shape.ctx_len)),
+                              *map(str, models)], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent.parent,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "UNLIB_STORE": str(Path(tmp) / "store")})
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    seconds, run = result["seconds"], result["run"]
+    return {"shape": shape.label(), "n_tokens": n_tokens, "seconds": seconds,
+            "forward_tokens_per_s": n_tokens * shape.n_models / seconds["forward"],
+            "correlation_tokens_per_s": n_tokens / seconds["correlation"],
+            "statistics_tokens_per_s": n_tokens / seconds["statistics"],
+            "precision": run["precision"], "rotation_share": run["rotation_share"], "universal": run["n_universal"]}
 
 
 PROBE = """
@@ -481,6 +548,9 @@ def precision_rows(table: Table, section: dict, where: str) -> None:
                       ">= 0.9 (fp32, CPU)" if mode == "fp32" and where == "cpu" else "")
     table.add_row(f"{where} default PRECISION: fastest within {ERROR_BOUND:g} of float64",
                   f"measured {section['measured_default']}, code {section['code_default']}", "the same")
+    d = section["rotation_draw"]
+    table.add_row(f"{where} Haar draw of {d['n']} x {d['n']}: Gaussian + float32 QR; max |Q^T Q - I|",
+                  f"{d['gaussian_s']:.3f} s + {d['qr_s']:.3f} s; {d['orthogonality']:.1e}", "orthogonal to 1e-5")
 
 
 def cuda_main(console: Console) -> int:
@@ -500,6 +570,12 @@ def cuda_main(console: Console) -> int:
     for name, hours in section["projected_correlation"].items():
         table.add_row(f"projected correlation, {name}", ", ".join(f"{k.split('_')[0]} tokens {v:.2f} h"
                                                                   for k, v in hours.items()), "")
+    p = section["pipeline"]
+    table.add_row(f"make analyze, {p['shape']}, {p['n_tokens']:,} tokens: seconds per stage",
+                  ", ".join(f"{k} {v:.1f}" for k, v in p["seconds"].items()), "")
+    table.add_row("tokens/s: forward passes (all models), correlation, statistics",
+                  f"{p['forward_tokens_per_s']:,.0f}, {p['correlation_tokens_per_s']:,.0f}, "
+                  f"{p['statistics_tokens_per_s']:,.0f} (rotation share {p['rotation_share']:.0%})", "")
     console.print(table)
     console.print(f"Wrote {out} ({time.perf_counter() - start:.0f} s)")
     return 0

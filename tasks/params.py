@@ -12,6 +12,7 @@ from unlib.config import ABLATION_SETTINGS, BY_NAME, folder_defaults
 from unlib.dataset import dataset_inputs
 from unlib.engine.halves import DOCUMENT_RULE
 from unlib.engine.precision import default_precision
+from unlib.engine.rotations import ROTATION_RULE
 from unlib.model_loading import model_fingerprint
 from unlib.model_sets import ZOOS, ModelSet, resolve_model_set
 
@@ -88,7 +89,7 @@ class CheckpointParams(TokenParams, declaring("checkpoint")):
 
 # How the correlations are made where no parameter says: in the correlations' key and in the
 # provenance of every result read from them, so that a change rebuilds them all
-CORRELATION_METHOD = {"split_halves": DOCUMENT_RULE}
+CORRELATION_METHOD = {"split_halves": DOCUMENT_RULE, "rotation_draw": ROTATION_RULE}
 
 
 class CorrelationParams(CheckpointParams, declaring("rotations", "rotation_seed", "precision", "cache", "corr_memory",

@@ -39,11 +39,14 @@ def test_paper_algorithm_matches_numpy_with_and_without_rotation():
 def test_the_gpu_section_runs_on_the_cpu_at_small_shapes():
     """make bench DEVICE=cuda's section, on the CPU at small shapes: every mode's error against
     float64 within its documented bound, rates for every mode, a default chosen among the modes
-    within 1e-3, and projections that grow tenfold with the tokens' stream."""
+    within 1e-3, an orthogonal Haar draw, projections that grow tenfold with the tokens' stream,
+    and an end-to-end analysis of five random-weight models, stage by stage."""
     from bench.run import PAPER_RUNS, device_section
-    from unlib.engine.precision import DOCUMENTED_ERROR, ERROR_BOUND, runnable_precisions
+    from unlib.engine.precision import DOCUMENTED_ERROR, ERROR_BOUND, default_precision, runnable_precisions
+    from unlib.memory_check import Shape
 
-    section = device_section("cpu", [[128] * 2] * 2, 4096, error_tokens=8192, seconds=0.2)
+    section = device_section("cpu", [[128] * 2] * 2, 4096, error_tokens=8192, seconds=0.2,
+                             pipeline_shape=Shape(5, 2, 128, 64, 128), pipeline_tokens=4096)
     assert list(section["errors"]) == list(section["rates"]) == runnable_precisions("cpu")
     for mode in runnable_precisions("cpu"):
         errors = section["errors"][mode]
@@ -54,3 +57,9 @@ def test_the_gpu_section_runs_on_the_cpu_at_small_shapes():
     assert set(section["projected_correlation"]) == set(PAPER_RUNS)
     for hours in section["projected_correlation"].values():
         assert 5 < hours["100M_tokens_hours"] / hours["10M_tokens_hours"] <= 10
+    assert section["rotation_draw"]["n"] == 128 and section["rotation_draw"]["orthogonality"] < 1e-5
+    pipeline = section["pipeline"]
+    assert list(pipeline["seconds"]) == ["tokenize", "forward", "correlation", "statistics", "rest"]
+    assert all(v > 0 for v in pipeline["seconds"].values())
+    assert pipeline["forward_tokens_per_s"] == 5 * 4096 / pipeline["seconds"]["forward"]
+    assert pipeline["precision"]["mode"] == default_precision("cpu") and 0 < pipeline["rotation_share"] < 1

@@ -11,7 +11,7 @@ from unlib.engine.engine import ExcessCorrelationEngine
 from unlib.engine.halves import HALF_BLOCK_ROWS, MIN_HALF_ROWS, HalfSplit
 from unlib.engine.memory import MemoryBudgetError
 from unlib.engine.results import LayerResult, PassResult, collect, merge_partials
-from unlib.engine.rotations import haar_orthogonal
+from unlib.engine.rotations import PHILOX_BLOCK, gaussian, haar_orthogonal, philox4x32
 
 LAYERS = [[12, 20], [12, 20], [16, 8, 8]]
 
@@ -219,9 +219,32 @@ def test_a_small_memory_budget_splits_the_work_into_passes_with_the_same_numbers
         ExcessCorrelationEngine(LAYERS, 0, memory_budget=ExcessCorrelationEngine(LAYERS, 0).least_memory() - 1)
 
 
+def test_philox_gives_the_published_known_answers():
+    # Random123's kat_vectors for Philox4x32-10: counter (4 words), key (2 words) -> 4 words
+    cases = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+             ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for counter, key, want in cases:
+        got = philox4x32(tuple(torch.tensor([w]) for w in counter), key)
+        assert [int(w) for w in got] == list(want)
+
+
+def test_gaussian_does_not_depend_on_the_block_size(monkeypatch):
+    # A GPU runs the generator in larger blocks than a CPU: the numbers must not change with it.
+    want = gaussian(300, [4, 5])
+    monkeypatch.setitem(PHILOX_BLOCK, "cpu", 1000)
+    assert torch.equal(gaussian(300, [4, 5]), want)
+    z = gaussian(1000, [7]).double().numpy().ravel()
+    assert abs(z.mean()) < 0.005 and abs(z.std() - 1) < 0.005 and abs((z ** 4).mean() - 3) < 0.03
+    assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 0.005
+
+
 def test_haar_matrices_are_orthogonal_and_reproducible():
-    q = haar_orthogonal(64, [1, 2, 3]).numpy()
-    assert np.abs(q.T @ q - np.eye(64)).max() < 1e-12
+    q = haar_orthogonal(64, [1, 2, 3]).double().numpy()
+    assert np.abs(q.T @ q - np.eye(64)).max() < 1e-6
+    assert np.abs(haar_orthogonal(1024, [1]).double().numpy().T @ haar_orthogonal(1024, [1]).double().numpy()
+                  - np.eye(1024)).max() < 1e-5
     assert np.array_equal(q, haar_orthogonal(64, [1, 2, 3]).numpy())
     assert not np.allclose(q, haar_orthogonal(64, [1, 2, 4]).numpy())
 

@@ -11,7 +11,7 @@ from unlib.engine.layout import BYTES, HALVES, Layout, Unit, units_of
 from unlib.engine.memory import (HOST_CHUNKS, MemoryBudgetError, ModelFeed, chunk_tokens_for,
                                  default_memory_budget)
 from unlib.engine.precision import Products
-from unlib.engine.rotations import ROTATION_LOOKAHEAD
+from unlib.engine.rotations import PHILOX_BLOCK, PHILOX_TEMPORARIES
 
 
 class WorkPlan:
@@ -110,24 +110,20 @@ class WorkPlan:
         """(device, host) working memory of the result step's phases. Correlations: a row
         layer's block on the merged halves and its scaled copy. Rotated baselines: three
         rotated blocks (both halves' and their merge), the rotated variances' product and the
-        rotation; on the host the float64 Gaussians drawn ahead (ROTATION_LOOKAHEAD, in
-        threads). A QR: the Gaussian being factored, Q, R and Q with R's signs (float64, on
-        the device), beside the draws ahead and the last rotation."""
+        rotation. A Haar draw, on the device: the generator's temporaries, then the Gaussian,
+        Q, R and Q with R's signs (float32), beside the last rotation."""
         layout = self.layout
         d_max = max(max(s) for s in self.layer_sizes)
         cols = max(sum(s) for s in self.layer_sizes)
         phases = [(BYTES * 2 * d_max * cols, 0)]
-        rotated_layers = layout.rotated_layers(units)
-        rotated = max((self.layer_sizes[m][k] for m, k in rotated_layers), default=0)
+        rotated = max((self.layer_sizes[m][k] for m, k in layout.rotated_layers(units)), default=0)
         if rotated:
             # a reference column model's neurons against a rotated row layer: blocks of all its columns
             width = cols if any(u.col_model in self.references for u in units) else rotated
-            drawn_ahead = min(ROTATION_LOOKAHEAD, self.n_rotations * len(rotated_layers) - 1)
-            square, ahead = rotated * rotated, 8 * drawn_ahead * rotated * rotated
-            qr = 8 * 4 * square
-            on_cpu = self.device.type == "cpu"
-            phases.append((BYTES * (3 * width * rotated + 3 * square), ahead))
-            phases.append((BYTES * square + (0 if on_cpu else qr), ahead + (qr if on_cpu else 0)))
+            square = rotated * rotated
+            generator = 8 * PHILOX_TEMPORARIES * PHILOX_BLOCK.get(self.device.type, PHILOX_BLOCK["cpu"])
+            phases.append((BYTES * (3 * width * rotated + 3 * square), 0))
+            phases.append((BYTES * square + max(generator + BYTES * square, 4 * BYTES * square), 0))
         return phases
 
     def pass_bytes(self, units: list[Unit]) -> int:
