@@ -120,7 +120,7 @@ def engine_vs_machine(repeats: int = 2) -> dict:
     matmul rate in the engine's GEMM shapes, sustained over 10 s and measured before and after
     the engine's runs (the faster reading counts); also from memory. The engine's work is its
     GEMMs, the stream's co-moments and the result step's rotated baselines; the Haar draws
-    (float64 QRs), the feed and every other step count against it."""
+    (Gaussians and float32 QRs), the feed and every other step count against it."""
     from unlib.activations import cached_chunks
 
     n_models, n_layers, d = 4, 4, 512

@@ -12,6 +12,7 @@ import torch
 
 from unlib.engine.planning import WorkPlan
 from unlib.engine.precision import Products
+from unlib.engine.rotations import haar_orthogonal
 
 GiB = 2**30
 
@@ -125,10 +126,9 @@ def matmul_rate(t: int, rows: int, cols: int, device: str | torch.device = "cpu"
 
 
 def qr_seconds_per_cube(device: str | torch.device = "cpu", n: int = 512, repeats: int = 3) -> float:
-    """Seconds per n^3 of a float64 QR factorisation (a Haar draw) on `device`."""
+    """Seconds per n^3 of a Haar draw (its Gaussian and float32 QR, mostly the QR) on `device`."""
     device = torch.device(device)
-    x = torch.randn(n, n, dtype=torch.float64, device=device)
-    return _best_seconds(lambda: torch.linalg.qr(x), device, repeats) / n ** 3
+    return _best_seconds(lambda: haar_orthogonal(n, [n], device), device, repeats) / n ** 3
 
 
 def measured_rates(plan: CorrelationPlan) -> tuple[float, float] | None:
