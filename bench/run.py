@@ -120,7 +120,7 @@ def engine_vs_machine(repeats: int = 2) -> dict:
     matmul rate in the engine's GEMM shapes, sustained over 10 s and measured before and after
     the engine's runs (the faster reading counts); also from memory. The engine's work is its
     GEMMs, the stream's co-moments and the result step's rotated baselines; the Haar draws
-    (Gaussians and float32 QRs), the feed and every other step count against it."""
+    (Gaussians and QRs), the feed and every other step count against it."""
     from unlib.activations import cached_chunks
 
     n_models, n_layers, d = 4, 4, 512
@@ -268,7 +268,7 @@ def precision_rates(device: str, sizes: list[list[int]], n_tokens: int, seconds:
 
 def rotation_draws(device: str, n: int = 3072, repeats: int = 2) -> dict:
     """One Haar draw of an n x n rotation on `device` (GPT-2-small's width by default): the
-    seconds of its Gaussian and of its float32 QR (the least over `repeats`), and how far Q is
+    seconds of its Gaussian and of its QR (QR_DTYPE) (the least over `repeats`), and how far Q is
     from orthogonal (max |Q^T Q - I|, in float64)."""
     def timed(fn):
         def run():
@@ -549,7 +549,7 @@ def precision_rows(table: Table, section: dict, where: str) -> None:
     table.add_row(f"{where} default PRECISION: fastest within {ERROR_BOUND:g} of float64",
                   f"measured {section['measured_default']}, code {section['code_default']}", "the same")
     d = section["rotation_draw"]
-    table.add_row(f"{where} Haar draw of {d['n']} x {d['n']}: Gaussian + float32 QR; max |Q^T Q - I|",
+    table.add_row(f"{where} Haar draw of {d['n']} x {d['n']}: Gaussian + QR; max |Q^T Q - I|",
                   f"{d['gaussian_s']:.3f} s + {d['qr_s']:.3f} s; {d['orthogonality']:.1e}", "orthogonal to 1e-5")
 
 

@@ -240,6 +240,20 @@ def test_gaussian_does_not_depend_on_the_block_size(monkeypatch):
     assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 0.005
 
 
+def test_haar_draws_do_not_change_with_the_cpu_threads():
+    # WORKERS sets each worker's torch threads: a run resumed with other WORKERS must draw the
+    # same baselines (a float32 QR on the CPU would not)
+    before = torch.get_num_threads()
+    try:
+        draws = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            draws.append(haar_orthogonal(512, [3, 1]))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(*draws)
+
+
 def test_haar_matrices_are_orthogonal_and_reproducible():
     q = haar_orthogonal(64, [1, 2, 3]).double().numpy()
     assert np.abs(q.T @ q - np.eye(64)).max() < 1e-6

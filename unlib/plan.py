@@ -126,7 +126,7 @@ def matmul_rate(t: int, rows: int, cols: int, device: str | torch.device = "cpu"
 
 
 def qr_seconds_per_cube(device: str | torch.device = "cpu", n: int = 512, repeats: int = 3) -> float:
-    """Seconds per n^3 of a Haar draw (its Gaussian and float32 QR, mostly the QR) on `device`."""
+    """Seconds per n^3 of a Haar draw (its Gaussian and QR, mostly the QR) on `device`."""
     device = torch.device(device)
     return _best_seconds(lambda: haar_orthogonal(n, [n], device), device, repeats) / n ** 3
 

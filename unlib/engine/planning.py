@@ -11,7 +11,7 @@ from unlib.engine.layout import BYTES, HALVES, Layout, Unit, units_of
 from unlib.engine.memory import (HOST_CHUNKS, MemoryBudgetError, ModelFeed, chunk_tokens_for,
                                  default_memory_budget)
 from unlib.engine.precision import Products
-from unlib.engine.rotations import PHILOX_BLOCK, PHILOX_TEMPORARIES
+from unlib.engine.rotations import PHILOX_BLOCK, PHILOX_TEMPORARIES, QR_DTYPE
 
 
 class WorkPlan:
@@ -111,7 +111,7 @@ class WorkPlan:
         layer's block on the merged halves and its scaled copy. Rotated baselines: three
         rotated blocks (both halves' and their merge), the rotated variances' product and the
         rotation. A Haar draw, on the device: the generator's temporaries, then the Gaussian,
-        Q, R and Q with R's signs (float32), beside the last rotation."""
+        its copy, Q and R in the QR's precision and the rotation, beside the last rotation."""
         layout = self.layout
         d_max = max(max(s) for s in self.layer_sizes)
         cols = max(sum(s) for s in self.layer_sizes)
@@ -122,8 +122,9 @@ class WorkPlan:
             width = cols if any(u.col_model in self.references for u in units) else rotated
             square = rotated * rotated
             generator = 8 * PHILOX_TEMPORARIES * PHILOX_BLOCK.get(self.device.type, PHILOX_BLOCK["cpu"])
+            qr = QR_DTYPE.get(self.device.type, torch.float32).itemsize * 3 * square
             phases.append((BYTES * (3 * width * rotated + 3 * square), 0))
-            phases.append((BYTES * square + max(generator + BYTES * square, 4 * BYTES * square), 0))
+            phases.append((2 * BYTES * square + max(generator, qr), 0))
         return phases
 
     def pass_bytes(self, units: list[Unit]) -> int:

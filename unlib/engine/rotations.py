@@ -1,8 +1,8 @@
 """Haar-random rotations of a layer's neurons, reproducible from a seed and drawn where they are
 used: the Gaussian comes from a counter-based generator (Philox4x32-10; Salmon et al., "Parallel
 random numbers: as easy as 1, 2, 3", SC 2011) run in the device's own integer arithmetic, so a
-GPU draws it in milliseconds with the same bits as a CPU, and the QR runs on the device in
-float32. Two devices' rotations of one seed differ only by their float rounding (the Box-Muller
+GPU draws it in milliseconds with the same bits as a CPU, and the QR runs on the device too.
+Two devices' rotations of one seed differ only by their float rounding (the Box-Muller
 transform's and the QR's)."""
 from __future__ import annotations
 
@@ -15,8 +15,16 @@ import torch
 
 # How a rotation is drawn, recorded with the correlations (part of their key: results drawn
 # another way are not read as these).
-ROTATION_RULE = ("Haar: float32 QR, with R's diagonal signs moved into Q, of a Gaussian from Philox4x32-10 "
-                 "keyed by the seed sequence (rotation_seed, model, layer, sample), Box-Muller in float64")
+ROTATION_RULE = ("Haar: QR (float64 on a CPU, float32 on a GPU), with R's diagonal signs moved into Q, of a "
+                 "float32 Gaussian from Philox4x32-10 keyed by the seed sequence (rotation_seed, model, layer, "
+                 "sample), Box-Muller in float64")
+# The QR's precision per device type. A CPU's float32 QR (MKL) changes in its last bits with the
+# number of threads, so WORKERS would change the baselines; in float64 the rotation rounds to the
+# same float32 whatever the threads (but for a rare last bit at GPT-2's widths), and costs 1.5x
+# float32's time. A GPU's QR is the same for the same card; float32 keeps Q orthogonal to 1e-6
+# at 3072 (the draw needs 1e-5) and is the fast precision on every card (consumer cards run
+# float64 at 1/64 of float32's rate).
+QR_DTYPE = {"cpu": torch.float64, "cuda": torch.float32}
 # Counters the generator runs at once: its temporaries (PHILOX_TEMPORARIES int64 arrays of this
 # length) stay in a CPU's cache, and are long enough to fill a GPU.
 PHILOX_BLOCK = {"cpu": 1 << 17, "cuda": 1 << 20}
@@ -74,10 +82,11 @@ def gaussian(n: int, seed: Iterable[int] | int, device: str | torch.device = "cp
 
 def haar_orthogonal(n: int, seed: Iterable[int] | int, device: str | torch.device = "cpu") -> torch.Tensor:
     """A Haar-distributed n x n orthogonal matrix, float32 on `device`, reproducible from
-    `seed`: the QR of gaussian(n, seed) with the signs of R's diagonal moved into Q. A float32
-    QR keeps Q orthogonal to about 1e-6 at n = 3072 (|Q^T Q - I| measured by make bench)."""
-    q, r = torch.linalg.qr(gaussian(n, seed, device))
-    return q.mul_(torch.sign(torch.diagonal(r)))
+    `seed`: the QR (in QR_DTYPE) of gaussian(n, seed) with the signs of R's diagonal moved
+    into Q (|Q^T Q - I| is measured by make bench)."""
+    device = torch.device(device)
+    q, r = torch.linalg.qr(gaussian(n, seed, device).to(QR_DTYPE.get(device.type, torch.float32)))
+    return q.mul_(torch.sign(torch.diagonal(r))).to(torch.float32)
 
 
 def layer_rotations(layer_sizes: list[list[int]], rotation_seed: int, draws: list[tuple[int, int, int]],
