@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -27,9 +28,10 @@ from unlib.engine.engine import ExcessCorrelationEngine
 from unlib.engine.layout import BYTES, HALVES
 from unlib.engine.planning import WorkPlan
 from unlib.engine.precision import DOCUMENTED_ERROR, ERROR_BOUND, default_precision, runnable_precisions
+from unlib.engine.comoments import stream
 from unlib.engine.results import PassStats, combine
-from unlib.memory_check import Shape, build_models
 from unlib.engine.rotations import gaussian, haar_orthogonal
+from unlib.memory_check import Shape, build_models
 from unlib.plan import matmul_rate
 
 OUT = Path(__file__).resolve().parent / "results.json"
@@ -285,6 +287,37 @@ def rotation_draws(device: str, n: int = 3072, repeats: int = 2) -> dict:
             "orthogonality": float((q.T @ q - eye).abs().max())}
 
 
+PRODUCT_OPS = re.compile(r"gemm|xmma|cutlass|addmm|aten::mm$|matmul", re.IGNORECASE)
+
+
+def stream_profile(device: str, sizes: list[list[int]], n_tokens: int, precision: str, table_path: Path) -> dict:
+    """One pass's stream (REFERENCE=all, R=5, from memory, after a warm-up pass) under
+    torch.profiler: how busy the device was over the stream's wall time (kernels on a GPU,
+    the calling thread's ops on a CPU), the products' share of that busy time, and the ops
+    that took longest; the profiler's whole table is written to `table_path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.startswith("cuda")
+    data = [a.to(device) for a in synthetic(sizes, n_tokens)]
+    engine = ExcessCorrelationEngine(sizes, list(range(len(sizes))), 5, 0, device, precision=precision)
+    units = engine.passes[0]
+    engine.run_pass(source(data), units)  # allocations, kernel choice
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        start = time.perf_counter()
+        stream(engine.layout, source(data), units, engine.products, PassStats())
+        if on_gpu:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0 and (on_gpu or e.key.startswith("aten::"))]
+    busy = sum(getattr(e, key) for e in events) / 1e6
+    products = sum(getattr(e, key) for e in events if PRODUCT_OPS.search(e.key)) / 1e6
+    table_path.write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+    top = sorted(events, key=lambda e: -getattr(e, key))[:5]
+    return {"wall_s": wall, "busy_share": busy / wall, "products_share": products / busy if busy else 0.0,
+            "top": [[e.key[:60], getattr(e, key) / 1e6, e.count] for e in top], "table": str(table_path)}
+
+
 def fastest_within_bound(errors: dict, rates: dict) -> str:
     """The default the measurements choose: the fastest stream among the modes whose errors are
     below ERROR_BOUND."""
@@ -317,12 +350,14 @@ PAPER_RUNS = {"stanford-gpt2-small": [[3072] * 12] * 5, "stanford-gpt2-medium": 
 
 def device_section(device: str = "cuda", rate_sizes: list[list[int]] | None = None, rate_tokens: int = 4 * CHUNK,
                    error_tokens: int = 8 * CHUNK, seconds: float = 3.0,
-                   pipeline_shape: Shape = Shape(5, 12, 3072, 768, 1024), pipeline_tokens: int = 4 * CHUNK) -> dict:
+                   pipeline_shape: Shape = Shape(5, 12, 3072, 768, 1024), pipeline_tokens: int = 4 * CHUNK,
+                   profile_path: Path = OUT.with_name("profile-cuda.txt")) -> dict:
     """`make bench DEVICE=cuda`: the precision table on the GPU (errors against float64 on
     synthetic activations of the toy zoo's shape, on the device), the stream's rate per mode
     on GPT-2-small shapes (default 2 models x 12 x 3072, REFERENCE=all) against the card's
     matmul rate in that mode, the share of the correlation's time spent drawing rotations, one
-    Haar draw at the stream's width, the correlation's projected wall time for the paper's
+    Haar draw at the stream's width, a profile of the stream in the measured default
+    (`profile_path` gets the profiler's table), the correlation's projected wall time for the paper's
     three runs at 10M and 100M tokens in the measured default (forward passes not included),
     and an end-to-end analysis of five GPT-2-small-shaped random-weight models (16,384 tokens:
     their activation caches take 11 GiB). Smaller shapes run it on a CPU (tests)."""
@@ -343,6 +378,7 @@ def device_section(device: str = "cuda", rate_sizes: list[list[int]] | None = No
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or device
     return {"device": name, "errors": errors, "rates": rates, "measured_default": chosen,
             "code_default": default_precision(device), "rotation_draw": draw, "projected_correlation": projected,
+            "profile": stream_profile(device, rate_sizes, rate_tokens, chosen, profile_path),
             "pipeline": pipeline_stages(device, pipeline_shape, pipeline_tokens)}
 
 
@@ -570,6 +606,11 @@ def cuda_main(console: Console) -> int:
     for name, hours in section["projected_correlation"].items():
         table.add_row(f"projected correlation, {name}", ", ".join(f"{k.split('_')[0]} tokens {v:.2f} h"
                                                                   for k, v in hours.items()), "")
+    p = section["profile"]
+    table.add_row(f"stream profile ({section['measured_default']}): device busy; products' share of it",
+                  f"{p['busy_share']:.0%} of {p['wall_s']:.2f} s; {p['products_share']:.0%} (table: {p['table']})",
+                  "products >= 0.9 of a busy device")
+    table.add_row("stream profile: longest ops", "; ".join(f"{name} {sec:.3f} s x{n}" for name, sec, n in p["top"]), "")
     p = section["pipeline"]
     table.add_row(f"make analyze, {p['shape']}, {p['n_tokens']:,} tokens: seconds per stage",
                   ", ".join(f"{k} {v:.1f}" for k, v in p["seconds"].items()), "")

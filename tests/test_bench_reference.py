@@ -36,7 +36,7 @@ def test_paper_algorithm_matches_numpy_with_and_without_rotation():
             assert np.abs(got.numpy() - expected).max() < 1e-5
 
 
-def test_the_gpu_section_runs_on_the_cpu_at_small_shapes():
+def test_the_gpu_section_runs_on_the_cpu_at_small_shapes(tmp_path):
     """make bench DEVICE=cuda's section, on the CPU at small shapes: every mode's error against
     float64 within its documented bound, rates for every mode, a default chosen among the modes
     within 1e-3, an orthogonal Haar draw, projections that grow tenfold with the tokens' stream,
@@ -46,7 +46,8 @@ def test_the_gpu_section_runs_on_the_cpu_at_small_shapes():
     from unlib.memory_check import Shape
 
     section = device_section("cpu", [[128] * 2] * 2, 4096, error_tokens=8192, seconds=0.2,
-                             pipeline_shape=Shape(5, 2, 128, 64, 128), pipeline_tokens=4096)
+                             pipeline_shape=Shape(5, 2, 128, 64, 128), pipeline_tokens=4096,
+                             profile_path=tmp_path / "profile.txt")
     assert list(section["errors"]) == list(section["rates"]) == runnable_precisions("cpu")
     for mode in runnable_precisions("cpu"):
         errors = section["errors"][mode]
@@ -63,3 +64,6 @@ def test_the_gpu_section_runs_on_the_cpu_at_small_shapes():
     assert all(v > 0 for v in pipeline["seconds"].values())
     assert pipeline["forward_tokens_per_s"] == 5 * 4096 / pipeline["seconds"]["forward"]
     assert pipeline["precision"]["mode"] == default_precision("cpu") and 0 < pipeline["rotation_share"] < 1
+    profile = section["profile"]
+    assert 0 < profile["products_share"] <= 1 and 0 < profile["busy_share"] <= 1.05
+    assert any("addmm" in name for name, _, _ in profile["top"]) and "addmm" in (tmp_path / "profile.txt").read_text()
