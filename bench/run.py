@@ -32,7 +32,7 @@ from unlib.engine.comoments import stream
 from unlib.engine.results import PassStats, combine
 from unlib.engine.rotations import gaussian, haar_orthogonal
 from unlib.memory_check import Shape, build_models
-from unlib.plan import matmul_rate
+from unlib.plan import best_seconds, matmul_rate
 
 OUT = Path(__file__).resolve().parent / "results.json"
 CHUNK = 4096
@@ -272,22 +272,17 @@ def rotation_draws(device: str, n: int = 3072, repeats: int = 2) -> dict:
     """One Haar draw of an n x n rotation on `device` (GPT-2-small's width by default): the
     seconds of its Gaussian and of its QR (QR_DTYPE) (the least over `repeats`), and how far Q is
     from orthogonal (max |Q^T Q - I|, in float64)."""
-    def timed(fn):
-        def run():
-            out = fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            return out
-        return best_of(repeats, run)
-    gaussian_s, z = timed(lambda: gaussian(n, [0, 1, 2, 3], device))
-    qr_s, q = timed(lambda: haar_orthogonal(n, [0, 1, 2, 3], device))
-    q = q.double()
+    where = torch.device(device)
+    gaussian_s = best_seconds(lambda: gaussian(n, [0, 1, 2, 3], where), where, repeats)
+    qr_s = best_seconds(lambda: haar_orthogonal(n, [0, 1, 2, 3], where), where, repeats)
+    q = haar_orthogonal(n, [0, 1, 2, 3], where).double()
     eye = torch.eye(n, dtype=torch.float64, device=q.device)
     return {"n": n, "gaussian_s": gaussian_s, "qr_s": qr_s - gaussian_s, "draw_s": qr_s,
             "orthogonality": float((q.T @ q - eye).abs().max())}
 
 
-PRODUCT_OPS = re.compile(r"gemm|xmma|cutlass|addmm|aten::mm$|matmul", re.IGNORECASE)
+# the products' ops on a CPU, their kernels on a GPU (cuBLAS names Hopper's GEMM kernels nvjet_*)
+PRODUCT_OPS = re.compile(r"gemm|xmma|cutlass|nvjet|addmm|aten::mm$|matmul", re.IGNORECASE)
 
 
 def stream_profile(device: str, sizes: list[list[int]], n_tokens: int, precision: str, table_path: Path) -> dict:
@@ -295,6 +290,7 @@ def stream_profile(device: str, sizes: list[list[int]], n_tokens: int, precision
     torch.profiler: how busy the device was over the stream's wall time (kernels on a GPU,
     the calling thread's ops on a CPU), the products' share of that busy time, and the ops
     that took longest; the profiler's whole table is written to `table_path`."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device.startswith("cuda")
@@ -308,8 +304,12 @@ def stream_profile(device: str, sizes: list[list[int]], n_tokens: int, precision
         if on_gpu:
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
+    # each kernel's time once: on a GPU the kernels' own events (an op's event repeats its kernels'
+    # time), on a CPU the ops
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0 and (on_gpu or e.key.startswith("aten::"))]
+    kind = DeviceType.CUDA if on_gpu else DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == kind and getattr(e, key) > 0
+              and (on_gpu or e.key.startswith("aten::"))]
     busy = sum(getattr(e, key) for e in events) / 1e6
     products = sum(getattr(e, key) for e in events if PRODUCT_OPS.search(e.key)) / 1e6
     table_path.write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
@@ -413,10 +413,14 @@ def pipeline_stages(device: str, shape: Shape, n_tokens: int) -> dict:
     passes (all models, activations cached), the correlation and the neuron statistics."""
     with tempfile.TemporaryDirectory() as tmp:
         models = build_models(shape, Path(tmp) / "models", tokenizer=True)
+        if device.startswith("cuda"):  # this process's cached blocks would shrink the run's CORR_MEMORY
+            torch.cuda.empty_cache()
         out = subprocess.run([sys.executable, "-c", STAGES, device, str(n_tokens), str(min(512, shape.ctx_len)),
-                              *map(str, models)], capture_output=True, text=True, check=True,
+                              *map(str, models)], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent.parent,
                              env={**os.environ, "HF_HUB_OFFLINE": "1", "UNLIB_STORE": str(Path(tmp) / "store")})
+    if out.returncode != 0:
+        raise RuntimeError(f"make analyze on {shape.label()} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     seconds, run = result["seconds"], result["run"]
     return {"shape": shape.label(), "n_tokens": n_tokens, "seconds": seconds,

@@ -83,7 +83,7 @@ class CorrelationPlan:
         return (self.stream_flops + self.reduce_flops + self.forward_flops) / matmul_flops_per_s + qr
 
 
-def _best_seconds(fn, device: torch.device, repeats: int) -> float:
+def best_seconds(fn, device: torch.device, repeats: int) -> float:
     """The fastest of `repeats` timed calls of fn, after one warm-up call."""
     fn()
     best = float("inf")
@@ -111,7 +111,7 @@ def matmul_rate(t: int, rows: int, cols: int, device: str | torch.device = "cpu"
     b = products.operand(torch.randn(t, cols, device=device))
     acc = torch.zeros(rows, cols, device=device)
     with products.switches():
-        _best_seconds(lambda: products.add(acc, a, b), device, 1)  # warm-up: allocation, kernel choice
+        best_seconds(lambda: products.add(acc, a, b), device, 1)  # warm-up: allocation, kernel choice
         calls, batch, start = 0, 1, time.perf_counter()
         while True:
             for _ in range(batch):
@@ -126,9 +126,10 @@ def matmul_rate(t: int, rows: int, cols: int, device: str | torch.device = "cpu"
 
 
 def qr_seconds_per_cube(device: str | torch.device = "cpu", n: int = 512, repeats: int = 3) -> float:
-    """Seconds per n^3 of a Haar draw (its Gaussian and QR, mostly the QR) on `device`."""
+    """Seconds per n^3 of a Haar draw (its Gaussian and QR) of n x n on `device`: timed at the
+    run's width (up to 1536), where the QR's n^3 is most of it and the Gaussian's n^2 little."""
     device = torch.device(device)
-    return _best_seconds(lambda: haar_orthogonal(n, [n], device), device, repeats) / n ** 3
+    return best_seconds(lambda: haar_orthogonal(n, [n], device), device, repeats) / n ** 3
 
 
 def measured_rates(plan: CorrelationPlan) -> tuple[float, float] | None:
@@ -141,7 +142,7 @@ def measured_rates(plan: CorrelationPlan) -> tuple[float, float] | None:
     d = max(max(s) for s in sizes)
     t = min(plan.engine.chunk_tokens, 2048)  # a block-bounded run of a chunk, one GEMM
     return (matmul_rate(t, d, min(4 * d, max(sum(s) for s in sizes)), device, precision=plan.engine.precision),
-            qr_seconds_per_cube(device))
+            qr_seconds_per_cube(device, min(d, 1536)))
 
 
 def human_time(seconds: float) -> str:

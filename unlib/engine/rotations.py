@@ -1,9 +1,9 @@
 """Haar-random rotations of a layer's neurons, reproducible from a seed and drawn where they are
 used: the Gaussian comes from a counter-based generator (Philox4x32-10; Salmon et al., "Parallel
 random numbers: as easy as 1, 2, 3", SC 2011) run in the device's own integer arithmetic, so a
-GPU draws it in milliseconds with the same bits as a CPU, and the QR runs on the device too.
-Two devices' rotations of one seed differ only by their float rounding (the Box-Muller
-transform's and the QR's)."""
+GPU draws it with the same bits as a CPU (but for a last bit where the device's float64
+logarithm or cosine rounds otherwise), and the QR runs on the device too. Two devices'
+rotations of one seed differ by the QRs' rounding: about 1e-6, a float32 QR's error."""
 from __future__ import annotations
 
 import math
@@ -77,6 +77,7 @@ def gaussian(n: int, seed: Iterable[int] | int, device: str | torch.device = "cp
         angle = u[:, 1::2].mul(2.0 * math.pi)
         out[start:start + len(i), 0::2] = radius * angle.cos()
         out[start:start + len(i), 1::2] = radius * angle.sin_()
+        del i, words, u, radius, angle  # before the next block's, as the memory plan counts
     return out.view(-1)[:n * n].view(n, n)
 
 
