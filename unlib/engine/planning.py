@@ -11,7 +11,7 @@ from unlib.engine.layout import BYTES, HALVES, Layout, Unit, units_of
 from unlib.engine.memory import (HOST_CHUNKS, MemoryBudgetError, ModelFeed, chunk_tokens_for,
                                  default_memory_budget)
 from unlib.engine.precision import Products
-from unlib.engine.rotations import PHILOX_BLOCK, PHILOX_TEMPORARIES, QR_DTYPE
+from unlib.engine.rotations import draw_bytes
 
 
 class WorkPlan:
@@ -121,10 +121,8 @@ class WorkPlan:
             # a reference column model's neurons against a rotated row layer: blocks of all its columns
             width = cols if any(u.col_model in self.references for u in units) else rotated
             square = rotated * rotated
-            generator = 8 * PHILOX_TEMPORARIES * PHILOX_BLOCK.get(self.device.type, PHILOX_BLOCK["cpu"])
-            qr = QR_DTYPE.get(self.device.type, torch.float32).itemsize * 3 * square
             phases.append((BYTES * (3 * width * rotated + 3 * square), 0))
-            phases.append((2 * BYTES * square + max(generator, qr), 0))
+            phases.append((BYTES * square + draw_bytes(rotated, self.device), 0))
         return phases
 
     def pass_bytes(self, units: list[Unit]) -> int:

@@ -67,7 +67,7 @@ def gaussian(n: int, seed: Iterable[int] | int, device: str | torch.device = "cp
     k0, k1, c2, c3 = (int(w) for w in np.random.SeedSequence(seed).generate_state(4))
     counters = -(-n * n // 4)
     out = torch.empty(counters, 4, dtype=torch.float32, device=device)
-    block = PHILOX_BLOCK.get(device.type, PHILOX_BLOCK["cpu"])
+    block = philox_block(device)
     for start in range(0, counters, block):
         i = torch.arange(start, min(counters, start + block), dtype=torch.int64, device=device)
         words = philox4x32((i & _WORD, i >> 32, torch.full_like(i, c2), torch.full_like(i, c3)), (k0, k1))
@@ -86,8 +86,23 @@ def haar_orthogonal(n: int, seed: Iterable[int] | int, device: str | torch.devic
     `seed`: the QR (in QR_DTYPE) of gaussian(n, seed) with the signs of R's diagonal moved
     into Q (|Q^T Q - I| is measured by make bench)."""
     device = torch.device(device)
-    q, r = torch.linalg.qr(gaussian(n, seed, device).to(QR_DTYPE.get(device.type, torch.float32)))
+    q, r = torch.linalg.qr(gaussian(n, seed, device).to(qr_dtype(device)))
     return q.mul_(torch.sign(torch.diagonal(r))).to(torch.float32)
+
+
+def philox_block(device: torch.device) -> int:
+    return PHILOX_BLOCK.get(device.type, PHILOX_BLOCK["cpu"])
+
+
+def qr_dtype(device: torch.device) -> torch.dtype:
+    return QR_DTYPE.get(device.type, torch.float32)
+
+
+def draw_bytes(n: int, device: torch.device) -> int:
+    """Working memory of one n x n draw on `device` (the memory plan's): the float32 Gaussian
+    beside, first, the generator's temporaries, then the QR's copy of it, Q and R."""
+    generator = 8 * PHILOX_TEMPORARIES * philox_block(device)
+    return 4 * n * n + max(generator, qr_dtype(device).itemsize * 3 * n * n)
 
 
 def layer_rotations(layer_sizes: list[list[int]], rotation_seed: int, draws: list[tuple[int, int, int]],
